@@ -1,0 +1,130 @@
+"""The exception hierarchy.
+
+Every error a user can cause is a :class:`WeakstilError` that also subclasses the builtin that
+means the same thing (``MissingMppError`` is a ``ValueError``), so callers can catch either.
+Messages say what is wrong, with which file, and how to fix it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class WeakstilError(Exception):
+    """Base class of every error weakstil raises on bad input.
+
+    ``fix`` is the one-line advice shown after the problem; ``path`` the file concerned, if any.
+    """
+
+    fix: str = ""
+
+    def __init__(self, message: str, *, fix: str | None = None, path: str | Path | None = None):
+        self.problem = message
+        if fix is not None:
+            self.fix = fix
+        self.path = Path(path) if path is not None else None
+        where = f"{self.path}: " if self.path is not None else ""
+        text = f"{where}{message}"
+        if self.fix:
+            text += f"\n  fix: {self.fix}"
+        super().__init__(text)
+
+    @property
+    def reason(self) -> str:
+        """Short machine-friendly name of the failure (the class name)."""
+        return type(self).__name__
+
+
+# --- slides -----------------------------------------------------------------------------------
+class SlideError(WeakstilError):
+    """A slide file cannot be used."""
+
+
+class SlideNotFoundError(SlideError, FileNotFoundError):
+    fix = "check the path; SLIDES may be a folder of slides or a single slide file"
+
+
+class EmptySlideFileError(SlideError, ValueError):
+    fix = "the file has zero bytes (an interrupted copy?); copy the slide again"
+
+
+class TruncatedSlideError(SlideError, ValueError):
+    fix = "the file ends early (an interrupted copy?); copy the slide again and compare its size"
+
+
+class NotASlideError(SlideError, ValueError):
+    fix = "the file is not an image; remove it from the folder or give the right file"
+
+
+class UnsupportedFormatError(SlideError, ValueError):
+    fix = "convert the slide to a pyramidal TIFF (e.g. `vips tiffsave in out.tif --tile --pyramid`)"
+
+
+class MissingMppError(SlideError, ValueError):
+    fix = (
+        "the slide does not say its resolution; pass --mpp 0.25 (µm per pixel; 40x scans are ~0.25, "
+        "20x ~0.5) or a CSV of slide_id,mpp with --mpp-csv"
+    )
+
+
+class AnisotropicMppError(SlideError, ValueError):
+    fix = "x and y resolutions differ; give the intended square pixel size with --mpp or --mpp-csv"
+
+
+class NoTissueError(SlideError, ValueError):
+    fix = "no tile passed the tissue filter; check the QC picture, lower --min-tissue, or check the ROI"
+
+
+class DuplicateSlideIdError(WeakstilError, ValueError):
+    fix = "slide ids are file stems and must be unique; rename one of the files"
+
+
+class RoiError(WeakstilError, ValueError):
+    fix = "export the annotation from QuPath as GeoJSON (File > Export objects as GeoJSON) in level-0 pixels"
+
+
+# --- encoders ---------------------------------------------------------------------------------
+class UnknownEncoderError(WeakstilError, LookupError):
+    fix = "run `weakstil encoders` to list the registered names"
+
+
+class WeightSourceError(WeakstilError, ValueError):
+    fix = "give weights as file:/path/to/checkpoint.pth or hf-hub:org/name"
+
+
+class CheckpointMismatchError(WeakstilError, ValueError):
+    fix = "the checkpoint does not fit this encoder; check that --encoder names the right architecture"
+
+
+# --- feature cache ----------------------------------------------------------------------------
+class CacheError(WeakstilError):
+    """Problem with a feature cache."""
+
+
+class CacheNotFoundError(CacheError, FileNotFoundError):
+    fix = "run `weakstil extract SLIDES --features DIR` first, or point --features at the right folder"
+
+
+class CacheMismatchError(CacheError, ValueError):
+    fix = "use another --features folder, or the encoder and tiling the cache was made with"
+
+
+class CacheCorruptError(CacheError, ValueError):
+    fix = "delete the named slide group (or the store) and run `weakstil extract` again"
+
+
+# --- labels, models, config -------------------------------------------------------------------
+class LabelsError(WeakstilError, ValueError):
+    fix = "correct the rows listed above; the file needs columns slide_id,patient_id,stil (0-100)"
+
+
+class ModelNotFoundError(WeakstilError, FileNotFoundError):
+    fix = "train one with `weakstil train LABELS --name NAME`, or give --model models/NAME"
+
+
+class ModelMismatchError(WeakstilError, ValueError):
+    fix = "score with the encoder and tiling the model was trained on (see models/NAME/config.yaml)"
+
+
+class ConfigError(WeakstilError, ValueError):
+    fix = "check the option names and values in the config file against `weakstil COMMAND --help`"
