@@ -128,3 +128,64 @@ class ModelMismatchError(WeakstilError, ValueError):
 
 class ConfigError(WeakstilError, ValueError):
     fix = "check the option names and values in the config file against `weakstil COMMAND --help`"
+
+
+# --- labels and folds (labels.py) -------------------------------------------------------------
+class LabelsNotFoundError(WeakstilError, FileNotFoundError):
+    fix = "check the path of the labels CSV (columns slide_id,patient_id,stil[,center])"
+
+
+class TooFewGroupsError(WeakstilError, ValueError):
+    fix = "use fewer folds (--folds N with N at most the number of groups), or add more patients"
+
+
+# --- training and models (train.py, mil.py) ---------------------------------------------------
+class ModelExistsError(WeakstilError, FileExistsError):
+    fix = "choose another --name, or pass --overwrite to replace the existing model"
+
+
+class EmptyBagError(WeakstilError, ValueError):
+    fix = "the slide has no tiles in the feature cache; re-extract it or remove it from the labels"
+
+
+# --- encoder weights (encoders.py) ------------------------------------------------------------
+class WeightsNotFoundError(WeakstilError, FileNotFoundError):
+    fix = "check the path after file: — it must name a checkpoint file (.pth, .ckpt, .safetensors), not a folder"
+
+
+class CheckpointReadError(WeakstilError, ValueError):
+    fix = "the file is not a readable PyTorch or safetensors checkpoint (an interrupted download?); download it again"
+
+
+class WeightsDownloadError(WeakstilError, OSError):
+    fix = ("check the network, the hf-hub:org/name spelling and access (HF_TOKEN for gated models), "
+           "or download the weights by hand and give --weights file:/path")
+
+
+# --- heatmaps and review outputs --------------------------------------------------------------
+class HeatmapInputError(WeakstilError, ValueError):
+    fix = (
+        "pass per-tile arrays of one length N: coords_l0 (N, 2) level-0 px, size_l0 > 0, prediction "
+        "(N,) in sTIL% 0-100 (multiply model outputs in 0-1 by 100; NaN marks a tile without one)"
+    )
+
+
+# --- feature cache (cache.py) -----------------------------------------------------------------
+class CacheWriteError(CacheError, ValueError):
+    fix = "the features handed to the cache do not fit the slide (rows, shape or values); report it"
+
+
+class AmbiguousCacheError(CacheError, ValueError):
+    fix = "pass --encoder NAME, or point --features at one of the .zarr stores listed"
+
+
+# --- added with slide.py / slide preflight ----------------------------------------------------
+class CorruptSlideError(SlideError, ValueError):
+    fix = (
+        "the slide's image data cannot be decoded although the file is complete; copy it again, or "
+        "re-export it from the scanner software"
+    )
+
+
+class MppCsvError(WeakstilError, ValueError):
+    fix = "the file needs a header `slide_id,mpp` and one row per slide with mpp in µm per pixel (e.g. 0.25)"
