@@ -1,0 +1,648 @@
+"""Tile encoders: a registry of names, a dataclass of facts, explicit weight sources.
+
+An :class:`EncoderSpec` says what an encoder is (timm architecture, embedding size, input size,
+mean/std, licence, where its weights come from); preprocessing is derived from it
+(:func:`make_preprocess`). :func:`create_encoder` builds the timm backbone, loads the weights the
+user named and returns a frozen :class:`Encoder` whose :meth:`Encoder.fingerprint` goes into the
+feature cache.
+
+Weight sources are explicit — ``file:/path/ckpt.pth``, ``hf-hub:org/name`` (downloads, and only
+when asked) or a built-in's own source (``random-init``); a bare path is refused. Nothing here
+imports torch or timm at module import, and nothing downloads at import.
+
+Checkpoint layouts of the built-ins (each mapped onto timm's ResNet, whose keys equal torchvision's):
+
+* ``retccl`` — ``best_ckpt.pth``: a plain state dict of the authors' torchvision-style ResNet-50
+  (``conv1.weight``, ``layer1.0.bn1.running_mean`` …). Their ``get_feature.py`` sets
+  ``model.fc = nn.Identity()`` and loads it with ``strict=True``, so the file has no ``fc`` keys;
+  a ``module.`` prefix (DataParallel) and ``fc``/``instDis``/``groupDis`` heads are tolerated.
+* ``ciga-simclr`` — ``tenpercent_resnet18.ckpt``: a PyTorch Lightning checkpoint whose
+  ``state_dict`` keys read ``model.resnet.<torchvision key>`` plus a SimCLR projection head
+  ``model.resnet.fc.1.*`` (512→512) and ``fc.3.*`` (512→128), which is dropped.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import pickle
+import re
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from .errors import (
+    CheckpointMismatchError,
+    CheckpointReadError,
+    UnknownEncoderError,
+    WeightsDownloadError,
+    WeightSourceError,
+    WeightsNotFoundError,
+)
+
+if TYPE_CHECKING:
+    import torch
+    from rich.table import Table
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RANDOM_INIT = "random-init"
+TIMM_PREFIX = "timm:"
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+KeyMapper = Callable[[dict], dict]  # unwrapped checkpoint state dict -> timm-layout state dict
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """The facts about one encoder; preprocessing and the cache fingerprint derive from them."""
+
+    name: str
+    arch: str  # timm model name
+    embed_dim: int
+    input_px: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    weights: str = ""  # default weight source: "random-init", or "" when the user must give one
+    licence: str = "unknown"
+    pretrained: bool = True
+    description: str = ""
+    weights_hint: str = ""  # where to get the weights, shown in errors and `weakstil encoders`
+    model_kwargs: tuple[tuple[str, Any], ...] = ()  # extra timm.create_model keywords
+
+    def __post_init__(self):
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"encoder {self.name!r}: mean and std need 3 values, std > 0")
+        if self.embed_dim <= 0 or self.input_px <= 0:
+            raise ValueError(f"encoder {self.name!r}: embed_dim and input_px must be positive")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"encoder {self.name!r}: interpolation must be one of {INTERPOLATIONS}")
+
+    @property
+    def slug(self) -> str:
+        """The name made safe for file and folder names (``timm:vit_small`` → ``timm-vit_small``)."""
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", self.name)
+
+    def preprocess_params(self) -> dict:
+        """What preprocessing needs: input size, interpolation, mean and std (on 0-1 pixel values)."""
+        return {"input_px": self.input_px, "interpolation": self.interpolation,
+                "mean": list(self.mean), "std": list(self.std)}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    spec: EncoderSpec
+    key_mapper: KeyMapper | None
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_encoder(spec: EncoderSpec, *, key_mapper: KeyMapper | None = None, replace: bool = False) -> None:
+    """Register ``spec`` under ``spec.name``.
+
+    ``key_mapper`` turns the checkpoint's state dict (already taken out of a ``state_dict``/``model``
+    wrapper) into timm's key layout for ``spec.arch``; classifier-head keys may be left in, they are
+    dropped. Without one, a ``module.`` prefix on every key is removed and nothing else changes.
+    """
+    if spec.name.startswith(TIMM_PREFIX) or not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", spec.name):
+        raise ValueError(f"invalid encoder name {spec.name!r}: use lower-case letters, digits, '.', '_', '-'")
+    if spec.name in _REGISTRY and not replace:
+        raise ValueError(f"encoder {spec.name!r} is already registered (pass replace=True)")
+    _REGISTRY[spec.name] = _Entry(spec, key_mapper)
+
+
+def list_encoders() -> list[EncoderSpec]:
+    """The registered encoders, in registration order (``timm:<name>`` works on top of these)."""
+    return [entry.spec for entry in _REGISTRY.values()]
+
+
+def get_encoder_spec(name: str) -> EncoderSpec:
+    """The spec registered as ``name``, or that of timm model ``name`` given as ``timm:<name>``."""
+    return _lookup(name).spec
+
+
+def _lookup(name: str) -> _Entry:
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name.startswith(TIMM_PREFIX):
+        return _Entry(_timm_spec(name[len(TIMM_PREFIX):]), None)
+    import difflib
+
+    close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
+    hint = f"did you mean {', '.join(close)}?" if close else f"for timm's {name} write timm:{name}"
+    raise UnknownEncoderError(
+        f"unknown encoder {name!r} ({hint}); registered: {', '.join(_REGISTRY)}; "
+        f"or any timm model as timm:<name>")
+
+
+@functools.lru_cache(maxsize=32)
+def _timm_spec(arch: str) -> EncoderSpec:
+    import timm
+
+    if not arch or not timm.is_model(arch):
+        import difflib
+
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5)
+        raise UnknownEncoderError(
+            f"timm has no model {arch!r}" + (f"; close: {', '.join(close)}" if close else ""),
+            fix="list timm's models with python -c \"import timm; print(timm.list_models('*vit*'))\"")
+    return _spec_from_model(f"{TIMM_PREFIX}{arch}", arch, _meta_model(arch))
+
+
+def _meta_model(arch: str):
+    """Build ``arch`` without allocating or initialising weights, to read its facts."""
+    import timm
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return timm.create_model(arch, pretrained=False, num_classes=0)
+    except (RuntimeError, NotImplementedError, TypeError):  # a model whose init needs real tensors
+        return timm.create_model(arch, pretrained=False, num_classes=0)
+
+
+def _spec_from_model(name: str, arch: str, model, weights: str = "") -> EncoderSpec:
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    interpolation = cfg.get("interpolation") or "bicubic"
+    return EncoderSpec(
+        name=name, arch=arch, embed_dim=int(model.num_features),
+        input_px=int(cfg.get("input_size", (3, 224, 224))[-1]),
+        mean=cfg.get("mean", IMAGENET_MEAN), std=cfg.get("std", IMAGENET_STD),
+        interpolation=interpolation if interpolation in INTERPOLATIONS else "bicubic",
+        weights=weights, licence=str(cfg.get("license") or "see the weights' model card"),
+        pretrained=True, description=f"timm {arch}; weights from file: or hf-hub: (only when asked)",
+        weights_hint="give --weights file:/path/ckpt (timm key layout) or hf-hub:org/name")
+
+
+# --- weight sources ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WeightSource:
+    """Where weights come from: ``kind`` is 'random-init', 'file' (value: path) or 'hf-hub' (value: org/name)."""
+
+    kind: str
+    value: str = ""
+
+    def __str__(self) -> str:
+        return RANDOM_INIT if self.kind == RANDOM_INIT else f"{self.kind}:{self.value}"
+
+
+_CKPT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors", ".tar", ".pkl", ".pickle")
+
+
+def parse_weight_source(text: str) -> WeightSource:
+    """Parse ``file:PATH``, ``hf-hub:ORG/NAME`` or ``random-init``; anything else is refused."""
+    text = str(text).strip()
+    if text == RANDOM_INIT:
+        return WeightSource(RANDOM_INIT)
+    scheme, sep, rest = text.partition(":")
+    if sep and scheme == "file":
+        rest = rest[2:] if rest.startswith("//") else rest  # file:///abs/path
+        if not rest:
+            raise WeightSourceError("file: needs a path", fix="write --weights file:/path/to/checkpoint.pth")
+        return WeightSource("file", str(Path(rest).expanduser().absolute()))
+    if sep and scheme in ("hf-hub", "hf_hub"):
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", rest):
+            raise WeightSourceError(f"{text!r} is not hf-hub:org/name",
+                                    fix="write e.g. --weights hf-hub:timm/resnet50.a1_in1k")
+        return WeightSource("hf-hub", rest)
+    if scheme.lower() in ("http", "https"):
+        raise WeightSourceError(f"weakstil does not download from URLs ({text})",
+                                fix="download the file by hand, then give --weights file:/path/to/it")
+    if "/" in text or "\\" in text or text.lower().endswith(_CKPT_SUFFIXES) or Path(text).expanduser().exists():
+        raise WeightSourceError(f"{text!r} looks like a path, but weight sources must say what they are",
+                                fix=f"write --weights file:{text}")
+    raise WeightSourceError(f"unknown weight source {text!r}")
+
+
+def _resolve_source(entry: _Entry, weights: str | None) -> WeightSource:
+    spec = entry.spec
+    text = weights or spec.weights
+    if not text:
+        raise WeightSourceError(f"encoder {spec.name!r} needs weights and none were given",
+                                fix=spec.weights_hint or "give --weights file:/path/to/checkpoint")
+    source = parse_weight_source(text)
+    if spec.weights == RANDOM_INIT and source.kind != RANDOM_INIT:
+        raise WeightSourceError(
+            f"{spec.name} is a random-init encoder and takes no weights",
+            fix=f"to load a {spec.arch} checkpoint use --encoder timm:{spec.arch} --weights {source}")
+    if source.kind == RANDOM_INIT and spec.weights != RANDOM_INIT:
+        raise WeightSourceError(f"{spec.name} has no random-init variant",
+                                fix="use --encoder resnet18-random for a random encoder")
+    if source.kind == "hf-hub" and not spec.name.startswith(TIMM_PREFIX):
+        raise WeightSourceError(f"{spec.name} loads its weights from a file, not from the hub",
+                                fix=spec.weights_hint or "give --weights file:/path/to/checkpoint")
+    return source
+
+
+# --- creating encoders ------------------------------------------------------------------------
+def create_encoder(name: str, weights: str | None = None, *, seed: int = 0):
+    """Build encoder ``name`` with ``weights`` (default: the spec's own source) → :class:`Encoder`.
+
+    The result is in eval mode with gradients off and channels_last memory; it maps a normalised
+    float batch (B, 3, H, W) to (B, embed_dim). ``seed`` fixes a random initialisation; the global
+    RNG state is left as it was.
+    """
+    entry = _lookup(name)
+    spec = entry.spec
+    source = _resolve_source(entry, weights)
+    if source.kind == "hf-hub":
+        model = _hub_model(spec, source)
+        spec = _spec_from_model(spec.name, spec.arch, model, weights=str(source))
+        digest = state_dict_sha256(model.state_dict())
+    else:
+        model = _build_model(spec, seed)
+        if source.kind == RANDOM_INIT:
+            digest = state_dict_sha256(model.state_dict())
+        else:
+            path = _checkpoint_file(source)
+            digest = file_sha256(path)
+            state = read_checkpoint(path)
+            mapper = entry.key_mapper or _strip_module_prefix
+            load_backbone_state(model, mapper(state), spec=spec, path=path)
+    return _encoder_class()(model, spec, weights=str(source), weights_sha256=digest, seed=seed)
+
+
+def _build_model(spec: EncoderSpec, seed: int):
+    import timm
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return timm.create_model(spec.arch, pretrained=False, num_classes=0, **dict(spec.model_kwargs))
+
+
+def _hub_model(spec: EncoderSpec, source: WeightSource):
+    """Download and build ``hf-hub:org/name`` through timm (network; only on request)."""
+    import timm
+
+    try:
+        model = timm.create_model(f"hf-hub:{source.value}", pretrained=True, num_classes=0)
+    except (ImportError, OSError, ValueError, RuntimeError) as exc:
+        raise WeightsDownloadError(f"could not get {source}: {exc}") from exc
+    built = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if built and built.split(".")[0] != spec.arch.split(".")[0]:
+        raise CheckpointMismatchError(f"{source} is a {built}, not a {spec.arch}",
+                                      fix=f"use --encoder timm:{built}")
+    return model
+
+
+def _checkpoint_file(source: WeightSource) -> Path:
+    path = Path(source.value)
+    if not path.exists():
+        raise WeightsNotFoundError("weights file not found", path=path)
+    if not path.is_file():
+        raise WeightsNotFoundError("weights path is not a file", path=path)
+    if path.stat().st_size == 0:
+        raise CheckpointReadError("the weights file is empty", path=path)
+    return path
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def state_dict_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over a state dict's names, dtypes, shapes and bytes (independent of memory layout)."""
+    import torch
+
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+# --- reading checkpoints ----------------------------------------------------------------------
+def read_checkpoint(path: str | Path) -> dict:
+    """The tensors of a checkpoint file as a flat ``{key: tensor}`` dict (on the CPU).
+
+    Accepts safetensors, a plain state dict, or a dict holding one under ``state_dict``/``model``/
+    ``model_state_dict``. Pickled files are read with ``torch.load(weights_only=True)``. Lightning
+    checkpoints also pickle hyper-parameters and loop/callback state, which ``weights_only`` refuses;
+    such files are re-read with an unpickler that resolves only the globals torch itself trusts for
+    ``weights_only`` (tensor rebuilding, OrderedDict, dtypes …) and turns every other class or
+    function into an inert placeholder — so no code from the file runs (``weights_only=False`` with
+    the stock unpickler would run anything the file names).
+    """
+    import torch
+
+    path = Path(path)
+    if _is_safetensors(path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointReadError(f"cannot read safetensors file: {exc}", path=path) from exc
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_inert_pickle())
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, LookupError, TypeError,
+            AttributeError) as exc:  # what a corrupt or foreign pickle can raise
+        raise CheckpointReadError(f"cannot read checkpoint: {exc}", path=path) from exc
+    return _unwrap_state_dict(obj, path)
+
+
+def _is_safetensors(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
+def _unwrap_state_dict(obj: Any, path: Path) -> dict:
+    import torch
+
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping):
+        raise CheckpointMismatchError(f"the file holds a {type(obj).__name__}, not a state dict", path=path,
+                                      fix="save the weights with torch.save(model.state_dict(), path)")
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointMismatchError(f"no tensors in the file; top-level keys: {_sample(list(obj))}", path=path)
+    return tensors
+
+
+class _Inert:
+    """Stands in for a class or function a checkpoint names that is not trusted; records, runs nothing."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        self.__dict__["_args"] = args
+
+    def __setstate__(self, state):
+        self.__dict__["_state"] = state
+
+    def __setitem__(self, key, value):
+        self.__dict__.setdefault("_items", {})[key] = value
+
+    def append(self, item):
+        self.__dict__.setdefault("_list", []).append(item)
+
+    def extend(self, items):
+        self.__dict__.setdefault("_list", []).extend(items)
+
+    def __call__(self, *args, **kwargs):  # a placeholder "function" returned by a placeholder call
+        return type(self)(*args, **kwargs)
+
+
+@functools.cache
+def _inert_pickle() -> types.ModuleType:
+    """A stand-in for the ``pickle`` module whose unpickler only resolves torch's weights_only globals."""
+    import _compat_pickle
+    import collections
+
+    import torch
+
+    try:  # the same allowlist torch.load(weights_only=True) uses
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        allowed = dict(_get_allowed_globals())
+    except (ImportError, AttributeError):
+        allowed = {}
+    for fn in (collections.OrderedDict, torch.Size, torch._utils._rebuild_tensor_v2,
+               torch._utils._rebuild_parameter):
+        allowed.setdefault(f"{fn.__module__}.{fn.__qualname__}", fn)
+
+    @functools.cache
+    def placeholder(full_name: str) -> type:
+        return type(full_name, (_Inert,), {"__module__": "weakstil.encoders.inert"})
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)  # protocol 2: __builtin__ → builtins
+            full_name = f"{module}.{name}"
+            return allowed[full_name] if full_name in allowed else placeholder(full_name)
+
+    module = types.ModuleType("weakstil_inert_pickle")
+    module.Unpickler = Unpickler
+    module.load = lambda file, **kwargs: Unpickler(file, **kwargs).load()
+    return module
+
+
+# --- key layouts ------------------------------------------------------------------------------
+def _strip_module_prefix(state: dict) -> dict:
+    """Default layout: timm keys, possibly all under ``module.`` (DataParallel / DDP)."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _strip_prefixes(state: dict, prefixes: tuple[str, ...], *, drop: tuple[str, ...] = ()) -> dict:
+    """Remove the first matching prefix from each key, then drop keys starting with ``drop``."""
+    out = {}
+    for key, value in state.items():
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                break
+        if not key.startswith(drop):
+            out[key] = value
+    return out
+
+
+def retccl_keys(state: dict) -> dict:
+    """RetCCL ``best_ckpt.pth`` (torchvision-style ResNet-50 keys) → timm ``resnet50``."""
+    return _strip_prefixes(state, ("module.",), drop=("fc.", "instDis.", "groupDis."))
+
+
+def ciga_keys(state: dict) -> dict:
+    """Ciga et al. Lightning ``state_dict`` (``model.resnet.<key>``; SimCLR head ``fc.1``/``fc.3``) → timm."""
+    return _strip_prefixes(state, ("model.resnet.", "resnet.", "model."), drop=("fc.",))
+
+
+def load_backbone_state(model, state: dict, *, spec: EncoderSpec, path: Path | None = None) -> None:
+    """Copy ``state`` into ``model``; every backbone tensor must be there with its shape, nothing extra.
+
+    Keys of the classifier head (timm's ``pretrained_cfg['classifier']``) are ignored, and so are
+    missing BatchNorm ``num_batches_tracked`` counters (they do not affect inference).
+    """
+    heads = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    heads = tuple(f"{h}." for h in ((heads,) if isinstance(heads, str) else heads))
+    state = {k: v for k, v in state.items() if not (heads and k.startswith(heads))}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+             for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        lines = [f"the checkpoint does not fit {spec.name} ({spec.arch}): {len(missing)} of {len(own)} "
+                 f"backbone tensors missing, {len(unexpected)} unexpected, {len(wrong)} of the wrong shape"]
+        for label, keys in (("missing", missing), ("unexpected", unexpected),
+                            ("wrong shape (file vs model)", wrong)):
+            if keys:
+                lines.append(f"  {label}: {_sample(keys)}")
+        if len(missing) == len(own) or not (set(state) & set(own)):
+            lines.append(f"  the file's keys look like: {_sample(list(state))}")
+        fix = "check that --encoder names the architecture this checkpoint was trained with"
+        raise CheckpointMismatchError("\n".join(lines), path=path,
+                                      fix=fix + (f" ({spec.weights_hint})" if spec.weights_hint else ""))
+    model.load_state_dict(state, strict=False)
+
+
+def _sample(keys: list, n: int = 4) -> str:
+    return ", ".join(map(str, keys[:n])) + (f", … (+{len(keys) - n})" if len(keys) > n else "")
+
+
+# --- the encoder module and preprocessing -----------------------------------------------------
+@functools.cache
+def _encoder_class() -> type:
+    import torch
+
+    class Encoder(torch.nn.Module):
+        """A frozen tile encoder: (B, 3, H, W) normalised float → (B, embed_dim) float."""
+
+        def __init__(self, backbone, spec: EncoderSpec, *, weights: str, weights_sha256: str, seed: int):
+            super().__init__()
+            self.backbone = backbone
+            self.spec = spec
+            self.weights = weights
+            self.weights_sha256 = weights_sha256
+            self.seed = seed
+            self._preprocess = {}
+            self.requires_grad_(False)
+            self.eval()
+            self.to(memory_format=torch.channels_last)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.backbone(x)
+
+        def preprocess(self, tiles) -> torch.Tensor:
+            """uint8 tiles (B, H, W, 3) or (B, 3, H, W) → normalised float on this encoder's device."""
+            device = next(self.parameters()).device
+            if device not in self._preprocess:
+                self._preprocess[device] = make_preprocess(self.spec, device=device)
+            return self._preprocess[device](tiles)
+
+        def fingerprint(self) -> dict:
+            """What makes two feature sets comparable (JSON-ready: lists, not tuples)."""
+            s = self.spec
+            return {"name": s.name, "arch": s.arch, "weights": self.weights,
+                    "weights_sha256": self.weights_sha256, "embed_dim": s.embed_dim,
+                    "input_px": s.input_px, "mean": list(s.mean), "std": list(s.std),
+                    "interpolation": s.interpolation}
+
+        def __getstate__(self):  # the preprocess closures are rebuilt on demand, not pickled
+            return {**self.__dict__, "_preprocess": {}}
+
+        def extra_repr(self) -> str:
+            return f"name={self.spec.name!r}, weights={self.weights!r}, embed_dim={self.spec.embed_dim}"
+
+    Encoder.__module__, Encoder.__qualname__ = __name__, "Encoder"  # picklable as weakstil.encoders.Encoder
+    return Encoder
+
+
+def __getattr__(name: str):
+    if name == "Encoder":  # built on first use so that importing this module does not import torch
+        return _encoder_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def make_preprocess(spec: EncoderSpec, *, device=None, dtype=None) -> Callable:
+    """A function: uint8 tiles (B, H, W, 3) or (B, 3, H, W) (tensor or array) → (B, 3, px, px) float.
+
+    Works on whole batches: uint8 goes to ``device`` first (4× less to copy), channels_last
+    throughout (an NHWC batch becomes NCHW channels_last without a copy), resizing only when the
+    tile size is not ``spec.input_px`` (antialiased), then one fused multiply-add for /255, mean and
+    std. ``dtype`` (e.g. torch.float16 on a GPU) casts the result.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    px, mode = spec.input_px, spec.interpolation
+    scale = torch.tensor([1.0 / (255.0 * s) for s in spec.std]).view(1, 3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(spec.mean, spec.std)]).view(1, 3, 1, 1)
+    if device is not None:
+        scale, shift = scale.to(device), shift.to(device)
+
+    def preprocess(tiles) -> torch.Tensor:
+        x = torch.as_tensor(tiles)
+        if x.dtype != torch.uint8:
+            raise TypeError(f"expected uint8 tiles, got {x.dtype}")
+        if x.ndim == 3:
+            x = x.unsqueeze(0)
+        if x.ndim != 4 or 3 not in (x.shape[1], x.shape[-1]):
+            raise ValueError(f"expected tiles shaped (B, H, W, 3) or (B, 3, H, W), got {tuple(x.shape)}")
+        if x.shape[1] != 3:
+            x = x.permute(0, 3, 1, 2)  # NHWC → NCHW view with channels_last strides
+        if device is not None:
+            x = x.to(device, non_blocking=True)
+        x = x.to(dtype=torch.float32, memory_format=torch.channels_last)
+        if x.shape[-2:] != (px, px):
+            smooth = mode in ("bilinear", "bicubic")
+            x = F.interpolate(x, size=(px, px), mode=mode, antialias=smooth,
+                              align_corners=False if smooth else None)
+            if mode == "bicubic":
+                x = x.clamp_(0.0, 255.0)
+        x = x.mul_(scale.to(x.device)).add_(shift.to(x.device))
+        x = x.contiguous(memory_format=torch.channels_last)
+        return x if dtype is None else x.to(dtype)
+
+    return preprocess
+
+
+# --- listing ----------------------------------------------------------------------------------
+def encoders_table(specs: list[EncoderSpec]) -> Table:
+    """A rich table for `weakstil encoders`: name, embedding size, input size, weights, licence, pretrained.
+
+    Where to get each encoder's weights goes in the caption, so the columns stay narrow.
+    """
+    from rich.table import Table
+
+    notes = [f"{s.name}: {s.weights_hint}" for s in specs if s.weights_hint and not s.weights]
+    notes.append("any timm model: --encoder timm:<name> --weights file:PATH or hf-hub:ORG/NAME")
+    table = Table(title="Registered encoders", caption="\n".join(notes), caption_justify="left")
+    for column in ("name", "dim", "input px", "weights", "licence", "pretrained"):
+        table.add_column(column, no_wrap=column in ("name", "dim", "input px"))
+    for s in specs:
+        random = "no (random)" if s.weights == RANDOM_INIT else "no"
+        table.add_row(s.name, str(s.embed_dim), str(s.input_px), s.weights or "file: required",
+                      s.licence, "yes" if s.pretrained else random)
+    return table
+
+
+# --- built-ins --------------------------------------------------------------------------------
+register_encoder(EncoderSpec(
+    name="resnet18-random", arch="resnet18", embed_dim=512, weights=RANDOM_INIT, pretrained=False,
+    licence="n/a (no trained weights)",
+    description="random init — for tests and the offline demo only",
+    # timm zero-initialises the last BatchNorm of every residual block (a training-time trick); in a
+    # frozen random network that switches every residual branch off (7-27 % of output dims always 0).
+    model_kwargs=(("zero_init_last", False),),
+))
+register_encoder(EncoderSpec(
+    name="retccl", arch="resnet50", embed_dim=2048,
+    licence="GPL-3.0; non-commercial academic use (authors' README)",
+    description="RetCCL (Wang et al., Medical Image Analysis 2023): clustering-guided contrastive ResNet-50 "
+                "on TCGA + PAIP; the authors suggest extracting at 1.0 µm/px",
+    weights_hint="download best_ckpt.pth by hand from the link in github.com/Xiyue-Wang/RetCCL, "
+                 "then --weights file:/path/best_ckpt.pth",
+), key_mapper=retccl_keys)
+register_encoder(EncoderSpec(
+    name="ciga-simclr", arch="resnet18", embed_dim=512, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+    licence="none stated (no LICENSE file; issue #14): research use, ask before redistributing",
+    description="Ciga, Xu & Martel (Machine Learning with Applications 2022): SimCLR ResNet-18 on 57 "
+                "histopathology datasets",
+    weights_hint="download tenpercent_resnet18.ckpt from github.com/ozanciga/self-supervised-histopathology "
+                 "(release 'tenpercent'), then --weights file:/path/tenpercent_resnet18.ckpt",
+), key_mapper=ciga_keys)
