@@ -1,0 +1,769 @@
+"""The Zarr v3 feature cache: one store per (encoder, tiling), one atomic group per slide.
+
+Layout (the contract in DESIGN.md)::
+
+    features/<encoder>-<hash>.zarr/
+      zarr.json      attrs: schema_version, encoder, tiling, weakstil_version, created
+      slides/<slide_id>/
+        features     float16 (N, D), chunked by rows
+        coords       int32   (N, 2), level-0 (x, y) of each tile's top-left corner
+        zarr.json    attrs: source_path, source_size, source_mtime, slide_mpp, tile_size_l0,
+                     embed_dim, n_tiles, seconds, written, complete (set last)
+      .staging/      slide groups being written (never listed as slides)
+
+A slide group is written in ``.staging/`` and renamed into ``slides/`` only after every row and
+attribute is on disk, so ``slides/`` only ever holds whole groups; a killed writer leaves debris in
+``.staging/`` alone, removed by :meth:`FeatureCache.sweep_staging` once its process is gone.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from weakstil.errors import (
+    AmbiguousCacheError,
+    CacheCorruptError,
+    CacheMismatchError,
+    CacheNotFoundError,
+    CacheWriteError,
+)
+
+SCHEMA_VERSION = 1
+FEATURE_CHUNK_ROWS = 4096
+MTIME_TOLERANCE_S = 2.0  # FAT/SMB keep mtimes to 2 s; a replaced slide differs by far more
+FOREIGN_STAGING_MAX_AGE_S = 24 * 3600  # staging debris of another host: kept this long
+STAGING = ".staging"
+RESERVED_SLIDE_ATTRS = frozenset({"complete", "n_tiles", "embed_dim"})
+
+_HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+_ACTIVE_STAGING: set[str] = set()  # staging dir names this process is writing right now
+_RENAMEAT2: Any = None  # libc renameat2, False where there is none
+
+
+class CacheWarning(UserWarning):
+    """A slide group in the cache is unreadable and is treated as absent."""
+
+
+@dataclass
+class SlideFeatures:
+    """One slide's cached tiles: ``features`` float16 (N, D), ``coords_l0`` int32 (N, 2)."""
+
+    features: np.ndarray
+    coords_l0: np.ndarray
+    attrs: dict[str, Any]
+
+    @property
+    def n_tiles(self) -> int:
+        return int(self.features.shape[0])
+
+
+# --- fingerprints -----------------------------------------------------------------------------
+def plain_json(value: Any) -> Any:
+    """``value`` as plain JSON types (numpy scalars/arrays, tuples, Paths converted)."""
+    if isinstance(value, dict):
+        return {str(k): plain_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_json(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return plain_json(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    raise TypeError(f"cannot store {type(value).__name__} in cache attributes: {value!r}")
+
+
+def _canonical_numbers(value: Any) -> Any:
+    """Integral floats become ints, so ``mpp=1`` and ``mpp=1.0`` name the same cache."""
+    if isinstance(value, dict):
+        return {k: _canonical_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_canonical_numbers(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def identity(encoder_fp: dict, tiling_fp: dict) -> dict:
+    """The part of the fingerprints that decides whether features are interchangeable.
+
+    The weights *source* (``weights``, e.g. ``file:/path``) is left out when the weights' sha256
+    is known: the same checkpoint moved to another path gives the same features. Without a hash
+    (a random or built-in encoder) the source is all there is, so it stays.
+    """
+    encoder = _canonical_numbers(plain_json(encoder_fp))
+    if encoder.get("weights_sha256"):
+        encoder.pop("weights", None)
+    return {"encoder": encoder, "tiling": _canonical_numbers(plain_json(tiling_fp))}
+
+
+def _sanitise(name: str) -> str:
+    safe = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in name)
+    return safe.strip("._-")[:48] or "encoder"
+
+
+def store_name(encoder_fp: dict, tiling_fp: dict) -> str:
+    """``<encoder name>-<10 hex of sha256(canonical JSON of the identity)>.zarr``.
+
+    The hash covers the encoder's weights sha256, so two checkpoints of one architecture never
+    share a store, and every tiling/tissue parameter.
+    """
+    text = json.dumps(identity(encoder_fp, tiling_fp), sort_keys=True, separators=(",", ":"),
+                      allow_nan=False)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+    return f"{_sanitise(str(encoder_fp.get('name', 'encoder')))}-{digest}.zarr"
+
+
+def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else k))
+        return out
+    return {prefix: value}
+
+
+def fingerprint_differences(cached: dict, wanted: dict) -> list[str]:
+    """Lines ``field: cache has A, requested B`` for every identity field that differs."""
+    a, b = _flatten(cached, ""), _flatten(wanted, "")
+    missing = object()
+    lines = []
+    for field in sorted(a.keys() | b.keys()):
+        va, vb = a.get(field, missing), b.get(field, missing)
+        if va != vb:
+            sa = "(absent)" if va is missing else json.dumps(va)
+            sb = "(absent)" if vb is missing else json.dumps(vb)
+            lines.append(f"{field}: cache has {sa}, requested {sb}")
+    return lines
+
+
+def source_attrs(path: str | Path) -> dict[str, Any]:
+    """Slide attrs that identify the source file: resolved path, size and mtime (seconds)."""
+    path = Path(path)
+    st = path.stat()
+    return {"source_path": str(path.resolve()), "source_size": st.st_size,
+            "source_mtime": st.st_mtime}
+
+
+def source_matches(attrs: dict, path: str | Path) -> bool:
+    """Whether ``path`` has the size and mtime recorded in ``attrs`` (False if unknown)."""
+    try:
+        st = Path(path).stat()
+        return (attrs.get("source_size") == st.st_size
+                and abs(float(attrs["source_mtime"]) - st.st_mtime) <= MTIME_TOLERANCE_S)
+    except (OSError, KeyError, TypeError, ValueError):
+        return False
+
+
+# --- small file helpers -----------------------------------------------------------------------
+def _read_group_json(path: Path) -> dict | None:
+    """Attributes of the Zarr v3 group at ``path``; None if no folder; CacheCorruptError if broken.
+
+    Reads ``zarr.json`` directly (its layout is fixed by the Zarr v3 spec): 40x faster than opening
+    a group with zarr, and one bad file cannot break a listing.
+    """
+    meta = path / "zarr.json"
+    if not path.is_dir():
+        return None
+    try:
+        doc = json.loads(meta.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise CacheCorruptError("the group has no zarr.json", path=path) from exc
+    except (OSError, ValueError) as exc:
+        raise CacheCorruptError(f"unreadable zarr.json ({exc})", path=path) from exc
+    if not (isinstance(doc, dict) and doc.get("zarr_format") == 3
+            and doc.get("node_type") == "group" and isinstance(doc.get("attributes", {}), dict)):
+        raise CacheCorruptError("zarr.json is not a Zarr v3 group", path=path)
+    return doc.get("attributes", {})
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _check_slide_id(slide_id: str) -> None:
+    if (not isinstance(slide_id, str) or not slide_id or slide_id.startswith(".")
+            or any(c in slide_id for c in "/\\\0")):
+        raise CacheWriteError(f"{slide_id!r} cannot name a slide group",
+                              fix="slide ids are file stems: no '/', '\\', and no leading '.'")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    global _RENAMEAT2
+    if _RENAMEAT2 is None:
+        try:
+            import ctypes
+
+            func = ctypes.CDLL(None, use_errno=True).renameat2
+            func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                             ctypes.c_uint]
+            _RENAMEAT2 = func
+        except (OSError, AttributeError):
+            _RENAMEAT2 = False
+    if _RENAMEAT2 is False:
+        return False
+    import ctypes
+
+    at_fdcwd, rename_exchange = -100, 2
+    if _RENAMEAT2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False  # kernel or filesystem (NFS, some FUSE) without it: two-step swap instead
+    if err == errno.ENOENT:
+        return False  # ``b`` vanished meanwhile: a plain rename will do
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _group_stamp(path: Path) -> tuple[int, int] | None:
+    """Identity of a group's current version: folder inode + zarr.json mtime."""
+    try:
+        return os.stat(path).st_ino, os.stat(path / "zarr.json").st_mtime_ns
+    except OSError:
+        return None
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --- the cache --------------------------------------------------------------------------------
+class FeatureCache:
+    """One Zarr v3 store of tile features for one (encoder, tiling); open with the classmethods."""
+
+    def __init__(self, path: Path, encoder_fp: dict, tiling_fp: dict, attrs: dict):
+        self.path = Path(path)
+        self.encoder_fp = encoder_fp
+        self.tiling_fp = tiling_fp
+        self.attrs = attrs
+
+    def __repr__(self) -> str:
+        return f"FeatureCache({str(self.path)!r})"
+
+    @property
+    def slides_dir(self) -> Path:
+        return self.path / "slides"
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.path / STAGING
+
+    @property
+    def embed_dim(self) -> int | None:
+        dim = self.encoder_fp.get("embed_dim")
+        return int(dim) if dim is not None else None
+
+    # -- opening ---------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, features_dir: str | Path, encoder_fp: dict, tiling_fp: dict, *,
+             create: bool = True) -> FeatureCache:
+        """The store for (encoder_fp, tiling_fp) in ``features_dir``, created if ``create``.
+
+        ``features_dir`` may also be a ``.zarr`` store itself. An existing store made with another
+        encoder or tiling is refused with CacheMismatchError naming the fields that differ.
+        """
+        features_dir = Path(features_dir)
+        if features_dir.suffix == ".zarr" or (features_dir / "zarr.json").is_file():
+            path = features_dir
+        else:
+            path = features_dir / store_name(encoder_fp, tiling_fp)
+        if (path / "zarr.json").is_file():
+            cache = cls.open_store(path)
+            diffs = fingerprint_differences(identity(cache.encoder_fp, cache.tiling_fp),
+                                            identity(encoder_fp, tiling_fp))
+            if diffs:
+                raise CacheMismatchError("this cache was made with another encoder or tiling:"
+                                         + "".join(f"\n    {d}" for d in diffs), path=path)
+            return cache
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise CacheCorruptError("the folder exists but is not a feature cache (no zarr.json)",
+                                    path=path,
+                                    fix="point --features at another folder, or empty it")
+        if not create:
+            raise CacheNotFoundError(_not_found_message(path.parent, encoder_fp, tiling_fp),
+                                     path=path)
+        return cls._create(path, encoder_fp, tiling_fp)
+
+    @classmethod
+    def _create(cls, path: Path, encoder_fp: dict, tiling_fp: dict) -> FeatureCache:
+        import zarr
+        from zarr.storage import LocalStore
+
+        from weakstil import __version__
+
+        attrs = {"schema_version": SCHEMA_VERSION, "encoder": plain_json(encoder_fp),
+                 "tiling": plain_json(tiling_fp), "weakstil_version": __version__,
+                 "created": _utc_now()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for debris in path.parent.glob(f".{path.name}.*.creating"):  # from a killed creator
+            pid = debris.name[len(path.name) + 2:].split("-", 1)[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(debris, ignore_errors=True)
+        tmp = path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.creating"
+        try:
+            root = zarr.open_group(LocalStore(tmp), mode="w-", attributes=attrs)
+            root.create_group("slides")
+            try:
+                os.rename(tmp, path)  # atomic: a store is there whole or not at all
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                # another process created it first (or an empty folder was there)
+                if not (path / "zarr.json").is_file():
+                    path.rmdir()
+                    os.rename(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return cls.open(path, encoder_fp, tiling_fp, create=False)
+
+    @classmethod
+    def open_store(cls, store_path: str | Path) -> FeatureCache:
+        """An existing store, with the fingerprints its attributes record."""
+        path = Path(store_path)
+        try:
+            attrs = _read_group_json(path)
+        except CacheCorruptError as exc:
+            raise CacheCorruptError(
+                f"not a readable feature cache: {exc.problem}", path=path,
+                fix="delete the store and run `weakstil extract` again") from exc
+        if attrs is None:
+            raise CacheNotFoundError("no feature cache here", path=path)
+        version = attrs.get("schema_version")
+        if not isinstance(version, int):
+            raise CacheCorruptError("the store has no schema_version: not a weakstil feature cache",
+                                    path=path)
+        if version != SCHEMA_VERSION:
+            raise CacheMismatchError(
+                f"cache schema version {version}; this weakstil reads version {SCHEMA_VERSION}",
+                path=path,
+                fix="use the weakstil version that made it, or delete it and extract again")
+        encoder_fp, tiling_fp = attrs.get("encoder"), attrs.get("tiling")
+        if not isinstance(encoder_fp, dict) or not isinstance(tiling_fp, dict):
+            raise CacheCorruptError("the store's attrs lack the encoder or tiling fingerprint",
+                                    path=path)
+        cache = cls(path, encoder_fp, tiling_fp, attrs)
+        cache.sweep_staging()
+        return cache
+
+    @classmethod
+    def find(cls, features_dir: str | Path, encoder: str | None = None) -> FeatureCache:
+        """The one store in ``features_dir`` (or ``features_dir`` itself if it is a store).
+
+        ``encoder`` narrows the choice to stores made with that encoder name.
+        """
+        features_dir = Path(features_dir)
+        if (features_dir / "zarr.json").is_file():
+            return cls.open_store(features_dir)
+        stores = list_stores(features_dir)
+        if not stores:
+            raise CacheNotFoundError("no feature cache (*.zarr) here", path=features_dir)
+        chosen = stores
+        if encoder is not None:
+            chosen = {p: a for p, a in stores.items()
+                      if a.get("encoder", {}).get("name") == encoder
+                      or p.name.startswith(_sanitise(encoder) + "-")}
+            if not chosen:
+                raise CacheNotFoundError(
+                    f"no feature cache for encoder {encoder!r}; caches here:\n    "
+                    + "\n    ".join(_describe_store(p, a) for p, a in stores.items()),
+                    path=features_dir,
+                    fix=f"run `weakstil extract SLIDES --encoder {encoder}` or pick a listed one")
+        if len(chosen) > 1:
+            raise AmbiguousCacheError(
+                "several feature caches here:\n    "
+                + "\n    ".join(_describe_store(p, a) for p, a in chosen.items()),
+                path=features_dir)
+        return cls.open_store(next(iter(chosen)))
+
+    # -- staging ---------------------------------------------------------------------------------
+    def _new_staging(self, slide_id: str, kind: str = "new") -> Path:
+        name = f"{slide_id}-{os.getpid()}-{_HOST_TAG}-{uuid.uuid4().hex[:8]}.{kind}"
+        self.staging_dir.mkdir(exist_ok=True)
+        return self.staging_dir / name
+
+    def sweep_staging(self) -> list[Path]:
+        """Remove staging debris whose writer is gone; returns what was removed.
+
+        An entry is kept while its process is alive (same host), or for a day when it was made on
+        another host (its process cannot be checked from here).
+        """
+        removed: list[Path] = []
+        try:
+            entries = list(os.scandir(self.staging_dir))
+        except OSError:
+            return removed
+        for entry in entries:
+            if _staging_is_stale(entry):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                if os.path.lexists(entry.path):
+                    try:
+                        os.unlink(entry.path)
+                    except OSError:
+                        continue
+                removed.append(Path(entry.path))
+        self._tidy_staging()
+        return removed
+
+    def _tidy_staging(self) -> None:
+        try:
+            self.staging_dir.rmdir()  # only when empty: zarr warns about the extra folder
+        except OSError:
+            pass
+
+    # -- writing ---------------------------------------------------------------------------------
+    @contextmanager
+    def slide_writer(self, slide_id: str, coords_l0: Any, embed_dim: int,
+                     attrs: dict | None = None, *, source: str | Path | None = None,
+                     chunk_rows: int = FEATURE_CHUNK_ROWS) -> Iterator[SlideWriter]:
+        """Write one slide's group atomically: ``with cache.slide_writer(...) as w: w.write(0, f)``.
+
+        ``attrs`` should hold ``slide_mpp`` and ``tile_size_l0``; ``source`` (the slide file) adds
+        ``source_path/size/mtime``, which :meth:`is_complete` compares. On a clean exit every row
+        must have been written; the group then replaces any old one. On any exception nothing is
+        left behind.
+        """
+        _check_slide_id(slide_id)
+        coords = _as_coords(coords_l0)
+        embed_dim = int(embed_dim)
+        if embed_dim < 1 or (self.embed_dim is not None and embed_dim != self.embed_dim):
+            raise CacheWriteError(f"embed_dim {embed_dim} does not fit this cache "
+                                  f"(encoder embed_dim {self.embed_dim})", path=self.path)
+        extra = dict(attrs or {})
+        if RESERVED_SLIDE_ATTRS & extra.keys():
+            raise CacheWriteError(f"attrs {sorted(RESERVED_SLIDE_ATTRS & extra.keys())} are set by "
+                                  "the cache itself", fix="leave them out of attrs")
+        if source is not None:
+            extra.update(source_attrs(source))  # stat now: a file changed while reading is redone
+        started = time.perf_counter()
+        staged = self._new_staging(slide_id)
+        _ACTIVE_STAGING.add(staged.name)
+        try:
+            writer = SlideWriter(staged, coords, embed_dim, plain_json(extra), chunk_rows)
+            yield writer
+            writer.finish(seconds=time.perf_counter() - started)
+            self._install(staged, slide_id)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)  # clean up only; the error goes on
+            raise
+        finally:
+            _ACTIVE_STAGING.discard(staged.name)
+            self._tidy_staging()
+
+    def _install(self, staged: Path, slide_id: str) -> None:
+        """Rename the staged group into ``slides/``; an old group there is swapped out first."""
+        final = self.slides_dir / slide_id
+        self.slides_dir.mkdir(exist_ok=True)
+        olds: list[Path] = []
+        try:
+            for _ in range(5):
+                try:
+                    os.rename(staged, final)
+                    return
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise
+                if _exchange(staged, final):  # the old group now sits at ``staged``
+                    olds.append(staged)
+                    return
+                # renaming onto a non-empty folder fails: move the old group out, then retry
+                old = self._move_aside(final, slide_id)
+                if old is not None:
+                    olds.append(old)
+        finally:
+            for old in olds:  # deleted only once the new group is in (or on failure)
+                shutil.rmtree(old, ignore_errors=True)
+        raise CacheWriteError(f"could not install slide group {slide_id!r}: other processes keep "
+                              "replacing it", path=final,
+                              fix="run one extraction per cache at a time, or use --lock-dir")
+
+    def _move_aside(self, group: Path, slide_id: str) -> Path | None:
+        """Rename ``group`` into staging (out of listings at once); None if it is not there."""
+        for _ in range(3):
+            old = self._new_staging(slide_id, "old")
+            try:
+                os.rename(group, old)
+                return old
+            except FileNotFoundError:
+                if not os.path.lexists(group):
+                    return None
+                # else .staging was just tidied away by another process: make it again
+        raise CacheWriteError(f"could not move {group} aside", path=self.staging_dir)
+
+    def remove(self, slide_id: str) -> bool:
+        """Delete a slide's group (atomically: it disappears from listings at once)."""
+        _check_slide_id(slide_id)
+        old = self._move_aside(self.slides_dir / slide_id, slide_id)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        self._tidy_staging()
+        return old is not None
+
+    # -- reading ---------------------------------------------------------------------------------
+    def _slide_attrs(self, slide_id: str) -> dict | None:
+        """The slide group's attrs; None if there is no group; CacheCorruptError if broken."""
+        _check_slide_id(slide_id)
+        return _read_group_json(self.slides_dir / slide_id)
+
+    def complete_ids(self) -> list[str]:
+        """Sorted ids of slides whose group is complete; broken groups are warned about, skipped."""
+        try:
+            entries = [e for e in os.scandir(self.slides_dir)
+                       if e.is_dir() and not e.name.startswith(".")]
+        except FileNotFoundError:
+            return []
+        ids = []
+        for entry in entries:
+            try:
+                attrs = _read_group_json(Path(entry.path))
+            except CacheCorruptError as exc:
+                warnings.warn(f"{exc.problem}: treating slide {entry.name!r} as absent "
+                              f"({entry.path})", CacheWarning, stacklevel=2)
+                continue
+            if attrs is not None and attrs.get("complete") is True:
+                ids.append(entry.name)
+        return sorted(ids)
+
+    def is_complete(self, slide_id: str, source: str | Path | None = None) -> bool:
+        """Whether the slide is cached whole; with ``source``, also made from this very file."""
+        try:
+            attrs = self._slide_attrs(slide_id)
+        except CacheCorruptError as exc:
+            warnings.warn(f"{exc.problem}: treating slide {slide_id!r} as absent ({exc.path})",
+                          CacheWarning, stacklevel=2)
+            return False
+        if attrs is None or attrs.get("complete") is not True:
+            return False
+        return source is None or source_matches(attrs, source)
+
+    def read(self, slide_id: str) -> SlideFeatures:
+        """A complete slide's features, coords and attrs, checked (shape, dtype, finite)."""
+        group_path = self.slides_dir / slide_id
+        for _ in range(10):
+            stamp = _group_stamp(group_path)
+            try:
+                result = self._read_once(slide_id)
+            except CacheCorruptError:
+                if _group_stamp(group_path) == stamp:
+                    raise
+                continue  # replaced while we read it: attrs of one version, arrays of another
+            if _group_stamp(group_path) == stamp:
+                return result
+        raise CacheCorruptError("the slide group kept being replaced while it was read",
+                                path=group_path, fix="read it again once extraction has finished")
+
+    def _read_once(self, slide_id: str) -> SlideFeatures:
+        group_path = self.slides_dir / slide_id
+        attrs = self._slide_attrs(slide_id)
+        if attrs is None:
+            raise CacheNotFoundError(f"slide {slide_id!r} is not in the cache", path=self.path,
+                                     fix=f"run `weakstil extract` for it (cache: {self.path})")
+        if attrs.get("complete") is not True:
+            raise CacheCorruptError("the slide group is incomplete (no complete=true)",
+                                    path=group_path)
+        features, coords = _read_arrays(group_path)
+        n_tiles, dim = attrs.get("n_tiles"), self.embed_dim
+        problems = []
+        if features.dtype != np.float16 or features.ndim != 2:
+            problems.append(f"features are {features.dtype} {features.shape}, not float16 (N, D)")
+        if coords.dtype != np.int32 or coords.ndim != 2 or coords.shape[1:] != (2,):
+            problems.append(f"coords are {coords.dtype} {coords.shape}, not int32 (N, 2)")
+        if features.shape[:1] != coords.shape[:1] or features.shape[0] != n_tiles:
+            problems.append(f"row counts differ: features {features.shape[0]}, coords "
+                            f"{coords.shape[0]}, n_tiles attr {n_tiles}")
+        if dim is not None and features.ndim == 2 and features.shape[1] != dim:
+            problems.append(f"features have {features.shape[1]} columns, encoder embed_dim {dim}")
+        if not problems and not np.isfinite(features).all():
+            problems.append("features contain NaN/inf (a missing or damaged chunk)")
+        if problems:
+            raise CacheCorruptError("; ".join(problems), path=group_path)
+        return SlideFeatures(features=features, coords_l0=coords, attrs=attrs)
+
+
+class SlideWriter:
+    """Rows of one slide's features, buffered per chunk so each chunk is compressed once."""
+
+    def __init__(self, path: Path, coords_l0: np.ndarray, embed_dim: int, attrs: dict,
+                 chunk_rows: int):
+        import zarr
+        from zarr.storage import LocalStore
+
+        self.path = path
+        self.n_tiles = int(coords_l0.shape[0])
+        self.embed_dim = embed_dim
+        self._attrs = attrs
+        self._chunk_rows = max(1, min(int(chunk_rows), self.n_tiles or 1))
+        self._group = zarr.open_group(LocalStore(path), mode="w-", attributes=attrs)
+        coords = self._group.create_array("coords", shape=coords_l0.shape, dtype="int32",
+                                          chunks=(max(1, self.n_tiles), 2), fill_value=0)
+        if self.n_tiles:
+            coords[...] = coords_l0
+        self._features = self._group.create_array(
+            "features", shape=(self.n_tiles, embed_dim), dtype="float16",
+            chunks=(self._chunk_rows, embed_dim), fill_value=np.nan)  # unwritten rows read NaN
+        self._written = np.zeros(self.n_tiles, dtype=bool)
+        self._pending: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._flushed: set[int] = set()
+
+    @property
+    def rows_written(self) -> int:
+        return int(self._written.sum())
+
+    def write(self, start_row: int, feats: Any) -> None:
+        """Store ``feats`` (k, D) as rows ``start_row .. start_row + k`` (any order, any size)."""
+        values = np.asarray(feats)
+        if values.ndim != 2 or values.shape[1] != self.embed_dim:
+            raise CacheWriteError(f"features of shape {values.shape}; "
+                                  f"expected (k, {self.embed_dim})")
+        start, stop = int(start_row), int(start_row) + values.shape[0]
+        if start < 0 or stop > self.n_tiles:
+            raise CacheWriteError(f"rows {start}:{stop} outside the slide's {self.n_tiles} tiles")
+        with np.errstate(over="ignore", invalid="ignore"):
+            values = values.astype(np.float16)
+        if not np.isfinite(values).all():
+            raise CacheWriteError("features contain NaN or inf (or exceed float16's ±65504)",
+                                  fix="check the encoder weights and input normalisation")
+        row = start
+        while row < stop:
+            chunk = row // self._chunk_rows
+            c0 = chunk * self._chunk_rows
+            c1 = min(c0 + self._chunk_rows, self.n_tiles)
+            end = min(stop, c1)
+            part = values[row - start:end - start]
+            if chunk in self._flushed:  # a rewrite of rows already on disk
+                self._features[row:end] = part
+            else:
+                if chunk not in self._pending:
+                    self._pending[chunk] = (np.empty((c1 - c0, self.embed_dim), np.float16),
+                                            np.zeros(c1 - c0, bool))
+                buf, mask = self._pending[chunk]
+                buf[row - c0:end - c0] = part
+                mask[row - c0:end - c0] = True
+                if mask.all():
+                    self._features[c0:c1] = buf
+                    del self._pending[chunk]
+                    self._flushed.add(chunk)
+            row = end
+        self._written[start:stop] = True
+
+    def finish(self, *, seconds: float) -> None:
+        """Check every row is written, then set the attrs, ``complete=True`` last."""
+        if not self._written.all():
+            missing = np.flatnonzero(~self._written)
+            raise CacheWriteError(f"only {self.rows_written} of {self.n_tiles} rows were written "
+                                  f"(first missing row {missing[0]})",
+                                  fix="a bug in the caller: every tile needs its features")
+        self._group.update_attributes({**self._attrs, "n_tiles": self.n_tiles,
+                                       "embed_dim": self.embed_dim,
+                                       "seconds": round(float(self._attrs.get("seconds",
+                                                                              seconds)), 3),
+                                       "written": _utc_now()})
+        self._group.update_attributes({"complete": True})
+
+
+# --- module helpers ---------------------------------------------------------------------------
+def _as_coords(coords_l0: Any) -> np.ndarray:
+    coords = np.asarray(coords_l0)
+    if coords.ndim != 2 or coords.shape[1] != 2:
+        raise CacheWriteError(f"coords_l0 of shape {coords.shape}; expected (N, 2) level-0 (x, y)")
+    if coords.size and (not np.issubdtype(coords.dtype, np.number)
+                        or not np.array_equal(coords, np.round(coords))
+                        or coords.min() < 0 or coords.max() > np.iinfo(np.int32).max):
+        raise CacheWriteError("coords_l0 must be non-negative integers that fit int32")
+    return coords.astype(np.int32)
+
+
+def _read_arrays(group_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import zarr
+    from zarr.storage import LocalStore
+
+    try:
+        group = zarr.open_group(LocalStore(group_path, read_only=True), mode="r",
+                                use_consolidated=False)
+        return np.asarray(group["features"][...]), np.asarray(group["coords"][...])
+    except Exception as exc:  # any zarr/codec/OS failure on stored bytes means a damaged group
+        raise CacheCorruptError(f"cannot read the slide's arrays ({type(exc).__name__}: {exc})",
+                                path=group_path) from exc
+
+
+def _staging_is_stale(entry: os.DirEntry) -> bool:
+    parts = entry.name.rsplit(".", 1)[0].rsplit("-", 3)
+    try:
+        pid, host = int(parts[1]), parts[2]
+    except (IndexError, ValueError):
+        pid, host = -1, ""
+    if host == _HOST_TAG and pid > 0:
+        if pid == os.getpid():
+            return entry.name not in _ACTIVE_STAGING  # a previous process that had our pid
+        return not _pid_alive(pid)
+    try:
+        age = time.time() - entry.stat(follow_symlinks=False).st_mtime
+    except OSError:
+        return False
+    return age > FOREIGN_STAGING_MAX_AGE_S
+
+
+def list_stores(features_dir: str | Path) -> dict[Path, dict]:
+    """Readable ``*.zarr`` stores in ``features_dir`` with their root attrs (others skipped)."""
+    features_dir = Path(features_dir)
+    stores: dict[Path, dict] = {}
+    if not features_dir.is_dir():
+        return stores
+    for child in sorted(features_dir.iterdir()):
+        if child.suffix != ".zarr" or child.name.startswith("."):
+            continue
+        try:
+            attrs = _read_group_json(child)
+        except CacheCorruptError as exc:
+            warnings.warn(f"skipping unreadable cache {child}: {exc.problem}", CacheWarning,
+                          stacklevel=2)
+            continue
+        if attrs is not None:
+            stores[child] = attrs
+    return stores
+
+
+def _describe_store(path: Path, attrs: dict) -> str:
+    enc, til = attrs.get("encoder", {}), attrs.get("tiling", {})
+    tiling = ", ".join(f"{k}={til[k]}" for k in ("tile_px", "mpp", "overlap") if k in til)
+    return f"{path}  (encoder {enc.get('name', '?')}; {tiling or 'tiling ?'})"
+
+
+def _not_found_message(features_dir: Path, encoder_fp: dict, tiling_fp: dict) -> str:
+    text = "no feature cache for this encoder and tiling"
+    wanted = identity(encoder_fp, tiling_fp)
+    for path, attrs in list_stores(features_dir).items():
+        if attrs.get("encoder", {}).get("name") != encoder_fp.get("name"):
+            continue
+        try:
+            diffs = fingerprint_differences(
+                identity(attrs.get("encoder", {}), attrs.get("tiling", {})), wanted)
+        except TypeError:
+            continue
+        text += f"\n  {path.name} is for the same encoder but differs in:"
+        text += "".join(f"\n    {d}" for d in diffs)
+    return text
