@@ -1,0 +1,147 @@
+"""The MIL regressor and the deployed-model container (no training loop here; see test_train.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from weakstil.errors import EmptyBagError, ModelMismatchError, ModelNotFoundError, WeakstilError
+from weakstil.mil import MILRegressor, TrainedModel, check_fingerprint, load_model
+
+DIM = 16
+FINGERPRINT = {
+    "encoder": {"name": "resnet18-random", "weights": "file:/a/w.pth", "weights_sha256": "ab" * 32,
+                "embed_dim": DIM, "input_px": 224, "mean": [0.485, 0.456, 0.406]},
+    "tiling": {"tile_px": 224, "mpp": 0.5, "overlap": 0},
+}
+
+
+def _module(aggregation: str, seed: int = 0) -> MILRegressor:
+    torch.manual_seed(seed)
+    module = MILRegressor(DIM, hidden=8, aggregation=aggregation)
+    with torch.no_grad():  # spread the attention logits so that attention is far from uniform
+        for p in module.parameters():
+            p.mul_(3.0)
+    return module.eval()
+
+
+@pytest.fixture(params=["mean", "attention"])
+def aggregation(request) -> str:
+    return request.param
+
+
+def test_forward_shapes_ranges_and_pooling(aggregation):
+    module = _module(aggregation)
+    score, tile_pred, attention = module(torch.randn(7, DIM))
+    assert score.shape == (1,) and tile_pred.shape == (1, 7) and attention.shape == (1, 7)
+    assert torch.all((tile_pred > 0) & (tile_pred < 1))
+    assert torch.allclose(attention.sum(-1), torch.ones(1))
+    assert torch.allclose(score, (attention * tile_pred).sum(-1))
+    if aggregation == "mean":
+        assert torch.allclose(attention, torch.full((1, 7), 1 / 7))
+        assert torch.allclose(score, tile_pred.mean(-1))
+    else:
+        assert attention.std() > 1e-3
+
+
+def test_padded_batch_equals_single_bags(aggregation):
+    module = _module(aggregation)
+    bags = [torch.randn(n, DIM) for n in (3, 9, 5)]
+    features = torch.zeros(3, 9, DIM)
+    mask = torch.zeros(3, 9, dtype=torch.bool)
+    for i, bag in enumerate(bags):
+        features[i, : len(bag)] = bag
+        mask[i, : len(bag)] = True
+    score, _, attention = module(features, mask)
+    assert torch.all(attention[~mask] == 0)
+    for i, bag in enumerate(bags):
+        single, _, _ = module(bag)
+        assert torch.allclose(score[i], single[0], atol=1e-6)
+
+
+def test_predict_bag_chunks_agree(aggregation):
+    module = _module(aggregation)
+    x = torch.randn(50, DIM)
+    whole = module.predict_bag(x)
+    chunked = module.predict_bag(x, chunk=7)
+    for a, b in zip(whole, chunked):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_unknown_aggregation_refused():
+    with pytest.raises(ValueError, match="aggregation"):
+        MILRegressor(DIM, aggregation="max")
+
+
+def test_ensemble_prediction_is_consistent(aggregation):
+    members = [_module(aggregation, seed=s) for s in range(3)]
+    model = TrainedModel(members, fingerprint=FINGERPRINT)
+    x = np.random.default_rng(0).normal(size=(40, DIM)).astype(np.float16)
+    pred = model.predict(x)
+    assert pred.tile_pred.shape == pred.attention.shape == pred.contribution.shape == (40,)
+    assert np.isclose(pred.attention.sum(), 1.0)
+    assert np.isclose(pred.contribution.sum(), pred.score)
+    assert np.allclose(pred.contribution, pred.attention * pred.tile_pred)
+    assert np.all((pred.tile_pred >= 0) & (pred.tile_pred <= 100))
+    member_scores = [TrainedModel([m], fingerprint={}).predict(x).score for m in members]
+    assert np.isclose(pred.score, np.mean(member_scores))
+    if aggregation == "mean":
+        assert np.allclose(pred.attention, 1 / 40)
+
+
+def test_predict_refuses_bad_features():
+    model = TrainedModel([_module("mean")], fingerprint=FINGERPRINT)
+    with pytest.raises(ModelMismatchError, match=f"\\(N, {DIM}\\)"):
+        model.predict(np.zeros((5, DIM + 1), np.float32))
+    with pytest.raises(EmptyBagError):
+        model.predict(np.zeros((0, DIM), np.float32))
+
+
+def test_save_load_reproduces_predictions_exactly(tmp_path, aggregation):
+    model = TrainedModel([_module(aggregation, s) for s in range(2)], fingerprint=FINGERPRINT,
+                         config={"train": {"cutoffs": (10, 30)}})
+    model.save(tmp_path / "model.ckpt")
+    loaded = load_model(tmp_path)
+    x = np.random.default_rng(1).normal(size=(33, DIM)).astype(np.float32)
+    a, b = model.predict(x), loaded.predict(x)
+    assert a.score == b.score
+    for field in ("tile_pred", "attention", "contribution"):
+        assert np.array_equal(getattr(a, field), getattr(b, field))
+    assert loaded.fingerprint == FINGERPRINT and loaded.aggregation == aggregation
+    assert loaded.config["train"]["cutoffs"] == [10, 30]
+
+
+def test_missing_or_corrupt_model_is_model_not_found(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="missing"):
+        load_model(tmp_path / "nope")
+    (tmp_path / "model.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelNotFoundError, match="cannot be read") as info:
+        load_model(tmp_path)
+    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, WeakstilError)
+    torch.save({"format": "something-else"}, tmp_path / "model.ckpt")
+    with pytest.raises(ModelNotFoundError, match="not a weakstil"):
+        load_model(tmp_path)
+
+
+def test_fingerprint_match_and_mismatch():
+    model = TrainedModel([_module("mean")], fingerprint=FINGERPRINT)
+    same = {"encoder": dict(FINGERPRINT["encoder"], mean=(0.485, 0.456, 0.406)),
+            "tiling": dict(FINGERPRINT["tiling"])}
+    check_fingerprint(model, same)  # tuples vs lists do not matter
+    moved = {"encoder": dict(FINGERPRINT["encoder"], weights="file:/elsewhere/w.pth"),
+             "tiling": FINGERPRINT["tiling"]}
+    check_fingerprint(model, moved)  # same weights (sha256) from another path is fine
+
+    class Cache:  # a FeatureCache is accepted as well as a dict
+        encoder_fp = FINGERPRINT["encoder"]
+        tiling_fp = dict(FINGERPRINT["tiling"], mpp=1.0)
+
+    with pytest.raises(ModelMismatchError, match=r"tiling\.mpp: model 0\.5, features 1\b"):
+        check_fingerprint(model, Cache())
+    other = {"encoder": dict(FINGERPRINT["encoder"], weights_sha256="cd" * 32, name="uni"),
+             "tiling": FINGERPRINT["tiling"]}
+    with pytest.raises(ModelMismatchError) as info:
+        check_fingerprint(model, other)
+    text = info.value.problem
+    assert "encoder.name" in text and "encoder.weights_sha256" in text and "tiling." not in text

@@ -1,0 +1,348 @@
+"""The MIL regressor: a per-tile sTIL head and a pooling of tile predictions into the slide score.
+
+One module covers both published variants:
+
+* ``aggregation="mean"`` (WeakSTIL, Schirris et al. 2022): the slide score is the plain average of
+  the tile predictions.
+* ``aggregation="attention"`` (ECTIL): gated attention (Ilse et al. 2018) gives each tile a weight
+  ``softmax_i(w^T (tanh(V h_i) * sigmoid(U h_i)))`` and the slide score is the attention-weighted
+  mean of the tile predictions. The weights can learn to ignore tiles without stroma.
+
+Either way the tile prediction is a sigmoid fraction in [0, 1] (sTIL%/100), so the slide score is a
+convex combination of tile scores and the heatmap shows the same quantity as the slide label.
+
+Bags vary in size, so every forward takes an optional boolean ``mask`` (B, N) that marks real tiles
+in a padded batch; padded tiles get zero weight. Training feeds several padded bags per optimiser
+step (see :mod:`weakstil.train`), evaluation the full bags.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from weakstil import __version__
+from weakstil.errors import EmptyBagError, ModelMismatchError, ModelNotFoundError
+
+AGGREGATIONS = ("mean", "attention")
+
+
+class MILRegressor(pl.LightningModule):
+    """Tile head + mean or gated-attention pooling; trained with MSE on sTIL%/100.
+
+    ``forward(features, mask=None) -> (score (B,), tile_pred (B, N), attention (B, N))``, all in
+    0-1; ``features`` is (N, D) for one bag or (B, N, D) for a padded batch. The attention rows sum
+    to 1 over the real tiles (uniform ``1/N`` for ``mean``) and ``score == sum(attention *
+    tile_pred)``.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        *,
+        hidden: int = 128,
+        dropout: float = 0.25,
+        aggregation: str = "attention",
+        lr: float = 1e-3,
+        weight_decay: float = 1e-2,
+        max_tiles: int = 512,
+    ):
+        super().__init__()
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, not {aggregation!r}")
+        self.save_hyperparameters()
+        # LayerNorm first: embeddings from random or foreign encoders have arbitrary scales.
+        self.embed = nn.Sequential(
+            nn.LayerNorm(embed_dim),
+            nn.Linear(embed_dim, hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+        )
+        self.tile_head = nn.Linear(hidden, 1)
+        if aggregation == "attention":
+            self.att_v = nn.Linear(hidden, hidden)
+            self.att_u = nn.Linear(hidden, hidden)
+            self.att_w = nn.Linear(hidden, 1)
+        self._val_scores: list[Tensor] = []
+        self._val_labels: list[Tensor] = []
+
+    # --- model ------------------------------------------------------------------------------------
+    def init_output_bias(self, fraction: float) -> None:
+        """Start the tile head at the training set's mean label (fewer epochs spent finding it)."""
+        p = min(max(float(fraction), 1e-3), 1 - 1e-3)
+        with torch.no_grad():
+            self.tile_head.bias.fill_(math.log(p / (1 - p)))
+
+    def tile_outputs(self, features: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Per-tile prediction in 0-1 and attention logit (None for mean pooling), both (..., N)."""
+        h = self.embed(features)
+        tile_pred = torch.sigmoid(self.tile_head(h)).squeeze(-1)
+        if self.hparams.aggregation != "attention":
+            return tile_pred, None
+        gate = torch.tanh(self.att_v(h)) * torch.sigmoid(self.att_u(h))
+        return tile_pred, self.att_w(gate).squeeze(-1)
+
+    @staticmethod
+    def pool(
+        tile_pred: Tensor, logits: Tensor | None, mask: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """Slide score (B,) and attention (B, N) from tile predictions and logits (B, N)."""
+        if mask is None:
+            mask = torch.ones_like(tile_pred, dtype=torch.bool)
+        if logits is None:
+            weights = mask.to(tile_pred.dtype)
+            attention = weights / weights.sum(-1, keepdim=True).clamp_min(1.0)
+        else:
+            attention = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+        score = (attention * tile_pred.masked_fill(~mask, 0.0)).sum(-1)
+        return score, attention
+
+    def forward(
+        self, features: Tensor, mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        if features.dim() == 2:
+            features = features.unsqueeze(0)
+            mask = None if mask is None else mask.unsqueeze(0)
+        tile_pred, logits = self.tile_outputs(features)
+        score, attention = self.pool(tile_pred, logits, mask)
+        return score, tile_pred, attention
+
+    @torch.no_grad()
+    def predict_bag(self, features: Tensor, *, chunk: int = 16384) -> tuple[Tensor, Tensor, Tensor]:
+        """Score one full bag (N, D) in eval mode; tiles are embedded in chunks to bound memory.
+
+        Returns ``(score (), tile_pred (N,), attention (N,))`` in 0-1.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            preds, logits = [], []
+            for start in range(0, features.shape[0], chunk):
+                p, lg = self.tile_outputs(features[start : start + chunk])
+                preds.append(p)
+                logits.append(lg)
+            tile_pred = torch.cat(preds)
+            logit = None if logits[0] is None else torch.cat(logits)
+            logit = None if logit is None else logit[None]
+            score, attention = self.pool(tile_pred[None], logit, None)
+            return score[0], tile_pred, attention[0]
+        finally:
+            self.train(was_training)
+
+    # --- Lightning --------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        score, _, _ = self(batch["features"], batch["mask"])
+        loss = nn.functional.mse_loss(score, batch["label"])
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=score.shape[0])
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_scores, self._val_labels = [], []
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        score, _, _ = self(batch["features"], batch["mask"])
+        self._val_scores.append(score.detach())
+        self._val_labels.append(batch["label"])
+
+    def on_validation_epoch_end(self) -> None:
+        """R² over the whole validation set's full bags (not a mean of per-batch values)."""
+        if not self._val_scores:
+            return
+        pred = torch.cat(self._val_scores).double()
+        label = torch.cat(self._val_labels).double()
+        mse = torch.mean((pred - label) ** 2)
+        ss_tot = torch.sum((label - label.mean()) ** 2)
+        # With constant validation labels R² is undefined; -MSE keeps "higher is better".
+        r2 = 1.0 - torch.sum((pred - label) ** 2) / ss_tot if ss_tot > 0 else -mse
+        self.log("val_r2", r2.float(), prog_bar=True)
+        self.log("val_mse", mse.float())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(
+            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+
+
+# --- the deployed model: one or more fold members, saved in models/<name>/model.ckpt -------------
+CHECKPOINT_FORMAT = "weakstil.mil"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SlidePrediction:
+    """One slide's prediction. ``score`` and ``tile_pred`` are sTIL% (0-100); ``attention`` (N,)
+    sums to 1 and ``contribution = attention * tile_pred`` (N,) sums to ``score``."""
+
+    score: float
+    tile_pred: np.ndarray
+    attention: np.ndarray
+    contribution: np.ndarray
+
+
+class TrainedModel:
+    """A deployed MIL model: the fold members of an ensemble, or one model.
+
+    An ensemble's slide score is the mean of its members' scores. Per tile, its attention is the
+    members' mean attention ``A_i``, its contribution the members' mean ``a_mi * p_mi``, and its
+    tile prediction the members' predictions weighted by their attention on that tile,
+    ``sum_m a_mi p_mi / sum_m a_mi``, so that ``contribution = attention * tile_pred`` and the
+    contributions still sum to the score. With ``mean`` pooling every attention is ``1/N`` and the
+    tile prediction is the plain mean of the members' tile predictions.
+    """
+
+    def __init__(
+        self, members: list[MILRegressor], *, fingerprint: dict, config: dict | None = None
+    ):
+        if not members:
+            raise ValueError("a TrainedModel needs at least one member")
+        self.members = [m.cpu().eval() for m in members]
+        self.fingerprint = fingerprint
+        self.config = dict(config or {})
+
+    @property
+    def model_config(self) -> dict:
+        return dict(self.members[0].hparams)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.members[0].hparams.embed_dim)
+
+    @property
+    def aggregation(self) -> str:
+        return str(self.members[0].hparams.aggregation)
+
+    def predict(self, features: np.ndarray) -> SlidePrediction:
+        """Score one slide's tile features (N, D), any float dtype."""
+        features = np.asarray(features)
+        if features.ndim != 2 or features.shape[1] != self.embed_dim:
+            raise ModelMismatchError(
+                f"features have shape {features.shape}; this model expects (N, {self.embed_dim}) "
+                "embeddings from the encoder it was trained on"
+            )
+        if features.shape[0] == 0:
+            raise EmptyBagError("the slide has no tiles to score")
+        x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+        preds, atts = [], []
+        for member in self.members:
+            _, tile_pred, attention = member.predict_bag(x)
+            preds.append(tile_pred.double().numpy())
+            atts.append(attention.double().numpy())
+        p, a = np.stack(preds), np.stack(atts)
+        attention = a.mean(0)
+        contribution = (a * p).mean(0)
+        safe = np.where(attention > 0, attention, 1.0)
+        tile_pred = np.where(attention > 0, contribution / safe, p.mean(0))
+        return SlidePrediction(
+            score=float(100.0 * contribution.sum()),
+            tile_pred=100.0 * tile_pred,
+            attention=attention,
+            contribution=100.0 * contribution,
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Write ``model.ckpt`` (plain dict of tensors and plain types; loads with weights_only)."""
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "format_version": CHECKPOINT_VERSION,
+            "weakstil_version": __version__,
+            "model_config": _plain(self.model_config),
+            "members": [
+                {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+                for m in self.members
+            ],
+            "fingerprint": _plain(self.fingerprint),
+            "config": _plain(self.config),
+        }
+        torch.save(state, Path(path))
+
+
+def load_model(model_dir: str | Path) -> TrainedModel:
+    """Load ``models/<name>/`` (or its ``model.ckpt``); :class:`ModelNotFoundError` if missing or
+    unreadable."""
+    model_dir = Path(model_dir)
+    ckpt = model_dir if model_dir.is_file() else model_dir / "model.ckpt"
+    if not ckpt.is_file():
+        raise ModelNotFoundError("no model here (model.ckpt is missing)", path=model_dir)
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError("not a weakstil MIL checkpoint")
+        if int(state["format_version"]) > CHECKPOINT_VERSION:
+            version = state["format_version"]
+            raise ValueError(f"checkpoint format {version} is newer than this weakstil")
+        members = []
+        for weights in state["members"]:
+            member = MILRegressor(**state["model_config"])
+            member.load_state_dict(weights)
+            members.append(member)
+        return TrainedModel(members, fingerprint=state["fingerprint"], config=state.get("config"))
+    except Exception as exc:  # unpickling, truncated zip, missing keys, shape mismatches
+        raise ModelNotFoundError(
+            f"model.ckpt cannot be read ({type(exc).__name__}: {exc})",
+            fix="the file is corrupt or not a weakstil model; train it again with `weakstil train`",
+            path=ckpt,
+        ) from exc
+
+
+def check_fingerprint(model: TrainedModel | dict, cache_fp) -> None:
+    """Refuse to score features that differ from the ones the model was trained on.
+
+    ``cache_fp`` is a FeatureCache (``.encoder_fp``, ``.tiling_fp``) or a dict with keys
+    ``encoder`` and ``tiling``. Both sides are reduced with :func:`weakstil.cache.identity`, the
+    rule the cache itself uses (the weights' source path is ignored when their sha256 is known;
+    1 and 1.0 are equal), then every field is compared. Raises :class:`ModelMismatchError` naming
+    each field that differs.
+    """
+    from weakstil.cache import identity
+
+    model_fp = model.fingerprint if isinstance(model, TrainedModel) else model
+    if not isinstance(cache_fp, dict):
+        cache_fp = {"encoder": cache_fp.encoder_fp, "tiling": cache_fp.tiling_fp}
+    ours = _flatten(identity(model_fp.get("encoder", {}), model_fp.get("tiling", {})))
+    theirs = _flatten(identity(cache_fp.get("encoder", {}), cache_fp.get("tiling", {})))
+    diffs = []
+    for key in sorted(set(ours) | set(theirs)):
+        a, b = ours.get(key, _MISSING), theirs.get(key, _MISSING)
+        if a != b:
+            diffs.append(f"{key}: model {_show(a)}, features {_show(b)}")
+    if diffs:
+        raise ModelMismatchError(
+            "the model was trained on other features than these:\n  " + "\n  ".join(diffs)
+        )
+
+
+_MISSING = object()
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _show(value) -> str:
+    return "(absent)" if value is _MISSING else repr(value)
+
+
+def _plain(obj):
+    """Tuples to lists, numpy scalars to Python: what JSON/YAML and weights_only loading accept."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
