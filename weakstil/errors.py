@@ -189,3 +189,9 @@ class CorruptSlideError(SlideError, ValueError):
 
 class MppCsvError(WeakstilError, ValueError):
     fix = "the file needs a header `slide_id,mpp` and one row per slide with mpp in µm per pixel (e.g. 0.25)"
+
+
+# --- outputs (score.py) -------------------------------------------------------------------------
+class OutputWriteError(WeakstilError, OSError):
+    fix = ("check that the output folder exists, is writable and its disk is not full "
+           "(`df -h`); choose another one with --out")

@@ -471,12 +471,13 @@ def write_slide(path: str | Path, params_or_seed: SlideParams | int, mpp: float,
 
 
 def plan_cohort(n: int, seed: int = 0, *, mpps=(0.25, 0.5),
-                size_um: float | tuple[float, float] = DEFAULT_SIZE_UM) -> list[SlideSpec]:
+                size_um: float | tuple[float, float] = DEFAULT_SIZE_UM, prefix: str = "SYN") -> list[SlideSpec]:
     """Slides, patients (~30% with two slides), scan resolutions and target sTIL% of a cohort.
 
     Targets are 1 + 89·u^2.2 over stratified u per patient (many low, ~40% at 30 or more); a
     patient's two slides share a target up to a little jitter. ``size_um`` is (width, height) or
-    one number, the width (the height is then 4/5 of it, as in the default).
+    one number, the width (the height is then 4/5 of it, as in the default). Slide ids are
+    ``<prefix>-000``…; patients ``PAT-000``… (``<prefix>-PAT-000``… for another prefix).
     """
     try:
         width, height = (size_um, 0.8 * size_um) if np.ndim(size_um) == 0 else size_um
@@ -499,7 +500,8 @@ def plan_cohort(n: int, seed: int = 0, *, mpps=(0.25, 0.5),
         for _ in range(count):
             target = patient_target[p] * np.exp(rng.normal(0, 0.12)) if count > 1 else patient_target[p]
             params = SlideParams(int(rng.integers(2**31)), round(float(min(target, 92)), 3), size_um)
-            specs.append(SlideSpec(f"SYN-{len(specs):03d}", f"PAT-{p:03d}", float(mpp_list[len(specs)]),
+            patient = f"PAT-{p:03d}" if prefix == "SYN" else f"{prefix}-PAT-{p:03d}"
+            specs.append(SlideSpec(f"{prefix}-{len(specs):03d}", patient, float(mpp_list[len(specs)]),
                                    params))
     return specs
 
@@ -530,14 +532,14 @@ def _progress(enabled: bool):
 
 def synth_cohort(out_dir: str | Path, *, n: int = 40, seed: int = 0, mpps=(0.25, 0.5),
                  size_um: float | tuple[float, float] = DEFAULT_SIZE_UM, workers: int | None = None,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, prefix: str = "SYN") -> Path:
     """Write a synthetic cohort: ``slides/*.svs``, ``truth/*.npz``, ``labels.csv``; returns ``out_dir``.
 
     Deterministic for a seed; resumes (slides already written from the same plan are kept).
     ``workers`` processes (default: up to 2) write slides in parallel.
     """
     root = Path(out_dir)
-    specs = plan_cohort(n, seed, mpps=mpps, size_um=size_um)
+    specs = plan_cohort(n, seed, mpps=mpps, size_um=size_um, prefix=prefix)
     for sub in ("slides", "truth"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     workers = min(2, os.cpu_count() or 1) if workers is None else max(1, int(workers))

@@ -1,0 +1,318 @@
+"""Tiles → embeddings: region reading, a DataLoader over tile blocks, the encoder forward, the cache.
+
+Reading is the part peers get slow. Instead of one ``read_region`` per tile, tiles are grouped into
+blocks of up to ``block`` × ``block`` neighbouring grid cells; each block is read once at the best
+pyramid level for the target resolution, resized once, and cut into tiles. Every DataLoader worker
+opens its own slide handle (handles are not shared across processes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .errors import WeakstilError
+from .reader import Block, plan_blocks, read_block_tiles, tile_offsets  # noqa: F401
+
+log = logging.getLogger(__name__)
+
+
+class BlockDataset:
+    """Map-style dataset over the blocks of one slide; each worker opens its own slide handle.
+
+    ``coords_l0`` must already be in block order (see :func:`plan_blocks`).
+    """
+
+    def __init__(self, path: Path, coords_l0: np.ndarray, blocks: list[Block], size_l0: float, tile_px: int,
+                 open_kwargs: dict):
+        self.path = Path(path)
+        self.coords_l0 = coords_l0
+        self.blocks = blocks
+        self.size_l0 = size_l0
+        self.tile_px = tile_px
+        self.open_kwargs = open_kwargs
+        self._slide = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def _handle(self):
+        if self._slide is None or self._pid != os.getpid():
+            from .slide import open_slide
+
+            self._slide = open_slide(self.path, **self.open_kwargs)
+            self._pid = os.getpid()
+        return self._slide
+
+    def __getitem__(self, i: int):
+        import torch
+
+        block = self.blocks[i]
+        tiles = read_block_tiles(self._handle(), block, self.coords_l0, size_l0=self.size_l0, tile_px=self.tile_px)
+        return int(block.index[0]), torch.from_numpy(tiles)
+
+    def close(self) -> None:
+        if self._slide is not None and self._pid == os.getpid():
+            self._slide.close()
+        self._slide = None
+
+
+@dataclass
+class ExtractOptions:
+    """How to run the encoder: device, batch size, DataLoader workers."""
+
+    device: str = "auto"
+    batch_size: int = 32
+    workers: int | None = None  # None: 1 on a 2-core CPU, up to 4 with CUDA
+    block: int = 4
+    progress: bool = True
+    open_kwargs: dict = field(default_factory=dict)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise WeakstilError("--device cuda was asked for but no CUDA GPU is visible",
+                            fix="use --device cpu or auto, or check CUDA_VISIBLE_DEVICES and the driver")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise WeakstilError(f"unknown device {device!r}", fix="use --device auto, cpu or cuda")
+    return device
+
+
+def default_workers(device: str) -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.startswith("cuda"):
+        return max(1, min(8, cpus - 1))
+    return 1 if cpus <= 4 else min(4, cpus // 4)
+
+
+class TileEmbedder:
+    """An encoder on a device with its own preprocessing; uint8 tile batches → float16 features."""
+
+    def __init__(self, encoder, device: str):
+        import torch
+
+        self.device = torch.device(device)
+        self.encoder = encoder.to(self.device).eval().to(memory_format=torch.channels_last)
+        self.embed_dim = encoder.spec.embed_dim
+
+    def __call__(self, tiles_uint8) -> np.ndarray:
+        """(B, H, W, 3) uint8 tensor → (B, D) float16 numpy (resize + normalise from the encoder spec)."""
+        import torch
+
+        cuda = self.device.type == "cuda"
+        with torch.inference_mode():
+            x = self.encoder.preprocess(tiles_uint8)
+            with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
+                feats = self.encoder(x)
+            return feats.float().cpu().numpy().astype(np.float16)
+
+
+def iter_batches(dataset: BlockDataset, opts: ExtractOptions, device: str) -> Iterator[tuple[int, object]]:
+    """Yield (first row, uint8 tile tensor (B, H, W, 3)) batches of about ``batch_size`` tiles, in row order."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    workers = opts.workers if opts.workers is not None else default_workers(device)
+    workers = min(workers, len(dataset))
+    loader = DataLoader(
+        dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=device.startswith("cuda"),
+        prefetch_factor=4 if workers > 0 else None,
+        multiprocessing_context="fork" if workers > 0 and os.name == "posix" else None,
+    )
+    first, pending, n = 0, [], 0
+    for start, tiles in loader:
+        if not pending:
+            first = start
+        pending.append(tiles)
+        n += len(tiles)
+        if n >= opts.batch_size:
+            yield first, torch.cat(pending) if len(pending) > 1 else pending[0]
+            pending, n = [], 0
+    if pending:
+        yield first, torch.cat(pending) if len(pending) > 1 else pending[0]
+
+
+def embed_tiles(path: Path, coords_l0: np.ndarray, blocks: list[Block], size_l0: float, tile_px: int,
+                embedder: TileEmbedder, write, opts: ExtractOptions, *, advance=None) -> int:
+    """Embed every tile (coords in block order) and hand ``write(start_row, feats_f16)`` each batch."""
+    dataset = BlockDataset(path, coords_l0, blocks, size_l0, tile_px, opts.open_kwargs)
+    try:
+        done = 0
+        for start, tiles in iter_batches(dataset, opts, str(embedder.device)):
+            if start != done:
+                raise RuntimeError(f"tile batches out of order: expected row {done}, got {start}")
+            write(start, embedder(tiles))
+            done += len(tiles)
+            if advance is not None:
+                advance(len(tiles))
+    finally:
+        dataset.close()
+    return done
+
+
+# --- a folder of slides → the feature cache -----------------------------------------------------
+@dataclass
+class SlideSource:
+    """How to open one slide of a batch (picklable: it travels to worker processes)."""
+
+    path: Path
+    open_kwargs: dict
+
+    @property
+    def slide_id(self) -> str:
+        from .slide import slide_id_from_path
+
+        return slide_id_from_path(self.path)
+
+
+@dataclass
+class ExtractResult:
+    cache: object  # FeatureCache
+    outcomes: list
+    n_tiles: int = 0
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> list:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+
+def qc_dir_for(features_dir: Path) -> Path:
+    """Where tissue-mask QC pictures go: ``<features>/qc/`` (next to the store when given a .zarr)."""
+    features_dir = Path(features_dir)
+    return (features_dir.parent if features_dir.suffix == ".zarr" else features_dir) / "qc"
+
+
+def roi_for(roi_dir: Path | None, slide_id: str) -> Path | None:
+    """``<roi_dir>/<slide_id>.geojson`` (or .json) when it exists; slides without one use all tissue."""
+    if roi_dir is None:
+        return None
+    for suffix in (".geojson", ".json"):
+        path = Path(roi_dir) / f"{slide_id}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def open_cache(features_dir: Path, encoder, spec, tissue, *, create: bool = True):
+    """The feature cache for this encoder and tiling (refused if the store holds another)."""
+    from .cache import FeatureCache
+
+    return FeatureCache.open(features_dir, encoder.fingerprint(), spec.fingerprint(tissue), create=create)
+
+
+class SlideExtractor:
+    """Everything one slide needs, built once per process: encoder on its device, cache, tiling."""
+
+    def __init__(self, cache, embedder: TileEmbedder, spec, tissue, opts: ExtractOptions, *,
+                 roi_dir: Path | None = None, qc: bool = True, tiles_task=None):
+        self.cache, self.embedder, self.spec, self.tissue, self.opts = cache, embedder, spec, tissue, opts
+        self.roi_dir, self.qc, self.tiles_task = roi_dir, qc, tiles_task
+
+    def is_done(self, source: SlideSource) -> bool:
+        return self.cache.is_complete(source.slide_id, source=source.path)
+
+    def __call__(self, source: SlideSource) -> int:
+        """Tiles → features for one slide into the cache; returns the number of tiles."""
+        import hashlib
+
+        from .errors import NoTissueError
+        from .slide import open_slide
+        from .tissue import save_mask_qc
+        from .tiling import plan_tiles
+
+        roi = roi_for(self.roi_dir, source.slide_id)
+        with open_slide(source.path, **source.open_kwargs) as slide:
+            try:
+                grid = plan_tiles(slide, self.spec, tissue=self.tissue, roi=roi)
+            except NoTissueError as exc:
+                if self.qc and getattr(exc, "grid", None) is not None:
+                    save_mask_qc(exc.grid.thumb, exc.grid.mask, qc_dir_for(self.cache.path) / f"{slide.slide_id}.png")
+                raise
+            if self.qc:
+                save_mask_qc(grid.thumb, grid.mask, qc_dir_for(self.cache.path) / f"{slide.slide_id}.png",
+                             roi=grid.roi)
+            attrs = {"slide_mpp": slide.mpp, "mpp_source": slide.mpp_source, "tile_size_l0": grid.size_l0,
+                     "tile_px": self.spec.tile_px, "dimensions": list(slide.dimensions),
+                     "backend": slide.backend, "vendor": slide.vendor,
+                     "roi_sha256": hashlib.sha256(roi.read_bytes()).hexdigest() if roi else None}
+            open_kwargs = dict(source.open_kwargs, backend=slide.backend if slide.backend != "image"
+                               else source.open_kwargs.get("backend", "auto"))
+        order, blocks = plan_blocks(grid.coords_l0, grid.size_l0, block=self.opts.block)
+        coords = grid.coords_l0[order]
+        opts = ExtractOptions(**{**self.opts.__dict__, "open_kwargs": open_kwargs})
+        with self.cache.slide_writer(source.slide_id, coords, self.embedder.embed_dim, attrs,
+                                     source=source.path) as writer:
+            embed_tiles(source.path, coords, blocks, grid.size_l0, self.spec.tile_px, self.embedder,
+                        writer.write, opts, advance=self.tiles_task)
+        return len(coords)
+
+
+def slide_sources(paths, *, backend: str = "auto", mpp: float | None = None, mpp_override: bool = False,
+                  mpp_by_slide: dict | None = None) -> list[SlideSource]:
+    from .slide import open_kwargs_for
+
+    return [SlideSource(Path(p), open_kwargs_for(p, backend=backend, mpp=mpp, mpp_override=mpp_override,
+                                                 mpp_by_slide=mpp_by_slide)) for p in paths]
+
+
+def extract_slides(sources: list[SlideSource], features_dir: Path, *, encoder, spec, tissue,
+                   opts: ExtractOptions | None = None, roi_dir: Path | None = None, qc: bool = True,
+                   lock: bool = True, on_outcome=None) -> ExtractResult:
+    """Fill the feature cache for every slide; finished slides are skipped, bad ones recorded.
+
+    ``encoder`` is an Encoder from :func:`weakstil.encoders.create_encoder`. One slide's failure
+    never stops the others: each gets an Outcome (done / skipped / failed with reason and fix).
+    """
+    import time
+
+    from .batch import run_batch
+
+    opts = opts or ExtractOptions()
+    device = resolve_device(opts.device)
+    cache = open_cache(features_dir, encoder, spec, tissue)
+    embedder = TileEmbedder(encoder, device)
+    started = time.perf_counter()
+    with _progress(opts.progress) as progress:
+        slides_task = progress.add_task("slides", total=len(sources), unit="slides")
+        tiles_task = progress.add_task("tiles", total=None, unit="tiles")
+        job = SlideExtractor(cache, embedder, spec, tissue, opts, roi_dir=roi_dir, qc=qc,
+                             tiles_task=lambda n: progress.update(tiles_task, advance=n))
+
+        def record(outcome):
+            progress.update(slides_task, advance=1)
+            if on_outcome is not None:
+                on_outcome(outcome)
+
+        outcomes = run_batch(sources, job, key=lambda s: s.slide_id, is_done=job.is_done, desc="extract",
+                             lock_dir=cache.path / ".locks" if lock else None, progress=False,
+                             on_outcome=record)
+    n_tiles = sum(int(o.result or 0) for o in outcomes if o.status == "done")
+    return ExtractResult(cache, outcomes, n_tiles, time.perf_counter() - started)
+
+
+def _progress(enabled: bool):
+    """A rich progress display with one line per task: count, rate in its unit, elapsed time."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task):
+            unit = task.fields.get("unit", "it")
+            if task.speed is None:
+                return Text(f"– {unit}/s")
+            return Text(f"{task.speed:,.1f} {unit}/s" if task.speed < 10 else f"{task.speed:,.0f} {unit}/s")
+
+    return Progress(TextColumn("{task.description:>6}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+                    TimeElapsedColumn(), console=Console(stderr=True), disable=not enabled)

@@ -1,0 +1,294 @@
+"""Scoring slides with a trained model: features (extracted when missing) → tile and slide sTIL%.
+
+One per-slide job does everything for a slide: extract its features into the cache if they are not
+there, predict, and write the review bundle (tiles.csv, heatmap.png/.tif, tiles.geojson,
+top_tiles.png, score.json) into a staging folder that is renamed to ``results/slides/<slide_id>``
+when complete. ``results/scores.csv`` is rebuilt from the finished slides' ``score.json`` files
+plus the failures of this run, after every slide, so an interrupted run loses nothing and a rerun
+skips every slide already scored by the same model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .errors import ModelMismatchError, OutputWriteError
+from .extract import ExtractOptions, SlideExtractor, SlideSource, TileEmbedder, open_cache, resolve_device
+
+SCORE_COLUMNS = ("slide_id", "score", "n_tiles", "status", "error")
+SCORE_JSON = "score.json"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tiling_from_fingerprint(tiling_fp: dict):
+    """(TileSpec, TissueParams) that reproduce a cache's or model's tiling fingerprint."""
+    from .tiling import TileSpec
+    from .tissue import TissueParams
+
+    try:
+        spec = TileSpec(tile_px=int(tiling_fp["tile_px"]), mpp=float(tiling_fp["mpp"]),
+                        overlap=int(tiling_fp["overlap"]), min_tissue=float(tiling_fp["min_tissue"]))
+        tissue = TissueParams(**tiling_fp["tissue"])
+    except (KeyError, TypeError) as exc:
+        raise ModelMismatchError(f"the model's tiling fingerprint is incomplete ({exc})",
+                                 fix="retrain the model with this version of weakstil") from exc
+    return spec, tissue
+
+
+def encoder_from_fingerprint(encoder_fp: dict, weights: str | None = None, *, seed: int = 0):
+    """Rebuild the encoder a model was trained on; refuse when its weights differ.
+
+    ``weights`` overrides where the weights are read from (the file may have moved since training);
+    they must still hash to the model's ``weights_sha256``.
+    """
+    from .cache import identity
+    from .encoders import create_encoder
+
+    name = encoder_fp.get("name")
+    if not name:
+        raise ModelMismatchError("the model does not name its encoder", fix="retrain the model")
+    source = weights or encoder_fp.get("weights")
+    if source in (None, "", "random-init"):
+        source = None
+    encoder = create_encoder(name, source, seed=seed)
+    ours, theirs = identity(encoder.fingerprint(), {}), identity(encoder_fp, {})
+    if ours != theirs:
+        raise ModelMismatchError(
+            f"encoder {name!r} with weights {source or 'random-init'} is not the one this model was "
+            f"trained on (weights sha256 {encoder.weights_sha256[:12]}… vs "
+            f"{str(encoder_fp.get('weights_sha256'))[:12]}…)",
+            fix="pass --weights file:/path/to/the/checkpoint the model was trained with")
+    return encoder
+
+
+@dataclass
+class ScoreResult:
+    out_dir: Path
+    outcomes: list
+    scores_csv: Path
+    run_json: Path
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> list:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+
+@dataclass
+class SlideScorer:
+    """The per-slide job of ``weakstil score`` (model, encoder and cache built once per process)."""
+
+    model: object  # TrainedModel
+    model_sha256: str
+    extractor: SlideExtractor
+    out_dir: Path
+    formats: tuple = ("csv", "png", "tif", "geojson", "top")
+    cutoff: float = 30.0
+    extra: dict = field(default_factory=dict)
+
+    def is_done(self, source: SlideSource) -> bool:
+        info = read_score_json(slide_dir(self.out_dir, source.slide_id))
+        return (info is not None and info.get("model_sha256") == self.model_sha256
+                and self.extractor.is_done(source))
+
+    def __call__(self, source: SlideSource) -> dict:
+        from .heatmap import write_slide_outputs
+        from .slide import open_slide
+
+        started = time.perf_counter()
+        if not self.extractor.is_done(source):
+            self.extractor(source)
+        cached = self.extractor.cache.read(source.slide_id)
+        prediction = self.model.predict(cached.features)
+        size_l0 = float(cached.attrs["tile_size_l0"])
+        info = {"slide_id": source.slide_id, "score": round(float(prediction.score), 4),
+                "n_tiles": int(cached.features.shape[0]), "status": "ok", "error": "",
+                "model_sha256": self.model_sha256, "source_path": str(source.path),
+                "slide_mpp": cached.attrs.get("slide_mpp"), "tile_size_l0": size_l0,
+                "aggregation": self.model.aggregation,
+                "scored": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        final = slide_dir(self.out_dir, source.slide_id)
+        staging = final.parent / f".{source.slide_id}.{os.getpid()}-{uuid.uuid4().hex[:6]}.partial"
+        try:
+            staging.mkdir(parents=True)
+            with open_slide(source.path, **source.open_kwargs) as slide:
+                write_slide_outputs(slide, staging, coords_l0=cached.coords_l0, size_l0=size_l0,
+                                    prediction=prediction.tile_pred, attention=prediction.attention,
+                                    contribution=prediction.contribution, score=prediction.score,
+                                    formats=self.formats, cutoff=self.cutoff)
+            info["seconds"] = round(time.perf_counter() - started, 3)
+            (staging / SCORE_JSON).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+            install_dir(staging, final)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise OutputWriteError(f"cannot write the results of {source.slide_id}: {exc}", path=final) from exc
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return info
+
+
+def slide_dir(out_dir: Path, slide_id: str) -> Path:
+    return Path(out_dir) / "slides" / slide_id
+
+
+def read_score_json(folder: Path) -> dict | None:
+    try:
+        return json.loads((Path(folder) / SCORE_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def install_dir(staging: Path, final: Path) -> None:
+    """Rename a finished folder into place; an old one is moved aside first, then deleted."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:6]}.old")
+        try:
+            os.rename(final, old)
+        except FileNotFoundError:
+            old = None
+    try:
+        os.rename(staging, final)
+    except OSError:
+        if old is not None and not final.exists():
+            os.rename(old, final)  # put the old results back
+            old = None
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def write_scores_csv(out_dir: Path, sources: list[SlideSource], outcomes: dict, model_sha256: str) -> Path:
+    """``scores.csv``: one row per slide of this run (ok from score.json, failed with the error)."""
+    import csv
+
+    path = Path(out_dir) / "scores.csv"
+    tmp = path.with_name(f".scores.csv.{os.getpid()}-{uuid.uuid4().hex[:6]}.partial")
+    try:
+        with tmp.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(SCORE_COLUMNS)
+            for source in sources:
+                sid = source.slide_id
+                info = read_score_json(slide_dir(out_dir, sid))
+                outcome = outcomes.get(sid)
+                if outcome is not None and outcome.status == "failed":
+                    error = f"{outcome.reason}: {outcome.error}" if outcome.reason else outcome.error
+                    writer.writerow([sid, "", "", "failed", error])
+                elif info is not None and info.get("model_sha256") == model_sha256:
+                    writer.writerow([sid, f"{float(info['score']):.2f}", info["n_tiles"], "ok", ""])
+                elif outcome is not None and outcome.reason == "locked":
+                    writer.writerow([sid, "", "", "pending", outcome.error])
+                else:
+                    writer.writerow([sid, "", "", "pending", "not scored yet"])
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_run_json(out_dir: Path, outcomes: list, *, run_id: str, info: dict) -> Path:
+    """``runs/<run_id>.json``: what this run did to each slide (status, seconds, error)."""
+    runs = Path(out_dir) / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    path = runs / f"{run_id}.json"
+    doc = {**info, "slides": [{"slide_id": o.key, "status": o.status, "reason": o.reason,
+                               "seconds": round(o.seconds, 3), "error": o.error, "fix": o.fix}
+                              for o in outcomes]}
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Fail early, before any work, when the results folder cannot be written."""
+    try:
+        (out_dir / "slides").mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputWriteError(f"the results folder is not writable ({exc.strerror or exc})", path=out_dir) from exc
+
+
+def make_scorer(model_dir: Path, features_dir: Path, out_dir: Path, *, weights: str | None = None,
+                opts: ExtractOptions | None = None, roi_dir: Path | None = None,
+                formats=("csv", "png", "tif", "geojson", "top"), cutoff: float = 30.0, qc: bool = True,
+                tiles_task=None) -> SlideScorer:
+    """Load the model, rebuild its encoder and tiling, open the matching cache (refusing mismatches)."""
+    from .mil import check_fingerprint, load_model
+
+    model_dir = Path(model_dir)
+    model = load_model(model_dir)
+    ckpt = model_dir if model_dir.is_file() else model_dir / "model.ckpt"
+    fp = model.fingerprint
+    spec, tissue = tiling_from_fingerprint(fp.get("tiling", {}))
+    encoder = encoder_from_fingerprint(fp.get("encoder", {}), weights)
+    opts = opts or ExtractOptions()
+    cache = open_cache(features_dir, encoder, spec, tissue)
+    check_fingerprint(model, cache)
+    embedder = TileEmbedder(encoder, resolve_device(opts.device))
+    extractor = SlideExtractor(cache, embedder, spec, tissue, opts, roi_dir=roi_dir, qc=qc, tiles_task=tiles_task)
+    return SlideScorer(model, file_sha256(ckpt), extractor, Path(out_dir), tuple(formats), cutoff)
+
+
+def score_slides(sources: list[SlideSource], model_dir: Path, *, features_dir: Path, out_dir: Path,
+                 weights: str | None = None, opts: ExtractOptions | None = None, roi_dir: Path | None = None,
+                 formats=("csv", "png", "tif", "geojson", "top"), cutoff: float = 30.0,
+                 lock: bool = True) -> ScoreResult:
+    """Score every slide (extracting what is missing); one bad slide never stops the others."""
+    from .batch import run_batch
+    from .extract import _progress
+
+    opts = opts or ExtractOptions()
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir)
+    started = time.perf_counter()
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + f"-{os.getpid()}"
+    with _progress(opts.progress) as progress:
+        slides_task = progress.add_task("slides", total=len(sources), unit="slides")
+        tiles_task = progress.add_task("tiles", total=None, unit="tiles")
+        scorer = make_scorer(model_dir, features_dir, out_dir, weights=weights, opts=opts, roi_dir=roi_dir,
+                             formats=formats, cutoff=cutoff,
+                             tiles_task=lambda n: progress.update(tiles_task, advance=n))
+        by_id: dict = {}
+
+        def record(outcome):
+            by_id[outcome.key] = outcome
+            progress.update(slides_task, advance=1)
+            write_scores_csv(out_dir, sources, by_id, scorer.model_sha256)
+
+        outcomes = run_batch(sources, scorer, key=lambda s: s.slide_id, is_done=scorer.is_done, desc="score",
+                             lock_dir=out_dir / ".locks" if lock else None, progress=False, on_outcome=record)
+    scores_csv = write_scores_csv(out_dir, sources, by_id, scorer.model_sha256)
+    run_json = write_run_json(out_dir, outcomes, run_id=run_id,
+                              info={"run_id": run_id, "model": str(model_dir), "model_sha256": scorer.model_sha256,
+                                    "features": str(scorer.extractor.cache.path), "host": os.uname().nodename,
+                                    "pid": os.getpid()})
+    return ScoreResult(out_dir, outcomes, scores_csv, run_json, time.perf_counter() - started)
+
+
+def read_scores(path: Path):
+    """``scores.csv`` as a DataFrame (slide_id as str)."""
+    import pandas as pd
+
+    return pd.read_csv(path, dtype={"slide_id": str})
+
