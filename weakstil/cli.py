@@ -399,6 +399,34 @@ def demo(
         _fail(exc)
 
 
+@app.command()
+def view(
+    results: Annotated[Path, typer.Argument(help="A results folder written by `weakstil score`.")] = Path("results"),
+    slides: Annotated[Optional[Path], typer.Option(
+        "--slides", help="Folder of the slides (default: slides/ next to RESULTS).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback unless --allow-remote).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    allow_remote: Annotated[bool, typer.Option(
+        "--allow-remote", help="Allow a non-loopback --host (anyone who can reach it sees the slides).")] = False,
+    backend: BackendOpt = Backend.auto,
+    mpp: MppOpt = None,
+    force_mpp: ForceMppOpt = False,
+    mpp_csv: MppCsvOpt = None,
+    open_browser: Annotated[bool, typer.Option("--open", help="Open the cohort page in a browser.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Local web viewer: cohort table, slides in deep zoom with the heatmap overlay. Read-only."""
+    from .viewer import serve
+
+    kwargs = _open_kwargs(backend, mpp, force_mpp, mpp_csv)
+    try:
+        serve(results, slides, host=host, port=port, allow_remote=allow_remote, backend=kwargs["backend"],
+              mpp=kwargs["mpp"], mpp_override=kwargs["mpp_override"], mpp_by_slide=kwargs["mpp_by_slide"],
+              open_browser=open_browser)
+    except WeakstilError as exc:
+        _fail(exc)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

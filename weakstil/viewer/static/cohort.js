@@ -1,0 +1,102 @@
+// Cohort page: every slide of results/scores.csv, sortable by clicking a column title.
+"use strict";
+
+(function () {
+  const state = { rows: [], key: null, dir: 1, hasLabel: false };
+
+  function el(tag, props, children) {
+    const node = document.createElement(tag);
+    Object.assign(node, props || {});
+    for (const child of children || []) node.append(child);
+    return node;
+  }
+
+  function fmt(value, digits) {
+    return value === null || value === undefined ? "–" : Number(value).toFixed(digits);
+  }
+
+  function picture(url, alt, missing) {
+    if (!url) return el("div", { className: "placeholder", textContent: missing });
+    return el("img", { src: url, alt: alt, loading: "lazy", decoding: "async" });
+  }
+
+  function compare(a, b) {
+    const va = a[state.key], vb = b[state.key];
+    const missA = va === null || va === undefined || va === "", missB = vb === null || vb === undefined || vb === "";
+    if (missA || missB) return missA === missB ? 0 : missA ? 1 : -1; // missing values last, either way
+    if (typeof va === "number" && typeof vb === "number") return state.dir * (va - vb);
+    return state.dir * String(va).localeCompare(String(vb), undefined, { numeric: true });
+  }
+
+  function render() {
+    const rows = state.key ? [...state.rows].sort(compare) : state.rows;
+    const body = document.querySelector("#cohort tbody");
+    body.replaceChildren();
+    for (const row of rows) {
+      const link = el("a", { href: row.url, textContent: row.slide_id });
+      const status = el("td", { className: "status-" + (row.status || "unknown") }, [row.status || "–"]);
+      if (row.error) status.append(el("span", { className: "err-text", textContent: row.error }));
+      const cells = [
+        el("td", {}, [picture(row.thumbnail, "thumbnail of " + row.slide_id, "no slide file")]),
+        el("td", {}, [picture(row.heatmap_thumbnail, "heatmap of " + row.slide_id,
+                              row.has_tiles ? "no slide file" : "no tiles")]),
+        el("td", {}, [link]),
+        el("td", { className: "num score", textContent: fmt(row.score, 1) }),
+      ];
+      if (state.hasLabel) cells.push(el("td", { className: "num label", textContent: fmt(row.label, 1) }));
+      cells.push(el("td", { className: "num", textContent: fmt(row.n_tiles, 0) }), status);
+      const tr = el("tr", { className: "clickable" }, cells);
+      tr.dataset.slideId = row.slide_id;
+      tr.addEventListener("click", (event) => {
+        if (event.target.closest("a")) return;
+        window.location.href = row.url;
+      });
+      body.append(tr);
+    }
+    for (const button of document.querySelectorAll("#cohort th button")) {
+      if (button.dataset.sort === state.key) button.dataset.dir = state.dir > 0 ? "asc" : "desc";
+      else delete button.dataset.dir;
+    }
+  }
+
+  function summary(data) {
+    const n = data.slides.length;
+    const ok = data.slides.filter((r) => r.status === "ok").length;
+    const failed = data.slides.filter((r) => r.status === "failed").length;
+    let text = `${n} slide${n === 1 ? "" : "s"}: ${ok} scored`;
+    if (failed) text += `, ${failed} failed`;
+    text += ` — results: ${data.results_dir}`;
+    text += data.slides_dir ? `; slides: ${data.slides_dir}` : "; no slides folder (thumbnails and deep zoom need --slides)";
+    return text;
+  }
+
+  async function load() {
+    try {
+      const response = await fetch("/api/cohort", { headers: { accept: "application/json" } });
+      if (!response.ok) throw new Error(`${response.status} ${response.statusText}`);
+      const data = await response.json();
+      state.rows = data.slides;
+      state.hasLabel = data.has_label;
+      for (const node of document.querySelectorAll(".label-col")) node.hidden = !data.has_label;
+      document.getElementById("summary").textContent = summary(data);
+      render();
+      document.body.dataset.ready = "1";
+    } catch (err) {
+      const box = document.getElementById("error");
+      box.hidden = false;
+      box.textContent = "Could not load the cohort: " + err.message;
+    }
+  }
+
+  document.addEventListener("DOMContentLoaded", () => {
+    for (const button of document.querySelectorAll("#cohort th button")) {
+      button.addEventListener("click", () => {
+        const key = button.dataset.sort;
+        state.dir = state.key === key ? -state.dir : (key === "score" || key === "label" ? -1 : 1);
+        state.key = key;
+        render();
+      });
+    }
+    load();
+  });
+})();
