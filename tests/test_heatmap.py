@@ -8,9 +8,11 @@ can be recognised. One integration test runs on a real Aperio-like file through 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +27,7 @@ TILE = 448.0  # level-0 px: 112 µm at 0.25 µm/px
 class FakeSlide:
     """Procedural slide: the colour of level-0 pixel (x, y) is ``cell_rgb(x // 448, y // 448)``."""
 
-    def __init__(self, width=1792, height=1344, *, mpp=0.25, slide_id="fake", downsamples=(1.0, 4.0, 16.0)):
+    def __init__(self, width=2000, height=1500, *, mpp=0.25, slide_id="fake", downsamples=(1.0, 4.0, 16.0)):
         self.dimensions = (width, height)
         self.mpp = mpp
         self.slide_id = slide_id
@@ -69,7 +71,8 @@ def slide():
 
 @pytest.fixture
 def tiles(slide):
-    """12 tiles (4 × 3), a spread of predictions incl. one NaN, attention summing to 1."""
+    """12 tiles (4 × 3, leaving a margin without tiles), a spread of predictions incl. one NaN,
+    attention summing to 1."""
     coords = grid(slide)
     pred = np.array([95.0, 80, 65, 50, 35, 30, 29.9, 20, 10, 5, 0, np.nan])
     attention = np.arange(1, 13, dtype=float) / 78
@@ -139,34 +142,56 @@ def test_tiles_csv_columns_and_units(tmp_path, tiles):
 
 
 # --- heatmap.png ------------------------------------------------------------------------------
-def png_pixel(path, layout, xy_l0, slide):
+def read_png(path, layout):
     image = np.asarray(Image.open(path).convert("RGB"))
     assert image.shape[:2] == (layout.height, layout.width)
-    x, y = layout.png_xy_from_l0(xy_l0, slide.dimensions)
+    return image
+
+
+def png_pixel(image, layout, xy_l0, slide, panel="prediction"):
+    x, y = layout.png_xy_from_l0(xy_l0, slide.dimensions, panel)
     return image[y, x].astype(int)
 
 
-@pytest.mark.parametrize("side_by_side", [False, True])
-def test_png_colours_follow_the_fixed_scale(tmp_path, slide, tiles, side_by_side):
-    coords, pred, _, _ = tiles
-    alpha = 0.55
+def thumb_pixel(thumb, slide, xy_l0):
+    return thumb[int(xy_l0[1] * thumb.shape[0] / slide.dimensions[1]),
+                 int(xy_l0[0] * thumb.shape[1] / slide.dimensions[0])].astype(float)
+
+
+OUTSIDE = (1900.0, 1400.0)  # a level-0 point of the fake slide outside every tile of the grid
+
+
+@pytest.mark.parametrize("with_attention", [False, True])
+def test_png_layers_follow_their_fixed_scales(tmp_path, slide, tiles, with_attention):
+    coords, pred, attention, contribution = tiles
+    alpha = 0.6
+    extra = {"attention": attention, "contribution": contribution} if with_attention else {}
     path = hm.heatmap_png(slide, coords, TILE, pred, tmp_path / "heatmap.png", score=42.0, max_px=400,
-                          alpha=alpha, side_by_side=side_by_side)
+                          alpha=alpha, **extra)
     thumb = slide.get_thumbnail(400)
-    layout = hm.heatmap_layout(thumb.shape[1], thumb.shape[0], side_by_side=side_by_side)
-    for i in (0, 10, 11):  # 95 %, 0 %, no prediction
+    panels = ("he", "prediction", *extra)
+    layout = hm.heatmap_layout(thumb.shape[1], thumb.shape[0], panels)
+    image = read_png(path, layout)
+    n = len(coords)
+    for i in (0, 5, 10, 11):  # 95 %, 30 %, 0 %, no prediction
         xy = centre(coords[i])
-        got = png_pixel(path, layout, xy, slide)
-        under = thumb[int(xy[1] * thumb.shape[0] / slide.dimensions[1]),
-                      int(xy[0] * thumb.shape[1] / slide.dimensions[0])].astype(float)
+        under = thumb_pixel(thumb, slide, xy)
+        assert np.array_equal(png_pixel(image, layout, xy, slide, "he"), under)  # the H&E panel: plain
+        got = png_pixel(image, layout, xy, slide)
         if np.isnan(pred[i]):
             assert np.array_equal(got, under)  # plain thumbnail where there is no prediction
         else:
             expected = (1 - alpha) * under + alpha * hm.stil_rgb([pred[i]])[0]
-            assert np.abs(got - expected).max() <= 1
+            assert np.abs(got - expected).max() <= 1, i
+        for name in extra:
+            expected = (1 - alpha) * under + alpha * hm.LAYERS[name].rgb(extra[name], n)[i]
+            assert np.abs(png_pixel(image, layout, xy, slide, name) - expected).max() <= 1, (name, i)
+    # background (no tile) is left clear in every panel: the thumbnail shows through uncoloured
+    for panel in panels:
+        assert np.array_equal(png_pixel(image, layout, OUTSIDE, slide, panel), thumb_pixel(thumb, slide, OUTSIDE))
     # direction of the colormap: the 95 % tile is lighter than the 0 % tile, relative to the tissue
     # under each (the fake slide's cells differ in colour)
-    high, low = (png_pixel(path, layout, centre(coords[i]), slide) for i in (0, 10))
+    high, low = (png_pixel(image, layout, centre(coords[i]), slide) for i in (0, 10))
     assert luminance(high) - luminance(slide.read_region(coords[0], 0, (1, 1))[0, 0]) > \
         luminance(low) - luminance(slide.read_region(coords[10], 0, (1, 1))[0, 0])
 
@@ -179,26 +204,82 @@ def test_png_same_value_same_colour_on_slides_with_different_ranges(tmp_path):
         coords = grid(slide)
         path = hm.heatmap_png(slide, coords, TILE, values, tmp_path / f"{name}.png", score=50.0, max_px=300)
         thumb = slide.get_thumbnail(300)
-        layout = hm.heatmap_layout(thumb.shape[1], thumb.shape[0])
-        colours.append(png_pixel(path, layout, centre(coords[values.index(35)]), slide))
+        layout = hm.heatmap_layout(thumb.shape[1], thumb.shape[0], ("he", "prediction"))
+        colours.append(png_pixel(read_png(path, layout), layout, centre(coords[values.index(35)]), slide))
     assert np.array_equal(colours[0], colours[1])
 
 
-def test_png_title_and_legend_present(tmp_path, slide, tiles):
-    coords, pred, _, _ = tiles
-    image = hm.heatmap_image(slide, coords, TILE, pred, score=42.0, max_px=300)
+def test_attention_and_contribution_scales_are_relative_to_uniform():
+    att, con = hm.LAYERS["attention"], hm.LAYERS["contribution"]
+    # uniform attention is 1× (the middle of the log scale) whatever the number of tiles
+    for n in (3, 12, 25_000):
+        assert att.shown(np.full(n, 1 / n)) == pytest.approx(np.ones(n))
+        assert np.array_equal(att.rgb(np.full(n, 1 / n))[0], att.rgb([1 / 3] * 3)[0])
+    assert att.position([1.0, 4.0, 0.25, 16.0, 1e4, 0.0, np.nan]) == pytest.approx(
+        [0.5, 0.75, 0.25, 1.0, 1.0, 0.0, np.nan], nan_ok=True)
+    # N × contribution is in sTIL% points: with uniform attention it is the tile's sTIL%
+    pred = np.array([1.0, 10.0, 100.0, 0.0])
+    shown = con.shown(pred / 4)
+    assert shown == pytest.approx(pred)
+    assert con.position(shown) == pytest.approx([0.0, 1 / 3, 2 / 3, 0.0])
+    assert tuple(att.rgb([np.nan, 0.5, 0.5])[0]) == hm.NO_PREDICTION_RGB
+    # the same relative attention has the same colour on a slide with other values
+    assert np.array_equal(att.rgb([0.1, 0.2, 0.7])[1], att.rgb([0.2, 0.2, 0.3, 0.3], 3)[0])
+    with pytest.raises(ConfigError, match="layer"):
+        hm.layer_scale("nope")
+
+
+def test_png_title_and_legends_present(slide, tiles):
+    coords, pred, attention, contribution = tiles
+    image = hm.heatmap_image(slide, coords, TILE, pred, attention=attention, contribution=contribution,
+                             score=42.0, max_px=300)
     thumb = slide.get_thumbnail(300)
     layout = hm.heatmap_layout(thumb.shape[1], thumb.shape[0])
+    assert image.shape[:2] == (layout.height, layout.width)
     bx, by, bw, bh = layout.colorbar_xywh
-    # the bar runs from the colour of 0 (bottom) to the colour of 100 (top), linearly
+    # the sTIL% bar runs from the colour of 0 (bottom) to the colour of 100 (top), linearly
     for value in (5, 30, 50, 95):
         pixel = image[round(by + (1 - value / 100) * bh), bx + bw // 2].astype(int)
         assert np.abs(pixel - hm.stil_rgb([value])[0]).max() <= 4, value
-    title_band = image[: layout.panels_xy[0][1]]
-    assert (title_band < 128).any()  # some dark title text above the panels
+    # the score is a red line across the sTIL% bar at 42
+    line = image[round(by + (1 - 42 / 100) * bh), bx + bw // 2].astype(int)
+    assert line[0] > 200 and line[1] < 60 and line[2] < 60
+    # attention and contribution bars: 1× (uniform) and 10^1.5 points sit in the middle (log scales)
+    for panel, middle in (("attention", 1.0), ("contribution", 10 ** 1.5)):
+        x, y, w, h = layout.colorbars_xywh[layout.panels.index(panel)]
+        scale = hm.LAYERS[panel]
+        pixel = image[y + h // 2, x + w // 2].astype(int)
+        assert np.abs(pixel - scale.rgb([middle], 1)[0]).max() <= 6, panel
+    assert layout.colorbars_xywh[layout.panels.index("he")] is None
+    assert (image[: layout.title_h] < 128).any()  # dark title text above the panels
+
+
+def test_png_layout_one_row_for_two_panels_or_a_portrait_slide():
+    two = hm.heatmap_layout(400, 300, ("he", "prediction"))
+    assert two.panels_xy[0][1] == two.panels_xy[1][1] and two.width > 2 * 400
+    four = hm.heatmap_layout(400, 300)
+    assert len({y for _, y in four.panels_xy}) == 2  # 2 × 2
+    portrait = hm.heatmap_layout(200, 400)
+    assert len({y for _, y in portrait.panels_xy}) == 1  # 1 × 4
+    for lay in (two, four, portrait):  # panels and bars lie inside the image and do not overlap
+        boxes = [(x, y, *lay.panel_px) for x, y in lay.panels_xy] + [b for b in lay.colorbars_xywh if b]
+        for x, y, w, h in boxes:
+            assert 0 <= x and x + w <= lay.width and 0 <= y and y + h <= lay.height
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1:]:
+                assert a[0] + a[2] <= b[0] or b[0] + b[2] <= a[0] or a[1] + a[3] <= b[1] or b[1] + b[3] <= a[1]
 
 
 # --- heatmap.tif ------------------------------------------------------------------------------
+def expected_level(slide, coords, size, pred, level_wh, ds):
+    """What level ``ds`` of the overlay must hold: tiles painted at that scale over white."""
+    canvas = np.empty((level_wh[1], level_wh[0], 3), np.uint8)
+    canvas[:] = hm.NO_PREDICTION_RGB
+    has = np.isfinite(pred)
+    return hm.paint_tiles(canvas, np.asarray(coords)[has], size, hm.stil_rgb(np.asarray(pred)[has]),
+                          downsample_xy=(ds, ds))
+
+
 @pytest.fixture
 def overlay_path(tmp_path, slide, tiles):
     coords, pred, _, _ = tiles
@@ -208,53 +289,99 @@ def overlay_path(tmp_path, slide, tiles):
 def test_tiff_opens_in_openslide_with_the_slide_geometry(overlay_path, slide, tiles):
     openslide = pytest.importorskip("openslide")
     coords, pred, _, _ = tiles
-    d = hm.OVERLAY_DOWNSAMPLE
-    width, height = slide.dimensions
     with openslide.OpenSlide(str(overlay_path)) as osr:
-        ow, oh = osr.dimensions
-        assert (ow, oh) == (math.ceil(width / d), math.ceil(height / d))
-        assert abs(ow / oh - width / height) < 1 / oh
-        assert float(osr.properties["openslide.mpp-x"]) == pytest.approx(slide.mpp * d)
-        assert osr.properties["aperio.Downsample"] == str(d)
-        assert osr.properties["aperio.SlideWidth"] == str(width)
-        for i in range(len(coords)):
-            x, y = centre(coords[i])
-            rgba = np.asarray(osr.read_region((int(x / d), int(y / d)), 0, (1, 1)))[0, 0]
-            assert tuple(rgba[:3]) == tuple(hm.stil_rgb([pred[i]])[0]), i  # lossless: exact colour
+        assert osr.dimensions == slide.dimensions == (2000, 1500)
+        assert osr.level_dimensions == ((2000, 1500), (500, 375))
+        assert float(osr.properties["openslide.mpp-x"]) == pytest.approx(slide.mpp)
+        assert float(osr.properties["openslide.mpp-y"]) == pytest.approx(slide.mpp)
+        assert osr.properties["aperio.SlideID"] == "fake"
+        for i in range(len(coords)):  # the centre and the corners of every tile have its colour
+            x, y = (int(v) for v in coords[i])
+            for px, py in ((x + 224, y + 224), (x, y), (x + 447, y + 447)):
+                rgba = np.asarray(osr.read_region((px, py), 0, (1, 1)))[0, 0]
+                assert tuple(rgba) == (*hm.stil_rgb([pred[i]])[0], 255), (i, px, py)  # lossless: exact
+        outside = np.asarray(osr.read_region((int(OUTSIDE[0]), int(OUTSIDE[1])), 0, (1, 1)))[0, 0]
+        assert tuple(outside) == (255, 255, 255, 255)  # no tile: white
+        # every pixel of every level, exactly
+        for level, ((w, h), ds) in enumerate(zip(osr.level_dimensions, (1.0, 4.0))):
+            got = np.asarray(osr.read_region((0, 0), level, (w, h)))[..., :3]
+            assert np.array_equal(got, expected_level(slide, coords, TILE, pred, (w, h), ds)), level
 
 
 def test_tiff_opens_in_tiffslide_with_the_same_pixels(overlay_path, slide, tiles):
     tiffslide = pytest.importorskip("tiffslide")
     coords, pred, _, _ = tiles
-    d = hm.OVERLAY_DOWNSAMPLE
     with tiffslide.TiffSlide(overlay_path) as ts:
-        assert ts.dimensions == tuple(math.ceil(v / d) for v in slide.dimensions)
-        assert ts.properties["tiffslide.mpp-x"] == pytest.approx(slide.mpp * d)
-        x, y = centre(coords[0])
-        assert tuple(np.asarray(ts.read_region((int(x / d), int(y / d)), 0, (1, 1)))[0, 0, :3]) == \
-            tuple(hm.stil_rgb([pred[0]])[0])
+        assert ts.dimensions == slide.dimensions
+        assert ts.level_dimensions == ((2000, 1500), (500, 375))  # the thumbnail page is not a level
+        assert ts.properties["tiffslide.mpp-x"] == pytest.approx(slide.mpp)
+        got = ts.read_region((0, 0), 0, slide.dimensions, as_array=True)
+        assert np.array_equal(got[..., :3], expected_level(slide, coords, TILE, pred, slide.dimensions, 1.0))
+
+
+def test_tiff_edges_are_exact_with_a_fractional_tile_size(tmp_path):
+    openslide = pytest.importorskip("openslide")
+    slide = FakeSlide(2400, 1000, mpp=0.2526)
+    size = 443.3  # 112 µm at 0.2526 µm/px; the grid starts at floor(k * size), as tiling.grid_starts
+    starts = np.floor(np.arange(5) * size).astype(int)
+    coords = np.array([(x, y) for y in starts[:2] for x in starts])
+    pred = np.linspace(0, 100, len(coords))
+    path = hm.heatmap_tiff(slide, coords, size, pred, tmp_path / "f.tif")
+    with openslide.OpenSlide(str(path)) as osr:
+        got = np.asarray(osr.read_region((0, 0), 0, slide.dimensions))[..., :3]
+    assert np.array_equal(got, expected_level(slide, coords, size, pred, slide.dimensions, 1.0))
+    # tile 1 starts at x = 443: pixel 442 is tile 0's, pixel 443 tile 1's
+    assert tuple(got[10, 442]) == tuple(hm.stil_rgb([pred[0]])[0])
+    assert tuple(got[10, 443]) == tuple(hm.stil_rgb([pred[1]])[0])
 
 
 def test_tiff_pyramid_on_a_large_slide(tmp_path):
     openslide = pytest.importorskip("openslide")
+    tiffslide = pytest.importorskip("tiffslide")
+    import tifffile
+
     slide = FakeSlide(60_000, 40_000)  # geometry only: the overlay never reads slide pixels
-    coords = np.array([[0, 0], [30_000, 20_000], [59_000, 39_000]])
-    pred = [100.0, 50.0, 0.0]
+    coords = np.array([[0, 0], [30_000, 20_000], [59_000, 39_000], [30_448, 20_000]])
+    pred = [100.0, 50.0, 0.0, np.nan]
     path = hm.heatmap_tiff(slide, coords, 1000.0, pred, tmp_path / "big.tif")
+    sizes = ((60_000, 40_000), (15_000, 10_000), (3_750, 2_500), (938, 625))
+    assert tuple(hm.overlay_level_sizes(60_000, 40_000)) == sizes
     with openslide.OpenSlide(str(path)) as osr:
-        assert osr.level_dimensions == ((3750, 2500), (938, 625))
-        for (x, y), value in zip(coords, pred):
-            for level in (0, 1):
-                ds = osr.level_downsamples[level] * hm.OVERLAY_DOWNSAMPLE
-                rgba = np.asarray(osr.read_region((int((x + 500) / 16), int((y + 500) / 16)), level, (1, 1)))
-                assert tuple(rgba[0, 0, :3]) == tuple(hm.stil_rgb([value])[0]), (level, ds)
-        assert tuple(np.asarray(osr.read_region((1000, 100), 0, (1, 1)))[0, 0, :3]) == hm.NO_PREDICTION_RGB
-    assert path.stat().st_size < 200_000
+        assert osr.dimensions == (60_000, 40_000) and osr.level_dimensions == sizes
+        for (x, y), value in zip(coords[:3], pred):
+            for level in range(4):  # read_region takes level-0 coordinates at every level
+                rgba = np.asarray(osr.read_region((int(x + 500), int(y + 500)), level, (1, 1)))[0, 0]
+                assert tuple(rgba[:3]) == tuple(hm.stil_rgb([value])[0]), (x, level)
+        # a tile without a prediction is not drawn: white, like the background
+        assert tuple(np.asarray(osr.read_region((30_948 + 300, 20_500), 0, (1, 1)))[0, 0, :3]) == (255, 255, 255)
+        assert tuple(np.asarray(osr.read_region((10_000, 100), 0, (1, 1)))[0, 0, :3]) == hm.NO_PREDICTION_RGB
+    with tiffslide.TiffSlide(path) as ts:
+        assert ts.level_dimensions == sizes
+    with tifffile.TiffFile(path) as tif:
+        level0 = tif.pages[0]
+        assert level0.is_tiled and level0.tilewidth == level0.tilelength == 256
+        assert len(level0.dataoffsets) == 235 * 157
+        # flat tiles (all but those crossing a tile edge) share the bytes of one tile per colour
+        assert len(set(level0.dataoffsets)) < 60  # of 36,895: ~40 edge tiles + one per colour
+        assert not tif.pages[1].is_tiled  # the Aperio thumbnail page
+    assert path.stat().st_size < 600_000  # mostly the tile offset tables (8 bytes a tile)
 
 
-def test_tiff_refuses_an_overlay_too_large(tmp_path, slide):
-    with pytest.raises(HeatmapInputError, match="downsample"):
-        hm.overlay_raster((200_000, 200_000), np.zeros((1, 2)), TILE, [1.0], downsample=1)
+def test_tiff_of_a_slide_without_predictions_is_white(tmp_path, slide):
+    path = hm.heatmap_tiff(slide, np.zeros((0, 2)), TILE, [], tmp_path / "empty.tif")
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        assert (tif.pages[0].asarray() == 255).all()
+
+
+def test_overlay_benchmark_runs(monkeypatch):
+    """The bounded-memory case (``python -m benchmarks.bench_overlay``), here at a small size."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    bench = pytest.importorskip("benchmarks.bench_overlay")
+    result = bench.run(width=12_000, height=9_000, tiles=300, workers=1)
+    assert result["check"].get("pixel_ok") is not False and result["check"].get("background_ok") is not False
+    assert result["tiles"] > 200 and result["peak_rss_mb"] > 0 and result["bytes"] > 0
 
 
 # --- tiles.geojson ----------------------------------------------------------------------------
@@ -270,22 +397,61 @@ def test_geojson_is_a_qupath_feature_collection(tmp_path, tiles):
     assert data["type"] == "FeatureCollection"
     features = data["features"]
     assert len(features) == len(coords)
-    for (x, y), feature, value, att in zip(coords.tolist(), features, pred, attention):
+    for (x, y), feature, value, att, con in zip(coords.tolist(), features, pred, attention, contribution):
         assert feature["type"] == "Feature"
         ring = feature["geometry"]["coordinates"][0]
         assert feature["geometry"]["type"] == "Polygon" and len(ring) == 5 and ring[0] == ring[-1]
         assert ring[:4] == [[x, y], [x + TILE, y], [x + TILE, y + TILE], [x, y + TILE]]
         props = feature["properties"]
         assert props["objectType"] == "tile"
-        assert props["measurements"]["attention"] == pytest.approx(att)
+        measurements = props["measurements"]
+        assert measurements["attention"] == pytest.approx(att)
+        assert measurements["relative attention"] == pytest.approx(att * len(coords))
+        assert measurements["contribution"] == pytest.approx(con)
+        assert all(isinstance(v, float) for v in measurements.values())
         if np.isnan(value):
-            assert "sTIL%" not in props["measurements"] and "classification" not in props
+            assert "sTIL %" not in measurements and "classification" not in props
             continue
-        assert props["measurements"]["sTIL%"] == pytest.approx(value)
+        assert measurements["sTIL %"] == pytest.approx(value)
         assert props["classification"]["name"] == ("sTIL high" if value >= 30 else "sTIL low")
         assert len(props["classification"]["color"]) == 3
         assert props["color"] == hm.stil_rgb([value])[0].tolist()
     assert len({f["id"] for f in features}) == len(features)
+
+
+@pytest.mark.parametrize("size", [TILE, 443.3])
+def test_geojson_polygons_match_tiles_csv(tmp_path, slide, tiles, size):
+    """Parsed with a geometry library: one valid square per tiles.csv row, at its level-0 box."""
+    shapely = pytest.importorskip("shapely")
+    from shapely.geometry import box, shape
+
+    coords, pred, attention, contribution = tiles
+    paths = hm.write_slide_outputs(slide, tmp_path, coords_l0=coords, size_l0=size, prediction=pred,
+                                   attention=attention, contribution=contribution, score=40.0,
+                                   formats=("csv", "geojson"))
+    with open(paths["csv"], newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    features = json.loads(paths["geojson"].read_text())["features"]
+    assert len(features) == len(rows) == len(coords)
+    for row, feature in zip(rows, features):
+        polygon = shape(feature["geometry"])
+        assert isinstance(polygon, shapely.geometry.Polygon) and polygon.is_valid and not polygon.interiors
+        x, y, w, h = (float(row[k]) for k in ("x", "y", "width", "height"))
+        tile = box(x, y, x + w, y + h)
+        if size == TILE:
+            assert polygon.equals(tile)
+        else:  # tiles.csv rounds the size to whole pixels; the polygon keeps it exact
+            assert polygon.bounds == pytest.approx((x, y, x + size, y + size))
+            assert polygon.symmetric_difference(tile).area <= 2 * 0.5 * size
+        assert polygon.area == pytest.approx(size * size)
+        m = feature["properties"]["measurements"]
+        if row["prediction"]:
+            assert m["sTIL %"] == pytest.approx(float(row["prediction"]), rel=1e-5)
+        assert m["attention"] == pytest.approx(float(row["attention"]), rel=1e-5)
+        assert m["contribution"] == pytest.approx(float(row["contribution"]), rel=1e-5)
+    # tiles of a grid do not overlap
+    polygons = [shape(f["geometry"]) for f in features]
+    assert sum(p.area for p in polygons) == pytest.approx(shapely.union_all(polygons).area)
 
 
 def test_geojson_cutoff_is_a_parameter(tmp_path, tiles):
@@ -373,12 +539,110 @@ def test_real_slide_end_to_end(tmp_path, tiny_slide):
                                        prediction=pred, attention=attention, contribution=attention * pred,
                                        score=float((attention * pred).sum()))
         dims = slide.dimensions
-    with openslide.OpenSlide(str(paths["tif"])) as osr:
-        assert osr.dimensions == (94, 75)  # ceil(1500 / 16), ceil(1200 / 16)
+    with openslide.OpenSlide(str(paths["tif"])) as osr, openslide.OpenSlide(str(tiny_slide)) as original:
+        assert osr.dimensions == original.dimensions == dims == (1500, 1200)
+        assert osr.properties["openslide.mpp-x"] == original.properties["openslide.mpp-x"]
         x, y = centre(coords[7], 224.0)
-        got = np.asarray(osr.read_region((int(x / 16), int(y / 16)), 0, (1, 1)))[0, 0, :3]
+        got = np.asarray(osr.read_region((int(x), int(y)), 0, (1, 1)))[0, 0, :3]
         assert tuple(got) == tuple(hm.stil_rgb([pred[7]])[0])
     assert Image.open(paths["top"]).size == hm.top_tiles_size(8, 112)  # 56 µm tiles at 0.5 µm/px
     png = Image.open(paths["png"])
-    assert png.size[0] > png.size[1] and dims == (1500, 1200)
+    assert png.size[0] > png.size[1]  # 2 × 2 panels of a landscape slide
     assert len(json.loads(paths["geojson"].read_text())["features"]) == len(coords)
+
+
+# --- weakstil heatmap: regenerate the bundle from a results folder ----------------------------
+def write_scored(results, slide_path, slide_id=None, *, source_path=None, seed=0,
+                 formats=("csv", "png", "tif", "geojson", "top")):
+    """A results/slides/<id>/ folder as `weakstil score` leaves it (tiles.csv, outputs, score.json)."""
+    from weakstil.slide import open_slide
+
+    with open_slide(slide_path) as slide:
+        coords = grid(slide, 224.0)
+        rng = np.random.default_rng(seed)
+        pred = rng.uniform(0, 100, len(coords))
+        logits = rng.normal(0, 1, len(coords))
+        attention = np.exp(logits) / np.exp(logits).sum()
+        score = float((attention * pred).sum())
+        folder = hm.slide_results_dir(results, slide_id or slide.slide_id)
+        hm.write_slide_outputs(slide, folder, coords_l0=coords, size_l0=224.0, prediction=pred,
+                               attention=attention, contribution=attention * pred, score=score, cutoff=40.0,
+                               formats=formats)
+    info = {"slide_id": folder.name, "score": round(score, 4), "n_tiles": len(coords), "status": "ok",
+            "source_path": str(source_path or slide_path), "slide_mpp": 0.25, "tile_size_l0": 224.0}
+    (folder / "score.json").write_text(json.dumps(info))
+    return folder
+
+
+def test_regenerate_rewrites_a_deleted_heatmap(tmp_path, tiny_slide):
+    from weakstil.review import regenerate
+
+    results = tmp_path / "results"
+    folder = write_scored(results, tiny_slide)
+    before = {name: (folder / name).read_bytes() for name in ("heatmap.png", "tiles.geojson", "tiles.csv")}
+    (folder / "heatmap.png").unlink()
+    (folder / "heatmap.tif").unlink()
+    (results / "slides" / ".tiny.123-abc.partial").mkdir()  # a staging leftover is not a slide
+    outcomes = regenerate(results)
+    assert [(o.key, o.status) for o in outcomes] == [("tiny", "done")], outcomes
+    assert set(outcomes[0].result) == {"png", "tif", "geojson", "top"}
+    # the same pictures and objects as `score` wrote (same score, tile size and cutoff), tiles.csv untouched
+    assert np.array_equal(np.asarray(Image.open(folder / "heatmap.png")),
+                          np.asarray(Image.open(io.BytesIO(before["heatmap.png"]))))
+    # the same objects (tiles.csv keeps 6 significant digits of attention and contribution)
+    old, new = json.loads(before["tiles.geojson"]), json.loads((folder / "tiles.geojson").read_text())
+    assert new["weakstil"] == old["weakstil"] and old["weakstil"]["cutoff"] == 40.0
+    for a, b in zip(old["features"], new["features"], strict=True):
+        assert a["geometry"] == b["geometry"] and a["id"] == b["id"]
+        assert a["properties"]["classification"] == b["properties"]["classification"]
+        assert a["properties"]["measurements"] == pytest.approx(b["properties"]["measurements"], rel=1e-5,
+                                                                abs=2e-4)
+    assert (folder / "tiles.csv").read_bytes() == before["tiles.csv"]
+    assert not list(folder.glob("*.partial")) and not (results / ".locks" / "tiny.lock").exists()
+    # without tiles.geojson to take the cutoff from, score.json's (or 30) applies
+    (folder / "tiles.geojson").unlink()
+    info = json.loads((folder / "score.json").read_text())
+    (folder / "score.json").write_text(json.dumps({**info, "cutoff": 45.0}))
+    assert regenerate(results)[0].status == "done"
+    assert json.loads((folder / "tiles.geojson").read_text())["weakstil"]["cutoff"] == 45.0
+    # only what was asked for
+    (folder / "top_tiles.png").unlink()
+    assert regenerate(results, formats=("geojson",))[0].status == "done"
+    assert not (folder / "top_tiles.png").exists()
+
+
+def test_regenerate_finds_slides_and_goes_on_after_a_bad_one(tmp_path, tiny_slide):
+    import shutil
+
+    from weakstil.review import ResultsNotFoundError, regenerate
+
+    results = tmp_path / "results"
+    # "moved": scored from a path that no longer exists; "broken": a tiles.csv without predictions
+    quick = ("csv",)
+    write_scored(results, tiny_slide, "moved", source_path=tmp_path / "gone" / "moved.svs", formats=quick)
+    write_scored(results, tiny_slide, "tiny", formats=quick)
+    broken = write_scored(results, tiny_slide, "broken", seed=1, formats=quick)
+    (broken / "tiles.csv").write_text("x,y,width\n0,0,224\n")
+    # "wrong": its tiles reach beyond the slide found for it (another slide than the one scored)
+    wrong = write_scored(results, tiny_slide, "wrong", formats=quick)
+    (wrong / "tiles.csv").write_text("x,y,width,height,prediction,attention,contribution\n"
+                                     "5000,5000,224,224,50,1,50\n")
+    outcomes = {o.key: o for o in regenerate(results, formats=("geojson",))}
+    assert outcomes["tiny"].status == "done" and (results / "slides" / "tiny" / "tiles.geojson").exists()
+    assert outcomes["moved"].status == "failed" and outcomes["moved"].reason == "SlideNotFoundError"
+    assert "--slides" in outcomes["moved"].fix
+    assert outcomes["broken"].status == "failed" and "prediction" in outcomes["broken"].error
+    assert outcomes["wrong"].status == "failed" and "not the slide" in outcomes["wrong"].error
+    # with the slides folder, "moved" is found by its id
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copy(tiny_slide, slides / "moved.svs")
+    outcomes = {o.key: o for o in regenerate(results, slides, slide_ids=["moved"], formats=("png",))}
+    assert list(outcomes) == ["moved"] and outcomes["moved"].status == "done"
+    assert (results / "slides" / "moved" / "heatmap.png").exists()
+    with pytest.raises(ResultsNotFoundError, match="nope"):
+        regenerate(results, slide_ids=["nope"])
+    with pytest.raises(ResultsNotFoundError):
+        regenerate(tmp_path / "nothing")
+    with pytest.raises(ConfigError, match="pdf"):
+        regenerate(results, formats=("pdf",))

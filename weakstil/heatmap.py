@@ -2,26 +2,54 @@
 
 Everything here takes a slide (the ``SlideHandle`` duck type: ``dimensions``, ``level_dimensions``,
 ``level_downsamples``, ``mpp``, ``slide_id``, ``read_region``, ``get_thumbnail``) and per-tile arrays:
-``coords_l0`` (N, 2) level-0 top-left corners, ``size_l0`` the tile edge in level-0 px, and
-``prediction`` (N,) in sTIL% 0–100 (NaN = no prediction for that tile).
+``coords_l0`` (N, 2) level-0 top-left corners, ``size_l0`` the tile edge in level-0 px,
+``prediction`` (N,) in sTIL% 0–100 (NaN = no prediction for that tile), and optionally
+``attention`` (N,) (sums to 1 over the slide's tiles) and ``contribution`` = attention × prediction
+(N,) (sums to the slide score, in sTIL% points).
 
-Colour is always on the FIXED 0–100 scale (``stil_rgb``), never min–max normalised, so the same
-sTIL% has the same colour on every slide and in every output (PNG, TIFF, GeoJSON). The default
-colormap is viridis: perceptually uniform, readable with colour-vision deficiency, and neither end is
-white or black, so no value looks like slide background or like the TIFF's "no prediction" white.
+Colour scales (``LAYERS``) are FIXED, never stretched to a slide's own range, so a colour means the
+same on every slide:
 
-``heatmap.tif`` is the colour-mapped prediction raster at 1/16 of level 0 (``OVERLAY_DOWNSAMPLE``):
-overlay pixel (i, j) covers slide level-0 pixels [16j, 16j+16) × [16i, 16i+16), and its mpp tag is
-the slide's × 16, so it spans the slide's physical extent from the same top-left corner. OpenSlide
-and TiffSlide read it as an ordinary Aperio-like slide of ceil(W/16) × ceil(H/16) pixels with that
-mpp; neither aligns it to the slide by itself (neither has a notion of overlays): a viewer places it
-by physical size (OpenSeadragon: the slide's viewport width) or multiplies its pixel coordinates by
-16. Tile colours are exact (lossless deflate). For QuPath, import ``tiles.geojson`` onto the slide
-itself: tile objects in level-0 px, each drawn in its heatmap colour on the same 0–100 scale.
-Measured on a shared 2-core machine: a 100k × 80k slide with 25k tiles takes 0.85 s and 1.1 MB;
-the same overlay at full level-0 geometry (JPEG tiles) took 32 s and 226 MB, so that is not done.
+* **prediction** (tile sTIL%): 0–100, linear, viridis (``stil_rgb``). Perceptually uniform, readable
+  with colour-vision deficiency, and neither end is white or black, so no value looks like slide
+  background or like the TIFF's "no prediction" white.
+* **attention**: shown as N × attention, i.e. relative to uniform weighting 1/N ("1×" = an average
+  tile, "4×" = four times its share), on a log2 scale from 1/16× to 16× (magma; values outside are
+  clipped to the ends). Raw attention shrinks with the number of tiles, N × attention does not, and
+  a ratio scale is symmetric about 1× (1/4× is as far below average as 4× is above). With mean
+  pooling every tile is 1×.
+* **contribution**: shown as N × contribution in sTIL% points — the points a tile would give the
+  slide score if every tile weighed like it; its mean over the tiles is the slide score, and with
+  uniform attention it equals the tile's sTIL%. Log10 scale from 1 to 1000 points (plasma), because
+  attention spreads it over orders of magnitude.
 
-Every file is written to ``<name>.<pid>.partial`` and renamed into place.
+``heatmap.png`` shows the H&E thumbnail (with a scale bar) next to one panel per layer (prediction;
+attention and contribution when given), each with its own colour bar; the slide score is in the title
+and marked on the sTIL% bar. Tiles are blended over the thumbnail; where there is no tile (background,
+tiles without a value) the thumbnail shows through uncoloured.
+
+``heatmap.tif`` is the prediction overlay at the slide's own geometry: level 0 has the slide's
+level-0 width × height and mpp, so overlay pixel (x, y) is slide pixel (x, y) (OpenSlide, TiffSlide
+and QuPath open it; a viewer can lay it over the slide 1:1). Aperio-like layout (see NOTES.md):
+page 0 = level 0 (256-px tiles), page 1 = a stripped thumbnail, then levels reduced 4× each until
+the larger side is ≤ 1024 px. Tiles are in their exact heatmap colour (lossless deflate with the
+horizontal predictor), white where there is no prediction; tile edges are exact at level 0 and
+rounded to the nearest pixel at reduced levels. The file is written tile by tile, one band of 256
+rows at a time: a band is kept as its few distinct pixel rows (one per run of rows between tile
+edges), each 256-px TIFF tile is expanded from those and deflated (in threads), and tiles of one flat
+colour — background, tile interiors — are encoded once per colour and every repeat points at the same
+bytes in the file (shared tile offsets). Memory grows with the slide's width (one band of distinct
+rows per level) and its number of 256-px tiles (offset tables, ~70 bytes a tile), never with its area
+in pixels. Measured with ``python -m benchmarks.bench_overlay`` on a shared 2-core machine (load
+average ~8 from other jobs): a 100,000 × 80,000 px slide with 25,100 tiles of 448 px (112 µm at
+0.25 µm/px) is written in 11–12 s wall, 5.9 s CPU, to a 48 MB file (122,383 level-0 tiles of which
+51,986 hold distinct bytes); the process peaks at 87 MB RSS, 57 MB of it before writing (Python,
+numpy, matplotlib, tifffile, imagecodecs), so the writer needs ~30 MB — a full-size RGB raster would
+be 22.9 GB.
+
+``tiles.geojson`` is a QuPath-importable FeatureCollection of tile objects in level-0 px with
+measurements ``sTIL %``, ``attention``, ``relative attention`` (= N × attention) and
+``contribution``. Every file is written to ``<name>.<pid>.partial`` and renamed into place.
 """
 
 from __future__ import annotations
@@ -31,8 +59,9 @@ import math
 import os
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -44,8 +73,11 @@ DEFAULT_CMAP = "viridis"
 NO_PREDICTION_RGB = (255, 255, 255)
 STIL_LABEL = "sTIL% (0–100)"
 REVIEW_MPP = 0.5
-OVERLAY_DOWNSAMPLE = 16
-_MAX_OVERLAY_PX = 2**28
+TIFF_TILE_PX = 256
+OVERLAY_LEVEL_FACTOR = 4
+OVERLAY_SMALLEST_PX = 1024  # the TIFF's last level has its larger side ≤ this
+OVERLAY_THUMB_PX = 768
+PNG_MAX_PX = 1024  # heatmap.png: the thumbnail (one panel) fits in this square
 FILENAMES = {
     "csv": "tiles.csv",
     "png": "heatmap.png",
@@ -54,6 +86,7 @@ FILENAMES = {
     "top": "top_tiles.png",
 }
 TILE_COLUMNS = ("x", "y", "width", "height", "prediction", "attention", "contribution")
+STIL_MEASUREMENT = "sTIL %"  # QuPath measurement names in tiles.geojson
 _UUID_NAMESPACE = uuid.UUID("5a0c8f8e-2b44-4b8e-9a51-7e1c3f0d9a77")
 _PAD, _LABEL, _HEAD = 8, 20, 36  # top_tiles.png: gap, label band above a tile, title band (px)
 
@@ -122,6 +155,92 @@ def stil_rgb(prediction, cmap: str = DEFAULT_CMAP, *, nan_rgb=NO_PREDICTION_RGB)
     return rgb
 
 
+@dataclass(frozen=True)
+class LayerScale:
+    """The fixed colour scale of one per-tile layer (a tiles.csv column); see the module docstring.
+
+    ``shown(values)`` is what the legend is in (N × value for attention and contribution, N = the
+    number of tiles with a value); ``rgb(values)`` their colours.
+    """
+
+    name: str
+    title: str
+    label: str
+    cmap: str
+    vmin: float
+    vmax: float
+    log: bool
+    ticks: tuple[float, ...]
+    tick_labels: tuple[str, ...]
+    times_n: bool  # shown value = N × stored value
+
+    def shown(self, values, n_tiles: int | None = None) -> np.ndarray:
+        v = np.asarray(values, dtype=np.float64).reshape(-1)
+        if self.times_n:
+            v = v * (int(np.isfinite(v).sum()) if n_tiles is None else n_tiles)
+        return v
+
+    def position(self, shown) -> np.ndarray:
+        """Where shown values sit on the colour bar, 0 (bottom) … 1 (top), clipped; NaN stays NaN."""
+        v = np.asarray(shown, dtype=np.float64)
+        if self.log:
+            lo, hi = math.log(self.vmin), math.log(self.vmax)
+            with np.errstate(invalid="ignore"):
+                t = (np.log(np.maximum(v, self.vmin * 1e-6)) - lo) / (hi - lo)
+        else:
+            t = (v - self.vmin) / (self.vmax - self.vmin)
+        return np.clip(t, 0.0, 1.0)
+
+    def rgb(self, values, n_tiles: int | None = None, *, nan_rgb=NO_PREDICTION_RGB) -> np.ndarray:
+        """(N, 3) uint8 colours of stored values (NaN → ``nan_rgb``)."""
+        if self.name == "prediction":
+            return stil_rgb(values, self.cmap, nan_rgb=nan_rgb)
+        t = self.position(self.shown(values, n_tiles))
+        rgb = colormap_lut(self.cmap)[np.rint(np.nan_to_num(t, nan=0.0) * 255).astype(np.intp)].copy()
+        rgb[np.isnan(t)] = nan_rgb
+        return rgb
+
+    def norm(self):
+        """The matplotlib norm of the colour bar."""
+        from matplotlib.colors import LogNorm, Normalize
+
+        return (LogNorm if self.log else Normalize)(vmin=self.vmin, vmax=self.vmax)
+
+
+LAYERS = {
+    "prediction": LayerScale("prediction", "tile sTIL%", STIL_LABEL, DEFAULT_CMAP, 0.0, 100.0, False,
+                             tuple(range(0, 101, 10)), tuple(str(v) for v in range(0, 101, 10)), False),
+    "attention": LayerScale("attention", "attention", "attention × N (1× = uniform 1/N)", "magma",
+                            1 / 16, 16.0, True, (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1, 2, 4, 8, 16),
+                            ("1/16×", "1/8×", "1/4×", "1/2×", "1×", "2×", "4×", "8×", "16×"), True),
+    "contribution": LayerScale("contribution", "contribution", "contribution × N (sTIL% points)",
+                               "plasma", 1.0, 1000.0, True, (1, 3, 10, 30, 100, 300, 1000),
+                               ("1", "3", "10", "30", "100", "300", "1000"), True),
+}
+
+
+def layer_scale(name: str, cmap: str | None = None) -> LayerScale:
+    """The fixed scale of layer ``name`` (``LAYERS``), optionally with another colormap."""
+    try:
+        scale = LAYERS[name]
+    except KeyError as exc:
+        raise ConfigError(f"unknown heatmap layer {name!r}", fix=f"choose from {sorted(LAYERS)}") from exc
+    return replace(scale, cmap=cmap) if cmap else scale
+
+
+def _cell_bounds(coords_l0, size_l0: float, ds_x: float, ds_y: float) -> tuple[np.ndarray, ...]:
+    """Tile boxes in raster pixels at downsample (ds_x, ds_y): (x0, y0, x1, y1) int64, unclipped.
+
+    Edges round to the nearest raster pixel edge; every tile covers at least one pixel.
+    """
+    coords = np.asarray(coords_l0, dtype=np.float64).reshape(-1, 2)
+    x0 = np.floor(coords[:, 0] / ds_x + 0.5).astype(np.int64)
+    y0 = np.floor(coords[:, 1] / ds_y + 0.5).astype(np.int64)
+    x1 = np.maximum(np.floor((coords[:, 0] + size_l0) / ds_x + 0.5).astype(np.int64), x0 + 1)
+    y1 = np.maximum(np.floor((coords[:, 1] + size_l0) / ds_y + 0.5).astype(np.int64), y0 + 1)
+    return x0, y0, x1, y1
+
+
 def paint_tiles(canvas: np.ndarray, coords_l0, size_l0: float, rgb: np.ndarray, *,
                 downsample_xy: tuple[float, float], mask: np.ndarray | None = None) -> np.ndarray:
     """Paint each tile's colour as a filled square into ``canvas`` (a raster at ``downsample_xy``).
@@ -129,16 +248,11 @@ def paint_tiles(canvas: np.ndarray, coords_l0, size_l0: float, rgb: np.ndarray, 
     Edges round to the nearest raster pixel, every tile covers at least one pixel; where tiles overlap
     the later one wins. ``mask`` (same h, w), if given, is set True under painted tiles.
     """
-    ds_x, ds_y = downsample_xy
     h, w = canvas.shape[:2]
-    coords = np.asarray(coords_l0, dtype=np.float64)
-    x0 = np.floor(coords[:, 0] / ds_x + 0.5).astype(np.int64)
-    y0 = np.floor(coords[:, 1] / ds_y + 0.5).astype(np.int64)
-    x1 = np.maximum(np.floor((coords[:, 0] + size_l0) / ds_x + 0.5).astype(np.int64), x0 + 1)
-    y1 = np.maximum(np.floor((coords[:, 1] + size_l0) / ds_y + 0.5).astype(np.int64), y0 + 1)
+    x0, y0, x1, y1 = _cell_bounds(coords_l0, size_l0, *downsample_xy)
     np.clip(x0, 0, w, out=x0), np.clip(x1, 0, w, out=x1)
     np.clip(y0, 0, h, out=y0), np.clip(y1, 0, h, out=y1)
-    for i in range(len(coords)):
+    for i in range(len(x0)):
         canvas[y0[i]:y1[i], x0[i]:x1[i]] = rgb[i]
         if mask is not None:
             mask[y0[i]:y1[i], x0[i]:x1[i]] = True
@@ -189,105 +303,190 @@ def write_tiles_csv(path, coords_l0, size_l0, prediction, attention=None, contri
 
 
 # --- heatmap.png ------------------------------------------------------------------------------
-def overlay_rgb(thumb: np.ndarray, slide_dims, coords_l0, size_l0, prediction, *,
-                alpha: float = 0.55, cmap: str = DEFAULT_CMAP) -> np.ndarray:
-    """Thumbnail with predicted tiles blended in at ``alpha``; tiles without a prediction stay plain."""
+def blend_tiles(thumb: np.ndarray, slide_dims, coords_l0, size_l0: float, rgb: np.ndarray, *,
+                alpha: float = 0.55) -> np.ndarray:
+    """Thumbnail with each tile's colour ``rgb[i]`` blended in at ``alpha``; elsewhere the plain
+    thumbnail (background stays uncoloured)."""
     thumb = np.asarray(thumb)[..., :3]
     th, tw = thumb.shape[:2]
-    pred = np.asarray(prediction, dtype=np.float64)
-    has = np.isfinite(pred)
     colour = np.zeros((th, tw, 3), np.uint8)
     mask = np.zeros((th, tw), bool)
-    paint_tiles(colour, np.asarray(coords_l0)[has], size_l0, stil_rgb(pred[has], cmap),
-                downsample_xy=(slide_dims[0] / tw, slide_dims[1] / th), mask=mask)
+    paint_tiles(colour, coords_l0, size_l0, rgb, downsample_xy=(slide_dims[0] / tw, slide_dims[1] / th),
+                mask=mask)
     blended = np.rint((1 - alpha) * thumb + alpha * colour.astype(np.float32)).astype(np.uint8)
     return np.where(mask[..., None], blended, thumb)
 
 
+def overlay_rgb(thumb: np.ndarray, slide_dims, coords_l0, size_l0, prediction, *,
+                alpha: float = 0.55, cmap: str = DEFAULT_CMAP) -> np.ndarray:
+    """Thumbnail with predicted tiles blended in at ``alpha``; tiles without a prediction stay plain."""
+    pred = np.asarray(prediction, dtype=np.float64)
+    has = np.isfinite(pred)
+    return blend_tiles(thumb, slide_dims, np.asarray(coords_l0)[has], size_l0, stil_rgb(pred[has], cmap),
+                       alpha=alpha)
+
+
 @dataclass(frozen=True)
 class HeatmapLayout:
-    """Pixel geometry of heatmap.png: size, dpi, and the top-left corner of each picture panel."""
+    """Pixel geometry of heatmap.png: size, dpi, each panel's top-left corner and colour bar box.
+
+    ``panels`` names what each panel shows: ``"he"`` (the plain thumbnail) or a layer of ``LAYERS``.
+    """
 
     width: int
     height: int
     dpi: int
     panel_px: tuple[int, int]                  # (w, h) of each panel = the thumbnail
-    panels_xy: tuple[tuple[int, int], ...]     # top-left of each panel; the last one is the heatmap
-    colorbar_xywh: tuple[int, int, int, int]   # from the top-left of the image
+    panels: tuple[str, ...]
+    panels_xy: tuple[tuple[int, int], ...]     # top-left of each panel
+    colorbars_xywh: tuple[tuple[int, int, int, int] | None, ...]  # per panel (None: the H&E panel)
+    title_h: int
 
-    def png_xy_from_l0(self, xy_l0, slide_dims) -> tuple[int, int]:
-        """Pixel (x, y) in heatmap.png of a level-0 point, in the heatmap panel."""
-        x0, y0 = self.panels_xy[-1]
+    def panel_xy(self, panel: str = "prediction") -> tuple[int, int]:
+        return self.panels_xy[self.panels.index(panel)]
+
+    @property
+    def colorbar_xywh(self) -> tuple[int, int, int, int]:
+        """The sTIL% colour bar's box."""
+        return self.colorbars_xywh[self.panels.index("prediction")]
+
+    def png_xy_from_l0(self, xy_l0, slide_dims, panel: str = "prediction") -> tuple[int, int]:
+        """Pixel (x, y) in heatmap.png of a level-0 point, in the given panel."""
+        x0, y0 = self.panel_xy(panel)
         tw, th = self.panel_px
         return (x0 + int(xy_l0[0] * tw / slide_dims[0]), y0 + int(xy_l0[1] * th / slide_dims[1]))
 
 
-def heatmap_layout(thumb_w: int, thumb_h: int, *, side_by_side: bool = False) -> HeatmapLayout:
-    """Layout for a thumbnail size; the dpi grows with the thumbnail so text keeps its relative size."""
-    dpi = max(72, round(thumb_h / 7))
-    left, gap, right, top, bottom, bar_w = (round(v * dpi / 100) for v in (20, 20, 90, 56, 20, 22))
-    n = 2 if side_by_side else 1
-    panels = tuple((left + i * (thumb_w + gap), top) for i in range(n))
-    bar_x = panels[-1][0] + thumb_w + gap
-    return HeatmapLayout(width=bar_x + bar_w + right, height=top + thumb_h + bottom, dpi=dpi,
-                         panel_px=(thumb_w, thumb_h), panels_xy=panels,
-                         colorbar_xywh=(bar_x, top, bar_w, thumb_h))
+def heatmap_layout(thumb_w: int, thumb_h: int,
+                   panels: tuple[str, ...] = ("he", "prediction", "attention", "contribution")) -> HeatmapLayout:
+    """Panels in a grid (one row for ≤ 2 panels or a portrait thumbnail, else two columns), each
+    with its title above and its colour bar to the right; the dpi grows with the thumbnail so the
+    text keeps its size relative to the pictures."""
+    n = len(panels)
+    ncols = n if n <= 2 or thumb_h > 1.3 * thumb_w else 2
+    nrows = math.ceil(n / ncols)
+    barred = [any(p != "he" for p in panels[col::ncols]) for col in range(ncols)]  # columns with bars
+    dpi = max(72, round(max(thumb_h, 0.75 * thumb_w) / 7))
+    left, right, title_h, panel_title, bottom, bar_gap, bar_w, bar_text, col_gap, row_gap = (
+        round(v * dpi / 100) for v in (16, 8, 62, 26, 12, 10, 20, 84, 16, 12))
+    cell_w = [thumb_w + (bar_gap + bar_w + bar_text if has_bar else 0) for has_bar in barred]
+    cell_h = panel_title + thumb_h
+    xy, bars = [], []
+    for i, panel in enumerate(panels):
+        row, col = divmod(i, ncols)
+        x = left + sum(cell_w[:col]) + col * col_gap
+        y = title_h + row * (cell_h + row_gap) + panel_title
+        xy.append((x, y))
+        bars.append(None if panel == "he" else (x + thumb_w + bar_gap, y, bar_w, thumb_h))
+    return HeatmapLayout(width=left + sum(cell_w) + (ncols - 1) * col_gap + right,
+                         height=title_h + nrows * cell_h + (nrows - 1) * row_gap + bottom, dpi=dpi,
+                         panel_px=(thumb_w, thumb_h), panels=tuple(panels), panels_xy=tuple(xy),
+                         colorbars_xywh=tuple(bars), title_h=title_h)
 
 
-def heatmap_image(slide, coords_l0, size_l0, prediction, *, score=None, max_px: int = 1600,
-                  alpha: float = 0.55, cmap: str = DEFAULT_CMAP, side_by_side: bool = False) -> np.ndarray:
+def _scale_bar_um(panel_w: int, um_per_px: float) -> float:
+    """A round length (µm) about a fifth of the panel's width."""
+    target = panel_w * um_per_px / 5
+    for um in (10_000, 5_000, 2_000, 1_000, 500, 200, 100, 50, 20, 10):
+        if um <= target:
+            return float(um)
+    return 10.0
+
+
+def heatmap_image(slide, coords_l0, size_l0, prediction, *, attention=None, contribution=None,
+                  score=None, max_px: int = PNG_MAX_PX, alpha: float = 0.7,
+                  cmap: str = DEFAULT_CMAP) -> np.ndarray:
     """The heatmap picture as (h, w, 3) uint8 RGB; geometry in ``heatmap_layout`` of the thumbnail size.
 
-    Matplotlib (Agg, object-oriented, no pyplot) draws the title and the colour bar; the thumbnail and
-    the heatmap are then pasted 1:1 into their panels (no resampling of the pictures).
+    Panels: the H&E thumbnail, then tile sTIL% and, when given (any finite value), attention and
+    contribution, each blended over the thumbnail on its fixed scale (``LAYERS``) with its own colour
+    bar. Matplotlib (Agg, object-oriented, no pyplot) draws the text and colour bars; the pictures are
+    placed 1:1 (``figimage``: no resampling).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
-    coords, size, pred, _ = check_tiles(coords_l0, size_l0, prediction)
-    thumb = np.asarray(slide.get_thumbnail(max_px))[..., :3]
+    coords, size, pred, extra = check_tiles(coords_l0, size_l0, prediction, attention=attention,
+                                            contribution=contribution)
+    thumb = np.ascontiguousarray(np.asarray(slide.get_thumbnail(max_px))[..., :3])
     th, tw = thumb.shape[:2]
-    heat = overlay_rgb(thumb, slide.dimensions, coords, size, pred, alpha=alpha, cmap=cmap)
-    lay = heatmap_layout(tw, th, side_by_side=side_by_side)
+    dims = tuple(slide.dimensions)
+    values = {"prediction": pred, **extra}
+    layers = ["prediction"] + [name for name in ("attention", "contribution")
+                               if values[name] is not None and np.isfinite(values[name]).any()]
+    lay = heatmap_layout(tw, th, ("he", *layers))
     fig = Figure(figsize=(lay.width / lay.dpi, lay.height / lay.dpi), dpi=lay.dpi)
-    canvas = FigureCanvasAgg(fig)
+    FigureCanvasAgg(fig)
+    W, H = lay.width, lay.height
 
     def frac(x, y, w, h):  # top-left pixel box -> matplotlib figure fraction (origin bottom-left)
-        return (x / lay.width, 1 - (y + h) / lay.height, w / lay.width, h / lay.height)
+        return (x / W, 1 - (y + h) / H, w / W, h / H)
 
-    if side_by_side:
-        for (x, y), label in zip(lay.panels_xy, ("H&E", "tile sTIL% over H&E")):
-            ax = fig.add_axes(frac(x, y, tw, th))
-            ax.set_axis_off()
-            ax.set_title(label, fontsize=10)
-    cax = fig.add_axes(frac(*lay.colorbar_xywh))
-    bar = fig.colorbar(ScalarMappable(norm=Normalize(vmin=0.0, vmax=100.0), cmap=cmap), cax=cax,
-                       ticks=range(0, 101, 10))
-    bar.set_label(STIL_LABEL)
-    if score is not None and math.isfinite(score):
-        cax.axhline(float(np.clip(score, 0, 100)), color="red", linewidth=2.5)
-        score_text = f"slide sTIL% {score:.1f} (red line on the scale)"
-    else:
-        score_text = "slide sTIL% not given"
-    fig.suptitle(f"{slide.slide_id} — {score_text}; {int(np.isfinite(pred).sum())} tiles",
-                 x=lay.panels_xy[0][0] / lay.width, y=1 - 0.12 * lay.dpi / lay.height,
-                 ha="left", va="top", fontsize=12)
-    canvas.draw()
-    image = np.asarray(canvas.buffer_rgba())[..., :3].copy()
-    for (x, y), panel in zip(lay.panels_xy, [thumb, heat] if side_by_side else [heat]):
-        image[y:y + th, x:x + tw] = panel
-    return image
+    text_gap = 5 * lay.dpi / 100
+    for panel, (x, y), bar_box in zip(lay.panels, lay.panels_xy, lay.colorbars_xywh):
+        if panel == "he":
+            picture, title = thumb, "H&E"
+        else:
+            scale = layer_scale(panel, cmap if panel == "prediction" else None)
+            has = np.isfinite(values[panel])
+            rgb = scale.rgb(values[panel][has], int(has.sum()))
+            picture = blend_tiles(thumb, dims, coords[has], size, rgb, alpha=alpha)
+            title = scale.title
+            if panel == "attention" and np.allclose(scale.shown(values[panel][has]), 1.0, rtol=1e-3):
+                title += " (uniform: mean pooling)"
+        fig.figimage(picture, xo=x, yo=H - y - th, origin="upper", zorder=-1)  # under the axes
+        fig.text(x / W, 1 - (y - text_gap) / H, title, ha="left", va="bottom", fontsize=11,
+                 fontweight="bold")
+        if bar_box is None:
+            continue
+        cax = fig.add_axes(frac(*bar_box))
+        bar = fig.colorbar(ScalarMappable(norm=scale.norm(), cmap=scale.cmap), cax=cax,
+                           extend="both" if scale.log else "neither")
+        cax.minorticks_off()
+        bar.set_ticks(list(scale.ticks), labels=list(scale.tick_labels))
+        bar.ax.tick_params(labelsize=8)
+        bar.set_label(scale.label, fontsize=9)
+        if panel == "prediction" and score is not None and math.isfinite(score):
+            cax.axhline(float(np.clip(score, 0, 100)), color="red", linewidth=2.5)
+
+    # scale bar on the H&E panel
+    mpp = getattr(slide, "mpp", None)
+    if mpp:
+        x, y = lay.panel_xy("he")
+        um_per_px = mpp * dims[0] / tw
+        um = _scale_bar_um(tw, um_per_px)
+        ax = fig.add_axes(frac(x, y, tw, th))
+        ax.set_xlim(0, tw), ax.set_ylim(th, 0), ax.set_axis_off()
+        bar_px, pad = um / um_per_px, max(6, 0.03 * min(tw, th))
+        ax.plot([pad, pad + bar_px], [th - pad, th - pad], color="black", linewidth=3, solid_capstyle="butt")
+        ax.text(pad + bar_px / 2, th - pad - 4, f"{um / 1000:g} mm" if um >= 1000 else f"{um:g} µm",
+                ha="center", va="bottom", fontsize=9,
+                bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 1})
+
+    n_pred = int(np.isfinite(pred).sum())
+    score_text = (f"slide sTIL% {score:.1f}" if score is not None and math.isfinite(score)
+                  else "slide sTIL% not given")
+    left = lay.panels_xy[0][0] / W
+    fig.text(left, 1 - 10 * lay.dpi / 100 / H, f"{slide.slide_id} — {score_text}", ha="left", va="top",
+             fontsize=15, fontweight="bold")
+    tile_um = f" of {size * mpp:.0f} µm" if mpp else ""
+    notes = [f"{n_pred} tiles{tile_um}", "tile sTIL% on the fixed 0–100 scale (red line: slide score)"]
+    if len(layers) > 1:
+        notes.append("attention and contribution × N (N tiles), fixed log scales")
+    fig.text(left, 1 - 38 * lay.dpi / 100 / H, " · ".join(notes), ha="left", va="top", fontsize=9,
+             color="#444444")
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
-def heatmap_png(slide, coords_l0, size_l0, prediction, path, *, score=None, max_px: int = 1600,
-                alpha: float = 0.55, cmap: str = DEFAULT_CMAP, side_by_side: bool = False) -> Path:
-    """Write heatmap.png: tiles over the thumbnail, fixed 0–100 colour bar, slide id and score on top."""
+def heatmap_png(slide, coords_l0, size_l0, prediction, path, *, attention=None, contribution=None,
+                score=None, max_px: int = PNG_MAX_PX, alpha: float = 0.7, cmap: str = DEFAULT_CMAP) -> Path:
+    """Write heatmap.png (see ``heatmap_image``)."""
     from PIL import Image
 
-    image = heatmap_image(slide, coords_l0, size_l0, prediction, score=score, max_px=max_px,
-                          alpha=alpha, cmap=cmap, side_by_side=side_by_side)
+    image = heatmap_image(slide, coords_l0, size_l0, prediction, attention=attention,
+                          contribution=contribution, score=score, max_px=max_px, alpha=alpha, cmap=cmap)
     path = Path(path)
     with atomic_path(path) as tmp:
         Image.fromarray(image).save(tmp, format="PNG", compress_level=3)
@@ -295,82 +494,188 @@ def heatmap_png(slide, coords_l0, size_l0, prediction, path, *, score=None, max_
 
 
 # --- heatmap.tif ------------------------------------------------------------------------------
-def overlay_raster(dims_l0, coords_l0, size_l0: float, prediction, *,
-                   downsample: int = OVERLAY_DOWNSAMPLE, cmap: str = DEFAULT_CMAP) -> np.ndarray:
-    """The overlay's level 0: (ceil(H/d), ceil(W/d), 3) uint8; pixel (i, j) covers level-0 pixels
-    [d*j, d*j+d) × [d*i, d*i+d). Predicted tiles in their heatmap colour (edges within d/2 level-0 px),
-    white elsewhere.
-    """
-    width, height = (int(v) for v in dims_l0)
-    d = int(downsample)
-    shape = (-(-height // d), -(-width // d), 3)
-    if d < 1 or shape[0] * shape[1] > _MAX_OVERLAY_PX:
-        raise HeatmapInputError(
-            f"overlay downsample {downsample!r} gives a {shape[1]}x{shape[0]} image "
-            f"for a {width}x{height} slide",
-            fix=f"use an integer downsample ≥ 1 that keeps the overlay under {_MAX_OVERLAY_PX:,} pixels "
-            f"(the default is {OVERLAY_DOWNSAMPLE})",
-        )
-    coords, size, pred, _ = check_tiles(coords_l0, size_l0, prediction)
-    raster = np.empty(shape, np.uint8)
-    raster[:] = NO_PREDICTION_RGB
-    has = np.isfinite(pred)
-    return paint_tiles(raster, coords[has], size, stil_rgb(pred[has], cmap), downsample_xy=(d, d))
-
-
-def overlay_level_sizes(width: int, height: int, *, downsample: int = 4, min_px: int = 512):
-    """Level sizes as ``slidewriter.pyramid_levels`` makes them: ÷4 (rounded up) while the smaller side
-    stays ≥ ``min_px``."""
-    sizes = [(width, height)]
-    while min(sizes[-1]) // downsample >= min_px:
+def overlay_level_sizes(width: int, height: int, *, factor: int = OVERLAY_LEVEL_FACTOR,
+                        smallest_px: int = OVERLAY_SMALLEST_PX) -> list[tuple[int, int]]:
+    """(w, h) of the overlay's levels: the slide's level 0, then ÷``factor`` (rounded up) until the
+    larger side is ≤ ``smallest_px``. Level k has the nominal downsample ``factor ** k``."""
+    sizes = [(int(width), int(height))]
+    while max(sizes[-1]) > smallest_px:
         w, h = sizes[-1]
-        sizes.append((-(-w // downsample), -(-h // downsample)))
+        sizes.append((-(-w // factor), -(-h // factor)))
     return sizes
 
 
-def resample_nearest(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of (h, w, c) ``image`` to ``size`` = (w, h), sampling pixel centres."""
-    h, w = image.shape[:2]
-    ix = np.minimum(((np.arange(size[0]) + 0.5) * (w / size[0])).astype(np.intp), w - 1)
-    iy = np.minimum(((np.arange(size[1]) + 0.5) * (h / size[1])).astype(np.intp), h - 1)
-    return image.take(iy, axis=0).take(ix, axis=1)
+def _deflate_encoder():
+    """bytes-like → zlib (deflate) stream: zlib-ng through imagecodecs when present (≈3× faster)."""
+    try:
+        import imagecodecs
+    except ImportError:  # pragma: no cover - imagecodecs is a dependency
+        imagecodecs = None
+    if imagecodecs is not None:
+        ng = getattr(imagecodecs, "ZLIBNG", None)
+        if ng is not None and getattr(ng, "available", False):
+            return lambda data: imagecodecs.zlibng_encode(data, level=3)
+        return lambda data: imagecodecs.zlib_encode(data, level=6)
+    import zlib
+
+    return lambda data: zlib.compress(np.ascontiguousarray(data).tobytes(), 6)
 
 
-def heatmap_tiff(slide, coords_l0, size_l0, prediction, path, *, downsample: int = OVERLAY_DOWNSAMPLE,
-                 cmap: str = DEFAULT_CMAP, tile_px: int = 256) -> Path:
-    """Write the pyramidal TIFF overlay (Aperio-like, lossless deflate; see the module docstring).
+def _encoder_threads(workers: int | None) -> int:
+    if workers is not None:
+        return max(1, int(workers))
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus))
 
-    Level 0 is ``overlay_raster``: the slide's extent at ``downsample`` level-0 px per pixel, with
-    mpp = slide mpp × downsample, so overlay (x, y) = slide level-0 (x, y) / downsample. The
-    description also carries ``Downsample``, ``SlideWidth``/``SlideHeight`` and ``SlideID``.
+
+def _page_chunks(boxes, rgb: np.ndarray, level_wh: tuple[int, int], *, encode, pool, pool_size: int,
+                 shared: list[tuple[int, int]]) -> Iterator[bytes]:
+    """The encoded 256-px tiles of one overlay page, row by row (see the module docstring).
+
+    ``boxes`` = (x0, y0, x1, y1): the tiles in this level's pixels. A 256-row band is held as its
+    distinct pixel rows (``rows``, one per run of rows between tile edges, ``heights`` rows each).
+    Flat tiles are encoded once per colour; each repeat yields ``b""`` and is appended to ``shared``
+    as (tile index, index of the tile whose bytes it reuses), to be pointed there afterwards.
+    """
+    T = TIFF_TILE_PX
+    w, h = level_wh
+    ncols, nrows = -(-w // T), -(-h // T)
+    row_w = ncols * T
+    x0, y0, x1, y1 = (np.asarray(b, np.int64) for b in boxes)
+    x0, x1 = np.clip(x0, 0, row_w), np.clip(x1, 0, row_w)
+    order = np.argsort(y0, kind="stable")
+    y0_sorted = y0[order]
+    span = int((y1 - y0).max()) if len(y0) else 0
+    flat: dict[bytes, int] = {}  # colour -> index of the first tile of that flat colour
+    white = np.array(NO_PREDICTION_RGB, np.uint8)
+    for band in range(nrows):
+        top, bottom = band * T, band * T + T
+        lo = np.searchsorted(y0_sorted, top - span, "right")
+        hi = np.searchsorted(y0_sorted, bottom, "left")
+        idx = np.sort(order[lo:hi])  # original order: later tiles win where they overlap
+        idx = idx[y1[idx] > top]
+        cuts = np.unique(np.concatenate([[top, bottom], np.clip(y0[idx], top, bottom),
+                                         np.clip(y1[idx], top, bottom)]))
+        heights = np.diff(cuts)
+        rows = np.empty((len(heights), row_w, 3), np.uint8)
+        rows[:] = white
+        ka = np.searchsorted(cuts, np.maximum(y0[idx], top)).tolist()
+        kb = np.searchsorted(cuts, np.minimum(y1[idx], bottom)).tolist()
+        for i, a, b, xa, xb in zip(idx.tolist(), ka, kb, x0[idx].tolist(), x1[idx].tolist()):
+            rows[a:b, xa:xb] = rgb[i]
+        blocks = rows.reshape(len(heights), ncols, T, 3)
+        first = blocks[:1, :, :1, :]
+        is_flat = (blocks == first).all(axis=(0, 2, 3))
+        delta = blocks.copy()  # the TIFF horizontal predictor, per row of each tile
+        np.subtract(blocks[:, :, 1:], blocks[:, :, :-1], out=delta[:, :, 1:])
+
+        def encode_tiles(cols, delta=delta, heights=heights):
+            return [encode(np.repeat(delta[:, col], heights, axis=0)) for col in cols]
+
+        out: list[bytes | None] = [None] * ncols
+        todo = []
+        base = band * ncols
+        for col in range(ncols):
+            if not is_flat[col]:
+                todo.append(col)
+                continue
+            key = first[0, col, 0].tobytes()
+            ref = flat.get(key)
+            if ref is None:
+                flat[key] = base + col
+                todo.append(col)
+            else:
+                shared.append((base + col, ref))
+                out[col] = b""
+        n_jobs = min(pool_size, len(todo))  # one job per thread and band: few hand-offs
+        parts = [todo[k * len(todo) // n_jobs:(k + 1) * len(todo) // n_jobs] for k in range(n_jobs)]
+        encoded = pool.map(encode_tiles, parts) if n_jobs > 1 else map(encode_tiles, parts)
+        for col, data in zip((c for part in parts for c in part), (d for part in encoded for d in part)):
+            out[col] = data
+        yield from out
+
+
+def _point_shared_tiles(path: Path, shared_by_page: dict[int, list[tuple[int, int]]]) -> None:
+    """Point every repeated flat tile at the bytes of its first occurrence (offsets and byte counts)."""
+    import tifffile
+
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        for page_index, shared in shared_by_page.items():
+            if not shared:
+                continue
+            page = tif.pages[page_index]
+            offsets = np.array(page.dataoffsets, dtype=np.int64)
+            counts = np.array(page.databytecounts, dtype=np.int64)
+            pairs = np.asarray(shared, dtype=np.int64)
+            offsets[pairs[:, 0]] = offsets[pairs[:, 1]]
+            counts[pairs[:, 0]] = counts[pairs[:, 1]]
+            page.tags["TileOffsets"].overwrite(offsets.tolist())
+            page.tags["TileByteCounts"].overwrite(counts.tolist())
+
+
+def heatmap_tiff(slide, coords_l0, size_l0, prediction, path, *, cmap: str = DEFAULT_CMAP,
+                 workers: int | None = None) -> Path:
+    """Write the pyramidal TIFF overlay at the slide's geometry (Aperio-like; see the module docstring).
+
+    Level 0 is the slide's level-0 width × height with its mpp; predicted tiles are filled with their
+    exact sTIL% colour (``stil_rgb``), everything else is white. ``workers`` deflate threads (default:
+    up to 4 of the CPUs this process may use). The description carries ``MPP``, ``Overlay``,
+    ``SlideID``, ``SlideWidth`` and ``SlideHeight``.
     """
     import tifffile
 
     from weakstil.slidewriter import APERIO_HEADER
 
+    coords, size, pred, _ = check_tiles(coords_l0, size_l0, prediction)
+    has = np.isfinite(pred)
+    coords, rgb = coords[has], stil_rgb(pred[has], cmap)
     width, height = (int(v) for v in slide.dimensions)
-    level0 = overlay_raster((width, height), coords_l0, size_l0, prediction, downsample=downsample,
-                            cmap=cmap)
-    ow, oh = level0.shape[1], level0.shape[0]
+    if width < 1 or height < 1:
+        raise HeatmapInputError(f"the slide has no pixels ({width}x{height})")
+    sizes = overlay_level_sizes(width, height)
     mpp = getattr(slide, "mpp", None)
-    meta = f"|MPP = {mpp * downsample:.6g}" if mpp else ""
-    meta += (f"|Overlay = sTIL% 0-100 {cmap}|Downsample = {downsample}|SlideWidth = {width}"
-             f"|SlideHeight = {height}|SlideID = {str(slide.slide_id).replace('|', '_')}")
-    res = {"resolution": (1e4 / (mpp * downsample),) * 2, "resolutionunit": "CENTIMETER"} if mpp else {}
-    scale = min(1.0, 768 / max(ow, oh))
-    thumb = resample_nearest(level0, (max(1, round(ow * scale)), max(1, round(oh * scale))))
+    meta = f"|MPP = {mpp:.6g}" if mpp else ""
+    meta += (f"|Overlay = sTIL% 0-100 {cmap}|SlideID = {str(slide.slide_id).replace('|', '_')}"
+             f"|SlideWidth = {width}|SlideHeight = {height}")
+    res = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"} if mpp else {}
+    scale = min(1.0, OVERLAY_THUMB_PX / max(width, height))
+    tw, th = max(1, round(width * scale)), max(1, round(height * scale))
+    thumb = np.empty((th, tw, 3), np.uint8)
+    thumb[:] = NO_PREDICTION_RGB
+    paint_tiles(thumb, coords, size, rgb, downsample_xy=(width / tw, height / th))
     common = {"photometric": "rgb", "metadata": None, "compression": "zlib", "predictor": True,
-              "subfiletype": 0}
-    head = f"{APERIO_HEADER}{ow}x{oh} [0,0 {ow}x{oh}] ({tile_px}x{tile_px})"
+              "subfiletype": 0, "dtype": np.uint8}
+    T = TIFF_TILE_PX
+    head = f"{APERIO_HEADER}{width}x{height} [0,0 {width}x{height}] ({T}x{T})"
+    # flat tiles are shared, so the file holds ~1 KB per tile that crosses a tile edge at most
+    n_segments = sum(-(-w // T) * -(-h // T) for w, h in sizes)
+    bigtiff = n_segments * 4096 > 2**31
+    encode = _deflate_encoder()
+    threads = _encoder_threads(workers)
+    shared_by_page: dict[int, list[tuple[int, int]]] = {}
     path = Path(path)
-    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=level0.nbytes > 2**31) as tw:
-        tw.write(level0, tile=(tile_px, tile_px), description=f"{head} RGB{meta}", **res, **common)
-        # page 1: the stripped thumbnail that Aperio readers expect before the reduced levels
-        thumb_desc = f"{APERIO_HEADER}{ow}x{oh} -> {thumb.shape[1]}x{thumb.shape[0]} - {meta}"
-        tw.write(thumb, description=thumb_desc, **common)
-        for lw, lh in overlay_level_sizes(ow, oh)[1:]:
-            tw.write(resample_nearest(level0, (lw, lh)), tile=(tile_px, tile_px),
-                     description=f"{head} -> {lw}x{lh} RGB", **common)
+    with atomic_path(path) as tmp:
+        with ThreadPoolExecutor(threads) as pool, \
+                tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tif:
+            for level, (lw, lh) in enumerate(sizes):
+                ds = float(OVERLAY_LEVEL_FACTOR ** level)
+                page_index = 0 if level == 0 else level + 1  # page 1 is the thumbnail
+                shared_by_page[page_index] = []
+                chunks = _page_chunks(_cell_bounds(coords, size, ds, ds), rgb, (lw, lh), encode=encode,
+                                      pool=pool, pool_size=threads, shared=shared_by_page[page_index])
+                if level == 0:
+                    tif.write(chunks, shape=(lh, lw, 3), tile=(T, T), description=f"{head} RGB{meta}",
+                              **res, **common)
+                    # page 1: the stripped thumbnail that Aperio readers expect before the reduced levels
+                    tif.write(thumb, description=f"{APERIO_HEADER}{width}x{height} -> {tw}x{th} - {meta}",
+                              **common)
+                else:
+                    tif.write(chunks, shape=(lh, lw, 3), tile=(T, T), description=f"{head} -> {lw}x{lh} RGB",
+                              **common)
+        _point_shared_tiles(tmp, shared_by_page)
     return path
 
 
@@ -379,16 +684,20 @@ def tiles_feature_collection(coords_l0, size_l0, prediction, attention=None, *, 
                              cutoff: float = 30.0, contribution=None, cmap: str = DEFAULT_CMAP) -> dict:
     """QuPath (≥ 0.4) GeoJSON FeatureCollection of tile objects, level-0 px.
 
-    Each feature: closed square ring; ``objectType: "tile"``; ``classification`` "sTIL high" (≥ cutoff)
-    or "sTIL low" with a fixed class colour; ``color`` = the tile's own heatmap colour (QuPath draws an
-    object in it); ``measurements`` as a name → number map (QuPath ≥ 0.4 writes and reads this form;
-    the older list of {name, value} is only read for compatibility). Missing values are left out.
+    Each feature: a closed square ring [x, x + size_l0] × [y, y + size_l0]; ``objectType: "tile"``
+    (QuPath's tile object, a kind of detection); ``classification`` "sTIL high" (≥ cutoff) or
+    "sTIL low" with a fixed class colour; ``color`` = the tile's own heatmap colour (QuPath draws the
+    object in it); ``measurements`` as a name → number map (the form QuPath ≥ 0.4 writes and reads):
+    ``sTIL %`` (0–100), ``attention`` (raw, sums to 1), ``relative attention`` (N × attention, 1 =
+    uniform) and ``contribution`` (sTIL% points, sums to the slide score). Missing values are left out.
     """
     coords, size, pred, extra = check_tiles(coords_l0, size_l0, prediction,
                                             attention=attention, contribution=contribution)
     tile_rgb = stil_rgb(pred, cmap)
     class_rgb = {name: stil_rgb([value], cmap)[0].tolist() for name, value in (("sTIL high", 100.0),
                                                                                 ("sTIL low", 0.0))}
+    attention, contribution = extra["attention"], extra["contribution"]
+    relative = LAYERS["attention"].shown(attention) if attention is not None else None
     features = []
     for i, (x, y) in enumerate(coords.tolist()):
         x1, y1 = round(x + size, 2), round(y + size, 2)
@@ -398,8 +707,9 @@ def tiles_feature_collection(coords_l0, size_l0, prediction, attention=None, *, 
             name = "sTIL high" if pred[i] >= cutoff else "sTIL low"
             props["classification"] = {"name": name, "color": class_rgb[name]}
             props["color"] = tile_rgb[i].tolist()
-            measurements["sTIL%"] = round(float(pred[i]), 4)
-        for key, values in (("attention", extra["attention"]), ("contribution", extra["contribution"])):
+            measurements[STIL_MEASUREMENT] = round(float(pred[i]), 4)
+        for key, values in (("attention", attention), ("relative attention", relative),
+                            ("contribution", contribution)):
             if values is not None and np.isfinite(values[i]):
                 measurements[key] = float(values[i])
         props["measurements"] = measurements
@@ -528,8 +838,8 @@ def write_slide_outputs(slide, out_dir, *, coords_l0, size_l0, prediction, atten
     if "csv" in paths:
         write_tiles_csv(paths["csv"], coords_l0, size_l0, prediction, attention, contribution)
     if "png" in paths:
-        heatmap_png(slide, coords_l0, size_l0, prediction, paths["png"], score=score, cmap=cmap,
-                    side_by_side=True)
+        heatmap_png(slide, coords_l0, size_l0, prediction, paths["png"], attention=attention,
+                    contribution=contribution, score=score, cmap=cmap)
     if "tif" in paths:
         heatmap_tiff(slide, coords_l0, size_l0, prediction, paths["tif"], cmap=cmap)
     if "geojson" in paths:
