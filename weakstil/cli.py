@@ -103,13 +103,28 @@ def _save_run_config(ctx: typer.Context, path: Path, values: dict) -> None:
     save_resolved({"command": ctx.info_name, "config_file": ctx.meta.get("config_file"), **values}, path)
 
 
-def _print_outcomes(outcomes, *, what: str, extra: str = "") -> None:
+def _file_names(sources, slides: Path) -> dict[str, str]:
+    """{slide_id: the file as the user knows it} (relative to a SLIDES folder), for failure reports."""
+    names = {}
+    for source in sources:
+        try:
+            names[source.slide_id] = str(Path(source.path).relative_to(slides)) if slides.is_dir() else str(slides)
+        except ValueError:
+            names[source.slide_id] = str(source.path)
+    return names
+
+
+def _print_outcomes(outcomes, *, what: str, extra: str = "", files: dict | None = None) -> None:
+    """The batch summary; with ``files`` ({slide_id: file}) each failure names its file."""
+    from dataclasses import replace
+
     from rich.console import Console
 
     from .batch import counts, summarize
 
     console = Console(stderr=True)
-    console.print(summarize(outcomes))
+    shown = [replace(o, key=files.get(o.key, o.key)) if files and o.status == "failed" else o for o in outcomes]
+    console.print(summarize(shown))
     n = counts(outcomes)
     console.print(f"{what}: {n['done']} done, {n['skipped']} skipped, {n['failed']} failed{extra}")
 
@@ -239,14 +254,14 @@ def extract(
     config: ConfigOpt = None,
 ) -> None:
     """Tissue → tiles → embeddings → the Zarr feature cache. Resumable: finished slides are skipped."""
+    values = dict(locals())  # the options only: taken before the imports below add names
+    values.pop("ctx")
     from .encoders import create_encoder
     from .extract import extract_slides, slide_sources
     from .slide import find_slides
     from .tiling import TileSpec
     from .tissue import TissueParams
 
-    values = dict(locals())
-    values.pop("ctx")
     try:
         spec = TileSpec(tile_px=tile_px, mpp=tile_mpp, overlap=overlap, min_tissue=min_tissue)
         tissue = TissueParams()
@@ -268,7 +283,8 @@ def extract(
     cache = open_cache(features, enc, spec, tissue)
     _save_run_config(ctx, cache.path.parent / "runs" / f"{cache.path.stem}.extract.yaml", values)
     n_tiles = sum(int(o.result or 0) for o in outcomes if o.status == "done")
-    _print_outcomes(outcomes, what="extract", extra=f"; {n_tiles} new tiles; cache {cache.path}")
+    _print_outcomes(outcomes, what="extract", extra=f"; {n_tiles} new tiles; cache {cache.path}",
+                    files=_file_names(sources, slides))
     if any(o.status == "failed" for o in outcomes):
         raise typer.Exit(1)
 
@@ -304,10 +320,11 @@ def train(
     config: ConfigOpt = None,
 ) -> None:
     """Cross-validated MIL regression on slide-level sTIL% labels; writes models/NAME/."""
+    values = dict(locals())  # the options only: taken before the imports below add names
+    values.pop("ctx")
+    from .config import to_plain
     from .pipeline import train_from_cache
 
-    values = dict(locals())
-    values.pop("ctx")
     values["config_file"] = ctx.meta.get("config_file")
     accelerator = {"auto": "auto", "cpu": "cpu"}.get(device, "gpu")
     aggregations = ["attention", "mean"] if aggregation == Aggregation.both else [aggregation.value]
@@ -317,7 +334,7 @@ def train(
             n_folds=folds, folds_by=folds_by.value, deploy=deploy.value, max_tiles=max_tiles,
             max_epochs=max_epochs, patience=patience, lr=lr, weight_decay=weight_decay,
             high_cutoff=high_cutoff, seed=seed, accelerator=accelerator, overwrite=overwrite,
-            progress=not quiet, run_info=values)
+            progress=not quiet, run_info=to_plain(values))
     except WeakstilError as exc:
         _fail(exc)
     from rich.console import Console
@@ -353,12 +370,12 @@ def score(
     config: ConfigOpt = None,
 ) -> None:
     """Score slides with a trained model: extracts what is missing, writes results/ (scores + heatmaps)."""
+    values = dict(locals())  # the options only: taken before the imports below add names
+    values.pop("ctx")
     from .extract import slide_sources
     from .score import score_slides
     from .slide import find_slides
 
-    values = dict(locals())
-    values.pop("ctx")
     formats = tuple(f.strip() for f in outputs.split(",") if f.strip())
     try:
         sources = slide_sources(find_slides(slides), **_open_kwargs(backend, mpp, force_mpp, mpp_csv))
@@ -374,7 +391,8 @@ def score(
     except WeakstilError as exc:
         _fail(exc)
     _save_run_config(ctx, out / "config.yaml", values)
-    _print_outcomes(outcomes, what="score", extra=f"; scores in {out / 'scores.csv'}")
+    _print_outcomes(outcomes, what="score", extra=f"; scores in {out / 'scores.csv'}",
+                    files=_file_names(sources, slides))
     if any(o.status == "failed" for o in outcomes):
         raise typer.Exit(1)
 
@@ -386,6 +404,8 @@ def demo(
     n: Annotated[int, typer.Option("--n", help="Training slides (cross-validated).")] = 40,
     n_test: Annotated[int, typer.Option("--n-test", help="Held-out test slides, scored at the end.")] = 10,
     seed: Annotated[int, typer.Option(help="Random seed of the synthetic cohort.")] = 0,
+    size_um: Annotated[Optional[float], typer.Option(
+        help="Slide canvas width in µm (default 2000); smaller is quicker, with fewer tiles.")] = None,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
@@ -394,9 +414,37 @@ def demo(
     from .demo import run_demo
 
     try:
-        run_demo(out, n=n, n_test=n_test, seed=seed, device=device, progress=not quiet)
+        run_demo(out, n=n, n_test=n_test, seed=seed, device=device, progress=not quiet, size_um=size_um)
     except WeakstilError as exc:
         _fail(exc)
+
+
+@app.command()
+def heatmap(
+    results: Annotated[Path, typer.Argument(help="A results folder written by `weakstil score`.")] = Path("results"),
+    slides: Annotated[Optional[Path], typer.Option(
+        "--slides", help="Folder of the slides (default: the paths recorded in each score.json).")] = None,
+    outputs: Annotated[str, typer.Option(
+        help="Files to rewrite, comma-separated from png,tif,geojson,top,csv.")] = "png,tif,geojson,top",
+    cutoff: Annotated[Optional[float], typer.Option(
+        help="sTIL-high cut-off (%) for the GeoJSON classes (default: the one used when scoring).")] = None,
+    backend: BackendOpt = Backend.auto,
+    mpp: MppOpt = None,
+    quiet: QuietOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Rewrite the per-slide review files (heatmaps, GeoJSON, top tiles) from tiles.csv — no model needed."""
+    from .review import regenerate
+
+    formats = tuple(f.strip() for f in outputs.split(",") if f.strip())
+    try:
+        outcomes = regenerate(results, slides, backend=backend.value, mpp=mpp, formats=formats, cutoff=cutoff,
+                              progress=not quiet)
+    except WeakstilError as exc:
+        _fail(exc)
+    _print_outcomes(outcomes, what="heatmap")
+    if any(o.status == "failed" for o in outcomes):
+        raise typer.Exit(1)
 
 
 @app.command()

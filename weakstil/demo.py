@@ -49,7 +49,13 @@ def slide_level_test(model, cache, labels_csv: Path) -> dict:
 
 
 def run_demo(out: Path, *, n: int = 40, n_test: int = 10, seed: int = 0, device: str = "auto",
-             progress: bool = True) -> dict:
+             progress: bool = True, size_um: float | None = None, **train_kwargs) -> dict:
+    """The whole pipeline on a synthetic cohort; prints the tables, returns (and writes) the summary.
+
+    ``size_um`` is the slides' canvas width in µm (default: the synthetic default, 2000 µm); a
+    smaller one makes a quick smoke run (tests), at the cost of fewer tiles per slide.
+    ``train_kwargs`` (e.g. ``n_folds=3, max_epochs=20``) go to the training config.
+    """
     from rich.console import Console
     from rich.table import Table
 
@@ -74,8 +80,9 @@ def run_demo(out: Path, *, n: int = 40, n_test: int = 10, seed: int = 0, device:
 
     console.rule("weakstil demo — synthetic cohort, random-init ResNet-18 encoder (NOT pretrained)")
     t0 = time.perf_counter()
-    train_root = synth_cohort(out / "cohort", n=n, seed=seed, progress=progress)
-    test_root = synth_cohort(out / "test", n=n_test, seed=seed + 1, prefix="TEST", progress=progress)
+    size_kw = {"size_um": size_um} if size_um else {}
+    train_root = synth_cohort(out / "cohort", n=n, seed=seed, progress=progress, **size_kw)
+    test_root = synth_cohort(out / "test", n=n_test, seed=seed + 1, prefix="TEST", progress=progress, **size_kw)
     step("synth", t0)
 
     t0 = time.perf_counter()
@@ -94,8 +101,9 @@ def run_demo(out: Path, *, n: int = 40, n_test: int = 10, seed: int = 0, device:
     accelerator = "cpu" if device == "cpu" else "auto"
     runs = train_from_cache(train_root / "labels.csv", extracted.cache.path, models_dir=out / "models",
                             name="demo", aggregations=("attention", "mean"), overwrite=True, progress=progress,
-                            accelerator=accelerator, run_info={"command": "demo", "seed": seed})
-    step("train (5-fold CV × 2 aggregations)", t0)
+                            accelerator=accelerator, run_info={"command": "demo", "seed": seed},
+                            **train_kwargs)
+    step(f"train ({train_kwargs.get('n_folds', 5)}-fold CV × 2 aggregations)", t0)
     best = max(runs, key=lambda r: r.metrics["pooled"]["r2"])
 
     t0 = time.perf_counter()

@@ -33,11 +33,8 @@ def train_from_cache(labels: Path, features: Path, *, encoder: str | None = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         table = read_labels(labels, cached_ids=cache.complete_ids())
-    for w in caught:
+    for w in caught:  # among them the cached slides without a label (table.unlabelled), listed once
         log.warning("%s", w.message)
-    if table.unlabelled:
-        shown = ", ".join(table.unlabelled[:10]) + (" …" if len(table.unlabelled) > 10 else "")
-        log.warning("%d slide(s) in the cache have no label and are not used: %s", len(table.unlabelled), shown)
     bags = load_bags(cache, table.slide_ids)
     fingerprint = {"encoder": cache.encoder_fp, "tiling": cache.tiling_fp}
     runs = []

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .errors import ModelMismatchError, OutputWriteError
+from .errors import CacheMismatchError, ModelMismatchError, OutputWriteError
 from .extract import ExtractOptions, SlideExtractor, SlideSource, TileEmbedder, open_cache, resolve_device
 
 SCORE_COLUMNS = ("slide_id", "score", "n_tiles", "status", "error")
@@ -120,7 +120,7 @@ class SlideScorer:
                 "n_tiles": int(cached.features.shape[0]), "status": "ok", "error": "",
                 "model_sha256": self.model_sha256, "source_path": str(source.path),
                 "slide_mpp": cached.attrs.get("slide_mpp"), "tile_size_l0": size_l0,
-                "aggregation": self.model.aggregation,
+                "aggregation": self.model.aggregation, "cutoff": self.cutoff,
                 "scored": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         final = slide_dir(self.out_dir, source.slide_id)
         staging = final.parent / f".{source.slide_id}.{os.getpid()}-{uuid.uuid4().hex[:6]}.partial"
@@ -181,6 +181,7 @@ def write_scores_csv(out_dir: Path, sources: list[SlideSource], outcomes: dict, 
 
     path = Path(out_dir) / "scores.csv"
     tmp = path.with_name(f".scores.csv.{os.getpid()}-{uuid.uuid4().hex[:6]}.partial")
+    earlier = _failed_rows(path)  # a slide that failed before keeps its row until this run reaches it
     try:
         with tmp.open("w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
@@ -196,12 +197,29 @@ def write_scores_csv(out_dir: Path, sources: list[SlideSource], outcomes: dict, 
                     writer.writerow([sid, f"{float(info['score']):.2f}", info["n_tiles"], "ok", ""])
                 elif outcome is not None and outcome.reason == "locked":
                     writer.writerow([sid, "", "", "pending", outcome.error])
+                elif outcome is None and sid in earlier:
+                    writer.writerow(earlier[sid])
                 else:
                     writer.writerow([sid, "", "", "pending", "not scored yet"])
-        os.replace(tmp, path)
+        if not (path.is_file() and path.read_bytes() == tmp.read_bytes()):  # a rerun that changed nothing
+            os.replace(tmp, path)                                          # leaves the file untouched
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _failed_rows(path: Path) -> dict[str, list[str]]:
+    """The ``failed`` rows of an existing scores.csv, by slide id (empty if none or unreadable)."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return {}
+    if not rows or tuple(rows[0]) != SCORE_COLUMNS:
+        return {}
+    return {row[0]: row for row in rows[1:] if len(row) == len(SCORE_COLUMNS) and row[3] == "failed"}
 
 
 def write_run_json(out_dir: Path, outcomes: list, *, run_id: str, info: dict) -> Path:
@@ -243,7 +261,13 @@ def make_scorer(model_dir: Path, features_dir: Path, out_dir: Path, *, weights: 
     spec, tissue = tiling_from_fingerprint(fp.get("tiling", {}))
     encoder = encoder_from_fingerprint(fp.get("encoder", {}), weights)
     opts = opts or ExtractOptions()
-    cache = open_cache(features_dir, encoder, spec, tissue)
+    try:
+        cache = open_cache(features_dir, encoder, spec, tissue)
+    except CacheMismatchError as exc:  # --features named one store, made with another encoder or tiling
+        raise ModelMismatchError(
+            f"the model {model_dir} was trained on other features than the cache {exc.path}: {exc.problem}",
+            fix="point --features at the folder that holds the caches (the model's own one is used, or made), "
+                "or score with a model trained on this cache") from exc
     check_fingerprint(model, cache)
     embedder = TileEmbedder(encoder, resolve_device(opts.device))
     extractor = SlideExtractor(cache, embedder, spec, tissue, opts, roi_dir=roi_dir, qc=qc, tiles_task=tiles_task)
