@@ -19,7 +19,11 @@ chose, for users who prefer a single model.
 
 Speed: Lightning's per-step overhead dominates a model this small, so several bags are padded into
 one batch with a mask (``bags_per_step``); at most ``max_tiles`` random tiles of each bag are used
-per training step, the full bag at evaluation.
+per training step, the full bag at evaluation. Bags stay in the dtype they come in (float16 from the
+cache: half the memory) and become float32 one batch at a time. On a multi-core CPU, large
+cross-validations run their folds in parallel forked processes (``fold_processes``): a model this
+small gains little from a second thread inside one fold, and one thread per fold is immune to the
+stalls OpenMP threads suffer when other programs share the cores (measured: benchmarks/bench_train).
 """
 
 from __future__ import annotations
@@ -82,6 +86,10 @@ class TrainConfig:
     n_boot: int = 1000  # bootstrap resamples for the 95 % intervals
     num_workers: int = 0
     accelerator: str = "auto"
+    # folds trained at once in forked processes (one torch thread each on a CPU); None: automatic,
+    # all folds at once on a CPU with >= 2 cores when the bags hold >= PARALLEL_FOLDS_MIN_TILES
+    # tiles; 1: one fold after another.
+    fold_processes: int | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -93,6 +101,7 @@ class TrainConfig:
             (self.max_epochs >= 1 and self.patience >= 1, "max_epochs and patience must be >= 1"),
             (self.max_tiles >= 1 and self.bags_per_step >= 1, "max_tiles, bags_per_step >= 1"),
             (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
+            (self.fold_processes is None or self.fold_processes >= 1, "fold_processes must be >= 1"),
         ]
         bad = [text for ok, text in checks if not ok]
         if bad:
@@ -106,11 +115,15 @@ class TrainConfig:
 
 
 # --- bags -----------------------------------------------------------------------------------------
-def load_bags(cache, slide_ids: Sequence[str]) -> dict[str, np.ndarray]:
-    """Read each slide's features from a FeatureCache as float32 (N, D)."""
+def load_bags(cache, slide_ids: Sequence[str], *, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Read each slide's features from a FeatureCache as ``dtype`` (N, D).
+
+    ``dtype=np.float16`` keeps the cache's own precision at half the memory (training converts one
+    batch at a time): 1,000 slides of 20,000 tiles × 512 take 20 GB instead of 41 GB.
+    """
     bags = {}
     for slide_id in slide_ids:
-        features = np.asarray(cache.read(slide_id).features, dtype=np.float32)
+        features = np.asarray(cache.read(slide_id).features, dtype=dtype)
         if features.ndim != 2 or features.shape[0] == 0:
             raise EmptyBagError(f"slide '{slide_id}' has no tile features (shape {features.shape})")
         bags[slide_id] = features
@@ -120,13 +133,14 @@ def load_bags(cache, slide_ids: Sequence[str]) -> dict[str, np.ndarray]:
 class BagDataset:
     """Bags with labels (0-100 in, fractions out). Items are ``(index, draw)``: ``draw`` None means
     the full bag; otherwise at most ``max_tiles`` tiles drawn with a generator seeded by
-    ``(seed, draw, index)``, so the draw never depends on worker processes or batch order."""
+    ``(seed, draw, index)``, so the draw never depends on worker processes or batch order.
+
+    float16 and float32 bags are kept as they are, without a copy; each item is made float32 when
+    it is drawn (numpy's float16 → float32 is ~5× faster than torch's on the CPU); other dtypes
+    are converted to float32 once."""
 
     def __init__(self, bags: Sequence[Bag], *, max_tiles: int | None = None, seed: int = 0):
-        import torch
-
-        self.features = [torch.from_numpy(np.ascontiguousarray(f, dtype=np.float32))
-                         for f, _ in bags]
+        self.features = [_as_float(f) for f, _ in bags]
         self.labels = [float(y) / 100.0 for _, y in bags]
         self.max_tiles, self.seed = max_tiles, seed
 
@@ -141,8 +155,8 @@ class BagDataset:
         if draw is not None and self.max_tiles is not None and x.shape[0] > self.max_tiles:
             rng = np.random.default_rng([self.seed, draw, index])
             rows = np.sort(rng.choice(x.shape[0], size=self.max_tiles, replace=False))
-            x = x[torch.from_numpy(rows)]
-        return x, self.labels[index]
+            x = x[rows]
+        return torch.from_numpy(np.asarray(x, dtype=np.float32)), self.labels[index]
 
 
 class BagBatchSampler:
@@ -183,16 +197,27 @@ class BagBatchSampler:
             yield [(int(i), draw) for i in order[start : start + self.batch]]
 
 
+def _as_float(features: np.ndarray) -> np.ndarray:
+    features = np.asarray(features)
+    dtype = features.dtype if features.dtype in (np.float16, np.float32) else np.float32
+    return np.ascontiguousarray(features, dtype=dtype)
+
+
 def collate_bags(items):
-    """Pad (features (N_i, D), label) items to ``features (B, N_max, D)`` + ``mask (B, N_max)``."""
+    """Pad (features (N_i, D), label) items to float32 ``features (B, N_max, D)`` + ``mask (B, N_max)``."""
     import torch
 
     n_max = max(x.shape[0] for x, _ in items)
-    features = torch.zeros(len(items), n_max, items[0][0].shape[1])
-    mask = torch.zeros(len(items), n_max, dtype=torch.bool)
-    for i, (x, _) in enumerate(items):
-        features[i, : x.shape[0]] = x
-        mask[i, : x.shape[0]] = True
+    if all(x.shape[0] == n_max for x, _ in items):  # training steps: every bag drew max_tiles
+        features = torch.stack([x.float() for x, _ in items])
+        mask = torch.ones(len(items), n_max, dtype=torch.bool)
+    else:
+        features = torch.empty(len(items), n_max, items[0][0].shape[1])  # every element written below
+        mask = torch.zeros(len(items), n_max, dtype=torch.bool)
+        for i, (x, _) in enumerate(items):
+            features[i, : x.shape[0]] = x
+            features[i, x.shape[0] :] = 0.0
+            mask[i, : x.shape[0]] = True
     label = torch.tensor([y for _, y in items], dtype=torch.float32)
     return {"features": features, "mask": mask, "label": label}
 
@@ -264,7 +289,7 @@ def fit_one(
         raise ValueError("fit_one needs at least one training bag")
     t0 = time.perf_counter()
     history = FitHistory()
-    with _quiet_lightning(), _deterministic():
+    with _quiet_lightning(), _deterministic(), _cpu_threads(cfg):
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         module = MILRegressor(train_bags[0][0].shape[1], **cfg.model_kwargs())
         module.init_output_bias(float(np.mean([y for _, y in train_bags])) / 100.0)
@@ -313,6 +338,33 @@ def _quiet_lightning():
         finally:
             for lg, level in zip(loggers, levels):
                 lg.setLevel(level)
+
+
+_FIT_THREADS = [1]  # torch threads of one fit on the CPU (a fold process may get more on many cores)
+
+
+@contextlib.contextmanager
+def _cpu_threads(cfg: TrainConfig, threads: int | None = None):
+    """Train on ``threads`` torch threads when training runs on the CPU (restored afterwards).
+
+    This model's operations are too small for a second OpenMP thread to pay its way: measured on 2
+    cores, a second thread gains at most ~1.5× per step on an idle machine, and makes training 15-20×
+    slower when other programs share the cores (OpenMP threads then wait for each other at every
+    operation; the test cohort's CV: 60 s with 2 threads, 3 s with 1). Cross-validation uses the
+    other cores by training folds in parallel (``fold_processes``).
+    """
+    import torch
+
+    threads = threads or _FIT_THREADS[0]
+    on_cpu = cfg.accelerator == "cpu" or (cfg.accelerator == "auto" and not _gpu_available(torch))
+    before = torch.get_num_threads()
+    if on_cpu and before > threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 @contextlib.contextmanager
@@ -377,27 +429,43 @@ def cross_validate(bags: Mapping[str, np.ndarray], table, cfg: TrainConfig, *,
     def bags_at(rows: np.ndarray) -> list[Bag]:
         return [(bags[slide_ids[i]], labels[i]) for i in rows]
 
+    plans = []
+    for k in range(cfg.n_folds):
+        test = np.flatnonzero(folds == k)
+        train, val = inner_split(np.flatnonzero(folds != k), df, val_fraction=cfg.val_fraction,
+                                 seed=cfg.seed)
+        plans.append((k, train, val, test, replace(cfg, seed=cfg.seed + k)))
+    n_tiles = int(sum(bags[s].shape[0] for s in slide_ids))
+    processes, threads = fold_parallelism(cfg, n_tiles)
+    results: dict[int, tuple] = {}
     with _progress(cfg.n_folds, progress) as bar:
-        for k in range(cfg.n_folds):
-            test = np.flatnonzero(folds == k)
-            train, val = inner_split(np.flatnonzero(folds != k), df, val_fraction=cfg.val_fraction,
-                                     seed=cfg.seed)
-            fold_cfg = replace(cfg, seed=cfg.seed + k)
-            module, history = fit_one(bags_at(train), bags_at(val), fold_cfg,
-                                      on_epoch=_bar_update(bar, k, cfg.n_folds))
-            member = TrainedModel([module], fingerprint={})
-            predictions[test] = [member.predict(bags[slide_ids[i]]).score for i in test]
-            fold_metrics.append(regression_metrics(labels[test], predictions[test],
-                                                   cutoffs=cfg.cutoffs))
-            fold_info.append({"fold": k, "n_train": len(train), "n_val": len(val),
-                              "n_test": len(test), "best_epoch": history.best_epoch,
-                              "best_val_r2": history.best_val_r2,
-                              "epochs_run": len(history.epochs),
-                              "seconds": round(history.seconds, 3)})
-            models.append(module)
-            histories.append(history)
-            if bar is not None:
-                bar.update(1)
+        if processes > 1:
+            for k, module, history, scores in _parallel_folds(plans, bags_at, bags, slide_ids,
+                                                              processes, threads):
+                results[k] = (module, history, scores)
+                if bar is not None:
+                    bar.update(1)
+        else:
+            for k, train, val, test, fold_cfg in plans:
+                module, history = fit_one(bags_at(train), bags_at(val), fold_cfg,
+                                          on_epoch=_bar_update(bar, k, cfg.n_folds))
+                member = TrainedModel([module], fingerprint={})
+                with _cpu_threads(cfg):
+                    scores = [member.predict(bags[slide_ids[i]]).score for i in test]
+                results[k] = (module, history, scores)
+                if bar is not None:
+                    bar.update(1)
+    for k, train, val, test, _ in plans:
+        module, history, scores = results[k]
+        predictions[test] = scores
+        fold_metrics.append(regression_metrics(labels[test], predictions[test], cutoffs=cfg.cutoffs))
+        fold_info.append({"fold": k, "n_train": len(train), "n_val": len(val),
+                          "n_test": len(test), "best_epoch": history.best_epoch,
+                          "best_val_r2": history.best_val_r2,
+                          "epochs_run": len(history.epochs),
+                          "seconds": round(history.seconds, 3)})
+        models.append(module)
+        histories.append(history)
     return CVResult(
         slide_ids=slide_ids, patient_ids=[str(p) for p in df["patient_id"]], folds=folds,
         labels=labels, predictions=predictions, fold_metrics=fold_metrics, fold_info=fold_info,
@@ -405,9 +473,87 @@ def cross_validate(bags: Mapping[str, np.ndarray], table, cfg: TrainConfig, *,
         pooled_ci=bootstrap_intervals(labels, predictions, cutoffs=cfg.cutoffs, n_boot=cfg.n_boot,
                                       seed=cfg.seed),
         summary=fold_summary(fold_metrics), models=models, histories=histories,
-        n_tiles=int(sum(bags[s].shape[0] for s in slide_ids)),
-        seconds=time.perf_counter() - t0,
+        n_tiles=n_tiles, seconds=time.perf_counter() - t0,
     )
+
+
+# --- folds in parallel processes ------------------------------------------------------------------
+PARALLEL_FOLDS_MIN_TILES = 200_000  # below this, process start-up is not worth it
+
+
+def fold_parallelism(cfg: TrainConfig, n_tiles: int) -> tuple[int, int]:
+    """(processes, torch threads per process) for the folds of a cross-validation.
+
+    Folds run in parallel only on the CPU, where ``fork`` exists, with at least two cores; by default
+    (``fold_processes=None``) only when the bags hold ``PARALLEL_FOLDS_MIN_TILES`` tiles or more.
+    """
+    import multiprocessing
+
+    import torch
+
+    cpus = _cpu_count()
+    if cfg.fold_processes == 1 or cpus < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        return 1, 0
+    if cfg.accelerator not in ("auto", "cpu") or (cfg.accelerator == "auto" and _gpu_available(torch)):
+        return 1, 0
+    if cfg.fold_processes is None and n_tiles < PARALLEL_FOLDS_MIN_TILES:
+        return 1, 0
+    # All folds at once by default, even on fewer cores: single-threaded processes share cores
+    # without stalls, and no fold is left to run alone on one core at the end (5 folds on 2 cores
+    # take 2.5 fold-times instead of 3). Bags are shared copy-on-write, so memory grows only by
+    # each process's batches and model.
+    processes = min(cfg.fold_processes or max(cpus, cfg.n_folds), cfg.n_folds)
+    return processes, max(1, cpus // processes)
+
+
+def _cpu_count() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _gpu_available(torch) -> bool:
+    return torch.cuda.is_available() or (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
+
+
+_FORKED: dict = {}  # what forked fold processes inherit (bags are shared copy-on-write, not pickled)
+
+
+def _fold_in_child(index: int):
+    """Runs in a forked process: train one fold, score its held-out slides, return plain data."""
+    import torch
+
+    torch.set_num_threads(_FORKED["threads"])
+    _FIT_THREADS[0] = _FORKED["threads"]
+    k, train, val, test, fold_cfg = _FORKED["plans"][index]
+    bags_at, bags, slide_ids = _FORKED["bags_at"], _FORKED["bags"], _FORKED["slide_ids"]
+    fold_cfg = replace(fold_cfg, accelerator="cpu")
+    module, history = fit_one(bags_at(train), bags_at(val), fold_cfg)
+    member = TrainedModel([module], fingerprint={})
+    scores = [member.predict(bags[slide_ids[i]]).score for i in test]
+    state = {name: value.detach().cpu().numpy() for name, value in module.state_dict().items()}
+    return k, dict(module.hparams), state, history, scores
+
+
+def _parallel_folds(plans, bags_at, bags, slide_ids, processes: int, threads: int):
+    """Yield ``(k, module, history, held-out scores)`` as folds finish in ``processes`` forked
+    processes of ``threads`` torch threads each."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    import torch
+
+    _FORKED.update(plans=plans, bags_at=bags_at, bags=bags, slide_ids=slide_ids, threads=threads)
+    try:
+        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
+            futures = [pool.submit(_fold_in_child, i) for i in range(len(plans))]
+            for future in as_completed(futures):
+                k, hparams, state, history, scores = future.result()
+                module = MILRegressor(**hparams)
+                module.load_state_dict({name: torch.from_numpy(v) for name, v in state.items()})
+                yield k, module.cpu().eval(), history, scores
+    finally:
+        _FORKED.clear()
 
 
 def _check_bags(bags: Mapping[str, np.ndarray], slide_ids: Sequence[str]) -> None:
