@@ -127,7 +127,7 @@ def run_demo(out: Path, *, n: int = 40, n_test: int = 10, seed: int = 0, device:
     table = Table(title=f"held-out test cohort ({n_test} slides) and tiles vs synthetic ground truth",
                   title_justify="left")
     for col in ("model", "test R²", "test AUC@30", "test MAE", "tile r (test)", "tiles", "tile r (train)*"):
-        table.add_column(col, justify="left" if col == "model" else "right")
+        table.add_column(col, justify="left" if col == "model" else "right", no_wrap=col == "model")
     for name, row in rows.items():
         test, tiles = row["test"], row["tiles"]
         table.add_row(name + (" (best)" if name == best.name else ""), f"{test['r2']:.2f}",

@@ -58,7 +58,7 @@ def metrics_table(runs: list[TrainedRun], *, title: str = "cross-validation (out
 
     table = Table(title=title, title_justify="left")
     for col in ("model", "slides", "tiles", "R² pooled [95% CI]", "R² folds", "r", "MAE", "AUC @10/30/50", "CV s"):
-        table.add_column(col, justify="left" if col == "model" else "right")
+        table.add_column(col, justify="left" if col == "model" else "right", no_wrap=col == "model")
     for run in runs:
         m = run.metrics
         pooled, ci, folds = m["pooled"], m.get("pooled_ci95", {}), m.get("fold_mean_sd", {})
