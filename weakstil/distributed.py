@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from .batch import (DONE, FAILED, SKIPPED, Outcome, _failed, _make_progress, _rate_text, counts, file_lock,
+from .batch import (DONE, FAILED, SKIPPED, Outcome, _failed, _make_progress, _rate_text, counts,
                     limit_heap_fragmentation, run_one, sigterm_raises, stopped_outcome, sweep_partials)
 from .errors import DuplicateSlideIdError, WeakstilError
 
@@ -251,8 +251,7 @@ def run_on_dask(kind: str, sources: list, job_args: dict, *, workers: int | None
             return
         from .score import write_scores_csv
 
-        with file_lock(out_dir / ".scores.lock"):
-            write_scores_csv(out_dir, sources, by_id, model_sha)
+        write_scores_csv(out_dir, sources, by_id, model_sha)  # takes the scores.csv file lock itself
         last_csv = time.perf_counter()
 
     with sigterm_raises(), dask_client(workers, scheduler) as client:

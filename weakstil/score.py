@@ -15,11 +15,11 @@ import json
 import os
 import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .batch import staging_name
 from .errors import CacheMismatchError, ModelMismatchError, OutputWriteError
 from .extract import ExtractOptions, SlideExtractor, SlideSource, TileEmbedder, open_cache, resolve_device
 
@@ -123,7 +123,7 @@ class SlideScorer:
                 "aggregation": self.model.aggregation, "cutoff": self.cutoff,
                 "scored": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         final = slide_dir(self.out_dir, source.slide_id)
-        staging = final.parent / f".{source.slide_id}.{os.getpid()}-{uuid.uuid4().hex[:6]}.partial"
+        staging = final.parent / staging_name(source.slide_id)
         try:
             staging.mkdir(parents=True)
             with open_slide(source.path, **source.open_kwargs) as slide:
@@ -158,7 +158,7 @@ def install_dir(staging: Path, final: Path) -> None:
     """Rename a finished folder into place; an old one is moved aside first, then deleted."""
     old = None
     if final.exists():
-        old = final.with_name(f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:6]}.old")
+        old = final.with_name(staging_name(final.name, "old"))
         try:
             os.rename(final, old)
         except FileNotFoundError:
@@ -176,11 +176,23 @@ def install_dir(staging: Path, final: Path) -> None:
 
 
 def write_scores_csv(out_dir: Path, sources: list[SlideSource], outcomes: dict, model_sha256: str) -> Path:
-    """``scores.csv``: one row per slide of this run (ok from score.json, failed with the error)."""
+    """``scores.csv``: one row per slide of this run (ok from score.json, failed with the error).
+
+    Rebuilt under a file lock, so two runs sharing a results folder never put back an older state.
+    """
+    from .batch import file_lock
+
+    with file_lock(Path(out_dir) / ".scores.lock"):
+        return _write_scores_csv(out_dir, sources, outcomes, model_sha256)
+
+
+def _write_scores_csv(out_dir: Path, sources: list[SlideSource], outcomes: dict, model_sha256: str) -> Path:
     import csv
 
+    from .batch import staging_name
+
     path = Path(out_dir) / "scores.csv"
-    tmp = path.with_name(f".scores.csv.{os.getpid()}-{uuid.uuid4().hex[:6]}.partial")
+    tmp = path.with_name(staging_name("scores.csv"))
     earlier = _failed_rows(path)  # a slide that failed before keeps its row until this run reaches it
     try:
         with tmp.open("w", newline="", encoding="utf-8") as f:
@@ -195,7 +207,7 @@ def write_scores_csv(out_dir: Path, sources: list[SlideSource], outcomes: dict, 
                     writer.writerow([sid, "", "", "failed", error])
                 elif info is not None and info.get("model_sha256") == model_sha256:
                     writer.writerow([sid, f"{float(info['score']):.2f}", info["n_tiles"], "ok", ""])
-                elif outcome is not None and outcome.reason == "locked":
+                elif outcome is not None and outcome.reason in ("locked", "stopped"):
                     writer.writerow([sid, "", "", "pending", outcome.error])
                 elif outcome is None and sid in earlier:
                     writer.writerow(earlier[sid])
@@ -279,12 +291,14 @@ def score_slides(sources: list[SlideSource], model_dir: Path, *, features_dir: P
                  formats=("csv", "png", "tif", "geojson", "top"), cutoff: float = 30.0,
                  lock: bool = True) -> ScoreResult:
     """Score every slide (extracting what is missing); one bad slide never stops the others."""
-    from .batch import run_batch
+    from .batch import run_batch, sweep_partials
     from .extract import _progress
 
     opts = opts or ExtractOptions()
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
+    for folder in (out_dir, out_dir / "slides"):  # leftovers of killed runs
+        sweep_partials(folder)
     started = time.perf_counter()
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + f"-{os.getpid()}"
     with _progress(opts.progress) as progress:
@@ -294,11 +308,14 @@ def score_slides(sources: list[SlideSource], model_dir: Path, *, features_dir: P
                              formats=formats, cutoff=cutoff,
                              tiles_task=lambda n: progress.update(tiles_task, advance=n))
         by_id: dict = {}
+        last_write = [0.0]
 
-        def record(outcome):
+        def record(outcome):  # scores.csv at most every 5 s (it is rebuilt from every slide folder)
             by_id[outcome.key] = outcome
             progress.update(slides_task, advance=1)
-            write_scores_csv(out_dir, sources, by_id, scorer.model_sha256)
+            if time.perf_counter() - last_write[0] >= 5.0:
+                write_scores_csv(out_dir, sources, by_id, scorer.model_sha256)
+                last_write[0] = time.perf_counter()
 
         outcomes = run_batch(sources, scorer, key=lambda s: s.slide_id, is_done=scorer.is_done, desc="score",
                              lock_dir=out_dir / ".locks" if lock else None, progress=False, on_outcome=record)
