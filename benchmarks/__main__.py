@@ -65,7 +65,10 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         print(f"[{case}] running ({mode.name})…", file=sys.stderr, flush=True)
         try:
-            rows.extend(_runner(case)(mode, args.device))
+            new = _runner(case)(mode, args.device)
+            rows.extend(new)
+            if new:
+                print(markdown_table(new).split("\n", 2)[2], file=sys.stderr, flush=True)
         except Exception as exc:  # noqa: BLE001 - one failing case must not hide the others
             failures[case] = f"{type(exc).__name__}: {exc}"
             print(f"[{case}] failed: {failures[case]}", file=sys.stderr, flush=True)

@@ -142,10 +142,30 @@ def test_odd_downsample_levels_match(odd_slide):
     assert mean_abs_diff(direct, region) < 1.5
 
 
+def test_generic_tiled_tiff_uses_the_direct_path(tmp_path):
+    """A plain tiled JPEG TIFF (no vendor metadata, one level) is read directly as well."""
+    import tifffile
+
+    from conftest import tissue_like_image
+
+    path = tmp_path / "generic.tif"
+    tifffile.imwrite(path, tissue_like_image(1100, 900), tile=(256, 256), compression="jpeg",
+                     photometric="rgb", metadata=None, resolution=(1e4 / 0.25, 1e4 / 0.25),
+                     resolutionunit="CENTIMETER")
+    with open_slide(path) as slide:
+        assert slide.vendor == "generic-tiff"
+        coords, size_l0, blocks = all_tiles(slide, TileSpec(tile_px=112, mpp=0.5))
+        direct = read_all(slide, coords, size_l0, blocks, 112)
+        region = read_all(slide, coords, size_l0, blocks, 112, direct=False)
+        assert direct_source(slide).decoded > 0
+    assert mean_abs_diff(direct, region) < 1.5
+
+
 # --- falling back ---------------------------------------------------------------------------------
 def test_plain_images_use_the_region_path(tiny_png):
     with open_slide(tiny_png, mpp=0.25) as slide:
         assert direct_source(slide) is None
+        assert aligned_block(slide, 448.0, 224, block=4) == 4
         assert read_tiles_direct(slide, np.zeros((1, 2), np.int64), size_l0=448.0, tile_px=224) is None
         coords, size_l0, blocks = all_tiles(slide, TileSpec())
         tiles = read_all(slide, coords, size_l0, blocks, 224)
@@ -218,3 +238,54 @@ def test_merge_jpeg_tables_restores_abbreviated_tiles():
     merged = merge_jpeg_tables(tables, abbreviated)
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(merged))), np.asarray(Image.open(io.BytesIO(full))))
     assert merge_jpeg_tables(b"", full) == full
+
+
+# --- feeding the encoder --------------------------------------------------------------------------
+def test_reader_thread_and_reader_processes_give_the_same_batches(he_slides):
+    """workers=0 (one reader thread in this process, the small-CPU default) and workers=2 (DataLoader
+    processes) yield the same rows in the same order, in batches of the requested size."""
+    from weakstil.extract import BlockDataset, ExtractOptions, iter_batches
+
+    path = he_slides[0.25]
+    with open_slide(path) as slide:
+        coords, size_l0, blocks = all_tiles(slide, TileSpec(tile_px=112, mpp=0.5))
+    got = {}
+    for workers in (0, 2):
+        dataset = BlockDataset(path, coords, blocks, size_l0, 112, {})
+        batches = list(iter_batches(dataset, ExtractOptions(device="cpu", batch_size=8, workers=workers), "cpu"))
+        dataset.close()
+        starts = [start for start, _ in batches]
+        sizes = [len(t) for _, t in batches]
+        assert starts == np.cumsum([0] + sizes[:-1]).tolist()
+        assert all(size >= 8 for size in sizes[:-1])
+        got[workers] = np.concatenate([t.numpy() for _, t in batches])
+    assert len(got[0]) == len(coords)
+    np.testing.assert_array_equal(got[0], got[2])
+
+
+def test_reader_thread_errors_reach_the_caller_and_the_thread_stops(he_slides, monkeypatch):
+    import threading
+
+    from weakstil.extract import BlockDataset, ExtractOptions, iter_batches
+
+    path = he_slides[0.5]
+    with open_slide(path) as slide:
+        coords, size_l0, blocks = all_tiles(slide, TileSpec(tile_px=112, mpp=0.5), block=2)
+    assert len(blocks) > 3
+    calls = []
+    real = BlockDataset.__getitem__
+
+    def flaky(self, i):
+        calls.append(i)
+        if i == 2:
+            raise OSError("simulated read error in block 2")
+        return real(self, i)
+
+    monkeypatch.setattr(BlockDataset, "__getitem__", flaky)
+    dataset = BlockDataset(path, coords, blocks, size_l0, 112, {})
+    with pytest.raises(OSError, match="block 2"):
+        for _ in iter_batches(dataset, ExtractOptions(device="cpu", batch_size=1, workers=0), "cpu"):
+            pass
+    dataset.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("weakstil-reader")]
+    assert max(calls) < 2 + 4 + 1  # read ahead by at most the prefetch depth

@@ -197,7 +197,7 @@ WeightsOpt = Annotated[Optional[str], typer.Option(
     help="Weight source: file:/path/to/checkpoint or hf-hub:org/name (default: the encoder's own).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Tiles per encoder forward pass.")]
 ReadWorkersOpt = Annotated[Optional[int], typer.Option(
-    "--read-workers", help="Tile-reading processes per slide (default: 1 on a small CPU, more with CUDA).")]
+    "--read-workers", help="Tile-reading processes per slide (default: none on a CPU with ≤ 4 cores, up to 4 on bigger ones, up to 8 with CUDA; 0 = read between batches).")]
 WorkersOpt = Annotated[Optional[int], typer.Option(
     "--workers", help="Slides in parallel: N>1 starts a local Dask cluster of N processes.")]
 SchedulerOpt = Annotated[Optional[str], typer.Option(

@@ -412,41 +412,59 @@ class DirectSource:
         info = self.levels[level]
         unit = slide.level_downsamples[level] * scale  # level-0 px per decoded px
         span = size_l0 / unit  # tile edge in decoded px
-        exact = abs(span - tile_px) < 1e-6
         fx = coords_l0[:, 0] / unit
         fy = coords_l0[:, 1] / unit
-        if exact:  # decoded px are output px: tile origins on the decoded grid, as read_region + reduce
-            ox, oy = np.round(fx).astype(np.int64), np.round(fy).astype(np.int64)
-            x0, y0 = int(ox.min()), int(oy.min())
-            x1, y1 = int(ox.max()) + tile_px, int(oy.max()) + tile_px
-        else:
-            x0, y0 = math.floor(fx.min()), math.floor(fy.min())
-            x1, y1 = math.ceil(fx.max() + span), math.ceil(fy.max() + span)
-        region = np.full((y1 - y0, x1 - x0, 3), 255, dtype=np.uint8)
         tw, th = info.tile_w // scale, info.tile_h // scale  # decoded tile size
         valid_w, valid_h = -(-info.width // scale), -(-info.height // scale)  # decoded level size
-        if exact:
-            needed = _tiles_touched(ox, oy, tile_px, tw, th, info.across, info.down)
-        else:
-            needed = _tiles_touched(fx, fy, span, tw, th, info.across, info.down)
-        for row, col in needed:
-            arr = self._tile(level, row * info.across + col, scale)
-            gx0, gy0 = col * tw, row * th  # the decoded tile's place on the decoded level grid
-            gx1, gy1 = min(gx0 + tw, valid_w), min(gy0 + th, valid_h)
-            cx0, cy0 = max(gx0, x0), max(gy0, y0)
-            cx1, cy1 = min(gx1, x1), min(gy1, y1)
-            if cx1 > cx0 and cy1 > cy0:
-                region[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = arr[cy0 - gy0 : cy1 - gy0, cx0 - gx0 : cx1 - gx0]
-        if exact:
-            offsets = np.stack([ox - x0, oy - y0], axis=1)
-        else:
-            out_per_decoded = tile_px / span
-            w_out = max(1, int(round((x1 - x0) * out_per_decoded)))
-            h_out = max(1, int(round((y1 - y0) * out_per_decoded)))
-            region = _resize(region, w_out, h_out)
-            offsets = np.stack([np.round((fx - x0) * out_per_decoded), np.round((fy - y0) * out_per_decoded)],
-                               axis=1).astype(np.int64)
+        if abs(span - tile_px) < 1e-6:
+            # Decoded px are output px: copy each tile straight from the decoded JPEG tiles (one copy).
+            # Tile origins on the decoded grid, as read_region + box reduce place them.
+            ox, oy = np.round(fx).astype(np.int64), np.round(fy).astype(np.int64)
+            decoded = self._decoded(level, scale, _tiles_touched(ox, oy, tile_px, tw, th, info.across, info.down))
+            tiles = np.empty((len(ox), tile_px, tile_px, 3), dtype=np.uint8)
+            for k, (x0, y0) in enumerate(zip(ox.tolist(), oy.tolist())):
+                _paste(tiles[k], x0, y0, decoded, tw, th, valid_w, valid_h)
+            return tiles
+        # Another ratio: assemble the block's region on the decoded grid, resize it once, cut it.
+        x0, y0 = math.floor(fx.min()), math.floor(fy.min())
+        x1, y1 = math.ceil(fx.max() + span), math.ceil(fy.max() + span)
+        decoded = self._decoded(level, scale, _tiles_touched(fx, fy, span, tw, th, info.across, info.down))
+        region = np.empty((y1 - y0, x1 - x0, 3), dtype=np.uint8)
+        _paste(region, x0, y0, decoded, tw, th, valid_w, valid_h)
+        out_per_decoded = tile_px / span
+        w_out = max(1, int(round((x1 - x0) * out_per_decoded)))
+        h_out = max(1, int(round((y1 - y0) * out_per_decoded)))
+        region = _resize(region, w_out, h_out)
+        offsets = np.stack([np.round((fx - x0) * out_per_decoded), np.round((fy - y0) * out_per_decoded)],
+                           axis=1).astype(np.int64)
         return _cut(region, offsets, tile_px)
+
+    def _decoded(self, level: int, scale: int, needed: list[tuple[int, int]]) -> dict[tuple[int, int], np.ndarray]:
+        across = self.levels[level].across
+        return {(row, col): self._tile(level, row * across + col, scale) for row, col in needed}
+
+
+def _paste(out: np.ndarray, x0: int, y0: int, decoded: dict, tw: int, th: int, valid_w: int, valid_h: int) -> None:
+    """Fill ``out`` (h, w, 3), whose top-left is (x0, y0) on a level's decoded grid, from the decoded
+    tiles ``{(row, col): (th, tw, 3)}``; white where the level ends or no tile was given."""
+    height, width = out.shape[:2]
+    x1, y1 = x0 + width, y0 + height
+    pieces = []
+    for row in range(max(y0, 0) // th, (min(y1, valid_h) - 1) // th + 1):
+        for col in range(max(x0, 0) // tw, (min(x1, valid_w) - 1) // tw + 1):
+            arr = decoded.get((row, col))
+            if arr is None:
+                continue
+            gx0, gy0 = col * tw, row * th
+            cx0, cy0 = max(gx0, x0), max(gy0, y0)
+            cx1, cy1 = min(gx0 + tw, x1, valid_w), min(gy0 + th, y1, valid_h)
+            if cx1 > cx0 and cy1 > cy0:
+                pieces.append(((slice(cy0 - y0, cy1 - y0), slice(cx0 - x0, cx1 - x0)),
+                               arr[cy0 - gy0 : cy1 - gy0, cx0 - gx0 : cx1 - gx0]))
+    if sum(src.shape[0] * src.shape[1] for _, src in pieces) < width * height:
+        out[...] = 255  # part of it lies outside the level (or was not decoded): white there
+    for dst, src in pieces:
+        out[dst] = src
 
 
 def _usable_page(page) -> bool:
