@@ -29,7 +29,7 @@ def rss_gb(field="VmRSS"):
 path, device = sys.argv[1], sys.argv[2]
 from weakstil.cache import FeatureCache
 from weakstil.encoders import create_encoder
-from weakstil.extract import ExtractOptions, TileEmbedder, embed_tiles
+from weakstil.extract import ExtractOptions, TileEmbedder, default_workers, embed_tiles
 from weakstil.reader import aligned_block, plan_blocks
 from weakstil.slide import open_slide
 from weakstil.tiling import TileSpec, plan_tiles
@@ -54,7 +54,7 @@ with tempfile.TemporaryDirectory() as tmp:
 seconds = time.perf_counter() - t0
 children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
 print("RESULT", json.dumps({"tiles": n, "seconds": seconds, "baseline_gb": base, "peak_gb": rss_gb("VmHWM"),
-                            "worker_peak_gb": children, "slide_px": list(dims)}))
+                            "worker_peak_gb": children, "workers": default_workers(device), "slide_px": list(dims)}))
 """
 
 
@@ -75,6 +75,6 @@ def run(mode, device: str = "cpu") -> list[Row]:
                 f"ResNet-18, {device})", result["peak_gb"], "GB",
                 "RSS after imports + encoder", result["baseline_gb"], result["peak_gb"] / result["baseline_gb"],
                 note=(f"largest reader worker {result['worker_peak_gb']:.2f} GB; "
-                      if result["worker_peak_gb"] > 0.01 else "tiles read in-process; ")
+                      if result.get("workers") else "tiles read by a thread in-process; ")
                      + f"{result['tiles'] / result['seconds']:.0f} tiles/s incl. tissue mask",
                 extra=result)]

@@ -195,7 +195,8 @@ def encoders(config: ConfigOpt = None) -> None:
 EncoderOpt = Annotated[str, typer.Option(help="Encoder name (see `weakstil encoders`).")]
 WeightsOpt = Annotated[Optional[str], typer.Option(
     help="Weight source: file:/path/to/checkpoint or hf-hub:org/name (default: the encoder's own).")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="Tiles per encoder forward pass.")]
+BatchOpt = Annotated[Optional[int], typer.Option(
+    "--batch-size", help="Tiles per encoder forward pass (default: 32 on a CPU, 256 on a GPU).")]
 ReadWorkersOpt = Annotated[Optional[int], typer.Option(
     "--read-workers", help="Tile-reading processes per slide (default: none on a CPU with ≤ 4 cores, up to 4 on bigger ones, up to 8 with CUDA; 0 = read between batches).")]
 WorkersOpt = Annotated[Optional[int], typer.Option(
@@ -245,7 +246,7 @@ def extract(
     force_mpp: ForceMppOpt = False,
     mpp_csv: MppCsvOpt = None,
     device: DeviceOpt = "auto",
-    batch_size: BatchOpt = 32,
+    batch_size: BatchOpt = None,
     read_workers: ReadWorkersOpt = None,
     workers: WorkersOpt = None,
     scheduler: SchedulerOpt = None,
@@ -359,7 +360,7 @@ def score(
     force_mpp: ForceMppOpt = False,
     mpp_csv: MppCsvOpt = None,
     device: DeviceOpt = "auto",
-    batch_size: BatchOpt = 32,
+    batch_size: BatchOpt = None,
     read_workers: ReadWorkersOpt = None,
     workers: WorkersOpt = None,
     scheduler: SchedulerOpt = None,
@@ -478,7 +479,7 @@ def view(
 def main() -> None:
     """Console-script entry point."""
     try:
-        app()
+        app(prog_name="weakstil")
     except WeakstilError as exc:  # a library error that escaped a command
         _fail(exc)
 

@@ -1,0 +1,6 @@
+"""``python -m weakstil`` = the ``weakstil`` command."""
+
+from .cli import main
+
+if __name__ == "__main__":
+    main()
