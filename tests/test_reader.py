@@ -242,8 +242,8 @@ def test_merge_jpeg_tables_restores_abbreviated_tiles():
 
 # --- feeding the encoder --------------------------------------------------------------------------
 def test_reader_thread_and_reader_processes_give_the_same_batches(he_slides):
-    """workers=0 (one reader thread in this process, the small-CPU default) and workers=2 (DataLoader
-    processes) yield the same rows in the same order, in batches of the requested size."""
+    """workers=0 (one reader thread in this process, the small-CPU default) and workers=2 (reader
+    processes writing into a shared-memory ring) yield the same rows in the same order, in batches of the requested size."""
     from weakstil.extract import BlockDataset, ExtractOptions, iter_batches
 
     path = he_slides[0.25]
@@ -252,7 +252,9 @@ def test_reader_thread_and_reader_processes_give_the_same_batches(he_slides):
     got = {}
     for workers in (0, 2):
         dataset = BlockDataset(path, coords, blocks, size_l0, 112, {})
-        batches = list(iter_batches(dataset, ExtractOptions(device="cpu", batch_size=8, workers=workers), "cpu"))
+        # a batch is valid until the next is asked for (process readers hand out views of their ring)
+        batches = [(start, t.clone()) for start, t in
+                   iter_batches(dataset, ExtractOptions(device="cpu", batch_size=8, workers=workers), "cpu")]
         dataset.close()
         starts = [start for start, _ in batches]
         sizes = [len(t) for _, t in batches]
@@ -261,6 +263,8 @@ def test_reader_thread_and_reader_processes_give_the_same_batches(he_slides):
         got[workers] = np.concatenate([t.numpy() for _, t in batches])
     assert len(got[0]) == len(coords)
     np.testing.assert_array_equal(got[0], got[2])
+    with open_slide(path) as slide:  # and the tiles the reader gives when called directly
+        np.testing.assert_array_equal(got[0], read_all(slide, coords, size_l0, blocks, 112))
 
 
 def test_reader_thread_errors_reach_the_caller_and_the_thread_stops(he_slides, monkeypatch):

@@ -170,7 +170,7 @@ def dask_client(workers: int | None = None, scheduler: str | None = None) -> Ite
                 raise SchedulerError(f"cannot reach the Dask scheduler at {scheduler} ({exc})") from exc
             yield client
             return
-        # worker processes may start tile-reading processes (torch DataLoader); must hold while the
+        # worker processes may start tile-reading processes (weakstil.loader); must hold while the
         # nannies restart killed workers, so for the whole run
         stack.enter_context(dask.config.set({"distributed.worker.daemon": False}))
         cluster = stack.enter_context(LocalCluster(

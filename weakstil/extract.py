@@ -1,9 +1,11 @@
-"""Tiles → embeddings: region reading, a DataLoader over tile blocks, the encoder forward, the cache.
+"""Tiles → embeddings: block reading, reader processes (or a reader thread), the encoder, the cache.
 
 Reading is the part peers get slow. Instead of one ``read_region`` per tile, tiles are grouped into
-blocks of up to ``block`` × ``block`` neighbouring grid cells; each block is read once at the best
-pyramid level for the target resolution, resized once, and cut into tiles. Every DataLoader worker
-opens its own slide handle (handles are not shared across processes).
+blocks of up to ``block`` × ``block`` neighbouring grid cells; each block is read once (the slide's
+own JPEG tiles decoded straight into output tiles where the file allows, else one ``read_region``
+per block, resized once) and cut into tiles (:mod:`weakstil.reader`). Reader processes each open
+their own slide handle and write into a shared-memory ring (:mod:`weakstil.loader`); on a small CPU
+one reader thread in this process does it instead.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ class BlockDataset:
 
 @dataclass
 class ExtractOptions:
-    """How to run the encoder: device, batch size, DataLoader workers."""
+    """How to run the encoder: device, batch size, tile-reader processes."""
 
     device: str = "auto"
     batch_size: int | None = None  # None: see default_batch_size (32 on a CPU, 256 on a GPU)
@@ -96,8 +98,8 @@ def default_batch_size(device: str) -> int:
 
 def default_workers(device: str) -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if device.startswith("cuda"):
-        return max(1, min(8, cpus - 1))
+    if device.startswith("cuda"):  # one core stays with the process feeding the GPU; on an H200 box
+        return max(1, min(8, cpus - 1))  # with 16 cores, 15 readers were no faster than 8
     # On a small CPU the encoder's OpenMP threads already use every core; a reader process beside
     # them stalls their barriers (ResNet-18 on 2 cores: 0.78x the forward-only rate with one reader
     # process, 0.87-0.89x reading between batches, ~0.95x with the in-process reader thread that
@@ -153,21 +155,23 @@ def _thread_reader(dataset: BlockDataset, depth: int = 4) -> Iterator[tuple[int,
 def iter_batches(dataset: BlockDataset, opts: ExtractOptions, device: str) -> Iterator[tuple[int, object]]:
     """Yield (first row, uint8 tile tensor (B, H, W, 3)) batches of about ``batch_size`` tiles, in row order.
 
-    ``workers`` > 0: a DataLoader with that many reader processes; 0: one reader thread in this process.
+    ``workers`` > 0: that many reader processes writing into a shared-memory ring
+    (:class:`weakstil.loader.RingLoader`); each batch is then a view, valid until the next is asked
+    for. 0: one reader thread in this process.
     """
     import torch
-    from torch.utils.data import DataLoader
 
     workers = opts.workers if opts.workers is not None else default_workers(device)
     workers = min(workers, len(dataset))
     batch_size = opts.batch_size or default_batch_size(device)
     if workers > 0:
-        blocks = DataLoader(
-            dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=device.startswith("cuda"),
-            prefetch_factor=4, multiprocessing_context="fork" if os.name == "posix" else None,
-        )
-    else:
-        blocks = _thread_reader(dataset)
+        from .loader import RingLoader
+
+        yield from RingLoader(dataset.__getitem__, [len(b.index) for b in dataset.blocks],
+                              [int(b.index[0]) for b in dataset.blocks], dataset.tile_px,
+                              batch_size=batch_size, workers=workers)
+        return
+    blocks = _thread_reader(dataset)
     first, pending, n = 0, [], 0
     for start, tiles in blocks:
         if not pending:
