@@ -135,9 +135,10 @@ class BagDataset:
     the full bag; otherwise at most ``max_tiles`` tiles drawn with a generator seeded by
     ``(seed, draw, index)``, so the draw never depends on worker processes or batch order.
 
-    float16 and float32 bags are kept as they are, without a copy; each item is made float32 when
-    it is drawn (numpy's float16 → float32 is ~5× faster than torch's on the CPU); other dtypes
-    are converted to float32 once."""
+    float16 and float32 bags are kept as they are, without a copy, and items are numpy rows in
+    that dtype: :func:`collate_bags` writes them into one float32 batch (numpy's float16 → float32
+    is ~5× faster than torch's on the CPU, and the batch is allocated once instead of per bag and
+    again by ``torch.stack``); other dtypes are converted to float32 once."""
 
     def __init__(self, bags: Sequence[Bag], *, max_tiles: int | None = None, seed: int = 0):
         self.features = [_as_float(f) for f, _ in bags]
@@ -156,16 +157,18 @@ class BagDataset:
             rng = np.random.default_rng([self.seed, draw, index])
             rows = np.sort(rng.choice(x.shape[0], size=self.max_tiles, replace=False))
             x = x[rows]
-        return torch.from_numpy(np.asarray(x, dtype=np.float32)), self.labels[index]
+        return x, self.labels[index]
 
 
 class BagBatchSampler:
     """Batches of ``(index, draw)`` items. Training: shuffled, ``batch`` bags a step, tiles re-drawn
     each epoch. Evaluation: full bags sorted by size and grouped while the padded batch holds at
-    most ``tile_budget`` tiles (one bag alone may exceed it), so memory stays bounded."""
+    most ``tile_budget`` tiles (one bag alone may exceed it), so memory stays bounded. Small
+    batches are also faster on a CPU (they stay in cache): 2,000-tile bags evaluated 32 at a time
+    took 12.5 ms each, 4 at a time 7.5 ms."""
 
     def __init__(self, sizes: Sequence[int], batch: int, *, train: bool, seed: int = 0,
-                 tile_budget: int = 65536):
+                 tile_budget: int = 8192):
         self.sizes, self.batch, self.train, self.seed = list(sizes), batch, train, seed
         self.tile_budget = tile_budget
         self.epoch = 0
@@ -204,22 +207,22 @@ def _as_float(features: np.ndarray) -> np.ndarray:
 
 
 def collate_bags(items):
-    """Pad (features (N_i, D), label) items to float32 ``features (B, N_max, D)`` + ``mask (B, N_max)``."""
+    """Pad (features (N_i, D), label) items to float32 ``features (B, N_max, D)`` + ``mask (B, N_max)``.
+
+    Features may be numpy (float16 or float32) or tensors; each is converted while it is copied into
+    the batch (one pass, one allocation)."""
     import torch
 
     n_max = max(x.shape[0] for x, _ in items)
-    if all(x.shape[0] == n_max for x, _ in items):  # training steps: every bag drew max_tiles
-        features = torch.stack([x.float() for x, _ in items])
-        mask = torch.ones(len(items), n_max, dtype=torch.bool)
-    else:
-        features = torch.empty(len(items), n_max, items[0][0].shape[1])  # every element written below
-        mask = torch.zeros(len(items), n_max, dtype=torch.bool)
-        for i, (x, _) in enumerate(items):
-            features[i, : x.shape[0]] = x
-            features[i, x.shape[0] :] = 0.0
-            mask[i, : x.shape[0]] = True
+    batch = np.empty((len(items), n_max, items[0][0].shape[1]), dtype=np.float32)
+    mask = torch.zeros(len(items), n_max, dtype=torch.bool)
+    for i, (x, _) in enumerate(items):
+        n = x.shape[0]
+        batch[i, :n] = x.numpy() if isinstance(x, torch.Tensor) else x
+        batch[i, n:] = 0.0
+        mask[i, :n] = True
     label = torch.tensor([y for _, y in items], dtype=torch.float32)
-    return {"features": features, "mask": mask, "label": label}
+    return {"features": torch.from_numpy(batch), "mask": mask, "label": label}
 
 
 def _loader(bags: Sequence[Bag], cfg: TrainConfig, *, train: bool):
