@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from weakstil.errors import ConfigError, WeakstilError
-from weakstil.heatmap import colormap_lut, stil_rgb, write_slide_outputs
+from weakstil.heatmap import colormap_lut, layer_scale, stil_rgb, write_slide_outputs
 from weakstil.slide import open_slide
 from weakstil.viewer import ViewerConfig, check_bind, create_app, running_server, serve
 from weakstil.viewer.app import OSD_DIR
@@ -175,9 +175,13 @@ def test_slide_info_and_layers(client, cohort):
     lut = colormap_lut("viridis")
     assert pred["colors"][0] == "#%02x%02x%02x" % tuple(lut[0])
     assert pred["colors"][-1] == "#%02x%02x%02x" % tuple(lut[255])
-    attention = cohort["tiles"]["case-a"]["attention"]
-    assert layers["attention"]["vmax"] == pytest.approx(np.percentile(attention, 99))
-    assert not layers["attention"]["fixed"]
+    # attention and contribution: the fixed scales of heatmap.png (× N, log), not stretched per slide
+    att = layers["attention"]
+    assert (att["vmin"], att["vmax"], att["cmap"], att["log"], att["fixed"]) == (1 / 16, 16.0, "magma", True, True)
+    assert {"at": 50.0, "label": "1×"} in att["ticks"]
+    assert [t["at"] for t in att["ticks"]] == sorted(t["at"] for t in att["ticks"])
+    assert (att["ticks"][0]["at"], att["ticks"][-1]["at"]) == (0.0, 100.0)
+    assert layers["contribution"]["ticks"][-1] == {"at": 100.0, "label": "1000"}
     assert set(info["files"]) == {"heatmap.png", "top_tiles.png", "tiles.csv", "tiles.geojson", "heatmap.tif"}
     for url in info["files"].values():
         assert client.get(url).status_code == 200
@@ -259,14 +263,15 @@ def test_overlay_tiles_have_each_tiles_colour(client, cohort):
     # far from any tile (the top-left corner of the slide is background): transparent
     tile = png(client.get(f"/api/slides/{sid}/overlay/prediction_files/{geo.max_level}/0_0.png"))
     assert tile[0, 0, 3] == 0
-    # attention has its own scale: the tile with the highest attention is the top of magma
+    # attention on its fixed scale (N × attention, log2, 1/16× … 16×): the colour heatmap.png gives it
     top = int(np.argmax(truth["attention"]))
+    expected = layer_scale("attention").rgb(truth["attention"], len(truth["attention"]))[top]
     cx, cy = centre(truth["coords"][top], truth["size"])
     level = geo.max_level
     col, row = cx // geo.tile_size, cy // geo.tile_size
     x0, y0, _, _ = geo.tile_box(level, col, row)
     tile = png(client.get(f"/api/slides/{sid}/overlay/attention_files/{level}/{col}_{row}.png"))
-    assert tuple(tile[cy - y0, cx - x0, :3]) == tuple(colormap_lut("magma")[255])
+    assert tuple(tile[cy - y0, cx - x0, :3]) == tuple(expected)
     assert client.get(f"/api/slides/{sid}/overlay/nonsense.dzi").status_code == 404
     assert client.get(f"/api/slides/{sid}/overlay/nonsense_files/{level}/0_0.png").status_code == 404
     assert client.get("/api/slides/case-c/overlay/prediction.dzi").status_code == 404

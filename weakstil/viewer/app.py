@@ -307,7 +307,7 @@ def create_app(config: ViewerConfig | Mapping[str, Any]):
             info["n_tiles"] = len(tiles)
             for layer in LAYERS:
                 if np.isfinite(tiles.values[layer]).any():
-                    entry = legend(layer, *tiles.layer_scale(layer))
+                    entry = legend(layer)
                     entry["dzi"] = f"/api/slides/{_quote(sid)}/overlay/{layer}.dzi"
                     info["layers"].append(entry)
         return JSONResponse(info, headers={"cache-control": "no-cache"})

@@ -22,16 +22,14 @@ from typing import Any
 import numpy as np
 
 from weakstil.errors import AnisotropicMppError, MissingMppError
-from weakstil.heatmap import FILENAMES, STIL_LABEL, TILE_COLUMNS, colormap_lut, stil_rgb
+from weakstil.heatmap import FILENAMES, TILE_COLUMNS, colormap_lut, layer_scale
 from weakstil.slide import find_slides, open_kwargs_for, open_slide
 from weakstil.viewer.deepzoom import TileLayer
 
 log = logging.getLogger(__name__)
 
 SCORES_CSV = "scores.csv"
-LAYERS = ("prediction", "attention", "contribution")
-SECONDARY_CMAP = "magma"  # attention and contribution: a scale of its own, not the sTIL% one
-SECONDARY_PERCENTILE = 99.0
+LAYERS = ("prediction", "attention", "contribution")  # colour scales: weakstil.heatmap.LAYERS (fixed)
 REVIEW_FILES = {  # download name -> (file in results/slides/<id>/, media type)
     FILENAMES["png"]: "image/png",
     FILENAMES["top"]: "image/png",
@@ -81,27 +79,12 @@ class TilesData:
     def __len__(self) -> int:
         return len(self.x)
 
-    def layer_scale(self, layer: str) -> tuple[str, float, float]:
-        """(colormap, vmin, vmax) of a layer: sTIL% on the fixed 0–100 scale, the others 0 to their
-        99th percentile on this slide (the legend says so)."""
-        if layer == "prediction":
-            return "viridis", 0.0, 100.0
-        finite = self.values[layer][np.isfinite(self.values[layer])]
-        if finite.size == 0:
-            return SECONDARY_CMAP, 0.0, 1.0
-        vmax = float(np.percentile(finite, SECONDARY_PERCENTILE))
-        vmin = min(0.0, float(finite.min()))
-        if vmax <= vmin:
-            vmax = vmin + (abs(vmin) or 1.0)
-        return SECONDARY_CMAP, vmin, vmax
-
     def layer(self, layer: str) -> TileLayer:
+        """Tiles with a value for ``layer``, coloured on its fixed scale (as heatmap.png and heatmap.tif)."""
         values = self.values[layer]
         has = np.isfinite(values)
-        cmap, vmin, vmax = self.layer_scale(layer)
-        scaled = values[has] if layer == "prediction" else (values[has] - vmin) / (vmax - vmin) * 100.0
-        return TileLayer(x=self.x[has], y=self.y[has], size=np.maximum(self.width[has], self.height[has]),
-                         rgb=stil_rgb(scaled, cmap))
+        rgb = layer_scale(layer).rgb(values, int(has.sum()))[has]
+        return TileLayer(x=self.x[has], y=self.y[has], size=np.maximum(self.width[has], self.height[has]), rgb=rgb)
 
     def as_json(self) -> dict:
         return {"x": self.x.tolist(), "y": self.y.tolist(), "width": self.width.tolist(),
@@ -129,18 +112,17 @@ def read_tiles_csv(path: Path) -> TilesData:
                      stamp=(str(path), stat.st_size, stat.st_mtime_ns))
 
 
-def legend(layer: str, cmap: str, vmin: float, vmax: float, stops: int = 11) -> dict:
-    """What the page needs to draw a layer's colour bar."""
-    lut = colormap_lut(cmap)
+def legend(layer: str, stops: int = 11) -> dict:
+    """What the page needs to draw a layer's colour bar: the fixed scale of ``weakstil.heatmap.LAYERS``,
+    the same on every slide and in heatmap.png. Attention and contribution are shown × N (N = tiles
+    with a value), on log scales; ``ticks`` give each labelled value's place on the bar (0–100 %)."""
+    scale = layer_scale(layer)
+    lut = colormap_lut(scale.cmap)
     colours = ["#%02x%02x%02x" % tuple(lut[round(i * 255 / (stops - 1))]) for i in range(stops)]
-    labels = {
-        "prediction": STIL_LABEL + ", fixed scale",
-        "attention": f"attention (0 to this slide's {SECONDARY_PERCENTILE:g}th percentile)",
-        "contribution": f"contribution to the slide score, sTIL% points (0 to this slide's "
-                        f"{SECONDARY_PERCENTILE:g}th percentile)",
-    }
-    return {"layer": layer, "cmap": cmap, "vmin": vmin, "vmax": vmax, "colors": colours,
-            "label": labels[layer], "fixed": layer == "prediction"}
+    at = scale.position(np.asarray(scale.ticks, dtype=np.float64)) * 100.0
+    return {"layer": layer, "cmap": scale.cmap, "vmin": scale.vmin, "vmax": scale.vmax, "log": scale.log,
+            "times_n": scale.times_n, "colors": colours, "label": scale.label, "fixed": True,
+            "ticks": [{"at": round(float(a), 3), "label": t} for a, t in zip(at, scale.tick_labels)]}
 
 
 class _FileCache:

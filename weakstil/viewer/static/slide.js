@@ -14,12 +14,6 @@
     return value === null || value === undefined || !Number.isFinite(value) ? "–" : Number(value).toFixed(digits);
   }
 
-  function fmtScale(value) {
-    const abs = Math.abs(value);
-    if (abs === 0) return "0";
-    return abs >= 10 ? value.toFixed(0) : abs >= 1 ? value.toFixed(1) : value.toPrecision(2);
-  }
-
   function facts(info) {
     const s = info.slide;
     const parts = [`sTIL % ${fmt(s.score, 1)}`];
@@ -36,15 +30,28 @@
 
   // --- legend -------------------------------------------------------------------------------------
   function showLegend(layer) {
+    // Fixed scales (weakstil.heatmap.LAYERS), the same on every slide: labelled ticks at their place
+    // on the bar, thinned so that neighbours keep at least MIN_GAP % apart (the ends always shown).
+    const MIN_GAP = 16;
     const bar = $("legend-bar");
     bar.style.background = `linear-gradient(to right, ${layer.colors.join(", ")})`;
-    $("legend-min").textContent = fmtScale(layer.vmin);
-    $("legend-mid").textContent = fmtScale((layer.vmin + layer.vmax) / 2);
-    $("legend-max").textContent = (layer.fixed ? "" : "≥ ") + fmtScale(layer.vmax);
-    let text = layer.label;
+    const shown = [];
+    layer.ticks.forEach((tick, k) => {
+      const last = k === layer.ticks.length - 1;
+      while (last && shown.length > 1 && tick.at - shown[shown.length - 1].at < MIN_GAP) shown.pop();
+      if (!shown.length || last || tick.at - shown[shown.length - 1].at >= MIN_GAP) shown.push(tick);
+    });
+    const ticks = $("legend-ticks");
+    ticks.replaceChildren(...shown.map((tick) => {
+      const span = document.createElement("span");
+      span.textContent = tick.label;
+      span.style.left = `${tick.at}%`;
+      return span;
+    }));
+    let text = layer.label + (layer.log ? ", log scale" : "");
     const score = state.info.slide.score;
     const marker = $("legend-score");
-    if (layer.fixed && score !== null && score !== undefined) {
+    if (layer.layer === "prediction" && score !== null && score !== undefined) {
       marker.hidden = false;
       marker.style.left = `${Math.min(100, Math.max(0, score))}%`;
       text += `; red line: slide score ${fmt(score, 1)}`;
@@ -117,7 +124,8 @@
     $("ti-prediction").textContent = i < 0 ? "no tile here" : fmt(t.prediction[i], 1);
     $("ti-attention").textContent = i < 0 ? "–" : (t.attention[i] === null ? "–" :
       `${t.attention[i].toPrecision(3)} (${(t.attention[i] * t.x.length).toFixed(2)}× mean)`);
-    $("ti-contribution").textContent = i < 0 || t.contribution[i] === null ? "–" : t.contribution[i].toPrecision(3);
+    $("ti-contribution").textContent = i < 0 || t.contribution[i] === null ? "–" :
+      `${t.contribution[i].toPrecision(3)} (× N: ${(t.contribution[i] * t.x.length).toFixed(1)} sTIL% points)`;
   }
 
   function imagePoint(position) {
