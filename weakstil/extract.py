@@ -169,7 +169,7 @@ def iter_batches(dataset: BlockDataset, opts: ExtractOptions, device: str) -> It
 
         yield from RingLoader(dataset.__getitem__, [len(b.index) for b in dataset.blocks],
                               [int(b.index[0]) for b in dataset.blocks], dataset.tile_px,
-                              batch_size=batch_size, workers=workers)
+                              batch_size=batch_size, workers=workers, pin=device.startswith("cuda"))
         return
     blocks = _thread_reader(dataset)
     first, pending, n = 0, [], 0
