@@ -198,7 +198,7 @@ WeightsOpt = Annotated[Optional[str], typer.Option(
 BatchOpt = Annotated[Optional[int], typer.Option(
     "--batch-size", help="Tiles per encoder forward pass (default: 32 on a CPU, 256 on a GPU).")]
 ReadWorkersOpt = Annotated[Optional[int], typer.Option(
-    "--read-workers", help="Tile-reading processes per slide (default: none on a CPU with ≤ 4 cores, up to 4 on bigger ones, up to 8 with CUDA; 0 = one reader thread).")]
+    "--read-workers", help="Tile-reading processes per slide (default: none on a CPU with ≤ 4 cores, up to 4 on bigger ones, one per core but one (up to 16) with CUDA; 0 = one reader thread).")]
 WorkersOpt = Annotated[Optional[int], typer.Option(
     "--workers", help="Slides in parallel: N>1 starts a local Dask cluster of N processes.")]
 SchedulerOpt = Annotated[Optional[str], typer.Option(

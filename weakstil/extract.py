@@ -98,8 +98,8 @@ def default_batch_size(device: str) -> int:
 
 def default_workers(device: str) -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if device.startswith("cuda"):  # one core stays with the process feeding the GPU; on an H200 box
-        return max(1, min(8, cpus - 1))  # with 16 cores, 15 readers were no faster than 8
+    if device.startswith("cuda"):  # decoding bounds extraction there (docs/performance.md): every
+        return max(1, min(16, cpus - 1))  # core but the one feeding the GPU reads
     # On a small CPU the encoder's OpenMP threads already use every core; a reader process beside
     # them stalls their barriers (ResNet-18 on 2 cores: 0.78x the forward-only rate with one reader
     # process, 0.87-0.89x reading between batches, ~0.95x with the in-process reader thread that
