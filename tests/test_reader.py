@@ -103,6 +103,21 @@ def test_direct_near_power_of_two_uses_dct_scale(he_slides):
     assert mean_abs_diff(direct, region) < 2.0
 
 
+def test_scaled_decoding_is_the_same_with_simplejpeg_and_pil(he_slides, monkeypatch):
+    """simplejpeg (the fast path) and PIL's draft mode (the fallback) run the same libjpeg-turbo
+    scaled IDCT: the tiles must be identical."""
+    got = []
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(reader, "_simplejpeg", None)
+        with open_slide(he_slides[0.25]) as slide:
+            coords, size_l0, blocks = all_tiles(slide, TileSpec(tile_px=112, mpp=0.5))
+            got.append(read_all(slide, coords, size_l0, blocks, 112))
+            assert direct_source(slide).plan(slide, size_l0, 112)[1] == 2  # decoded at 1/2
+    assert reader._simplejpeg is None and got[0].shape == got[1].shape
+    np.testing.assert_array_equal(got[0], got[1])
+
+
 def test_direct_decodes_each_jpeg_tile_once_when_blocks_align(he_slides):
     with open_slide(he_slides[0.5]) as slide:
         spec = TileSpec(tile_px=224, mpp=0.5)
