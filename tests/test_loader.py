@@ -92,3 +92,12 @@ def test_stopping_early_stops_the_readers():
     assert children_alive()
     batches.close()
     assert not children_alive()
+
+
+def test_a_dead_reader_is_a_weakstil_error_with_a_fix():
+    from weakstil.errors import WeakstilError
+
+    with pytest.raises(WeakstilError) as info:
+        for _ in RingLoader(_dies_on_block_2, SIZES, FIRST, PX, batch_size=4, workers=1, poll_s=0.2):
+            pass
+    assert isinstance(info.value, ReaderDied) and "--read-workers" in info.value.fix

@@ -159,30 +159,25 @@ def iter_batches(dataset: BlockDataset, opts: ExtractOptions, device: str) -> It
     (:class:`weakstil.loader.RingLoader`); each batch is then a view, valid until the next is asked
     for. 0: one reader thread in this process.
     """
+    import contextlib
+
     import torch
+
+    from .loader import RingLoader, plan_batches
 
     workers = opts.workers if opts.workers is not None else default_workers(device)
     workers = min(workers, len(dataset))
     batch_size = opts.batch_size or default_batch_size(device)
+    sizes = [len(b.index) for b in dataset.blocks]
     if workers > 0:
-        from .loader import RingLoader
-
-        yield from RingLoader(dataset.__getitem__, [len(b.index) for b in dataset.blocks],
-                              [int(b.index[0]) for b in dataset.blocks], dataset.tile_px,
-                              batch_size=batch_size, workers=workers, pin=device.startswith("cuda"))
+        yield from RingLoader(dataset.__getitem__, sizes, [int(b.index[0]) for b in dataset.blocks],
+                              dataset.tile_px, batch_size=batch_size, workers=workers,
+                              pin=device.startswith("cuda"))
         return
-    blocks = _thread_reader(dataset)
-    first, pending, n = 0, [], 0
-    for start, tiles in blocks:
-        if not pending:
-            first = start
-        pending.append(tiles)
-        n += len(tiles)
-        if n >= batch_size:
-            yield first, torch.cat(pending) if len(pending) > 1 else pending[0]
-            pending, n = [], 0
-    if pending:
-        yield first, torch.cat(pending) if len(pending) > 1 else pending[0]
+    with contextlib.closing(_thread_reader(dataset)) as blocks:  # closing it stops the thread
+        for batch in plan_batches(sizes, batch_size):  # the same grouping as the reader processes'
+            items = [next(blocks) for _ in batch]
+            yield items[0][0], torch.cat([t for _, t in items]) if len(items) > 1 else items[0][1]
 
 
 def embed_tiles(path: Path, coords_l0: np.ndarray, blocks: list[Block], size_l0: float, tile_px: int,

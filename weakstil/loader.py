@@ -3,8 +3,8 @@
 torch's DataLoader sends every item through a fresh shared-memory segment: the worker allocates it,
 copies the tiles in, passes a file descriptor; the main process maps it, copies it into the batch and
 unmaps it. Every byte is page-faulted twice, and the main process does it all alone. On a 16-core GPU
-machine that capped extraction at ~3,500-4,000 224-px tiles/s whatever the number of workers
-(docs/performance.md), while one core alone reads ~1,000 tiles/s.
+machine that capped delivery at ~4,200 224-px tiles/s with 8 or 15 workers even with nothing to
+decode, where the ring below delivered ~13,800 (docs/performance.md).
 
 :class:`RingLoader` instead allocates a few batch-sized slots of shared memory once, before the
 workers fork. Each worker reads a block of tiles and writes it straight into its place in a slot; only
@@ -25,6 +25,8 @@ from typing import Callable
 
 import numpy as np
 
+from .errors import WeakstilError
+
 log = logging.getLogger(__name__)
 
 
@@ -42,8 +44,11 @@ def plan_batches(block_sizes: list[int], batch_size: int) -> list[list[int]]:
     return batches
 
 
-class ReaderDied(RuntimeError):
+class ReaderDied(WeakstilError, RuntimeError):
     """A reader process ended without reporting (killed, out of memory, crashed in C code)."""
+
+    fix = ("check the slide with `weakstil check`; if memory ran out, use fewer --read-workers or a "
+           "smaller --batch-size; run the command again, finished slides are kept")
 
 
 def _worker_loop(read: Callable[[int], tuple[int, np.ndarray]], ring, tasks, results) -> None:
@@ -136,8 +141,8 @@ class RingLoader:
                         dead = [p for p in procs if not p.is_alive()]
                         if dead:
                             raise ReaderDied(
-                                f"tile reader {dead[0].name} stopped (exit code {dead[0].exitcode}) "
-                                f"while reading {self.workers} worker(s)' blocks; the slide was not finished"
+                                f"tile reader {dead[0].name} stopped (exit code {dead[0].exitcode}) before "
+                                "it finished its blocks; this slide's features were not written"
                             ) from None
                         continue
                     if error is not None:

@@ -218,7 +218,7 @@ def collate_bags(items):
     mask = torch.zeros(len(items), n_max, dtype=torch.bool)
     for i, (x, _) in enumerate(items):
         n = x.shape[0]
-        batch[i, :n] = x.numpy() if isinstance(x, torch.Tensor) else x
+        batch[i, :n] = x  # numpy converts (float16 → float32) while it copies
         batch[i, n:] = 0.0
         mask[i, :n] = True
     label = torch.tensor([y for _, y in items], dtype=torch.float32)
