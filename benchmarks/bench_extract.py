@@ -1,8 +1,8 @@
 """Extract case: end-to-end tiles/s vs the encoder alone; pipeline efficiency = their ratio.
 
-* **end-to-end** — :func:`weakstil.extract.embed_tiles` with the default :class:`ExtractOptions`
+* **end-to-end** — :func:`weakstil.embed.extract.embed_tiles` with the default :class:`ExtractOptions`
   (DataLoader workers reading blocks through weakstil's reader, the encoder on ``device``), writing
-  into a :class:`weakstil.cache.FeatureCache` slide group, as ``weakstil extract`` does.
+  into a :class:`weakstil.embed.cache.FeatureCache` slide group, as ``weakstil extract`` does.
 * **forward only** — the same :class:`TileEmbedder` (uint8 → normalise → encoder → float16) on the
   same tiles, preloaded in memory, in batches of the same size: the rate the pipeline could reach if
   reading, batching and writing were free.
@@ -27,7 +27,7 @@ VIT_NAME = "bench-vit_small_patch16_224-random"
 def make_encoder(key: str):
     from dataclasses import replace
 
-    from weakstil.encoders import RANDOM_INIT, create_encoder, get_encoder_spec, register_encoder
+    from weakstil.embed.encoders import RANDOM_INIT, create_encoder, get_encoder_spec, register_encoder
     from weakstil.errors import UnknownEncoderError
 
     if key == "resnet18":
@@ -58,7 +58,7 @@ def repeat_blocks(blocks, coords: np.ndarray, n: int, passes: int):
     """The first ``n`` tiles' blocks ``passes`` times over (rows renumbered): enough tiles to keep a
     GPU busy from a slide that is quick to synthesise. Blocks align with the slide's JPEG tiles (no
     JPEG tile is shared between blocks), so every pass decodes as much as the first."""
-    from weakstil.reader import Block
+    from weakstil.wsi.reader import Block
 
     out = [Block(b.index + k * n, b.xy_l0, b.size_l0) for k in range(passes) for b in blocks]
     return out, np.tile(coords[:n], (passes, 1))
@@ -72,12 +72,12 @@ GPU_SCALE = {"full": 1.0, "quick": 0.25, "smoke": 0.01}
 def run(mode, device: str = "cpu") -> list[Row]:
     import torch
 
-    from weakstil.cache import FeatureCache
-    from weakstil.extract import (ExtractOptions, TileEmbedder, default_batch_size, default_workers, embed_tiles,
+    from weakstil.embed.cache import FeatureCache
+    from weakstil.embed.extract import (ExtractOptions, TileEmbedder, default_batch_size, default_workers, embed_tiles,
                                   resolve_device)
-    from weakstil import reader
-    from weakstil.reader import read_block_tiles
-    from weakstil.slide import open_slide
+    from weakstil.wsi import reader
+    from weakstil.wsi.reader import read_block_tiles
+    from weakstil.wsi.slide import open_slide
 
     device = resolve_device(device)
     cache_bytes = reader.TILE_CACHE_BYTES

@@ -27,13 +27,13 @@ def rss_gb(field="VmRSS"):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 path, device = sys.argv[1], sys.argv[2]
-from weakstil.cache import FeatureCache
-from weakstil.encoders import create_encoder
-from weakstil.extract import ExtractOptions, TileEmbedder, default_workers, embed_tiles
-from weakstil.reader import aligned_block, plan_blocks
-from weakstil.slide import open_slide
-from weakstil.tiling import TileSpec, plan_tiles
-from weakstil.tissue import TissueParams
+from weakstil.embed.cache import FeatureCache
+from weakstil.embed.encoders import create_encoder
+from weakstil.embed.extract import ExtractOptions, TileEmbedder, default_workers, embed_tiles
+from weakstil.wsi.reader import aligned_block, plan_blocks
+from weakstil.wsi.slide import open_slide
+from weakstil.wsi.tiling import TileSpec, plan_tiles
+from weakstil.wsi.tissue import TissueParams
 
 encoder = create_encoder("resnet18-random")
 embedder = TileEmbedder(encoder, device)

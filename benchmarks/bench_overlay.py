@@ -5,7 +5,7 @@
 A fresh subprocess builds a geometry-only slide (the ``SlideHandle`` duck type without pixels: the
 overlay never reads the slide) of ``width`` × ``height`` level-0 px at 0.25 µm/px, with about
 ``tiles`` tiles of 448 px (112 µm) filling a tissue ellipse on the regular grid and a smoothly
-varying sTIL% plus noise, then writes the overlay with ``weakstil.heatmap.heatmap_tiff`` and
+varying sTIL% plus noise, then writes the overlay with ``weakstil.outputs.heatmap.heatmap_tiff`` and
 reports:
 
 - the write time (wall and CPU: on a busy machine the CPU time is the steadier figure), the file
@@ -40,7 +40,7 @@ def rss_mb(field="VmRSS"):
     return float("nan")
 
 args = json.loads(sys.argv[1])
-from weakstil import heatmap as hm
+from weakstil.outputs import heatmap as hm
 
 class GeometrySlide:
     # the SlideHandle duck type, geometry only (heatmap_tiff never reads pixels)

@@ -2,13 +2,13 @@
 
 * **naive** — what CLAM and TRIDENT do: one OpenSlide ``read_region`` per tile at the best level,
   RGBA → RGB, resize to 224 px where the level is finer than 0.5 µm/px.
-* **weakstil** — :func:`weakstil.reader.read_block_tiles` over :func:`plan_blocks` blocks, a fresh
+* **weakstil** — :func:`weakstil.wsi.reader.read_block_tiles` over :func:`plan_blocks` blocks, a fresh
   slide handle each run (its open and the direct path's check are counted).
 * **decode bound** — imagecodecs decoding each of the TIFF's own JPEG tiles that the tiles touch,
   exactly once, plus the resize the level needs (PIL's box ``reduce``, the cheapest resize); also
   given without the resize (``decode only``), the floor no full-resolution decoder can beat.
 
-Tiles are the slide's tissue tiles (weakstil.tiling.plan_tiles), read in block order.
+Tiles are the slide's tissue tiles (weakstil.wsi.tiling.plan_tiles), read in block order.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ TARGET_MPP = 0.5
 
 def slide_tiles(path):
     """(coords_l0 in block order, size_l0, blocks) of the slide's tissue tiles at 224 px / 0.5 µm."""
-    from weakstil.reader import aligned_block, plan_blocks
-    from weakstil.slide import open_slide
-    from weakstil.tiling import TileSpec, plan_tiles
+    from weakstil.wsi.reader import aligned_block, plan_blocks
+    from weakstil.wsi.slide import open_slide
+    from weakstil.wsi.tiling import TileSpec, plan_tiles
 
     with open_slide(path) as slide:
         grid = plan_tiles(slide, TileSpec(tile_px=TILE_PX, mpp=TARGET_MPP))
@@ -58,8 +58,8 @@ def naive_loop(path, coords_l0: np.ndarray, size_l0: float, tile_px: int = TILE_
 
 def weakstil_reader(path, coords_l0: np.ndarray, size_l0: float, blocks, *, direct: bool = True,
                     backend: str = "auto") -> int:
-    from weakstil.reader import read_block_tiles
-    from weakstil.slide import open_slide
+    from weakstil.wsi.reader import read_block_tiles
+    from weakstil.wsi.slide import open_slide
 
     n = 0
     with open_slide(path, backend=backend) as slide:
@@ -73,7 +73,7 @@ class DecodeBound:
 
     def __init__(self, path, coords_l0: np.ndarray, size_l0: float, tile_px: int = TILE_PX):
         import tifffile
-        from weakstil.slide import open_slide
+        from weakstil.wsi.slide import open_slide
 
         with open_slide(path) as slide:
             level = slide.best_level_for_downsample(size_l0 / tile_px)

@@ -127,11 +127,11 @@ def pyramid_downsamples(width: int, height: int, *, downsample: int = 4, min_px:
 
 
 def write_lazy_slide(path: Path, slide: LazySlide, mpp: float = MPP, *, quality: int = 90) -> Path:
-    """The layout of :func:`weakstil.slidewriter.write_aperio_tiff` (level 0, stripped thumbnail,
+    """The layout of :func:`weakstil.wsi.writer.write_aperio_tiff` (level 0, stripped thumbnail,
     reduced levels; Aperio description with MPP), but from tile iterators: bounded memory."""
     import tifffile
 
-    from weakstil.slidewriter import APERIO_HEADER
+    from weakstil.wsi.writer import APERIO_HEADER
 
     width, height = slide.width, slide.height
     meta = f"|AppMag = 40|MPP = {mpp:g}"
@@ -217,13 +217,13 @@ def train_tiny_model(root: Path) -> Path:
     model = root / "models" / "bench"
     if (model / "model.ckpt").exists():
         return model
-    from weakstil.encoders import create_encoder
-    from weakstil.extract import ExtractOptions, extract_slides, slide_sources
-    from weakstil.pipeline import train_from_cache
-    from weakstil.slide import find_slides
-    from weakstil.synth import synth_cohort
-    from weakstil.tiling import TileSpec
-    from weakstil.tissue import TissueParams
+    from weakstil.embed.encoders import create_encoder
+    from weakstil.embed.extract import ExtractOptions, extract_slides, slide_sources
+    from weakstil.mil.cohort import train_from_cache
+    from weakstil.wsi.slide import find_slides
+    from weakstil.synth.lattice import synth_cohort
+    from weakstil.wsi.tiling import TileSpec
+    from weakstil.wsi.tissue import TissueParams
 
     synth_cohort(root / "cohort", n=6, size_um=600, seed=3, progress=False)
     sources = slide_sources(find_slides(root / "cohort" / "slides"))

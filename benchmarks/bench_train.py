@@ -1,6 +1,6 @@
 """Train and Score cases.
 
-**Train**: 5-fold cross-validation (``weakstil.train.cross_validate``, the default ``TrainConfig``:
+**Train**: 5-fold cross-validation (``weakstil.mil.train.cross_validate``, the default ``TrainConfig``:
 gated attention, early stopping on validation R²) on synthetic bags with a planted signal, at several
 bag counts. Each run is a subprocess, so its peak RSS is its own. Each tile has a latent sTIL
 fraction and a stroma flag; its features are a fixed random projection of (fraction, stroma, noise)
@@ -66,7 +66,7 @@ def time_cv(n_bags: int, n_tiles: int, dim: int, *, max_epochs: int | None = Non
     """One ``cross_validate`` run in this process: seconds (bag generation not counted), R², epochs."""
     import resource
 
-    from weakstil.train import TrainConfig, cross_validate
+    from weakstil.mil.train import TrainConfig, cross_validate
 
     cfg = TrainConfig(accelerator=accelerator, n_boot=200,
                       **({"max_epochs": max_epochs, "patience": max_epochs} if max_epochs else {}))
@@ -219,8 +219,8 @@ def run_train(mode, device: str = "cpu") -> list[Row]:
 def run_score(mode, device: str = "cpu") -> list[Row]:
     import torch
 
-    from weakstil.cache import FeatureCache
-    from weakstil.mil import MILRegressor, TrainedModel
+    from weakstil.embed.cache import FeatureCache
+    from weakstil.mil.model import MILRegressor, TrainedModel
 
     n, dim = mode.score_tiles, 512
     torch.manual_seed(0)

@@ -144,8 +144,8 @@ def bench_dir() -> Path:
 
 
 def synthetic_slide(mpp: float, size_um: tuple[float, float], *, seed: int = 1) -> Path:
-    """An Aperio-like synthetic slide (weakstil.synth) at ``mpp``, written once and then reused."""
-    from weakstil.synth import SlideParams, write_slide
+    """An Aperio-like synthetic slide (weakstil.synth.lattice) at ``mpp``, written once and then reused."""
+    from weakstil.synth.lattice import SlideParams, write_slide
 
     path = bench_dir() / f"synth-s{seed}-{size_um[0]:g}x{size_um[1]:g}um-{mpp:g}mpp.svs"
     if not path.exists():

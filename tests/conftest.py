@@ -26,7 +26,7 @@ from weakstil.errors import (
     NotASlideError,
     TruncatedSlideError,
 )
-from weakstil.slidewriter import write_aperio_tiff
+from weakstil.wsi.writer import write_aperio_tiff
 
 TINY_SIZE = (1500, 1200)  # (width, height) level 0
 TINY_MPP = 0.25

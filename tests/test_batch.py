@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from weakstil.batch import (
+from weakstil.runs.runner import (
     ALREADY_DONE,
     LOCKED,
     Outcome,
@@ -187,7 +187,7 @@ def test_is_done_is_checked_again_once_locked(tmp_path):
 SHARE_SCRIPT = """
 import sys, time
 from pathlib import Path
-from weakstil.batch import run_batch
+from weakstil.runs.runner import run_batch
 out = Path({out!r})
 def job(item):
     time.sleep(0.15)

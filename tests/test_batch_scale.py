@@ -43,14 +43,14 @@ class Cohort:
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> Cohort:
-    from weakstil.encoders import create_encoder
-    from weakstil.extract import ExtractOptions, extract_slides, slide_sources
-    from weakstil.pipeline import train_from_cache
-    from weakstil.score import score_slides
-    from weakstil.slide import find_slides
-    from weakstil.synth import synth_cohort
-    from weakstil.tiling import TileSpec
-    from weakstil.tissue import TissueParams
+    from weakstil.embed.encoders import create_encoder
+    from weakstil.embed.extract import ExtractOptions, extract_slides, slide_sources
+    from weakstil.mil.cohort import train_from_cache
+    from weakstil.outputs.score import score_slides
+    from weakstil.wsi.slide import find_slides
+    from weakstil.synth.lattice import synth_cohort
+    from weakstil.wsi.tiling import TileSpec
+    from weakstil.wsi.tissue import TissueParams
 
     root = tmp_path_factory.mktemp("scale")
     synth_cohort(root / "cohort", n=N_SLIDES, size_um=600, seed=5, workers=2, progress=False)
@@ -297,7 +297,7 @@ def test_an_unwritable_results_folder_stops_before_any_work(cohort, tmp_path, mo
 
 
 def test_a_full_disk_stops_the_run_and_leaves_no_half_written_slide(cohort, tmp_path, monkeypatch):
-    import weakstil.heatmap as heatmap
+    import weakstil.outputs.heatmap as heatmap
 
     calls = []
 
@@ -342,7 +342,7 @@ def write_lock(lock_dir: Path, key: str, **holder) -> Path:
 
 
 def test_a_lock_from_another_host_is_stale_once_its_heartbeat_stops(tmp_path):
-    from weakstil.batch import STALE_AFTER_S, run_batch
+    from weakstil.runs.runner import STALE_AFTER_S, run_batch
 
     locks = tmp_path / "locks"
     fresh = write_lock(locks, "a", pid=1, host="node-7")
@@ -356,7 +356,7 @@ def test_a_lock_from_another_host_is_stale_once_its_heartbeat_stops(tmp_path):
 
 
 def test_the_heartbeat_touches_the_locks_still_held(tmp_path):
-    from weakstil.batch import _touch_held_locks, acquire_lock
+    from weakstil.runs.runner import _touch_held_locks, acquire_lock
 
     lock, _ = acquire_lock(tmp_path, "a")
     other = write_lock(tmp_path, "b", token="someone-else")
@@ -370,7 +370,7 @@ def test_the_heartbeat_touches_the_locks_still_held(tmp_path):
 
 
 def test_a_killed_holder_not_yet_reaped_is_stale(tmp_path):
-    from weakstil.batch import _proc_start, acquire_lock
+    from weakstil.runs.runner import _proc_start, acquire_lock
 
     zombie = subprocess.Popen([sys.executable, "-c", "pass"])
     try:
@@ -387,7 +387,7 @@ def test_a_killed_holder_not_yet_reaped_is_stale(tmp_path):
 SIGTERM_SCRIPT = """
 import sys, time
 from pathlib import Path
-from weakstil.batch import run_batch
+from weakstil.runs.runner import run_batch
 out = Path(sys.argv[1])
 def job(item):
     (out / "started").touch()
@@ -411,7 +411,7 @@ def test_sigterm_releases_the_lock_and_exits_143(tmp_path):
 
 
 def test_a_full_disk_stops_run_batch_but_an_unreadable_input_does_not(tmp_path):
-    from weakstil.batch import run_batch
+    from weakstil.runs.runner import run_batch
     from weakstil.errors import OutputWriteError
 
     def job(item):
@@ -432,7 +432,7 @@ def test_a_full_disk_stops_run_batch_but_an_unreadable_input_does_not(tmp_path):
 
 
 def test_sweep_partials_removes_only_what_killed_runs_left(tmp_path):
-    from weakstil.batch import STALE_PARTIAL_S, _SAFE_HOST, staging_name, sweep_partials
+    from weakstil.runs.runner import STALE_PARTIAL_S, _SAFE_HOST, staging_name, sweep_partials
 
     mine = tmp_path / staging_name("S1")  # this live process's: kept
     dead = tmp_path / f".S2.{_SAFE_HOST}-{dead_pid()}-abcdef12.partial"  # this host, pid gone

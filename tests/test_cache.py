@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from weakstil import __version__
-from weakstil import cache as cache_module
-from weakstil.cache import (
+from weakstil.embed import cache as cache_module
+from weakstil.embed.cache import (
     SCHEMA_VERSION,
     CacheWarning,
     FeatureCache,
@@ -364,7 +364,7 @@ def test_sweep_removes_debris_of_dead_processes_only(cache):
 KILL_SCRIPT = """
 import sys, time
 import numpy as np
-from weakstil.cache import FeatureCache
+from weakstil.embed.cache import FeatureCache
 cache = FeatureCache.open({features!r}, {enc!r}, {til!r})
 with cache.slide_writer("S1", np.zeros((100, 2)), {dim}, chunk_rows=10) as w:
     for row in range(100):

@@ -7,11 +7,11 @@ import csv
 import pytest
 from rich.console import Console
 
-import weakstil.check as check_mod
-from weakstil.check import CHECK_COLUMNS, check_slides, check_table, write_check_csv
+import weakstil.wsi.check as check_mod
+from weakstil.wsi.check import CHECK_COLUMNS, check_slides, check_table, write_check_csv
 from weakstil.errors import MppCsvError
-from weakstil.slide import find_slides
-from weakstil.tissue import TissueParams
+from weakstil.wsi.slide import find_slides
+from weakstil.wsi.tissue import TissueParams
 
 from conftest import TINY_MPP, TINY_SIZE
 

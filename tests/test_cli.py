@@ -14,7 +14,7 @@ import yaml
 from typer.testing import CliRunner
 
 from weakstil.cli import app
-from weakstil.synth import plan_cohort
+from weakstil.synth.lattice import plan_cohort
 
 ENV = {"COLUMNS": "200", "NO_COLOR": "1"}  # rich wraps at 80 columns without a terminal
 

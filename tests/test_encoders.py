@@ -18,8 +18,8 @@ import pytest
 import torch
 import torchvision
 
-from weakstil import encoders as enc
-from weakstil.encoders import (
+from weakstil.embed import encoders as enc
+from weakstil.embed.encoders import (
     EncoderSpec,
     create_encoder,
     encoders_table,
@@ -397,5 +397,5 @@ def test_encoders_table_shows_every_spec():
 
 
 def test_import_does_not_load_torch_or_timm():
-    code = "import sys, weakstil.encoders; assert not {'torch', 'timm', 'rich'} & set(sys.modules)"
+    code = "import sys, weakstil.embed.encoders; assert not {'torch', 'timm', 'rich'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)

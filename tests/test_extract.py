@@ -24,9 +24,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from weakstil.cache import FeatureCache
+from weakstil.embed.cache import FeatureCache
 from weakstil.cli import app
-from weakstil.synth import plan_cohort
+from weakstil.synth.lattice import plan_cohort
 
 N, SEED, SIZE_UM = 6, 3, 600
 ENV = {"COLUMNS": "250", "NO_COLOR": "1"}  # rich wraps tables at 80 columns without a terminal
@@ -68,7 +68,7 @@ def cohort(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def first_extract(cohort, tmp_path_factory):
     """`weakstil extract` twice on the cohort: timings, outputs and the cache (read-only for tests)."""
-    from weakstil.encoders import create_encoder
+    from weakstil.embed.encoders import create_encoder
 
     create_encoder("resnet18-random")  # import torch/timm before timing: compare work, not imports
     out = tmp_path_factory.mktemp("extract")
@@ -273,11 +273,11 @@ def test_same_content_at_two_resolutions_gives_the_same_tiles_and_embeddings(tmp
     all tiles (raw vectors of a random-init ResNet share a large common profile, so even unrelated
     tiles correlate ~0.99; centred, unrelated tiles are ~0 and matched ones must still agree).
     """
-    from weakstil.encoders import create_encoder
-    from weakstil.extract import ExtractOptions, extract_slides, slide_sources
-    from weakstil.synth import SlideParams, write_slide
-    from weakstil.tiling import TileSpec
-    from weakstil.tissue import TissueParams
+    from weakstil.embed.encoders import create_encoder
+    from weakstil.embed.extract import ExtractOptions, extract_slides, slide_sources
+    from weakstil.synth.lattice import SlideParams, write_slide
+    from weakstil.wsi.tiling import TileSpec
+    from weakstil.wsi.tissue import TissueParams
 
     params = SlideParams(seed=7, stil_target=30.0, size_um=(1600.0, 1280.0))  # ~110 tiles
     paths = []

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from weakstil import heatmap as hm
+from weakstil.outputs import heatmap as hm
 from weakstil.errors import ConfigError, HeatmapInputError, WeakstilError
 
 TILE = 448.0  # level-0 px: 112 µm at 0.25 µm/px
@@ -528,7 +528,7 @@ def test_bad_input_writes_nothing(tmp_path, slide):
 
 # --- a real slide file through open_slide -----------------------------------------------------
 def test_real_slide_end_to_end(tmp_path, tiny_slide):
-    slide_mod = pytest.importorskip("weakstil.slide")
+    slide_mod = pytest.importorskip("weakstil.wsi.slide")
     openslide = pytest.importorskip("openslide")
     with slide_mod.open_slide(tiny_slide) as slide:  # 1500 × 1200 at 0.25 µm/px
         coords = grid(slide, 224.0)
@@ -555,7 +555,7 @@ def test_real_slide_end_to_end(tmp_path, tiny_slide):
 def write_scored(results, slide_path, slide_id=None, *, source_path=None, seed=0,
                  formats=("csv", "png", "tif", "geojson", "top")):
     """A results/slides/<id>/ folder as `weakstil score` leaves it (tiles.csv, outputs, score.json)."""
-    from weakstil.slide import open_slide
+    from weakstil.wsi.slide import open_slide
 
     with open_slide(slide_path) as slide:
         coords = grid(slide, 224.0)
@@ -575,7 +575,7 @@ def write_scored(results, slide_path, slide_id=None, *, source_path=None, seed=0
 
 
 def test_regenerate_rewrites_a_deleted_heatmap(tmp_path, tiny_slide):
-    from weakstil.review import regenerate
+    from weakstil.outputs.bundle import regenerate
 
     results = tmp_path / "results"
     folder = write_scored(results, tiny_slide)
@@ -614,7 +614,7 @@ def test_regenerate_rewrites_a_deleted_heatmap(tmp_path, tiny_slide):
 def test_regenerate_finds_slides_and_goes_on_after_a_bad_one(tmp_path, tiny_slide):
     import shutil
 
-    from weakstil.review import ResultsNotFoundError, regenerate
+    from weakstil.outputs.bundle import ResultsNotFoundError, regenerate
 
     results = tmp_path / "results"
     # "moved": scored from a path that no longer exists; "broken": a tiles.csv without predictions

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from weakstil.errors import LabelsError, LabelsNotFoundError, TooFewGroupsError, WeakstilError
-from weakstil.labels import (
+from weakstil.mil.labels import (
     LabelsWarning,
     LabelTable,
     inner_split,

@@ -1,4 +1,4 @@
-"""The shared-memory ring of reader processes (weakstil.loader): order, contents, errors, shutdown."""
+"""The shared-memory ring of reader processes (weakstil.embed.loader): order, contents, errors, shutdown."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from weakstil.loader import ReaderDied, RingLoader, plan_batches
+from weakstil.embed.loader import ReaderDied, RingLoader, plan_batches
 
 PX = 8
 SIZES = [3, 1, 4, 4, 2, 5, 1, 3, 2, 4, 4, 1]  # tiles per block

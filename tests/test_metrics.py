@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 from sklearn.metrics import r2_score, roc_auc_score
 
-from weakstil.metrics import (
+from weakstil.mil.metrics import (
     batch_metrics,
     bootstrap_intervals,
     fold_summary,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from weakstil.errors import EmptyBagError, ModelMismatchError, ModelNotFoundError, WeakstilError
-from weakstil.mil import MILRegressor, TrainedModel, check_fingerprint, load_model
+from weakstil.mil.model import MILRegressor, TrainedModel, check_fingerprint, load_model
 
 DIM = 16
 FINGERPRINT = {

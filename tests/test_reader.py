@@ -7,8 +7,8 @@ import io
 import numpy as np
 import pytest
 
-from weakstil import reader
-from weakstil.reader import (
+from weakstil.wsi import reader
+from weakstil.wsi.reader import (
     aligned_block,
     direct_source,
     merge_jpeg_tables,
@@ -16,14 +16,14 @@ from weakstil.reader import (
     read_block_tiles,
     read_tiles_direct,
 )
-from weakstil.slide import open_slide
-from weakstil.tiling import TileSpec, tile_grid
+from weakstil.wsi.slide import open_slide
+from weakstil.wsi.tiling import TileSpec, tile_grid
 
 
 @pytest.fixture(scope="module")
 def he_slides(tmp_path_factory):
     """A small synthetic H&E slide scanned at 0.25 and at 0.5 µm/px (real texture, 2 levels)."""
-    from weakstil.synth import SlideParams, write_slide
+    from weakstil.synth.lattice import SlideParams, write_slide
 
     root = tmp_path_factory.mktemp("he")
     params = SlideParams(7, stil_target=30.0, size_um=(640.0, 512.0))
@@ -259,7 +259,7 @@ def test_merge_jpeg_tables_restores_abbreviated_tiles():
 def test_reader_thread_and_reader_processes_give_the_same_batches(he_slides):
     """workers=0 (one reader thread in this process, the small-CPU default) and workers=2 (reader
     processes writing into a shared-memory ring) yield the same rows in the same order, in batches of the requested size."""
-    from weakstil.extract import BlockDataset, ExtractOptions, iter_batches
+    from weakstil.embed.extract import BlockDataset, ExtractOptions, iter_batches
 
     path = he_slides[0.25]
     with open_slide(path) as slide:
@@ -285,7 +285,7 @@ def test_reader_thread_and_reader_processes_give_the_same_batches(he_slides):
 def test_reader_thread_errors_reach_the_caller_and_the_thread_stops(he_slides, monkeypatch):
     import threading
 
-    from weakstil.extract import BlockDataset, ExtractOptions, iter_batches
+    from weakstil.embed.extract import BlockDataset, ExtractOptions, iter_batches
 
     path = he_slides[0.5]
     with open_slide(path) as slide:

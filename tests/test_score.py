@@ -26,10 +26,10 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from weakstil.cache import FeatureCache
+from weakstil.embed.cache import FeatureCache
 from weakstil.cli import app
 from weakstil.errors import CacheMismatchError, ModelMismatchError
-from weakstil.score import SCORE_COLUMNS
+from weakstil.outputs.score import SCORE_COLUMNS
 
 N_SLIDES, SEED, SIZE_UM = 20, 0, 600
 N_SCORED = 3
@@ -48,12 +48,12 @@ def flat(text: str) -> str:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Cohort → cache → `weakstil train` → models/true (attention MIL, ensemble of 5 fold models)."""
-    from weakstil.encoders import create_encoder
-    from weakstil.extract import ExtractOptions, extract_slides, slide_sources
-    from weakstil.slide import find_slides
-    from weakstil.synth import synth_cohort
-    from weakstil.tiling import TileSpec
-    from weakstil.tissue import TissueParams
+    from weakstil.embed.encoders import create_encoder
+    from weakstil.embed.extract import ExtractOptions, extract_slides, slide_sources
+    from weakstil.wsi.slide import find_slides
+    from weakstil.synth.lattice import synth_cohort
+    from weakstil.wsi.tiling import TileSpec
+    from weakstil.wsi.tissue import TissueParams
 
     root = tmp_path_factory.mktemp("mil")
     cohort = synth_cohort(root / "cohort", n=N_SLIDES, seed=SEED, size_um=SIZE_UM, progress=False)
@@ -100,7 +100,7 @@ def scored(trained, slides_to_score, tmp_path_factory):
 
 # --- the shuffled-label control ------------------------------------------------------------------
 def test_shuffled_labels_score_r2_near_zero_while_true_labels_score_well(trained, tmp_path):
-    from weakstil.pipeline import train_from_cache
+    from weakstil.mil.cohort import train_from_cache
 
     labels = pd.read_csv(trained["cohort"] / "labels.csv", dtype={"slide_id": str, "patient_id": str})
     true_r2 = trained["metrics"]["pooled"]["r2"]
@@ -185,10 +185,10 @@ def test_score_rerun_skips_and_rewrites_nothing(scored):
 
 # --- checkpoints reproduce their scores exactly --------------------------------------------------
 def test_checkpoint_reproduces_scores_exactly(trained, slides_to_score, scored, tmp_path):
-    from weakstil.extract import ExtractOptions, slide_sources
-    from weakstil.mil import load_model
-    from weakstil.score import read_score_json, score_slides
-    from weakstil.slide import find_slides
+    from weakstil.embed.extract import ExtractOptions, slide_sources
+    from weakstil.mil.model import load_model
+    from weakstil.outputs.score import read_score_json, score_slides
+    from weakstil.wsi.slide import find_slides
 
     sources = slide_sources(find_slides(slides_to_score))
     runs = []
@@ -220,19 +220,19 @@ def test_checkpoint_reproduces_scores_exactly(trained, slides_to_score, scored, 
 
 # --- mismatched model and features are refused ---------------------------------------------------
 def _store(features_dir: Path, encoder, spec, tissue) -> Path:
-    from weakstil.extract import open_cache
+    from weakstil.embed.extract import open_cache
 
     return open_cache(features_dir, encoder, spec, tissue).path  # an empty store of that identity
 
 
 def test_features_of_another_tiling_or_encoder_are_refused(trained, slides_to_score, tmp_path):
-    from weakstil.encoders import create_encoder
-    from weakstil.extract import ExtractOptions, slide_sources
-    from weakstil.mil import check_fingerprint, load_model
-    from weakstil.score import score_slides
-    from weakstil.slide import find_slides
-    from weakstil.tiling import TileSpec
-    from weakstil.tissue import TissueParams
+    from weakstil.embed.encoders import create_encoder
+    from weakstil.embed.extract import ExtractOptions, slide_sources
+    from weakstil.mil.model import check_fingerprint, load_model
+    from weakstil.outputs.score import score_slides
+    from weakstil.wsi.slide import find_slides
+    from weakstil.wsi.tiling import TileSpec
+    from weakstil.wsi.tissue import TissueParams
 
     other_tiling = _store(tmp_path / "f1", trained["encoder"], TileSpec(tile_px=112, mpp=1.0), TissueParams())
     other_encoder = _store(tmp_path / "f2", create_encoder("resnet18-random", seed=1), TileSpec(), TissueParams())
@@ -268,10 +268,10 @@ def test_features_of_another_tiling_or_encoder_are_refused(trained, slides_to_sc
 
 def test_a_features_folder_gets_the_models_own_cache(trained, slides_to_score, tmp_path):
     """A features *folder* holding a cache of another tiling is fine: the model's own one is made."""
-    from weakstil.encoders import create_encoder
-    from weakstil.score import make_scorer
-    from weakstil.tiling import TileSpec
-    from weakstil.tissue import TissueParams
+    from weakstil.embed.encoders import create_encoder
+    from weakstil.outputs.score import make_scorer
+    from weakstil.wsi.tiling import TileSpec
+    from weakstil.wsi.tissue import TissueParams
 
     other = _store(tmp_path / "features", create_encoder("resnet18-random"), TileSpec(tile_px=112), TissueParams())
     scorer = make_scorer(trained["model"], tmp_path / "features", tmp_path / "results")
@@ -292,11 +292,11 @@ def _timm_weights(path: Path, seed: int) -> Path:
 
 def test_a_model_is_refused_with_other_encoder_weights(tmp_path, tiny_slide):
     """A model trained on `timm:resnet18` + file:A is refused with weights B, and when A is replaced."""
-    from weakstil.encoders import create_encoder
-    from weakstil.mil import MILRegressor, TrainedModel
-    from weakstil.score import make_scorer
-    from weakstil.tiling import TileSpec
-    from weakstil.tissue import TissueParams
+    from weakstil.embed.encoders import create_encoder
+    from weakstil.mil.model import MILRegressor, TrainedModel
+    from weakstil.outputs.score import make_scorer
+    from weakstil.wsi.tiling import TileSpec
+    from weakstil.wsi.tissue import TissueParams
 
     weights_a = _timm_weights(tmp_path / "a.pth", seed=1)
     weights_b = _timm_weights(tmp_path / "b.pth", seed=2)

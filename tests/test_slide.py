@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import tifffile
 
-import weakstil.slide as slide_mod
-import weakstil.slide_backends as backends_mod
+import weakstil.wsi.slide as slide_mod
+import weakstil.wsi.backends as backends_mod
 from weakstil.errors import (
     AnisotropicMppError,
     ConfigError,
@@ -26,7 +26,7 @@ from weakstil.errors import (
     UnsupportedFormatError,
     WeakstilError,
 )
-from weakstil.slide import SlideHandle, find_slides, open_slide, read_mpp_csv, slide_id_from_path
+from weakstil.wsi.slide import SlideHandle, find_slides, open_slide, read_mpp_csv, slide_id_from_path
 
 from conftest import TINY_MPP, TINY_SIZE, tissue_like_image
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from weakstil import synth
+from weakstil.synth import lattice as synth
 from weakstil.errors import ConfigError, WeakstilError
 
 SMALL_UM = (480.0, 384.0)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from weakstil.errors import ConfigError, NoTissueError
-from weakstil.slide import open_slide
-from weakstil.tiling import TileSpec, grid_starts, plan_tiles, tile_grid, tissue_fraction
-from weakstil.tissue import RoiPolygon, TissueParams
+from weakstil.wsi.slide import open_slide
+from weakstil.wsi.tiling import TileSpec, grid_starts, plan_tiles, tile_grid, tissue_fraction
+from weakstil.wsi.tissue import RoiPolygon, TissueParams
 
 from conftest import TINY_SIZE, tissue_ellipse_mask
 
@@ -201,7 +201,7 @@ def test_plan_tiles_min_tissue_zero_keeps_the_whole_grid(tiny_slide):
 
 
 def test_plan_tiles_blank_slide_raises_with_the_grid(tmp_path):
-    from weakstil.slidewriter import write_aperio_tiff
+    from weakstil.wsi.writer import write_aperio_tiff
 
     path = write_aperio_tiff(tmp_path / "blank.svs", np.full((600, 800, 3), 245, np.uint8), 0.25)
     with open_slide(path) as slide, pytest.raises(NoTissueError) as info:

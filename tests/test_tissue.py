@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from weakstil.errors import ConfigError, RoiError
-from weakstil.tissue import (
+from weakstil.wsi.tissue import (
     QC_ROI_RGB,
     QC_TISSUE_RGB,
     RoiPolygon,

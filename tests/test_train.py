@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from weakstil.errors import ConfigError, EmptyBagError, LabelsError, ModelExistsError
-from weakstil.labels import LabelTable
-from weakstil.mil import TrainedModel
-from weakstil.train import (
+from weakstil.mil.labels import LabelTable
+from weakstil.mil.model import TrainedModel
+from weakstil.mil.train import (
     BagBatchSampler,
     BagDataset,
     TrainConfig,
@@ -187,7 +187,7 @@ def test_missing_features_and_bad_config_are_clear(cohort):
 
 
 def test_load_bags_from_a_feature_cache(tmp_path, cohort):
-    from weakstil.cache import FeatureCache
+    from weakstil.embed.cache import FeatureCache
 
     bags, _ = cohort
     cache = FeatureCache.open(tmp_path / "features", FINGERPRINT["encoder"], FINGERPRINT["tiling"])

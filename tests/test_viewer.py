@@ -1,9 +1,9 @@
 """`weakstil view`: the web app's API, Deep Zoom tiles, heatmap overlays and safety (no browser here;
 tests/test_viewer_browser.py drives it in headless Chromium).
 
-The results folder is realistic: synthetic slides (weakstil.synth) tiled like `weakstil extract`,
+The results folder is realistic: synthetic slides (weakstil.synth.lattice) tiled like `weakstil extract`,
 tile predictions from the slides' ground truth plus noise, and the review files written by
-``weakstil.heatmap.write_slide_outputs`` exactly as `weakstil score` writes them.
+``weakstil.outputs.heatmap.write_slide_outputs`` exactly as `weakstil score` writes them.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import pytest
 from PIL import Image
 
 from weakstil.errors import ConfigError, WeakstilError
-from weakstil.heatmap import colormap_lut, layer_scale, stil_rgb, write_slide_outputs
-from weakstil.slide import open_slide
+from weakstil.outputs.heatmap import colormap_lut, layer_scale, stil_rgb, write_slide_outputs
+from weakstil.wsi.slide import open_slide
 from weakstil.viewer import ViewerConfig, check_bind, create_app, running_server, serve
 from weakstil.viewer.app import OSD_DIR
 from weakstil.viewer.deepzoom import DeepZoomGeometry
@@ -43,8 +43,8 @@ def build_results(root: Path) -> dict:
 
     Returns {"root", "slides", "results", "tiles": {slide id: dict of arrays}}.
     """
-    from weakstil import synth
-    from weakstil.tiling import TileSpec, plan_tiles
+    from weakstil.synth import lattice as synth
+    from weakstil.wsi.tiling import TileSpec, plan_tiles
 
     slides, results = root / "slides", root / "results"
     slides.mkdir(parents=True)
@@ -431,7 +431,7 @@ def test_deepzoom_geometry_matches_openseadragon():
 
 def test_slides_without_mpp_or_unreadable_still_show(tmp_path):
     """Showing a slide needs no resolution; a damaged slide file is reported, not a crash."""
-    from weakstil.slidewriter import write_aperio_tiff
+    from weakstil.wsi.writer import write_aperio_tiff
 
     slides, results = tmp_path / "slides", tmp_path / "results"
     slides.mkdir()

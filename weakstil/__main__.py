@@ -1,6 +1,6 @@
 """``python -m weakstil`` = the ``weakstil`` command."""
 
-from .cli import main
+from weakstil.cli import main
 
 if __name__ == "__main__":
     main()

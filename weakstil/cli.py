@@ -14,8 +14,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .config import defaults_for, load_config_file
-from .errors import WeakstilError
+from weakstil.config import defaults_for, load_config_file
+from weakstil.errors import WeakstilError
 
 app = typer.Typer(
     name="weakstil",
@@ -85,8 +85,8 @@ def _fail(exc: WeakstilError) -> None:
 
 
 def _open_kwargs(backend: Backend, mpp, force_mpp, mpp_csv) -> dict:
-    """Keywords for :func:`weakstil.slide.check_slides` / :func:`weakstil.extract.slide_sources`."""
-    from .slide import read_mpp_csv
+    """Keywords for :func:`weakstil.wsi.slide.check_slides` / :func:`weakstil.embed.extract.slide_sources`."""
+    from weakstil.wsi.slide import read_mpp_csv
 
     return {
         "backend": backend.value,
@@ -98,7 +98,7 @@ def _open_kwargs(backend: Backend, mpp, force_mpp, mpp_csv) -> dict:
 
 def _save_run_config(ctx: typer.Context, path: Path, values: dict) -> None:
     """Write the resolved options of this run (defaults < config file < flags) as YAML."""
-    from .config import save_resolved
+    from weakstil.config import save_resolved
 
     save_resolved({"command": ctx.info_name, "config_file": ctx.meta.get("config_file"), **values}, path)
 
@@ -120,7 +120,7 @@ def _print_outcomes(outcomes, *, what: str, extra: str = "", files: dict | None 
 
     from rich.console import Console
 
-    from .batch import counts, summarize
+    from weakstil.runs.runner import counts, summarize
 
     console = Console(stderr=True)
     shown = [replace(o, key=files.get(o.key, o.key)) if files and o.status == "failed" else o for o in outcomes]
@@ -141,7 +141,7 @@ def synth(
     config: ConfigOpt = None,
 ) -> None:
     """Write a synthetic cohort: Aperio-like pyramidal TIFFs with known sTIL%, labels.csv and truth maps."""
-    from .synth import synth_cohort
+    from weakstil.synth.lattice import synth_cohort
 
     try:
         kwargs = {"size_um": size_um} if size_um else {}
@@ -165,8 +165,8 @@ def check(
     """Preflight: which slides open, their vendor, mpp, size, levels and tissue; what is wrong with the rest."""
     from rich.console import Console
 
-    from .check import check_slides, check_table, write_check_csv
-    from .slide import find_slides
+    from weakstil.wsi.check import check_slides, check_table, write_check_csv
+    from weakstil.wsi.slide import find_slides
 
     try:
         paths = find_slides(slides)
@@ -187,7 +187,7 @@ def encoders(config: ConfigOpt = None) -> None:
     """List the registered encoders: embedding size, input size, weight source and licence."""
     from rich.console import Console
 
-    from .encoders import encoders_table, list_encoders
+    from weakstil.embed.encoders import encoders_table, list_encoders
 
     Console().print(encoders_table(list_encoders()))
 
@@ -215,7 +215,7 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.
 
 
 def _extract_options(device, batch_size, read_workers, quiet):
-    from .extract import ExtractOptions
+    from weakstil.embed.extract import ExtractOptions
 
     return ExtractOptions(device=device, batch_size=batch_size, workers=read_workers, progress=not quiet)
 
@@ -224,7 +224,7 @@ def _run_slides(kind: str, sources, make_job_args: dict, workers, scheduler, loc
     """In-process (``local()``) or on Dask when --workers N>1 or --scheduler is given."""
     if (workers is None or workers <= 1) and not scheduler:
         return local()
-    from .distributed import run_on_dask
+    from weakstil.runs.executors import run_on_dask
 
     return run_on_dask(kind, sources, make_job_args, workers=workers, scheduler=scheduler)
 
@@ -257,11 +257,11 @@ def extract(
     """Tissue → tiles → embeddings → the Zarr feature cache. Resumable: finished slides are skipped."""
     values = dict(locals())  # the options only: taken before the imports below add names
     values.pop("ctx")
-    from .encoders import create_encoder
-    from .extract import extract_slides, slide_sources
-    from .slide import find_slides
-    from .tiling import TileSpec
-    from .tissue import TissueParams
+    from weakstil.embed.encoders import create_encoder
+    from weakstil.embed.extract import extract_slides, slide_sources
+    from weakstil.wsi.slide import find_slides
+    from weakstil.wsi.tiling import TileSpec
+    from weakstil.wsi.tissue import TissueParams
 
     try:
         spec = TileSpec(tile_px=tile_px, mpp=tile_mpp, overlap=overlap, min_tissue=min_tissue)
@@ -279,7 +279,7 @@ def extract(
         outcomes = _run_slides("extract", sources, job_args, workers, scheduler, local)
     except WeakstilError as exc:
         _fail(exc)
-    from .extract import open_cache
+    from weakstil.embed.extract import open_cache
 
     cache = open_cache(features, enc, spec, tissue)
     _save_run_config(ctx, cache.path.parent / "runs" / f"{cache.path.stem}.extract.yaml", values)
@@ -323,8 +323,8 @@ def train(
     """Cross-validated MIL regression on slide-level sTIL% labels; writes models/NAME/."""
     values = dict(locals())  # the options only: taken before the imports below add names
     values.pop("ctx")
-    from .config import to_plain
-    from .pipeline import train_from_cache
+    from weakstil.config import to_plain
+    from weakstil.mil.cohort import train_from_cache
 
     values["config_file"] = ctx.meta.get("config_file")
     accelerator = {"auto": "auto", "cpu": "cpu"}.get(device, "gpu")
@@ -340,7 +340,7 @@ def train(
         _fail(exc)
     from rich.console import Console
 
-    from .pipeline import metrics_table
+    from weakstil.mil.cohort import metrics_table
 
     Console().print(metrics_table(results))
 
@@ -373,9 +373,9 @@ def score(
     """Score slides with a trained model: extracts what is missing, writes results/ (scores + heatmaps)."""
     values = dict(locals())  # the options only: taken before the imports below add names
     values.pop("ctx")
-    from .extract import slide_sources
-    from .score import score_slides
-    from .slide import find_slides
+    from weakstil.embed.extract import slide_sources
+    from weakstil.outputs.score import score_slides
+    from weakstil.wsi.slide import find_slides
 
     formats = tuple(f.strip() for f in outputs.split(",") if f.strip())
     try:
@@ -412,7 +412,7 @@ def demo(
     config: ConfigOpt = None,
 ) -> None:
     """The whole pipeline on a synthetic cohort, offline: synth → extract → train (CV) → score → metrics."""
-    from .demo import run_demo
+    from weakstil.demo import run_demo
 
     try:
         run_demo(out, n=n, n_test=n_test, seed=seed, device=device, progress=not quiet, size_um=size_um)
@@ -435,7 +435,7 @@ def heatmap(
     config: ConfigOpt = None,
 ) -> None:
     """Rewrite the per-slide review files (heatmaps, GeoJSON, top tiles) from tiles.csv — no model needed."""
-    from .review import regenerate
+    from weakstil.outputs.bundle import regenerate
 
     formats = tuple(f.strip() for f in outputs.split(",") if f.strip())
     try:
@@ -465,7 +465,7 @@ def view(
     config: ConfigOpt = None,
 ) -> None:
     """Local web viewer: cohort table, slides in deep zoom with the heatmap overlay. Read-only."""
-    from .viewer import serve
+    from weakstil.viewer import serve
 
     kwargs = _open_kwargs(backend, mpp, force_mpp, mpp_csv)
     try:

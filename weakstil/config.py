@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from weakstil.errors import ConfigError
 
 COMMANDS = ("demo", "synth", "check", "extract", "train", "score", "encoders", "view")
 

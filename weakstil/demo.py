@@ -21,7 +21,7 @@ def tile_level_agreement(model, cache, truth_dir: Path, slide_ids, *, min_stroma
     """Pearson r between tile predictions and synthetic per-tile sTIL% (stroma ≥ ``min_stroma``)."""
     from scipy.stats import pearsonr
 
-    from .synth import tile_truth
+    from weakstil.synth.lattice import tile_truth
 
     preds, truths = [], []
     for sid in slide_ids:
@@ -41,7 +41,7 @@ def slide_level_test(model, cache, labels_csv: Path) -> dict:
     """Metrics of the model's slide scores on a labelled test cohort."""
     import pandas as pd
 
-    from .metrics import regression_metrics
+    from weakstil.mil.metrics import regression_metrics
 
     df = pd.read_csv(labels_csv, dtype={"slide_id": str})
     scores = np.array([model.predict(cache.read(s).features).score for s in df["slide_id"]])
@@ -59,15 +59,15 @@ def run_demo(out: Path, *, n: int = 40, n_test: int = 10, seed: int = 0, device:
     from rich.console import Console
     from rich.table import Table
 
-    from .encoders import create_encoder
-    from .extract import ExtractOptions, extract_slides, slide_sources
-    from .mil import load_model
-    from .pipeline import metrics_table, train_from_cache
-    from .score import score_slides
-    from .slide import find_slides
-    from .synth import synth_cohort
-    from .tiling import TileSpec
-    from .tissue import TissueParams
+    from weakstil.embed.encoders import create_encoder
+    from weakstil.embed.extract import ExtractOptions, extract_slides, slide_sources
+    from weakstil.mil.model import load_model
+    from weakstil.mil.cohort import metrics_table, train_from_cache
+    from weakstil.outputs.score import score_slides
+    from weakstil.wsi.slide import find_slides
+    from weakstil.synth.lattice import synth_cohort
+    from weakstil.wsi.tiling import TileSpec
+    from weakstil.wsi.tissue import TissueParams
 
     console = Console(stderr=True)
     out = Path(out)

@@ -22,14 +22,14 @@ from typing import Any
 import numpy as np
 
 from weakstil.errors import AnisotropicMppError, MissingMppError
-from weakstil.heatmap import FILENAMES, TILE_COLUMNS, colormap_lut, layer_scale
-from weakstil.slide import find_slides, open_kwargs_for, open_slide
+from weakstil.outputs.heatmap import FILENAMES, TILE_COLUMNS, colormap_lut, layer_scale
+from weakstil.wsi.slide import find_slides, open_kwargs_for, open_slide
 from weakstil.viewer.deepzoom import TileLayer
 
 log = logging.getLogger(__name__)
 
 SCORES_CSV = "scores.csv"
-LAYERS = ("prediction", "attention", "contribution")  # colour scales: weakstil.heatmap.LAYERS (fixed)
+LAYERS = ("prediction", "attention", "contribution")  # colour scales: weakstil.outputs.heatmap.LAYERS (fixed)
 REVIEW_FILES = {  # download name -> (file in results/slides/<id>/, media type)
     FILENAMES["png"]: "image/png",
     FILENAMES["top"]: "image/png",
@@ -92,7 +92,7 @@ class TilesData:
 
 
 def read_tiles_csv(path: Path) -> TilesData:
-    """Read tiles.csv (columns as ``weakstil.heatmap.TILE_COLUMNS``; empty fields are NaN)."""
+    """Read tiles.csv (columns as ``weakstil.outputs.heatmap.TILE_COLUMNS``; empty fields are NaN)."""
     import pandas as pd
 
     stat = path.stat()
@@ -113,7 +113,7 @@ def read_tiles_csv(path: Path) -> TilesData:
 
 
 def legend(layer: str, stops: int = 11) -> dict:
-    """What the page needs to draw a layer's colour bar: the fixed scale of ``weakstil.heatmap.LAYERS``,
+    """What the page needs to draw a layer's colour bar: the fixed scale of ``weakstil.outputs.heatmap.LAYERS``,
     the same on every slide and in heatmap.png. Attention and contribution are shown × N (N = tiles
     with a value), on log scales; ``ticks`` give each labelled value's place on the bar (0–100 %)."""
     scale = layer_scale(layer)

@@ -627,7 +627,7 @@ def heatmap_tiff(slide, coords_l0, size_l0, prediction, path, *, cmap: str = DEF
     """
     import tifffile
 
-    from weakstil.slidewriter import APERIO_HEADER
+    from weakstil.wsi.writer import APERIO_HEADER
 
     coords, size, pred, _ = check_tiles(coords_l0, size_l0, prediction)
     has = np.isfinite(pred)

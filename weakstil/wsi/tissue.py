@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage
 
-from .errors import ConfigError, RoiError
+from weakstil.errors import ConfigError, RoiError
 
 QC_TISSUE_RGB = (0, 170, 0)
 QC_ROI_RGB = (0, 90, 255)

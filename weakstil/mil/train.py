@@ -48,7 +48,7 @@ from weakstil import __version__
 from weakstil.errors import ConfigError, EmptyBagError, LabelsError, ModelExistsError
 # load_model, check_fingerprint and SlidePrediction live in mil.py (scoring needs no training code)
 # and are re-exported here as part of the training API.
-from weakstil.mil import (  # noqa: F401
+from weakstil.mil.model import (  # noqa: F401
     AGGREGATIONS,
     MILRegressor,
     SlidePrediction,
@@ -417,8 +417,8 @@ class CVResult:
 def cross_validate(bags: Mapping[str, np.ndarray], table, cfg: TrainConfig, *,
                    progress: bool = True) -> CVResult:
     """K-fold CV over the labelled slides of ``table`` (a labels.LabelTable or its DataFrame)."""
-    from weakstil.labels import LabelTable, inner_split, make_folds
-    from weakstil.metrics import bootstrap_intervals, fold_summary, regression_metrics
+    from weakstil.mil.labels import LabelTable, inner_split, make_folds
+    from weakstil.mil.metrics import bootstrap_intervals, fold_summary, regression_metrics
 
     t0 = time.perf_counter()
     df = table.df if isinstance(table, LabelTable) else table
@@ -659,7 +659,7 @@ def _metrics_doc(cv: CVResult, cfg: TrainConfig, *, seconds: float) -> dict:
 
 
 def _write_plots(plot_dir: Path, cv: CVResult, cfg: TrainConfig) -> None:
-    from weakstil.plots import calibration_plot, roc_plot, scatter_plot
+    from weakstil.mil.plots import calibration_plot, roc_plot, scatter_plot
 
     plot_dir.mkdir()
     title = f"{cfg.aggregation} MIL, {cfg.n_folds}-fold CV (out-of-fold)"

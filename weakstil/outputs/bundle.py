@@ -5,7 +5,7 @@ level-0 box, prediction, attention, contribution) and ``score.json`` (the slide 
 file it read, its mpp and the exact tile size). That is all the review files need, so
 :func:`regenerate` reopens each slide and rewrites ``heatmap.png``, ``heatmap.tif``,
 ``tiles.geojson`` and ``top_tiles.png`` from them — after a change of colour map, a new version of
-the outputs, or a deleted file — one slide at a time through :func:`weakstil.batch.run_batch`, so one
+the outputs, or a deleted file — one slide at a time through :func:`weakstil.runs.runner.run_batch`, so one
 bad slide is recorded and the others go on.
 
 Where the slide file is: ``slides_dir`` (a folder searched like ``weakstil score`` does, or one file),
@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from weakstil.errors import HeatmapInputError, SlideNotFoundError, WeakstilError
-from weakstil.heatmap import DEFAULT_CMAP, FILENAMES, TILE_COLUMNS, write_slide_outputs
+from weakstil.outputs.heatmap import DEFAULT_CMAP, FILENAMES, TILE_COLUMNS, write_slide_outputs
 
 REGENERATE_FORMATS = ("png", "tif", "geojson", "top")
 DEFAULT_CUTOFF = 30.0
-SCORE_JSON = "score.json"  # as weakstil.score.SCORE_JSON (not imported: that module pulls in torch)
+SCORE_JSON = "score.json"  # as weakstil.outputs.score.SCORE_JSON (not imported: that module pulls in torch)
 
 
 class ResultsNotFoundError(WeakstilError, FileNotFoundError):
@@ -183,7 +183,7 @@ def regenerate_slide(item: ScoredSlide, *, slide_files: dict[str, Path] | None =
                      formats=REGENERATE_FORMATS, cmap: str = DEFAULT_CMAP,
                      cutoff: float | None = None) -> dict[str, str]:
     """Rewrite one slide's review files in its folder (each atomically); return {format: path}."""
-    from weakstil.slide import open_slide
+    from weakstil.wsi.slide import open_slide
 
     tiles = read_tiles_csv(item.folder / FILENAMES["csv"])
     path = locate_slide(item, slide_files, slides_dir)
@@ -214,15 +214,15 @@ def regenerate(results_dir: str | Path, slides_dir: str | Path | None = None, *,
                cutoff: float | None = None, slide_ids=None, progress: bool = False, lock: bool = True):
     """Rewrite the review files of every scored slide under ``results_dir`` (see the module docstring).
 
-    ``formats``: any of ``weakstil.heatmap.FILENAMES`` (``csv`` rewrites tiles.csv from itself).
+    ``formats``: any of ``weakstil.outputs.heatmap.FILENAMES`` (``csv`` rewrites tiles.csv from itself).
     ``cutoff``: the sTIL-high cutoff of tiles.geojson (default: the one the slide was written with).
     ``lock``: take the same per-slide lock as ``weakstil score`` (``results/.locks``), so a running
-    score and this never write one slide at once. Returns one ``weakstil.batch.Outcome`` per slide
+    score and this never write one slide at once. Returns one ``weakstil.runs.runner.Outcome`` per slide
     (``result`` = {format: path} when done); a slide that fails is recorded and the others go on.
     """
-    from weakstil.batch import run_batch
+    from weakstil.runs.runner import run_batch
     from weakstil.errors import ConfigError
-    from weakstil.slide import find_slides, slide_id_from_path
+    from weakstil.wsi.slide import find_slides, slide_id_from_path
 
     formats = tuple(formats)
     unknown = sorted(set(formats) - set(FILENAMES))

@@ -357,7 +357,7 @@ class DirectSource:
         count = int(info.counts[index])
         data = os.pread(self._fd, count, int(info.offsets[index]))
         if len(data) != count:
-            from .errors import TruncatedSlideError
+            from weakstil.errors import TruncatedSlideError
 
             raise TruncatedSlideError(f"tile {index} of page {info.page_index} is cut short", path=self.path)
         return data

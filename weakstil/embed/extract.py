@@ -3,8 +3,8 @@
 Reading is the part peers get slow. Instead of one ``read_region`` per tile, tiles are grouped into
 blocks of up to ``block`` × ``block`` neighbouring grid cells; each block is read once (the slide's
 own JPEG tiles decoded straight into output tiles where the file allows, else one ``read_region``
-per block, resized once) and cut into tiles (:mod:`weakstil.reader`). Reader processes each open
-their own slide handle and write into a shared-memory ring (:mod:`weakstil.loader`); on a small CPU
+per block, resized once) and cut into tiles (:mod:`weakstil.wsi.reader`). Reader processes each open
+their own slide handle and write into a shared-memory ring (:mod:`weakstil.embed.loader`); on a small CPU
 one reader thread in this process does it instead.
 """
 
@@ -18,8 +18,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import WeakstilError
-from .reader import Block, aligned_block, plan_blocks, read_block_tiles, tile_offsets  # noqa: F401
+from weakstil.errors import WeakstilError
+from weakstil.wsi.reader import Block, aligned_block, plan_blocks, read_block_tiles, tile_offsets  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class BlockDataset:
 
     def _handle(self):
         if self._slide is None or self._pid != os.getpid():
-            from .slide import open_slide
+            from weakstil.wsi.slide import open_slide
 
             self._slide = open_slide(self.path, **self.open_kwargs)
             self._pid = os.getpid()
@@ -156,14 +156,14 @@ def iter_batches(dataset: BlockDataset, opts: ExtractOptions, device: str) -> It
     """Yield (first row, uint8 tile tensor (B, H, W, 3)) batches of about ``batch_size`` tiles, in row order.
 
     ``workers`` > 0: that many reader processes writing into a shared-memory ring
-    (:class:`weakstil.loader.RingLoader`); each batch is then a view, valid until the next is asked
+    (:class:`weakstil.embed.loader.RingLoader`); each batch is then a view, valid until the next is asked
     for. 0: one reader thread in this process.
     """
     import contextlib
 
     import torch
 
-    from .loader import RingLoader, plan_batches
+    from weakstil.embed.loader import RingLoader, plan_batches
 
     workers = opts.workers if opts.workers is not None else default_workers(device)
     workers = min(workers, len(dataset))
@@ -210,7 +210,7 @@ class SlideSource:
 
     @property
     def slide_id(self) -> str:
-        from .slide import slide_id_from_path
+        from weakstil.wsi.slide import slide_id_from_path
 
         return slide_id_from_path(self.path)
 
@@ -246,7 +246,7 @@ def roi_for(roi_dir: Path | None, slide_id: str) -> Path | None:
 
 def open_cache(features_dir: Path, encoder, spec, tissue, *, create: bool = True):
     """The feature cache for this encoder and tiling (refused if the store holds another)."""
-    from .cache import FeatureCache
+    from weakstil.embed.cache import FeatureCache
 
     return FeatureCache.open(features_dir, encoder.fingerprint(), spec.fingerprint(tissue), create=create)
 
@@ -266,10 +266,10 @@ class SlideExtractor:
         """Tiles → features for one slide into the cache; returns the number of tiles."""
         import hashlib
 
-        from .errors import NoTissueError
-        from .slide import open_slide
-        from .tissue import save_mask_qc
-        from .tiling import plan_tiles
+        from weakstil.errors import NoTissueError
+        from weakstil.wsi.slide import open_slide
+        from weakstil.wsi.tissue import save_mask_qc
+        from weakstil.wsi.tiling import plan_tiles
 
         roi = roi_for(self.roi_dir, source.slide_id)
         with open_slide(source.path, **source.open_kwargs) as slide:
@@ -301,7 +301,7 @@ class SlideExtractor:
 
 def slide_sources(paths, *, backend: str = "auto", mpp: float | None = None, mpp_override: bool = False,
                   mpp_by_slide: dict | None = None) -> list[SlideSource]:
-    from .slide import open_kwargs_for
+    from weakstil.wsi.slide import open_kwargs_for
 
     return [SlideSource(Path(p), open_kwargs_for(p, backend=backend, mpp=mpp, mpp_override=mpp_override,
                                                  mpp_by_slide=mpp_by_slide)) for p in paths]
@@ -312,12 +312,12 @@ def extract_slides(sources: list[SlideSource], features_dir: Path, *, encoder, s
                    lock: bool = True, on_outcome=None) -> ExtractResult:
     """Fill the feature cache for every slide; finished slides are skipped, bad ones recorded.
 
-    ``encoder`` is an Encoder from :func:`weakstil.encoders.create_encoder`. One slide's failure
+    ``encoder`` is an Encoder from :func:`weakstil.embed.encoders.create_encoder`. One slide's failure
     never stops the others: each gets an Outcome (done / skipped / failed with reason and fix).
     """
     import time
 
-    from .batch import run_batch
+    from weakstil.runs.runner import run_batch
 
     opts = opts or ExtractOptions()
     device = resolve_device(opts.device)

@@ -1,7 +1,7 @@
 """Slides as Dask tasks: ``weakstil extract|score --workers N`` or ``--scheduler tcp://host:port``.
 
 The client (the ``weakstil`` command) sends one task per slide; each task runs the same per-slide
-job as the in-process run, through :func:`weakstil.batch.run_one`, so the same skip-if-done check,
+job as the in-process run, through :func:`weakstil.runs.runner.run_one`, so the same skip-if-done check,
 the same per-slide lock files and the same atomic outputs apply. Several clients, machines, or a
 client and an in-process run may therefore share one folder without doing a slide twice.
 
@@ -30,9 +30,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from .batch import (DONE, FAILED, SKIPPED, Outcome, _failed, _make_progress, _rate_text, counts,
+from weakstil.runs.runner import (DONE, FAILED, SKIPPED, Outcome, _failed, _make_progress, _rate_text, counts,
                     limit_heap_fragmentation, run_one, sigterm_raises, stopped_outcome, sweep_partials)
-from .errors import DuplicateSlideIdError, WeakstilError
+from weakstil.errors import DuplicateSlideIdError, WeakstilError
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def _worker_name() -> Any:
 def _worker_device(device: str) -> str:
     """The device of this worker: on a machine with several GPUs, LocalCluster worker ``i`` takes
     GPU ``i % n`` (an external worker is pinned with CUDA_VISIBLE_DEVICES)."""
-    from .extract import resolve_device
+    from weakstil.embed.extract import resolve_device
 
     device = resolve_device(device)
     if device != "cuda":
@@ -112,8 +112,8 @@ def build_job(kind: str, job_args: dict, hints: dict | None = None) -> tuple[Any
     limit_heap_fragmentation()
     opts = _worker_options(job_args["opts"], hints)
     if kind == "extract":
-        from .encoders import create_encoder
-        from .extract import SlideExtractor, TileEmbedder, open_cache
+        from weakstil.embed.encoders import create_encoder
+        from weakstil.embed.extract import SlideExtractor, TileEmbedder, open_cache
 
         encoder = create_encoder(job_args["encoder"], job_args.get("weights"))
         cache = open_cache(job_args["features"], encoder, job_args["spec"], job_args["tissue"])
@@ -121,7 +121,7 @@ def build_job(kind: str, job_args: dict, hints: dict | None = None) -> tuple[Any
                              opts, roi_dir=job_args.get("roi_dir"))
         lock_dir = cache.path / ".locks" if job_args.get("lock", True) else None
     elif kind == "score":
-        from .score import make_scorer
+        from weakstil.outputs.score import make_scorer
 
         job = make_scorer(job_args["model"], job_args["features"], job_args["out"], weights=job_args.get("weights"),
                           opts=opts, roi_dir=job_args.get("roi_dir"),
@@ -170,7 +170,7 @@ def dask_client(workers: int | None = None, scheduler: str | None = None) -> Ite
                 raise SchedulerError(f"cannot reach the Dask scheduler at {scheduler} ({exc})") from exc
             yield client
             return
-        # worker processes may start tile-reading processes (weakstil.loader); must hold while the
+        # worker processes may start tile-reading processes (weakstil.embed.loader); must hold while the
         # nannies restart killed workers, so for the whole run
         stack.enter_context(dask.config.set({"distributed.worker.daemon": False}))
         cluster = stack.enter_context(LocalCluster(
@@ -191,8 +191,8 @@ def _workers_per_host(client) -> int:
 def _validate_score(job_args: dict) -> str:
     """Fail fast on the client (exit 2), before any worker starts: results folder writable, model
     readable, its encoder and tiling rebuildable and matching the cache. Returns the model's sha256."""
-    from .extract import ExtractOptions
-    from .score import check_out_dir, make_scorer
+    from weakstil.embed.extract import ExtractOptions
+    from weakstil.outputs.score import check_out_dir, make_scorer
 
     out = Path(job_args["out"])
     check_out_dir(out)
@@ -249,7 +249,7 @@ def run_on_dask(kind: str, sources: list, job_args: dict, *, workers: int | None
         nonlocal last_csv
         if out_dir is None or (not force and time.perf_counter() - last_csv < CSV_EVERY_S):
             return
-        from .score import write_scores_csv
+        from weakstil.outputs.score import write_scores_csv
 
         write_scores_csv(out_dir, sources, by_id, model_sha)  # takes the scores.csv file lock itself
         last_csv = time.perf_counter()
@@ -302,7 +302,7 @@ def run_on_dask(kind: str, sources: list, job_args: dict, *, workers: int | None
 
 def _write_score_records(out_dir: Path, sources, by_id: dict, model_sha: str, run_id: str, job_args: dict,
                          workers, scheduler, write_csv) -> None:
-    from .score import write_run_json
+    from weakstil.outputs.score import write_run_json
 
     write_csv(force=True)
     ordered = [by_id[s.slide_id] for s in sources if s.slide_id in by_id]

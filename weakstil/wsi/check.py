@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from .errors import ConfigError, WeakstilError
-from .slide import open_kwargs_for, open_slide, read_mpp_csv, slide_id_from_path
-from .tiling import tissue_thumbnail
-from .tissue import TissueParams, save_mask_qc, tissue_mask
+from weakstil.errors import ConfigError, WeakstilError
+from weakstil.wsi.slide import open_kwargs_for, open_slide, read_mpp_csv, slide_id_from_path
+from weakstil.wsi.tiling import tissue_thumbnail
+from weakstil.wsi.tissue import TissueParams, save_mask_qc, tissue_mask
 
 CHECK_COLUMNS = (
     "slide_id", "path", "status", "vendor", "backend", "mpp", "mpp_source", "width", "height", "levels",

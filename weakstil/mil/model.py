@@ -13,7 +13,7 @@ convex combination of tile scores and the heatmap shows the same quantity as the
 
 Bags vary in size, so every forward takes an optional boolean ``mask`` (B, N) that marks real tiles
 in a padded batch; padded tiles get zero weight. Training feeds several padded bags per optimiser
-step (see :mod:`weakstil.train`), evaluation the full bags.
+step (see :mod:`weakstil.mil.train`), evaluation the full bags.
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ class MILRegressor(pl.LightningModule):
 
 
 # --- the deployed model: one or more fold members, saved in models/<name>/model.ckpt -------------
-CHECKPOINT_FORMAT = "weakstil.mil"
+CHECKPOINT_FORMAT = "weakstil.mil.model"
 CHECKPOINT_VERSION = 1
 
 
@@ -294,12 +294,12 @@ def check_fingerprint(model: TrainedModel | dict, cache_fp) -> None:
     """Refuse to score features that differ from the ones the model was trained on.
 
     ``cache_fp`` is a FeatureCache (``.encoder_fp``, ``.tiling_fp``) or a dict with keys
-    ``encoder`` and ``tiling``. Both sides are reduced with :func:`weakstil.cache.identity`, the
+    ``encoder`` and ``tiling``. Both sides are reduced with :func:`weakstil.embed.cache.identity`, the
     rule the cache itself uses (the weights' source path is ignored when their sha256 is known;
     1 and 1.0 are equal), then every field is compared. Raises :class:`ModelMismatchError` naming
     each field that differs.
     """
-    from weakstil.cache import identity
+    from weakstil.embed.cache import identity
 
     model_fp = model.fingerprint if isinstance(model, TrainedModel) else model
     if not isinstance(cache_fp, dict):

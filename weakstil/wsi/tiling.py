@@ -15,8 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import ConfigError, NoTissueError
-from .tissue import RoiPolygon, TissueParams, load_roi, roi_mask, tissue_mask
+from weakstil.errors import ConfigError, NoTissueError
+from weakstil.wsi.tissue import RoiPolygon, TissueParams, load_roi, roi_mask, tissue_mask
 
 TILING_VERSION = 1  # bump when the grid or the tissue filter changes meaning (part of the fingerprint)
 
@@ -174,7 +174,7 @@ def plan_tiles(slide, spec: TileSpec, *, tissue: TissueParams = TissueParams(),
                roi: str | Path | Sequence[RoiPolygon] | None = None) -> TileGrid:
     """Tissue mask (∩ ROI) → grid at ``spec`` → tiles with tissue fraction ≥ ``spec.min_tissue``.
 
-    ``roi``: a QuPath GeoJSON path or polygons from :func:`weakstil.tissue.load_roi`.
+    ``roi``: a QuPath GeoJSON path or polygons from :func:`weakstil.wsi.tissue.load_roi`.
     Raises NoTissueError when no tile is kept; the error's ``grid`` attribute holds the (empty)
     grid with its mask and thumbnail, for a QC picture.
     """

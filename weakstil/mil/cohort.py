@@ -25,9 +25,9 @@ def train_from_cache(labels: Path, features: Path, *, encoder: str | None = None
 
     With several aggregations each model is named ``<name>-<aggregation>``.
     """
-    from .cache import FeatureCache
-    from .labels import read_labels
-    from .train import TrainConfig, load_bags, train_model
+    from weakstil.embed.cache import FeatureCache
+    from weakstil.mil.labels import read_labels
+    from weakstil.mil.train import TrainConfig, load_bags, train_model
 
     cache = FeatureCache.find(features, encoder)
     with warnings.catch_warnings(record=True) as caught:

@@ -22,7 +22,7 @@ from PIL import Image
 from scipy import ndimage
 
 from weakstil.errors import ConfigError
-from weakstil.slidewriter import write_aperio_tiff
+from weakstil.wsi.writer import write_aperio_tiff
 
 FINE_UM = 1.0  # µm per cell of the scene grid
 TRUTH_UM = 16.0  # µm per pixel of the ground-truth maps

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .errors import (
+from weakstil.errors import (
     AnisotropicMppError,
     ConfigError,
     DuplicateSlideIdError,
@@ -32,7 +32,7 @@ from .errors import (
     UnsupportedFormatError,
     WeakstilError,
 )
-from .slide_backends import (
+from weakstil.wsi.backends import (
     TAG_MPP_RANGE,
     ImageReader,
     OpenSlideReader,

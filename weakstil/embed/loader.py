@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import WeakstilError
+from weakstil.errors import WeakstilError
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class RingLoader:
     processes into a shared-memory ring of ``slots`` batches.
 
     ``read(i)`` returns ``(first row, tiles (k_i, px, px, 3))`` for block ``i`` and must work in a
-    forked process (:class:`weakstil.extract.BlockDataset` opens one slide handle per process).
+    forked process (:class:`weakstil.embed.extract.BlockDataset` opens one slide handle per process).
     ``block_sizes[i]`` is the number of tiles block ``i`` holds.
 
     **Each batch is a view into the ring: valid until the next one is asked for.** Copy it

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from .errors import (
+from weakstil.errors import (
     CheckpointMismatchError,
     CheckpointReadError,
     UnknownEncoderError,
@@ -425,7 +425,7 @@ def _inert_pickle() -> types.ModuleType:
 
     @functools.cache
     def placeholder(full_name: str) -> type:
-        return type(full_name, (_Inert,), {"__module__": "weakstil.encoders.inert"})
+        return type(full_name, (_Inert,), {"__module__": "weakstil.embed.encoders.inert"})
 
     class Unpickler(pickle.Unpickler):
         def find_class(self, module, name):
@@ -548,7 +548,7 @@ def _encoder_class() -> type:
         def extra_repr(self) -> str:
             return f"name={self.spec.name!r}, weights={self.weights!r}, embed_dim={self.spec.embed_dim}"
 
-    Encoder.__module__, Encoder.__qualname__ = __name__, "Encoder"  # picklable as weakstil.encoders.Encoder
+    Encoder.__module__, Encoder.__qualname__ = __name__, "Encoder"  # picklable as weakstil.embed.encoders.Encoder
     return Encoder
 
 

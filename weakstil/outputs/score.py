@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .batch import staging_name
-from .errors import CacheMismatchError, ModelMismatchError, OutputWriteError
-from .extract import ExtractOptions, SlideExtractor, SlideSource, TileEmbedder, open_cache, resolve_device
+from weakstil.runs.runner import staging_name
+from weakstil.errors import CacheMismatchError, ModelMismatchError, OutputWriteError
+from weakstil.embed.extract import ExtractOptions, SlideExtractor, SlideSource, TileEmbedder, open_cache, resolve_device
 
 SCORE_COLUMNS = ("slide_id", "score", "n_tiles", "status", "error")
 SCORE_JSON = "score.json"
@@ -37,8 +37,8 @@ def file_sha256(path: Path) -> str:
 
 def tiling_from_fingerprint(tiling_fp: dict):
     """(TileSpec, TissueParams) that reproduce a cache's or model's tiling fingerprint."""
-    from .tiling import TileSpec
-    from .tissue import TissueParams
+    from weakstil.wsi.tiling import TileSpec
+    from weakstil.wsi.tissue import TissueParams
 
     try:
         spec = TileSpec(tile_px=int(tiling_fp["tile_px"]), mpp=float(tiling_fp["mpp"]),
@@ -56,8 +56,8 @@ def encoder_from_fingerprint(encoder_fp: dict, weights: str | None = None, *, se
     ``weights`` overrides where the weights are read from (the file may have moved since training);
     they must still hash to the model's ``weights_sha256``.
     """
-    from .cache import identity
-    from .encoders import create_encoder
+    from weakstil.embed.cache import identity
+    from weakstil.embed.encoders import create_encoder
 
     name = encoder_fp.get("name")
     if not name:
@@ -107,8 +107,8 @@ class SlideScorer:
                 and self.extractor.is_done(source))
 
     def __call__(self, source: SlideSource) -> dict:
-        from .heatmap import write_slide_outputs
-        from .slide import open_slide
+        from weakstil.outputs.heatmap import write_slide_outputs
+        from weakstil.wsi.slide import open_slide
 
         started = time.perf_counter()
         if not self.extractor.is_done(source):
@@ -180,7 +180,7 @@ def write_scores_csv(out_dir: Path, sources: list[SlideSource], outcomes: dict, 
 
     Rebuilt under a file lock, so two runs sharing a results folder never put back an older state.
     """
-    from .batch import file_lock
+    from weakstil.runs.runner import file_lock
 
     with file_lock(Path(out_dir) / ".scores.lock"):
         return _write_scores_csv(out_dir, sources, outcomes, model_sha256)
@@ -189,7 +189,7 @@ def write_scores_csv(out_dir: Path, sources: list[SlideSource], outcomes: dict, 
 def _write_scores_csv(out_dir: Path, sources: list[SlideSource], outcomes: dict, model_sha256: str) -> Path:
     import csv
 
-    from .batch import staging_name
+    from weakstil.runs.runner import staging_name
 
     path = Path(out_dir) / "scores.csv"
     tmp = path.with_name(staging_name("scores.csv"))
@@ -264,7 +264,7 @@ def make_scorer(model_dir: Path, features_dir: Path, out_dir: Path, *, weights: 
                 formats=("csv", "png", "tif", "geojson", "top"), cutoff: float = 30.0, qc: bool = True,
                 tiles_task=None) -> SlideScorer:
     """Load the model, rebuild its encoder and tiling, open the matching cache (refusing mismatches)."""
-    from .mil import check_fingerprint, load_model
+    from weakstil.mil.model import check_fingerprint, load_model
 
     model_dir = Path(model_dir)
     model = load_model(model_dir)
@@ -291,8 +291,8 @@ def score_slides(sources: list[SlideSource], model_dir: Path, *, features_dir: P
                  formats=("csv", "png", "tif", "geojson", "top"), cutoff: float = 30.0,
                  lock: bool = True) -> ScoreResult:
     """Score every slide (extracting what is missing); one bad slide never stops the others."""
-    from .batch import run_batch, sweep_partials
-    from .extract import _progress
+    from weakstil.runs.runner import run_batch, sweep_partials
+    from weakstil.embed.extract import _progress
 
     opts = opts or ExtractOptions()
     out_dir = Path(out_dir)

@@ -1,4 +1,4 @@
-"""Backend readers behind :class:`weakstil.slide.SlideHandle`, and TIFF diagnostics.
+"""Backend readers behind :class:`weakstil.wsi.slide.SlideHandle`, and TIFF diagnostics.
 
 Each reader exposes ``name``, ``vendor``, ``objective_power``, ``level_dimensions``,
 ``level_downsamples``, ``stated_mpp()``, ``read(level, x_lv, y_lv, w, h)`` (an in-bounds block of
@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import CorruptSlideError, NotASlideError, TruncatedSlideError, UnsupportedFormatError
+from weakstil.errors import CorruptSlideError, NotASlideError, TruncatedSlideError, UnsupportedFormatError
 
 TAG_MPP_RANGE = (0.01, 20.0)  # µm/px from TIFF resolution tags outside this are display dpi, not a scan
 
