@@ -44,11 +44,11 @@ class Cohort:
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> Cohort:
     from weakstil.embed.encoders import create_encoder
-    from weakstil.embed.extract import ExtractOptions, extract_slides, slide_sources
+    from weakstil.embed.extract import ExtractOptions, slide_sources
     from weakstil.mil.cohort import train_from_cache
-    from weakstil.outputs.score import score_slides
-    from weakstil.wsi.slide import find_slides
+    from weakstil.runs.batch import extract_slides, score_slides
     from weakstil.synth.lattice import synth_cohort
+    from weakstil.wsi.slide import find_slides
     from weakstil.wsi.tiling import TileSpec
     from weakstil.wsi.tissue import TissueParams
 
@@ -342,7 +342,8 @@ def write_lock(lock_dir: Path, key: str, **holder) -> Path:
 
 
 def test_a_lock_from_another_host_is_stale_once_its_heartbeat_stops(tmp_path):
-    from weakstil.runs.runner import STALE_AFTER_S, run_batch
+    from weakstil.fs import STALE_AFTER_S
+    from weakstil.runs.runner import run_batch
 
     locks = tmp_path / "locks"
     fresh = write_lock(locks, "a", pid=1, host="node-7")
@@ -356,7 +357,7 @@ def test_a_lock_from_another_host_is_stale_once_its_heartbeat_stops(tmp_path):
 
 
 def test_the_heartbeat_touches_the_locks_still_held(tmp_path):
-    from weakstil.runs.runner import _touch_held_locks, acquire_lock
+    from weakstil.fs import _touch_held_locks, acquire_lock
 
     lock, _ = acquire_lock(tmp_path, "a")
     other = write_lock(tmp_path, "b", token="someone-else")
@@ -370,7 +371,7 @@ def test_the_heartbeat_touches_the_locks_still_held(tmp_path):
 
 
 def test_a_killed_holder_not_yet_reaped_is_stale(tmp_path):
-    from weakstil.runs.runner import _proc_start, acquire_lock
+    from weakstil.fs import _proc_start, acquire_lock
 
     zombie = subprocess.Popen([sys.executable, "-c", "pass"])
     try:
@@ -411,8 +412,8 @@ def test_sigterm_releases_the_lock_and_exits_143(tmp_path):
 
 
 def test_a_full_disk_stops_run_batch_but_an_unreadable_input_does_not(tmp_path):
-    from weakstil.runs.runner import run_batch
     from weakstil.errors import OutputWriteError
+    from weakstil.runs.runner import run_batch
 
     def job(item):
         if item == "unreadable":
@@ -432,7 +433,7 @@ def test_a_full_disk_stops_run_batch_but_an_unreadable_input_does_not(tmp_path):
 
 
 def test_sweep_partials_removes_only_what_killed_runs_left(tmp_path):
-    from weakstil.runs.runner import STALE_PARTIAL_S, _SAFE_HOST, staging_name, sweep_partials
+    from weakstil.fs import _SAFE_HOST, STALE_PARTIAL_S, staging_name, sweep_partials
 
     mine = tmp_path / staging_name("S1")  # this live process's: kept
     dead = tmp_path / f".S2.{_SAFE_HOST}-{dead_pid()}-abcdef12.partial"  # this host, pid gone

@@ -38,7 +38,7 @@ def heatmap(
     config: ConfigOpt = None,
 ) -> None:
     """Rewrite the per-slide review files (heatmaps, GeoJSON, top tiles) from tiles.csv — no model needed."""
-    from weakstil.outputs.bundle import regenerate
+    from weakstil.runs.batch import regenerate
 
     formats = tuple(f.strip() for f in outputs.split(",") if f.strip())
     try:

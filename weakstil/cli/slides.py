@@ -114,7 +114,8 @@ def extract(
     values = dict(locals())  # the options only: taken before the imports below add names
     values.pop("ctx")
     from weakstil.embed.encoders import create_encoder
-    from weakstil.embed.extract import extract_slides, slide_sources
+    from weakstil.embed.extract import slide_sources
+    from weakstil.runs.batch import extract_slides
     from weakstil.wsi.slide import find_slides
     from weakstil.wsi.tiling import TileSpec
     from weakstil.wsi.tissue import TissueParams
@@ -175,7 +176,7 @@ def score(
     values = dict(locals())  # the options only: taken before the imports below add names
     values.pop("ctx")
     from weakstil.embed.extract import slide_sources
-    from weakstil.outputs.score import score_slides
+    from weakstil.runs.batch import score_slides
     from weakstil.wsi.slide import find_slides
 
     formats = tuple(f.strip() for f in outputs.split(",") if f.strip())

@@ -221,18 +221,6 @@ class SlideSource:
         return slide_id_from_path(self.path)
 
 
-@dataclass
-class ExtractResult:
-    cache: object  # FeatureCache
-    outcomes: list
-    n_tiles: int = 0
-    seconds: float = 0.0
-
-    @property
-    def failed(self) -> list:
-        return [o for o in self.outcomes if o.status == "failed"]
-
-
 def qc_dir_for(features_dir: Path) -> Path:
     """Where tissue-mask QC pictures go: ``<features>/qc/`` (next to the store when given a .zarr)."""
     features_dir = Path(features_dir)
@@ -311,41 +299,6 @@ def slide_sources(paths, *, backend: str = "auto", mpp: float | None = None, mpp
 
     return [SlideSource(Path(p), open_kwargs_for(p, backend=backend, mpp=mpp, mpp_override=mpp_override,
                                                  mpp_by_slide=mpp_by_slide)) for p in paths]
-
-
-def extract_slides(sources: list[SlideSource], features_dir: Path, *, encoder, spec, tissue,
-                   opts: ExtractOptions | None = None, roi_dir: Path | None = None, qc: bool = True,
-                   lock: bool = True, on_outcome=None) -> ExtractResult:
-    """Fill the feature cache for every slide; finished slides are skipped, bad ones recorded.
-
-    ``encoder`` is an Encoder from :func:`weakstil.embed.encoders.create_encoder`. One slide's failure
-    never stops the others: each gets an Outcome (done / skipped / failed with reason and fix).
-    """
-    import time
-
-    from weakstil.runs.runner import run_batch
-
-    opts = opts or ExtractOptions()
-    device = resolve_device(opts.device)
-    cache = open_cache(features_dir, encoder, spec, tissue)
-    embedder = TileEmbedder(encoder, device)
-    started = time.perf_counter()
-    with _progress(opts.progress) as progress:
-        slides_task = progress.add_task("slides", total=len(sources), unit="slides")
-        tiles_task = progress.add_task("tiles", total=None, unit="tiles")
-        job = SlideExtractor(cache, embedder, spec, tissue, opts, roi_dir=roi_dir, qc=qc,
-                             tiles_task=lambda n: progress.update(tiles_task, advance=n))
-
-        def record(outcome):
-            progress.update(slides_task, advance=1)
-            if on_outcome is not None:
-                on_outcome(outcome)
-
-        outcomes = run_batch(sources, job, key=lambda s: s.slide_id, is_done=job.is_done, desc="extract",
-                             lock_dir=cache.path / ".locks" if lock else None, progress=False,
-                             on_outcome=record)
-    n_tiles = sum(int(o.result or 0) for o in outcomes if o.status == "done")
-    return ExtractResult(cache, outcomes, n_tiles, time.perf_counter() - started)
 
 
 def _progress(enabled: bool):
