@@ -47,14 +47,8 @@ from weakstil.errors import (
     CacheNotFoundError,
     CacheWriteError,
 )
-from weakstil.fingerprint import (  # noqa: F401
-    _canonical_numbers,
-    _flatten,
-    fingerprint_differences,
-    identity,
-    plain_json,
-)
-from weakstil.fs import exchange_paths
+from weakstil.fingerprint import fingerprint_differences, fingerprint_hash, identity
+from weakstil.fs import _pid_alive, exchange_paths, plain_json
 
 SCHEMA_VERSION = 1
 FEATURE_CHUNK_ROWS = 4096
@@ -95,9 +89,7 @@ def store_name(encoder_fp: dict, tiling_fp: dict) -> str:
     The hash covers the encoder's weights sha256, so two checkpoints of one architecture never
     share a store, and every tiling/tissue parameter.
     """
-    text = json.dumps(identity(encoder_fp, tiling_fp), sort_keys=True, separators=(",", ":"),
-                      allow_nan=False)
-    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+    digest = fingerprint_hash(identity(encoder_fp, tiling_fp), 10)
     return f"{_sanitise(str(encoder_fp.get('name', 'encoder')))}-{digest}.zarr"
 
 
@@ -139,16 +131,6 @@ def _read_group_json(path: Path) -> dict | None:
             and doc.get("node_type") == "group" and isinstance(doc.get("attributes", {}), dict)):
         raise CacheCorruptError("zarr.json is not a Zarr v3 group", path=path)
     return doc.get("attributes", {})
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _check_slide_id(slide_id: str) -> None:
@@ -473,6 +455,15 @@ class FeatureCache:
         if attrs is None or attrs.get("complete") is not True:
             return False
         return source is None or source_matches(attrs, source)
+
+    def complete_attrs(self, slide_id: str, source: str | Path | None = None) -> dict | None:
+        """The attrs of a complete slide group (made from ``source`` when given), else None."""
+        if not self.is_complete(slide_id, source=source):
+            return None
+        try:
+            return self._slide_attrs(slide_id)
+        except CacheCorruptError:
+            return None
 
     def read(self, slide_id: str) -> SlideFeatures:
         """A complete slide's features, coords and attrs, checked (shape, dtype, finite)."""

@@ -245,6 +245,14 @@ def open_cache(features_dir: Path, encoder, spec, tissue, *, create: bool = True
     return FeatureCache.open(features_dir, encoder.fingerprint(), spec.fingerprint(tissue), create=create)
 
 
+def _slide_mpp(source: SlideSource) -> float:
+    """The mpp ``source`` is read at with its options (opens the slide's metadata only)."""
+    from weakstil.wsi.slide import open_slide
+
+    with open_slide(source.path, **source.open_kwargs) as slide:
+        return float(slide.mpp)
+
+
 class SlideExtractor:
     """Everything one slide needs, built once per process: encoder on its device, cache, tiling."""
 
@@ -254,13 +262,25 @@ class SlideExtractor:
         self.roi_dir, self.qc, self.tiles_task = roi_dir, qc, tiles_task
 
     def is_done(self, source: SlideSource) -> bool:
-        return self.cache.is_complete(source.slide_id, source=source.path)
+        """Whether the cache holds this slide, made from this very file, for this request: the
+        store identity is the cache's own; the slide part (ROI content, mpp and its source) is
+        compared here (:func:`weakstil.fingerprint.slide_differences`)."""
+        from weakstil.fingerprint import slide_differences, slide_request
+
+        attrs = self.cache.complete_attrs(source.slide_id, source=source.path)
+        if attrs is None:
+            return False
+        request = slide_request(roi=roi_for(self.roi_dir, source.slide_id), open_kwargs=source.open_kwargs)
+        diffs = slide_differences(attrs, request, resolve_mpp=lambda: _slide_mpp(source))
+        if diffs:
+            log.warning("%s: extracting again, the cached tiles were made for another request (%s)",
+                        source.slide_id, "; ".join(diffs))
+        return not diffs
 
     def __call__(self, source: SlideSource) -> int:
         """Tiles → features for one slide into the cache; returns the number of tiles."""
-        import hashlib
-
         from weakstil.errors import NoTissueError
+        from weakstil.fingerprint import file_sha256
         from weakstil.wsi.slide import open_slide
         from weakstil.wsi.tiling import plan_tiles
         from weakstil.wsi.tissue import save_mask_qc
@@ -279,7 +299,7 @@ class SlideExtractor:
             attrs = {"slide_mpp": slide.mpp, "mpp_source": slide.mpp_source, "tile_size_l0": grid.size_l0,
                      "tile_px": self.spec.tile_px, "dimensions": list(slide.dimensions),
                      "backend": slide.backend, "vendor": slide.vendor,
-                     "roi_sha256": hashlib.sha256(roi.read_bytes()).hexdigest() if roi else None}
+                     "roi_sha256": file_sha256(roi) if roi else None}
             block = aligned_block(slide, grid.size_l0, self.spec.tile_px, block=self.opts.block)
             open_kwargs = dict(source.open_kwargs, backend=slide.backend if slide.backend != "image"
                                else source.open_kwargs.get("backend", "auto"))

@@ -58,8 +58,8 @@ def encoder_from_fingerprint(encoder_fp: dict, weights: str | None = None, *, se
     ``weights`` overrides where the weights are read from (the file may have moved since training);
     they must still hash to the model's ``weights_sha256``.
     """
-    from weakstil.embed.cache import identity
     from weakstil.embed.encoders import create_encoder
+    from weakstil.fingerprint import same_encoder
 
     name = encoder_fp.get("name")
     if not name:
@@ -68,8 +68,7 @@ def encoder_from_fingerprint(encoder_fp: dict, weights: str | None = None, *, se
     if source in (None, "", "random-init"):
         source = None
     encoder = create_encoder(name, source, seed=seed)
-    ours, theirs = identity(encoder.fingerprint(), {}), identity(encoder_fp, {})
-    if ours != theirs:
+    if not same_encoder(encoder.fingerprint(), encoder_fp):
         raise ModelMismatchError(
             f"encoder {name!r} with weights {source or 'random-init'} is not the one this model was "
             f"trained on (weights sha256 {encoder.weights_sha256[:12]}… vs "
