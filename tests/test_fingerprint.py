@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 
 from tests.conftest import TINY_MPP, TINY_SIZE, write_tiny_slide
-from weakstil.fingerprint import fingerprint_hash, identity, slide_differences, slide_request
+from weakstil.fingerprint import (
+    fingerprint_hash,
+    identity,
+    slide_differences,
+    slide_request,
+)
 
 
 @pytest.fixture(scope="module")

@@ -119,7 +119,7 @@ def disk_full_error(path: str | Path, exc: OSError):
     what = "the disk quota is used up" if exc.errno == errno.EDQUOT else "the disk is full"
     err = DiskFullError(f"{what} while writing this ({_human(free_bytes(path))} free); "
                         "nothing half-written was left behind", path=path)
-    err.errno, err.strerror, err.filename = exc.errno, exc.strerror, str(path)
+    err.errno = exc.errno  # (strerror left unset: OSError would print it instead of the message)
     return err
 
 

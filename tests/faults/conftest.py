@@ -26,7 +26,7 @@ def invoke(*args):
 def run_cli(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """``weakstil ARGS`` in a fresh process (to see exactly what a user sees: stderr, exit code)."""
     return subprocess.run([sys.executable, "-m", "weakstil", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
+                          cwd=cwd, timeout=300, check=False)
 
 
 @pytest.fixture(scope="session")

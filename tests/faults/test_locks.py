@@ -61,7 +61,7 @@ def test_a_slide_left_to_a_live_process_is_named_and_exits_3(world, tmp_path):
 
 
 def test_wait_waits_for_the_other_process_and_then_scores(world, tmp_path, monkeypatch):
-    import weakstil.runs.runner as runner
+    from weakstil.runs import runner
 
     monkeypatch.setattr(runner, "WAIT_POLL_S", 0.2)
     out = tmp_path / "results"

@@ -48,7 +48,7 @@ from weakstil.errors import (
     CacheWriteError,
 )
 from weakstil.fingerprint import fingerprint_differences, fingerprint_hash, identity
-from weakstil.fs import _pid_alive, exchange_paths, plain_json
+from weakstil.fs import _pid_alive, disk_errors, exchange_paths, plain_json
 
 SCHEMA_VERSION = 1
 FEATURE_CHUNK_ROWS = 4096
@@ -359,10 +359,11 @@ class FeatureCache:
         staged = self._new_staging(slide_id)
         _ACTIVE_STAGING.add(staged.name)
         try:
-            writer = SlideWriter(staged, coords, embed_dim, plain_json(extra), chunk_rows)
-            yield writer
-            writer.finish(seconds=time.perf_counter() - started)
-            self._install(staged, slide_id)
+            with disk_errors(self.slides_dir / slide_id):  # a full disk: DiskFullError, old group kept
+                writer = SlideWriter(staged, coords, embed_dim, plain_json(extra), chunk_rows)
+                yield writer
+                writer.finish(seconds=time.perf_counter() - started)
+                self._install(staged, slide_id)
         except BaseException:
             shutil.rmtree(staged, ignore_errors=True)  # clean up only; the error goes on
             raise
