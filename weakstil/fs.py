@@ -55,8 +55,8 @@ _SAFE_HOST = re.sub(r"[^A-Za-z0-9_]", "_", _HOST) or "_"
 # ``.<name>.<pid>.tmp``, ``.<name>-<random>.partial`` (mkdtemp), ``.<name>-<ns>.old.partial``,
 # ``<name>.partial``, ``.<name>.<pid>-<hex>.creating``, ``.write-test.<pid>``, ``.clock-...``.
 _STAGING = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[0-9a-f]{4,}\.(?:partial|old)$")
-_LEGACY = re.compile(r"^(?:.+\.partial|\..+\.\d+\.tmp|\..+\.\d+-[0-9a-f]+\.creating|\.write-test\.\d+"
-                     r"|\.clock-.+-\d+-[0-9a-f]+)$")
+_LEGACY = re.compile(r"^(?:.+\.partial|\..+\.\d+\.tmp|\..+\.(?P<pid>\d+)-[0-9a-f]+\.creating"
+                     r"|\.write-test\.\d+|\.clock-.+-\d+-[0-9a-f]+)$")  # .creating: by pid too, as before
 _HELD: dict[str, Path] = {}  # token → path of every lock this process holds
 _HELD_GUARD = threading.Lock()
 _heartbeat_thread: threading.Thread | None = None
@@ -295,14 +295,15 @@ def sweep_partials(folder: str | Path, *, max_age_s: float = STALE_PARTIAL_S) ->
         return removed
     now = _fs_now(Path(folder)) if entries else time.time()
     for entry in entries:
-        match = _STAGING.match(entry.name)
-        if match is None and _LEGACY.match(entry.name) is None:
+        match = _STAGING.match(entry.name) or _LEGACY.match(entry.name)
+        if match is None:
             continue
         try:
             age = now - entry.stat(follow_symlinks=False).st_mtime
         except OSError:
             continue
-        dead_here = match is not None and match["host"] == _SAFE_HOST and not _pid_alive(int(match["pid"]))
+        here = match.re is _LEGACY or match["host"] == _SAFE_HOST
+        dead_here = here and match["pid"] is not None and not _pid_alive(int(match["pid"]))
         if not (dead_here or age > max_age_s):
             continue
         path = Path(entry.path)

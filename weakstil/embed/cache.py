@@ -48,7 +48,7 @@ from weakstil.errors import (
     CacheWriteError,
 )
 from weakstil.fingerprint import fingerprint_differences, fingerprint_hash, identity
-from weakstil.fs import _pid_alive, disk_errors, exchange_paths, plain_json
+from weakstil.fs import _pid_alive, disk_errors, exchange_paths, plain_json, staging_name, sweep_partials
 
 SCHEMA_VERSION = 1
 FEATURE_CHUNK_ROWS = 4096
@@ -216,11 +216,8 @@ class FeatureCache:
                  "tiling": plain_json(tiling_fp), "weakstil_version": __version__,
                  "created": _utc_now()}
         path.parent.mkdir(parents=True, exist_ok=True)
-        for debris in path.parent.glob(f".{path.name}.*.creating"):  # from a killed creator
-            pid = debris.name[len(path.name) + 2:].split("-", 1)[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
-                shutil.rmtree(debris, ignore_errors=True)
-        tmp = path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.creating"
+        sweep_partials(path.parent)  # a killed creator's half-made store
+        tmp = path.parent / staging_name(path.name)
         try:
             root = zarr.open_group(LocalStore(tmp), mode="w-", attributes=attrs)
             root.create_group("slides")
