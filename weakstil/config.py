@@ -66,17 +66,10 @@ def defaults_for(data: dict[str, Any], command: str, known: set[str], *, path: s
     return merged
 
 
-def to_plain(value: Any) -> Any:
-    """Paths, tuples, enums and dataclasses → YAML-safe plain types (:func:`weakstil.fs.plain_json`)."""
-    from weakstil.fs import plain_json
-
-    return plain_json(value)
-
-
 def save_resolved(config: dict[str, Any], path: str | Path) -> Path:
     """Write the resolved configuration as YAML, atomically."""
     import yaml
 
-    from weakstil.fs import write_text
+    from weakstil.fs import plain_json, write_text
 
-    return write_text(path, yaml.safe_dump(to_plain(config), sort_keys=False))
+    return write_text(path, yaml.safe_dump(plain_json(config), sort_keys=False))
