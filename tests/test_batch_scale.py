@@ -141,7 +141,9 @@ def test_two_processes_at_once_score_every_slide_exactly_once(cohort, tmp_path):
     procs = [subprocess.Popen(score_cmd(cohort, out, features=features), cwd=tmp_path, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     logs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], logs
+    # each exits 0, or 3 when it left slides to the other (it names them): never a failure
+    assert {p.returncode for p in procs} <= {0, 3}, logs
+    assert all("left to another process" in log for p, log in zip(procs, logs) if p.returncode == 3), logs
     assert len(list((out / "runs").glob("*.json"))) == 2
     assert done_counts(out) == {sid: 1 for sid in slide_ids(cohort)}
     assert (out / "scores.csv").read_text() == cohort.reference.read_text()
@@ -312,11 +314,11 @@ def test_a_full_disk_stops_the_run_and_leaves_no_half_written_slide(cohort, tmp_
     result = invoke(["score", str(cohort.slides), "--model", str(cohort.model), "--features", str(cohort.features),
                      "--out", str(out), "--quiet"])
     assert result.exit_code == 1, result.output
-    assert "No space left on device" in result.output.replace("\n", " ")
+    assert "disk is full" in result.output.replace("\n", " ")
     assert len(calls) == 1  # the run stopped at the first full-disk failure
     records = run_records(out)
     assert [r["status"] for r in records] == ["failed"] + ["skipped"] * (N_SLIDES - 1)
-    assert records[0]["reason"] == "OutputWriteError" and "No space left" in records[0]["error"]
+    assert records[0]["reason"] == "DiskFullError" and "disk is full" in records[0]["error"]
     assert {r["reason"] for r in records[1:]} == {"stopped"}
     assert list((out / "slides").iterdir()) == []  # no staging leftovers, no slide folder without score.json
     rows = read_rows(out / "scores.csv")

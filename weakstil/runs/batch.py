@@ -71,7 +71,9 @@ def extract_slides(sources: list, features_dir: Path, *, encoder, spec, tissue, 
         slides_task = progress.add_task("slides", total=len(sources), unit="slides")
         tiles_task = progress.add_task("tiles", total=None, unit="tiles")
         job.tiles_task = lambda n: progress.update(tiles_task, advance=n)
-        job.prepare()
+        # here: the encoder on its device; for workers: only the cache (the encoder stays on the CPU)
+        here = job if local else dataclasses.replace(job, opts=dataclasses.replace(opts, device="cpu"))
+        here.prepare()
 
         def record(outcome):
             progress.update(slides_task, advance=1)
@@ -79,9 +81,9 @@ def extract_slides(sources: list, features_dir: Path, *, encoder, spec, tissue, 
                 on_outcome(outcome)
 
         outcomes = run_batch(sources, job, desc="extract", progress=opts.progress and not local, on_outcome=record,
-                             executor=executor, wait=wait)
+                             executor=executor, wait=wait, lock_dir=here.lock_dir)
     n_tiles = sum(int(o.result or 0) for o in outcomes if o.status == "done")
-    return ExtractResult(job.cache, outcomes, n_tiles, time.perf_counter() - started)
+    return ExtractResult(here.cache, outcomes, n_tiles, time.perf_counter() - started)
 
 
 def score_slides(sources: list, model_dir: Path, *, features_dir: Path, out_dir: Path, weights: str | None = None,

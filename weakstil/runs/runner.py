@@ -187,13 +187,16 @@ def run_one(item: Any, job: Callable[[Any], Any], *, key: str,
             lock.release()
 
 
-def job_parts(job: Any, *, key=None, is_done=None, lock_dir=None) -> tuple[Callable, Callable, Any, Any]:
+_UNSET: Any = object()
+
+
+def job_parts(job: Any, *, key=None, is_done=None, lock_dir=_UNSET) -> tuple[Callable, Callable, Any, Any]:
     """(run, key, is_done, lock_dir) of a job object (``.run``, ``.key``, ``.is_done``,
     ``.lock_dir``) or a plain callable; explicit arguments win."""
     if hasattr(job, "run"):
         return (job.run, key or job.key, is_done if is_done is not None else job.is_done,
-                lock_dir if lock_dir is not None else job.lock_dir)
-    return job, key or _default_key, is_done, lock_dir
+                job.lock_dir if lock_dir is _UNSET else lock_dir)
+    return job, key or _default_key, is_done, None if lock_dir is _UNSET else lock_dir
 
 
 class LocalExecutor:
@@ -251,7 +254,7 @@ def limit_heap_fragmentation(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
 
 def run_batch(items: Iterable[Any], job: Any, *, key: Callable[[Any], str] | None = None,
               is_done: Callable[[Any], bool] | None = None, desc: str = "extract",
-              lock_dir: str | Path | None = None, progress: bool = True,
+              lock_dir: str | Path | None = _UNSET, progress: bool = True,
               on_outcome: Callable[[Outcome], None] | None = None, executor: Any = None,
               wait: bool = False) -> list[Outcome]:
     """Run ``job`` on every item with a progress bar; one Outcome per item, in the items' order.
