@@ -48,7 +48,14 @@ from weakstil.errors import (
     CacheWriteError,
 )
 from weakstil.fingerprint import fingerprint_differences, fingerprint_hash, identity
-from weakstil.fs import _pid_alive, disk_errors, exchange_paths, plain_json, staging_name, sweep_partials
+from weakstil.fs import (
+    _pid_alive,
+    disk_errors,
+    exchange_paths,
+    plain_json,
+    staging_name,
+    sweep_partials,
+)
 
 SCHEMA_VERSION = 1
 FEATURE_CHUNK_ROWS = 4096

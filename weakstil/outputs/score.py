@@ -27,7 +27,12 @@ from weakstil.embed.extract import (
     open_cache,
     resolve_device,
 )
-from weakstil.errors import CacheMismatchError, ModelMismatchError, OutputWriteError, WeakstilError
+from weakstil.errors import (
+    CacheMismatchError,
+    ModelMismatchError,
+    OutputWriteError,
+    WeakstilError,
+)
 from weakstil.fingerprint import file_sha256
 from weakstil.fs import disk_errors, file_lock, staging_dir, write_csv, write_json
 
