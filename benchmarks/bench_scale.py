@@ -218,10 +218,11 @@ def train_tiny_model(root: Path) -> Path:
     if (model / "model.ckpt").exists():
         return model
     from weakstil.embed.encoders import create_encoder
-    from weakstil.embed.extract import ExtractOptions, extract_slides, slide_sources
+    from weakstil.embed.extract import ExtractOptions, slide_sources
     from weakstil.mil.cohort import train_from_cache
-    from weakstil.wsi.slide import find_slides
+    from weakstil.runs.batch import extract_slides
     from weakstil.synth.lattice import synth_cohort
+    from weakstil.wsi.slide import find_slides
     from weakstil.wsi.tiling import TileSpec
     from weakstil.wsi.tissue import TissueParams
 

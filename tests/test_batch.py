@@ -14,18 +14,17 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from weakstil.errors import DuplicateSlideIdError, MissingMppError
+from weakstil.fs import _proc_start, acquire_lock
 from weakstil.runs.runner import (
     ALREADY_DONE,
     LOCKED,
     Outcome,
-    _proc_start,
-    acquire_lock,
     counts,
     run_batch,
     summarize,
     write_outcomes_csv,
 )
-from weakstil.errors import DuplicateSlideIdError, MissingMppError
 
 REPO = Path(__file__).resolve().parents[1]
 

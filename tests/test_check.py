@@ -5,15 +5,14 @@ from __future__ import annotations
 import csv
 
 import pytest
+from conftest import TINY_MPP, TINY_SIZE
 from rich.console import Console
 
 import weakstil.wsi.check as check_mod
-from weakstil.wsi.check import CHECK_COLUMNS, check_slides, check_table, write_check_csv
 from weakstil.errors import MppCsvError
+from weakstil.wsi.check import CHECK_COLUMNS, check_slides, check_table, write_check_csv
 from weakstil.wsi.slide import find_slides
 from weakstil.wsi.tissue import TissueParams
-
-from conftest import TINY_MPP, TINY_SIZE
 
 FAST = TissueParams(thumb_mpp=4.0)
 

@@ -33,8 +33,8 @@ from weakstil.errors import (
     CheckpointMismatchError,
     CheckpointReadError,
     UnknownEncoderError,
-    WeightSourceError,
     WeightsNotFoundError,
+    WeightSourceError,
 )
 
 BUILTINS = ("resnet18-random", "retccl", "ciga-simclr")

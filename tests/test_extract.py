@@ -24,8 +24,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from weakstil.embed.cache import FeatureCache
 from weakstil.cli import app
+from weakstil.embed.cache import FeatureCache
 from weakstil.synth.lattice import plan_cohort
 
 N, SEED, SIZE_UM = 6, 3, 600
@@ -274,7 +274,8 @@ def test_same_content_at_two_resolutions_gives_the_same_tiles_and_embeddings(tmp
     tiles correlate ~0.99; centred, unrelated tiles are ~0 and matched ones must still agree).
     """
     from weakstil.embed.encoders import create_encoder
-    from weakstil.embed.extract import ExtractOptions, extract_slides, slide_sources
+    from weakstil.embed.extract import ExtractOptions, slide_sources
+    from weakstil.runs.batch import extract_slides
     from weakstil.synth.lattice import SlideParams, write_slide
     from weakstil.wsi.tiling import TileSpec
     from weakstil.wsi.tissue import TissueParams

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from weakstil.errors import ConfigError, HeatmapInputError, WeakstilError
 from weakstil.outputs import heatmap as hm
 from weakstil.outputs import tiles as tiles_mod
-from weakstil.errors import ConfigError, HeatmapInputError, WeakstilError
 
 TILE = 448.0  # level-0 px: 112 µm at 0.25 µm/px
 
@@ -576,7 +576,7 @@ def write_scored(results, slide_path, slide_id=None, *, source_path=None, seed=0
 
 
 def test_regenerate_rewrites_a_deleted_heatmap(tmp_path, tiny_slide):
-    from weakstil.outputs.bundle import regenerate
+    from weakstil.runs.batch import regenerate
 
     results = tmp_path / "results"
     folder = write_scored(results, tiny_slide)
@@ -615,7 +615,8 @@ def test_regenerate_rewrites_a_deleted_heatmap(tmp_path, tiny_slide):
 def test_regenerate_finds_slides_and_goes_on_after_a_bad_one(tmp_path, tiny_slide):
     import shutil
 
-    from weakstil.outputs.bundle import ResultsNotFoundError, regenerate
+    from weakstil.outputs.bundle import ResultsNotFoundError
+    from weakstil.runs.batch import regenerate
 
     results = tmp_path / "results"
     # "moved": scored from a path that no longer exists; "broken": a tiles.csv without predictions

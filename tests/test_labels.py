@@ -8,7 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from weakstil.errors import LabelsError, LabelsNotFoundError, TooFewGroupsError, WeakstilError
+from weakstil.errors import (
+    LabelsError,
+    LabelsNotFoundError,
+    TooFewGroupsError,
+    WeakstilError,
+)
 from weakstil.mil.labels import (
     LabelsWarning,
     LabelTable,

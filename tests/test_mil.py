@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from weakstil.errors import EmptyBagError, ModelMismatchError, ModelNotFoundError, WeakstilError
+from weakstil.errors import (
+    EmptyBagError,
+    ModelMismatchError,
+    ModelNotFoundError,
+    WeakstilError,
+)
 from weakstil.mil.model import MILRegressor, TrainedModel, check_fingerprint, load_model
 
 DIM = 16

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from weakstil.mil.plots import calibration_bins, calibration_plot, roc_plot, scatter_plot, tile_scatter
+from weakstil.mil.plots import (
+    calibration_bins,
+    calibration_plot,
+    roc_plot,
+    scatter_plot,
+    tile_scatter,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -160,7 +160,6 @@ def test_odd_downsample_levels_match(odd_slide):
 def test_generic_tiled_tiff_uses_the_direct_path(tmp_path):
     """A plain tiled JPEG TIFF (no vendor metadata, one level) is read directly as well."""
     import tifffile
-
     from conftest import tissue_like_image
 
     path = tmp_path / "generic.tif"

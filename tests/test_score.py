@@ -26,8 +26,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from weakstil.embed.cache import FeatureCache
 from weakstil.cli import app
+from weakstil.embed.cache import FeatureCache
 from weakstil.errors import CacheMismatchError, ModelMismatchError
 from weakstil.outputs.score import SCORE_COLUMNS
 
@@ -49,9 +49,10 @@ def flat(text: str) -> str:
 def trained(tmp_path_factory):
     """Cohort → cache → `weakstil train` → models/true (attention MIL, ensemble of 5 fold models)."""
     from weakstil.embed.encoders import create_encoder
-    from weakstil.embed.extract import ExtractOptions, extract_slides, slide_sources
-    from weakstil.wsi.slide import find_slides
+    from weakstil.embed.extract import ExtractOptions, slide_sources
+    from weakstil.runs.batch import extract_slides
     from weakstil.synth.lattice import synth_cohort
+    from weakstil.wsi.slide import find_slides
     from weakstil.wsi.tiling import TileSpec
     from weakstil.wsi.tissue import TissueParams
 
@@ -187,7 +188,8 @@ def test_score_rerun_skips_and_rewrites_nothing(scored):
 def test_checkpoint_reproduces_scores_exactly(trained, slides_to_score, scored, tmp_path):
     from weakstil.embed.extract import ExtractOptions, slide_sources
     from weakstil.mil.model import load_model
-    from weakstil.outputs.score import read_score_json, score_slides
+    from weakstil.outputs.score import read_score_json
+    from weakstil.runs.batch import score_slides
     from weakstil.wsi.slide import find_slides
 
     sources = slide_sources(find_slides(slides_to_score))
@@ -229,7 +231,7 @@ def test_features_of_another_tiling_or_encoder_are_refused(trained, slides_to_sc
     from weakstil.embed.encoders import create_encoder
     from weakstil.embed.extract import ExtractOptions, slide_sources
     from weakstil.mil.model import check_fingerprint, load_model
-    from weakstil.outputs.score import score_slides
+    from weakstil.runs.batch import score_slides
     from weakstil.wsi.slide import find_slides
     from weakstil.wsi.tiling import TileSpec
     from weakstil.wsi.tissue import TissueParams

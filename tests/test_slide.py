@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from conftest import TINY_MPP, TINY_SIZE, tissue_like_image
 
-import weakstil.wsi.slide as slide_mod
 import weakstil.wsi.backends as backends_mod
+import weakstil.wsi.slide as slide_mod
 from weakstil.errors import (
     AnisotropicMppError,
     ConfigError,
@@ -26,9 +27,13 @@ from weakstil.errors import (
     UnsupportedFormatError,
     WeakstilError,
 )
-from weakstil.wsi.slide import SlideHandle, find_slides, open_slide, read_mpp_csv, slide_id_from_path
-
-from conftest import TINY_MPP, TINY_SIZE, tissue_like_image
+from weakstil.wsi.slide import (
+    SlideHandle,
+    find_slides,
+    open_slide,
+    read_mpp_csv,
+    slide_id_from_path,
+)
 
 BACKENDS = ("openslide", "tiffslide")
 # (x, y, w, h) in level-0 px: inside, unaligned, straddling every edge, fully outside

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from weakstil.synth import lattice as synth
 from weakstil.errors import ConfigError, WeakstilError
+from weakstil.synth import lattice as synth
 
 SMALL_UM = (480.0, 384.0)
 

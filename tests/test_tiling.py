@@ -7,13 +7,18 @@ import math
 
 import numpy as np
 import pytest
+from conftest import TINY_SIZE, tissue_ellipse_mask
 
 from weakstil.errors import ConfigError, NoTissueError
 from weakstil.wsi.slide import open_slide
-from weakstil.wsi.tiling import TileSpec, grid_starts, plan_tiles, tile_grid, tissue_fraction
+from weakstil.wsi.tiling import (
+    TileSpec,
+    grid_starts,
+    plan_tiles,
+    tile_grid,
+    tissue_fraction,
+)
 from weakstil.wsi.tissue import RoiPolygon, TissueParams
-
-from conftest import TINY_SIZE, tissue_ellipse_mask
 
 FINE = TissueParams(thumb_mpp=2.0)  # 188×150 px thumbnails of the tiny slide
 

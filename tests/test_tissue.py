@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import TINY_MPP, TINY_SIZE, tissue_ellipse_mask, tissue_like_image
 from PIL import Image
 
 from weakstil.errors import ConfigError, RoiError
@@ -23,8 +24,6 @@ from weakstil.wsi.tissue import (
     save_mask_qc,
     tissue_mask,
 )
-
-from conftest import TINY_MPP, TINY_SIZE, tissue_ellipse_mask, tissue_like_image
 
 WHITE = (246, 246, 246)
 PINK = (232, 150, 190)

@@ -17,7 +17,6 @@ The resolved configuration of a run is saved next to its outputs (``save_resolve
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -67,32 +66,10 @@ def defaults_for(data: dict[str, Any], command: str, known: set[str], *, path: s
     return merged
 
 
-def to_plain(value: Any) -> Any:
-    """Paths, tuples and dataclasses → YAML-safe plain types."""
-    import dataclasses
-
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {str(k): to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        return value.item()
-    if hasattr(value, "value") and value.__class__.__module__ != "builtins" and isinstance(getattr(value, "value"), str):
-        return value.value  # enums
-    return value
-
-
 def save_resolved(config: dict[str, Any], path: str | Path) -> Path:
     """Write the resolved configuration as YAML, atomically."""
     import yaml
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(yaml.safe_dump(to_plain(config), sort_keys=False))
-    tmp.replace(path)
-    return path
+    from weakstil.fs import plain_json, write_text
+
+    return write_text(path, yaml.safe_dump(plain_json(config), sort_keys=False))

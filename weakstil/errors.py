@@ -195,3 +195,16 @@ class MppCsvError(WeakstilError, ValueError):
 class OutputWriteError(WeakstilError, OSError):
     fix = ("check that the output folder exists, is writable and its disk is not full "
            "(`df -h`); choose another one with --out")
+
+
+class DiskFullError(WeakstilError, OSError):
+    """The disk (or the user's quota) ran out while writing an output (ENOSPC / EDQUOT)."""
+
+    fix = "free some space on that disk (or write the outputs elsewhere with --out/--features), then run again"
+
+
+class SlidesLeftToOthersError(WeakstilError, RuntimeError):
+    """Some slides were locked by another live process and left to it (exit code 3)."""
+
+    fix = ("another weakstil run is working on them: wait for it and run again (or pass --wait); if no "
+           "such run exists, delete the lock files named above")

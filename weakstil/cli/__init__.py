@@ -1,7 +1,8 @@
 """The `weakstil` command line: one Typer app, its commands grouped by stage in this package.
 
 Exit codes: 0 everything succeeded; 1 some slides failed (the rest were done, see the summary);
-2 bad input that stopped the command (the message says how to fix it).
+2 bad input that stopped the command (the message says how to fix it); 3 some slides were left to
+another process that holds their lock (none failed; they are named; rerun, or pass --wait).
 """
 
 from __future__ import annotations

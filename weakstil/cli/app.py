@@ -3,7 +3,8 @@
 The command line: parse → resolve config → call the library → map errors to exit codes.
 
 Exit codes: 0 everything succeeded; 1 some slides failed (the rest were done, see the summary);
-2 bad input that stopped the command (the message says how to fix it).
+2 bad input that stopped the command (the message says how to fix it); 3 some slides were left to
+another process that holds their lock (none failed; they are named; rerun, or pass --wait).
 Heavy libraries are imported inside the commands so `weakstil --help` stays fast.
 """
 
@@ -101,7 +102,10 @@ def _save_run_config(ctx: typer.Context, path: Path, values: dict) -> None:
     """Write the resolved options of this run (defaults < config file < flags) as YAML."""
     from weakstil.config import save_resolved
 
-    save_resolved({"command": ctx.info_name, "config_file": ctx.meta.get("config_file"), **values}, path)
+    try:
+        save_resolved({"command": ctx.info_name, "config_file": ctx.meta.get("config_file"), **values}, path)
+    except WeakstilError as exc:  # a full disk (DiskFullError): the message, exit 2, no traceback
+        _fail(exc)
 
 
 def _file_names(sources, slides: Path) -> dict[str, str]:
@@ -150,3 +154,25 @@ MinTissueOpt = Annotated[float, typer.Option("--min-tissue", help="Keep tiles wi
 LockOpt = Annotated[bool, typer.Option("--lock/--no-lock",
                                        help="Per-slide lock files, so several processes can share a folder.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+WaitOpt = Annotated[bool, typer.Option(
+    "--wait", help="Wait for slides another process is working on (locked) instead of leaving them to it (exit 3).")]
+EXIT_LEFT_TO_OTHERS = 3
+
+
+def _exit_for(outcomes) -> None:
+    """Exit 1 when a slide failed; 3 when some were left to another process (named); else return."""
+    import typer
+    from rich.console import Console
+
+    from weakstil.runs.runner import left_to_others
+
+    if any(o.status == "failed" for o in outcomes):
+        raise typer.Exit(1)
+    left = left_to_others(outcomes)
+    if left:
+        console = Console(stderr=True)
+        console.print(f"[yellow]{len(left)} slide(s) left to another process:[/]", highlight=False)
+        for o in left:
+            console.print(f"  {o.key}: {o.error}", highlight=False, markup=False)
+        console.print("rerun when that process has finished, or pass --wait to wait for it", highlight=False)
+        raise typer.Exit(EXIT_LEFT_TO_OTHERS)

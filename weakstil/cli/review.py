@@ -15,6 +15,7 @@ from weakstil.cli.app import (
     MppCsvOpt,
     MppOpt,
     QuietOpt,
+    _exit_for,
     _fail,
     _open_kwargs,
     _print_outcomes,
@@ -38,7 +39,7 @@ def heatmap(
     config: ConfigOpt = None,
 ) -> None:
     """Rewrite the per-slide review files (heatmaps, GeoJSON, top tiles) from tiles.csv — no model needed."""
-    from weakstil.outputs.bundle import regenerate
+    from weakstil.runs.batch import regenerate
 
     formats = tuple(f.strip() for f in outputs.split(",") if f.strip())
     try:
@@ -47,8 +48,7 @@ def heatmap(
     except WeakstilError as exc:
         _fail(exc)
     _print_outcomes(outcomes, what="heatmap")
-    if any(o.status == "failed" for o in outcomes):
-        raise typer.Exit(1)
+    _exit_for(outcomes)
 
 
 @app.command()

@@ -27,8 +27,10 @@ from weakstil.cli.app import (
     SchedulerOpt,
     TileMppOpt,
     TilePxOpt,
+    WaitOpt,
     WeightsOpt,
     WorkersOpt,
+    _exit_for,
     _fail,
     _file_names,
     _open_kwargs,
@@ -76,13 +78,13 @@ def _extract_options(device, batch_size, read_workers, quiet):
     return ExtractOptions(device=device, batch_size=batch_size, workers=read_workers, progress=not quiet)
 
 
-def _run_slides(kind: str, sources, make_job_args: dict, workers, scheduler, local):
+def _run_slides(kind: str, sources, make_job_args: dict, workers, scheduler, local, wait: bool = False):
     """In-process (``local()``) or on Dask when --workers N>1 or --scheduler is given."""
     if (workers is None or workers <= 1) and not scheduler:
         return local()
     from weakstil.runs.executors import run_on_dask
 
-    return run_on_dask(kind, sources, make_job_args, workers=workers, scheduler=scheduler)
+    return run_on_dask(kind, sources, make_job_args, workers=workers, scheduler=scheduler, wait=wait)
 
 
 @app.command()
@@ -109,12 +111,14 @@ def extract(
     lock: LockOpt = True,
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
+    wait: WaitOpt = False,
 ) -> None:
     """Tissue → tiles → embeddings → the Zarr feature cache. Resumable: finished slides are skipped."""
     values = dict(locals())  # the options only: taken before the imports below add names
     values.pop("ctx")
     from weakstil.embed.encoders import create_encoder
-    from weakstil.embed.extract import extract_slides, slide_sources
+    from weakstil.embed.extract import slide_sources
+    from weakstil.runs.batch import extract_slides
     from weakstil.wsi.slide import find_slides
     from weakstil.wsi.tiling import TileSpec
     from weakstil.wsi.tissue import TissueParams
@@ -128,11 +132,11 @@ def extract(
 
         def local():
             return extract_slides(sources, features, encoder=enc, spec=spec, tissue=tissue, opts=opts,
-                                  roi_dir=roi, lock=lock).outcomes
+                                  roi_dir=roi, lock=lock, wait=wait).outcomes
 
         job_args = {"features": features, "encoder": encoder, "weights": weights, "spec": spec, "tissue": tissue,
                     "opts": opts, "roi_dir": roi, "lock": lock}
-        outcomes = _run_slides("extract", sources, job_args, workers, scheduler, local)
+        outcomes = _run_slides("extract", sources, job_args, workers, scheduler, local, wait)
     except WeakstilError as exc:
         _fail(exc)
     from weakstil.embed.extract import open_cache
@@ -142,8 +146,7 @@ def extract(
     n_tiles = sum(int(o.result or 0) for o in outcomes if o.status == "done")
     _print_outcomes(outcomes, what="extract", extra=f"; {n_tiles} new tiles; cache {cache.path}",
                     files=_file_names(sources, slides))
-    if any(o.status == "failed" for o in outcomes):
-        raise typer.Exit(1)
+    _exit_for(outcomes)
 
 
 @app.command()
@@ -170,12 +173,13 @@ def score(
         help="Per-slide files, comma-separated from csv,png,tif,geojson,top.")] = "csv,png,tif,geojson,top",
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
+    wait: WaitOpt = False,
 ) -> None:
     """Score slides with a trained model: extracts what is missing, writes results/ (scores + heatmaps)."""
     values = dict(locals())  # the options only: taken before the imports below add names
     values.pop("ctx")
     from weakstil.embed.extract import slide_sources
-    from weakstil.outputs.score import score_slides
+    from weakstil.runs.batch import score_slides
     from weakstil.wsi.slide import find_slides
 
     formats = tuple(f.strip() for f in outputs.split(",") if f.strip())
@@ -187,13 +191,12 @@ def score(
 
         def local():
             return score_slides(sources, model, features_dir=features, out_dir=out, weights=weights, opts=opts,
-                                roi_dir=roi, formats=formats, lock=lock).outcomes
+                                roi_dir=roi, formats=formats, lock=lock, wait=wait).outcomes
 
-        outcomes = _run_slides("score", sources, job_args, workers, scheduler, local)
+        outcomes = _run_slides("score", sources, job_args, workers, scheduler, local, wait)
     except WeakstilError as exc:
         _fail(exc)
     _save_run_config(ctx, out / "config.yaml", values)
     _print_outcomes(outcomes, what="score", extra=f"; scores in {out / 'scores.csv'}",
                     files=_file_names(sources, slides))
-    if any(o.status == "failed" for o in outcomes):
-        raise typer.Exit(1)
+    _exit_for(outcomes)

@@ -54,7 +54,7 @@ def train(
     """Cross-validated MIL regression on slide-level sTIL% labels; writes models/NAME/."""
     values = dict(locals())  # the options only: taken before the imports below add names
     values.pop("ctx")
-    from weakstil.config import to_plain
+    from weakstil.fs import plain_json
     from weakstil.mil.cohort import train_from_cache
 
     values["config_file"] = ctx.meta.get("config_file")
@@ -66,7 +66,7 @@ def train(
             n_folds=folds, folds_by=folds_by.value, deploy=deploy.value, max_tiles=max_tiles,
             max_epochs=max_epochs, patience=patience, lr=lr, weight_decay=weight_decay,
             high_cutoff=high_cutoff, seed=seed, accelerator=accelerator, overwrite=overwrite,
-            progress=not quiet, run_info=to_plain(values))
+            progress=not quiet, run_info=plain_json(values))
     except WeakstilError as exc:
         _fail(exc)
     from rich.console import Console

@@ -47,14 +47,15 @@ from weakstil.errors import (
     CacheNotFoundError,
     CacheWriteError,
 )
-from weakstil.fingerprint import (  # noqa: F401
-    _canonical_numbers,
-    _flatten,
-    fingerprint_differences,
-    identity,
+from weakstil.fingerprint import fingerprint_differences, fingerprint_hash, identity
+from weakstil.fs import (
+    _pid_alive,
+    disk_errors,
+    exchange_paths,
     plain_json,
+    staging_name,
+    sweep_partials,
 )
-from weakstil.fs import exchange_paths
 
 SCHEMA_VERSION = 1
 FEATURE_CHUNK_ROWS = 4096
@@ -95,9 +96,7 @@ def store_name(encoder_fp: dict, tiling_fp: dict) -> str:
     The hash covers the encoder's weights sha256, so two checkpoints of one architecture never
     share a store, and every tiling/tissue parameter.
     """
-    text = json.dumps(identity(encoder_fp, tiling_fp), sort_keys=True, separators=(",", ":"),
-                      allow_nan=False)
-    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+    digest = fingerprint_hash(identity(encoder_fp, tiling_fp), 10)
     return f"{_sanitise(str(encoder_fp.get('name', 'encoder')))}-{digest}.zarr"
 
 
@@ -139,16 +138,6 @@ def _read_group_json(path: Path) -> dict | None:
             and doc.get("node_type") == "group" and isinstance(doc.get("attributes", {}), dict)):
         raise CacheCorruptError("zarr.json is not a Zarr v3 group", path=path)
     return doc.get("attributes", {})
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _check_slide_id(slide_id: str) -> None:
@@ -234,11 +223,8 @@ class FeatureCache:
                  "tiling": plain_json(tiling_fp), "weakstil_version": __version__,
                  "created": _utc_now()}
         path.parent.mkdir(parents=True, exist_ok=True)
-        for debris in path.parent.glob(f".{path.name}.*.creating"):  # from a killed creator
-            pid = debris.name[len(path.name) + 2:].split("-", 1)[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
-                shutil.rmtree(debris, ignore_errors=True)
-        tmp = path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.creating"
+        sweep_partials(path.parent)  # a killed creator's half-made store
+        tmp = path.parent / staging_name(path.name)
         try:
             root = zarr.open_group(LocalStore(tmp), mode="w-", attributes=attrs)
             root.create_group("slides")
@@ -377,10 +363,11 @@ class FeatureCache:
         staged = self._new_staging(slide_id)
         _ACTIVE_STAGING.add(staged.name)
         try:
-            writer = SlideWriter(staged, coords, embed_dim, plain_json(extra), chunk_rows)
-            yield writer
-            writer.finish(seconds=time.perf_counter() - started)
-            self._install(staged, slide_id)
+            with disk_errors(self.slides_dir / slide_id):  # a full disk: DiskFullError, old group kept
+                writer = SlideWriter(staged, coords, embed_dim, plain_json(extra), chunk_rows)
+                yield writer
+                writer.finish(seconds=time.perf_counter() - started)
+                self._install(staged, slide_id)
         except BaseException:
             shutil.rmtree(staged, ignore_errors=True)  # clean up only; the error goes on
             raise
@@ -473,6 +460,15 @@ class FeatureCache:
         if attrs is None or attrs.get("complete") is not True:
             return False
         return source is None or source_matches(attrs, source)
+
+    def complete_attrs(self, slide_id: str, source: str | Path | None = None) -> dict | None:
+        """The attrs of a complete slide group (made from ``source`` when given), else None."""
+        if not self.is_complete(slide_id, source=source):
+            return None
+        try:
+            return self._slide_attrs(slide_id)
+        except CacheCorruptError:
+            return None
 
     def read(self, slide_id: str) -> SlideFeatures:
         """A complete slide's features, coords and attrs, checked (shape, dtype, finite)."""

@@ -221,18 +221,6 @@ class SlideSource:
         return slide_id_from_path(self.path)
 
 
-@dataclass
-class ExtractResult:
-    cache: object  # FeatureCache
-    outcomes: list
-    n_tiles: int = 0
-    seconds: float = 0.0
-
-    @property
-    def failed(self) -> list:
-        return [o for o in self.outcomes if o.status == "failed"]
-
-
 def qc_dir_for(features_dir: Path) -> Path:
     """Where tissue-mask QC pictures go: ``<features>/qc/`` (next to the store when given a .zarr)."""
     features_dir = Path(features_dir)
@@ -257,6 +245,14 @@ def open_cache(features_dir: Path, encoder, spec, tissue, *, create: bool = True
     return FeatureCache.open(features_dir, encoder.fingerprint(), spec.fingerprint(tissue), create=create)
 
 
+def _slide_mpp(source: SlideSource) -> float:
+    """The mpp ``source`` is read at with its options (opens the slide's metadata only)."""
+    from weakstil.wsi.slide import open_slide
+
+    with open_slide(source.path, **source.open_kwargs) as slide:
+        return float(slide.mpp)
+
+
 class SlideExtractor:
     """Everything one slide needs, built once per process: encoder on its device, cache, tiling."""
 
@@ -266,13 +262,25 @@ class SlideExtractor:
         self.roi_dir, self.qc, self.tiles_task = roi_dir, qc, tiles_task
 
     def is_done(self, source: SlideSource) -> bool:
-        return self.cache.is_complete(source.slide_id, source=source.path)
+        """Whether the cache holds this slide, made from this very file, for this request: the
+        store identity is the cache's own; the slide part (ROI content, mpp and its source) is
+        compared here (:func:`weakstil.fingerprint.slide_differences`)."""
+        from weakstil.fingerprint import slide_differences, slide_request
+
+        attrs = self.cache.complete_attrs(source.slide_id, source=source.path)
+        if attrs is None:
+            return False
+        request = slide_request(roi=roi_for(self.roi_dir, source.slide_id), open_kwargs=source.open_kwargs)
+        diffs = slide_differences(attrs, request, resolve_mpp=lambda: _slide_mpp(source))
+        if diffs:
+            log.warning("%s: extracting again, the cached tiles were made for another request (%s)",
+                        source.slide_id, "; ".join(diffs))
+        return not diffs
 
     def __call__(self, source: SlideSource) -> int:
         """Tiles → features for one slide into the cache; returns the number of tiles."""
-        import hashlib
-
         from weakstil.errors import NoTissueError
+        from weakstil.fingerprint import file_sha256
         from weakstil.wsi.slide import open_slide
         from weakstil.wsi.tiling import plan_tiles
         from weakstil.wsi.tissue import save_mask_qc
@@ -291,7 +299,7 @@ class SlideExtractor:
             attrs = {"slide_mpp": slide.mpp, "mpp_source": slide.mpp_source, "tile_size_l0": grid.size_l0,
                      "tile_px": self.spec.tile_px, "dimensions": list(slide.dimensions),
                      "backend": slide.backend, "vendor": slide.vendor,
-                     "roi_sha256": hashlib.sha256(roi.read_bytes()).hexdigest() if roi else None}
+                     "roi_sha256": file_sha256(roi) if roi else None}
             block = aligned_block(slide, grid.size_l0, self.spec.tile_px, block=self.opts.block)
             open_kwargs = dict(source.open_kwargs, backend=slide.backend if slide.backend != "image"
                                else source.open_kwargs.get("backend", "auto"))
@@ -311,41 +319,6 @@ def slide_sources(paths, *, backend: str = "auto", mpp: float | None = None, mpp
 
     return [SlideSource(Path(p), open_kwargs_for(p, backend=backend, mpp=mpp, mpp_override=mpp_override,
                                                  mpp_by_slide=mpp_by_slide)) for p in paths]
-
-
-def extract_slides(sources: list[SlideSource], features_dir: Path, *, encoder, spec, tissue,
-                   opts: ExtractOptions | None = None, roi_dir: Path | None = None, qc: bool = True,
-                   lock: bool = True, on_outcome=None) -> ExtractResult:
-    """Fill the feature cache for every slide; finished slides are skipped, bad ones recorded.
-
-    ``encoder`` is an Encoder from :func:`weakstil.embed.encoders.create_encoder`. One slide's failure
-    never stops the others: each gets an Outcome (done / skipped / failed with reason and fix).
-    """
-    import time
-
-    from weakstil.runs.runner import run_batch
-
-    opts = opts or ExtractOptions()
-    device = resolve_device(opts.device)
-    cache = open_cache(features_dir, encoder, spec, tissue)
-    embedder = TileEmbedder(encoder, device)
-    started = time.perf_counter()
-    with _progress(opts.progress) as progress:
-        slides_task = progress.add_task("slides", total=len(sources), unit="slides")
-        tiles_task = progress.add_task("tiles", total=None, unit="tiles")
-        job = SlideExtractor(cache, embedder, spec, tissue, opts, roi_dir=roi_dir, qc=qc,
-                             tiles_task=lambda n: progress.update(tiles_task, advance=n))
-
-        def record(outcome):
-            progress.update(slides_task, advance=1)
-            if on_outcome is not None:
-                on_outcome(outcome)
-
-        outcomes = run_batch(sources, job, key=lambda s: s.slide_id, is_done=job.is_done, desc="extract",
-                             lock_dir=cache.path / ".locks" if lock else None, progress=False,
-                             on_outcome=record)
-    n_tiles = sum(int(o.result or 0) for o in outcomes if o.status == "done")
-    return ExtractResult(cache, outcomes, n_tiles, time.perf_counter() - started)
 
 
 def _progress(enabled: bool):

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from weakstil import __version__
 from weakstil.errors import EmptyBagError, ModelMismatchError, ModelNotFoundError
+from weakstil.fs import plain_json, write_bytes
 
 AGGREGATIONS = ("mean", "attention")
 
@@ -217,15 +218,19 @@ class TrainedModel:
             "format": CHECKPOINT_FORMAT,
             "format_version": CHECKPOINT_VERSION,
             "weakstil_version": __version__,
-            "model_config": _plain(self.model_config),
+            "model_config": plain_json(self.model_config),
             "members": [
                 {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
                 for m in self.members
             ],
-            "fingerprint": _plain(self.fingerprint),
-            "config": _plain(self.config),
+            "fingerprint": plain_json(self.fingerprint),
+            "config": plain_json(self.config),
         }
-        torch.save(state, Path(path))
+        import io
+
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        write_bytes(Path(path), buffer.getvalue())  # atomic; a full disk is a DiskFullError
 
 
 def load_model(model_dir: str | Path) -> TrainedModel:
@@ -260,55 +265,16 @@ def check_fingerprint(model: TrainedModel | dict, cache_fp) -> None:
     """Refuse to score features that differ from the ones the model was trained on.
 
     ``cache_fp`` is a FeatureCache (``.encoder_fp``, ``.tiling_fp``) or a dict with keys
-    ``encoder`` and ``tiling``. Both sides are reduced with :func:`weakstil.embed.cache.identity`, the
-    rule the cache itself uses (the weights' source path is ignored when their sha256 is known;
-    1 and 1.0 are equal), then every field is compared. Raises :class:`ModelMismatchError` naming
-    each field that differs.
+    ``encoder`` and ``tiling``; the comparison is :func:`weakstil.fingerprint.model_differences`.
+    Raises :class:`ModelMismatchError` naming each field that differs.
     """
-    from weakstil.embed.cache import identity
+    from weakstil.fingerprint import model_differences
 
     model_fp = model.fingerprint if isinstance(model, TrainedModel) else model
     if not isinstance(cache_fp, dict):
         cache_fp = {"encoder": cache_fp.encoder_fp, "tiling": cache_fp.tiling_fp}
-    ours = _flatten(identity(model_fp.get("encoder", {}), model_fp.get("tiling", {})))
-    theirs = _flatten(identity(cache_fp.get("encoder", {}), cache_fp.get("tiling", {})))
-    diffs = []
-    for key in sorted(set(ours) | set(theirs)):
-        a, b = ours.get(key, _MISSING), theirs.get(key, _MISSING)
-        if a != b:
-            diffs.append(f"{key}: model {_show(a)}, features {_show(b)}")
+    diffs = model_differences(model_fp, cache_fp)
     if diffs:
         raise ModelMismatchError(
             "the model was trained on other features than these:\n  " + "\n  ".join(diffs)
         )
-
-
-_MISSING = object()
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
-def _show(value) -> str:
-    return "(absent)" if value is _MISSING else repr(value)
-
-
-def _plain(obj):
-    """Tuples to lists, numpy scalars to Python: what JSON/YAML and weights_only loading accept."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj

@@ -10,8 +10,6 @@ default).
 
 from __future__ import annotations
 
-import os
-import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
@@ -197,14 +195,9 @@ def _fmt(value: float, digits: int = 2) -> str:
 
 def _save_png(fig: Figure, path: str | Path) -> Path:
     """Write ``fig`` to ``path`` as PNG via a temporary file in the same folder and a rename."""
+    from weakstil.fs import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
-    try:
-        with open(tmp, "xb") as f:  # normal permissions (mkstemp would make it owner-only)
-            fig.savefig(f, format="png", dpi=fig.dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "xb") as f:  # normal permissions (not mkstemp's owner-only)
+        fig.savefig(f, format="png", dpi=fig.dpi)
     return path

@@ -29,10 +29,6 @@ stalls OpenMP threads suffer when other programs share the cores (measured: benc
 from __future__ import annotations
 
 import json
-import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -42,6 +38,7 @@ import numpy as np
 
 from weakstil import __version__
 from weakstil.errors import ModelExistsError
+from weakstil.fs import plain_json, staging_dir
 
 # The training API in one place: fits (mil.fit), cross-validation (mil.cv), the model directory (here).
 from weakstil.mil.cv import CVResult, cross_validate, fold_parallelism  # noqa: F401
@@ -63,7 +60,6 @@ from weakstil.mil.model import (  # noqa: F401
     MILRegressor,
     SlidePrediction,
     TrainedModel,
-    _plain,
     check_fingerprint,
     load_model,
 )
@@ -89,21 +85,14 @@ def train_model(bags: Mapping[str, np.ndarray], table, cfg: TrainConfig, *, out_
         "train": asdict(cfg), "model": dict(members[0].config), "fingerprint": dict(fingerprint),
         "run": dict(run_info or {}),
     }
-    model = TrainedModel(members, fingerprint=dict(fingerprint), config=_plain(config))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", suffix=".partial", dir=out_dir.parent))
-    try:
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a model dir is an ordinary folder
+    model = TrainedModel(members, fingerprint=dict(fingerprint), config=plain_json(config))
+    with staging_dir(out_dir) as tmp:  # renamed into place whole; a full disk is a DiskFullError
         model.save(tmp / "model.ckpt")
         _write_text(tmp / "config.yaml", _yaml(model.config))
         cv.to_frame().to_csv(tmp / "cv_predictions.csv", index=False, float_format="%.4f")
         _write_plots(tmp / "plots", cv, cfg)
         metrics = _metrics_doc(cv, cfg, seconds=time.perf_counter() - t0)
         _write_text(tmp / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
-        _move_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -130,7 +119,7 @@ def _metrics_doc(cv: CVResult, cfg: TrainConfig, *, seconds: float) -> dict:
         "fold_mean_sd": cv.summary,
         "folds": folds,
     }
-    return _json_safe(doc)
+    return plain_json(doc, finite=True)
 
 
 def _write_plots(plot_dir: Path, cv: CVResult, cfg: TrainConfig) -> None:
@@ -143,23 +132,6 @@ def _write_plots(plot_dir: Path, cv: CVResult, cfg: TrainConfig) -> None:
     calibration_plot(cv.labels, cv.predictions, plot_dir / "calibration.png", title=title)
 
 
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished temp dir to ``out_dir``; an existing one is swapped out, then deleted."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}-{time.time_ns()}.old.partial")
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _write_text(path: Path, text: str) -> None:
     path.write_text(text, encoding="utf-8")
 
@@ -167,16 +139,4 @@ def _write_text(path: Path, text: str) -> None:
 def _yaml(obj) -> str:
     import yaml
 
-    return yaml.safe_dump(_plain(obj), sort_keys=False, allow_unicode=True)
-
-
-def _json_safe(obj):
-    """NaN/inf to None (JSON has no NaN), tuples to lists, numpy scalars to Python."""
-    obj = _plain(obj)
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
+    return yaml.safe_dump(plain_json(obj), sort_keys=False, allow_unicode=True)

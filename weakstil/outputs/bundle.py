@@ -5,8 +5,8 @@ level-0 box, prediction, attention, contribution) and ``score.json`` (the slide 
 file it read, its mpp and the exact tile size). That is all the review files need, so
 :func:`regenerate` reopens each slide and rewrites ``heatmap.png``, ``heatmap.tif``,
 ``tiles.geojson`` and ``top_tiles.png`` from them — after a change of colour map, a new version of
-the outputs, or a deleted file — one slide at a time through :func:`weakstil.runs.runner.run_batch`, so one
-bad slide is recorded and the others go on.
+the outputs, or a deleted file — one slide at a time (:func:`regenerate_slide`; the batch over a results folder is
+:func:`weakstil.runs.batch.regenerate`), so one bad slide is recorded and the others go on.
 
 Where the slide file is: ``slides_dir`` (a folder searched like ``weakstil score`` does, or one file),
 matched by slide id; otherwise, or when it is not there, the ``source_path`` in ``score.json``.
@@ -212,38 +212,3 @@ def regenerate_slide(item: ScoredSlide, *, slide_files: dict[str, Path] | None =
             attention=tiles.attention, contribution=tiles.contribution, score=slide_score(item, tiles),
             formats=tuple(formats), cmap=cmap, cutoff=recorded_cutoff(item) if cutoff is None else cutoff)
     return {fmt: str(p) for fmt, p in paths.items()}
-
-
-def regenerate(results_dir: str | Path, slides_dir: str | Path | None = None, *, backend: str = "auto",
-               mpp: float | None = None, formats=REGENERATE_FORMATS, cmap: str = DEFAULT_CMAP,
-               cutoff: float | None = None, slide_ids=None, progress: bool = False, lock: bool = True):
-    """Rewrite the review files of every scored slide under ``results_dir`` (see the module docstring).
-
-    ``formats``: any of ``weakstil.outputs.heatmap.FILENAMES`` (``csv`` rewrites tiles.csv from itself).
-    ``cutoff``: the sTIL-high cutoff of tiles.geojson (default: the one the slide was written with).
-    ``lock``: take the same per-slide lock as ``weakstil score`` (``results/.locks``), so a running
-    score and this never write one slide at once. Returns one ``weakstil.runs.runner.Outcome`` per slide
-    (``result`` = {format: path} when done); a slide that fails is recorded and the others go on.
-    """
-    from weakstil.errors import ConfigError
-    from weakstil.runs.runner import run_batch
-    from weakstil.wsi.slide import find_slides, slide_id_from_path
-
-    formats = tuple(formats)
-    unknown = sorted(set(formats) - set(FILENAMES))
-    if unknown or not formats:
-        raise ConfigError(f"unknown or no output format(s) {unknown or list(formats)}",
-                          fix=f"choose from {', '.join(FILENAMES)}")
-    results_dir = Path(results_dir)
-    items = scored_slides(results_dir, slide_ids)
-    slide_files = None
-    if slides_dir is not None:
-        slides_dir = Path(slides_dir)
-        slide_files = {slide_id_from_path(p): p for p in find_slides(slides_dir)}
-
-    def job(item: ScoredSlide) -> dict[str, str]:
-        return regenerate_slide(item, slide_files=slide_files, slides_dir=slides_dir, backend=backend, mpp=mpp,
-                                formats=formats, cmap=cmap, cutoff=cutoff)
-
-    return run_batch(items, job, key=lambda item: item.slide_id, desc="heatmap",
-                     lock_dir=results_dir / ".locks" if lock else None, progress=progress)

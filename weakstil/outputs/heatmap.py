@@ -49,7 +49,7 @@ be 22.9 GB.
 
 ``tiles.geojson`` is a QuPath-importable FeatureCollection of tile objects in level-0 px with
 measurements ``sTIL %``, ``attention``, ``relative attention`` (= N × attention) and
-``contribution``. Every file is written to ``<name>.<pid>.partial`` and renamed into place.
+``contribution``. Every file is written to a temp name (:func:`weakstil.fs.atomic_path`) and renamed into place.
 """
 
 from __future__ import annotations

@@ -5,14 +5,15 @@ there, predict, and write the review bundle (tiles.csv, heatmap.png/.tif, tiles.
 top_tiles.png, score.json) into a staging folder that is renamed to ``results/slides/<slide_id>``
 when complete. ``results/scores.csv`` is rebuilt from the finished slides' ``score.json`` files
 plus the failures of this run, after every slide, so an interrupted run loses nothing and a rerun
-skips every slide already scored by the same model.
+skips every slide already scored by the same model. Rows of slides this run did not touch (an
+earlier run on another folder into the same ``--out``) are kept: scores.csv is merged by slide id,
+the latest run winning per slide. The batch over a folder is :func:`weakstil.runs.batch.score_slides`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -26,9 +27,14 @@ from weakstil.embed.extract import (
     open_cache,
     resolve_device,
 )
-from weakstil.errors import CacheMismatchError, ModelMismatchError, OutputWriteError
+from weakstil.errors import (
+    CacheMismatchError,
+    ModelMismatchError,
+    OutputWriteError,
+    WeakstilError,
+)
 from weakstil.fingerprint import file_sha256
-from weakstil.runs.runner import staging_name
+from weakstil.fs import disk_errors, file_lock, staging_dir, write_csv, write_json
 
 SCORE_COLUMNS = ("slide_id", "score", "n_tiles", "status", "error")
 SCORE_JSON = "score.json"
@@ -57,8 +63,8 @@ def encoder_from_fingerprint(encoder_fp: dict, weights: str | None = None, *, se
     ``weights`` overrides where the weights are read from (the file may have moved since training);
     they must still hash to the model's ``weights_sha256``.
     """
-    from weakstil.embed.cache import identity
     from weakstil.embed.encoders import create_encoder
+    from weakstil.fingerprint import same_encoder
 
     name = encoder_fp.get("name")
     if not name:
@@ -67,27 +73,13 @@ def encoder_from_fingerprint(encoder_fp: dict, weights: str | None = None, *, se
     if source in (None, "", "random-init"):
         source = None
     encoder = create_encoder(name, source, seed=seed)
-    ours, theirs = identity(encoder.fingerprint(), {}), identity(encoder_fp, {})
-    if ours != theirs:
+    if not same_encoder(encoder.fingerprint(), encoder_fp):
         raise ModelMismatchError(
             f"encoder {name!r} with weights {source or 'random-init'} is not the one this model was "
             f"trained on (weights sha256 {encoder.weights_sha256[:12]}… vs "
             f"{str(encoder_fp.get('weights_sha256'))[:12]}…)",
             fix="pass --weights file:/path/to/the/checkpoint the model was trained with")
     return encoder
-
-
-@dataclass
-class ScoreResult:
-    out_dir: Path
-    outcomes: list
-    scores_csv: Path
-    run_json: Path
-    seconds: float = 0.0
-
-    @property
-    def failed(self) -> list:
-        return [o for o in self.outcomes if o.status == "failed"]
 
 
 @dataclass
@@ -124,23 +116,18 @@ class SlideScorer:
                 "aggregation": self.model.aggregation, "cutoff": self.cutoff,
                 "scored": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         final = slide_dir(self.out_dir, source.slide_id)
-        staging = final.parent / staging_name(source.slide_id)
         try:
-            staging.mkdir(parents=True)
-            with open_slide(source.path, **source.open_kwargs) as slide:
+            with staging_dir(final) as staging, open_slide(source.path, **source.open_kwargs) as slide:
                 write_slide_outputs(slide, staging, coords_l0=cached.coords_l0, size_l0=size_l0,
                                     prediction=prediction.tile_pred, attention=prediction.attention,
                                     contribution=prediction.contribution, score=prediction.score,
                                     formats=self.formats, cutoff=self.cutoff)
-            info["seconds"] = round(time.perf_counter() - started, 3)
-            (staging / SCORE_JSON).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
-            install_dir(staging, final)
-        except OSError as exc:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise OutputWriteError(f"cannot write the results of {source.slide_id}: {exc}", path=final) from exc
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+                info["seconds"] = round(time.perf_counter() - started, 3)
+                write_json(staging / SCORE_JSON, info)
+        except WeakstilError:  # a full disk (DiskFullError) or bad input: as it is
             raise
+        except OSError as exc:
+            raise OutputWriteError(f"cannot write the results of {source.slide_id}: {exc}", path=final) from exc
         return info
 
 
@@ -155,74 +142,41 @@ def read_score_json(folder: Path) -> dict | None:
         return None
 
 
-def install_dir(staging: Path, final: Path) -> None:
-    """Rename a finished folder into place; an old one is moved aside first, then deleted."""
-    old = None
-    if final.exists():
-        old = final.with_name(staging_name(final.name, "old"))
-        try:
-            os.rename(final, old)
-        except FileNotFoundError:
-            old = None
-    try:
-        os.rename(staging, final)
-    except OSError:
-        if old is not None and not final.exists():
-            os.rename(old, final)  # put the old results back
-            old = None
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+def write_scores_csv(out_dir: Path, sources: list, outcomes: dict, model_sha256: str) -> Path:
+    """``scores.csv``: the rows of earlier runs merged with this run's (one per slide, this run's win).
 
-
-def write_scores_csv(out_dir: Path, sources: list[SlideSource], outcomes: dict, model_sha256: str) -> Path:
-    """``scores.csv``: one row per slide of this run (ok from score.json, failed with the error).
-
-    Rebuilt under a file lock, so two runs sharing a results folder never put back an older state.
+    A slide of this run: ``ok`` from its score.json, ``failed`` with the error, ``pending`` when it
+    was left to another process or not reached yet (an earlier row of it is kept until this run
+    reaches it). Slides of earlier runs that this run did not touch keep their rows. Rebuilt under a
+    file lock and written atomically, so two runs sharing a results folder never put back an older
+    state; a rerun that changed nothing leaves the file untouched.
     """
-    from weakstil.runs.runner import file_lock
-
-    with file_lock(Path(out_dir) / ".scores.lock"):
-        return _write_scores_csv(out_dir, sources, outcomes, model_sha256)
-
-
-def _write_scores_csv(out_dir: Path, sources: list[SlideSource], outcomes: dict, model_sha256: str) -> Path:
-    import csv
-
-    from weakstil.runs.runner import staging_name
-
     path = Path(out_dir) / "scores.csv"
-    tmp = path.with_name(staging_name("scores.csv"))
-    earlier = _failed_rows(path)  # a slide that failed before keeps its row until this run reaches it
-    try:
-        with tmp.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(SCORE_COLUMNS)
-            for source in sources:
-                sid = source.slide_id
-                info = read_score_json(slide_dir(out_dir, sid))
-                outcome = outcomes.get(sid)
-                if outcome is not None and outcome.status == "failed":
-                    error = f"{outcome.reason}: {outcome.error}" if outcome.reason else outcome.error
-                    writer.writerow([sid, "", "", "failed", error])
-                elif info is not None and info.get("model_sha256") == model_sha256:
-                    writer.writerow([sid, f"{float(info['score']):.2f}", info["n_tiles"], "ok", ""])
-                elif outcome is not None and outcome.reason in ("locked", "stopped"):
-                    writer.writerow([sid, "", "", "pending", outcome.error])
-                elif outcome is None and sid in earlier:
-                    writer.writerow(earlier[sid])
-                else:
-                    writer.writerow([sid, "", "", "pending", "not scored yet"])
-        if not (path.is_file() and path.read_bytes() == tmp.read_bytes()):  # a rerun that changed nothing
-            os.replace(tmp, path)                                          # leaves the file untouched
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    with file_lock(Path(out_dir) / ".scores.lock"):
+        rows = _earlier_rows(path)
+        for source in sources:
+            sid = source.slide_id
+            row = _score_row(sid, slide_dir(out_dir, sid), outcomes.get(sid), model_sha256, rows.get(sid))
+            rows[sid] = row
+        return write_csv(path, SCORE_COLUMNS, rows.values(), only_if_changed=True)
 
 
-def _failed_rows(path: Path) -> dict[str, list[str]]:
-    """The ``failed`` rows of an existing scores.csv, by slide id (empty if none or unreadable)."""
+def _score_row(sid: str, folder: Path, outcome, model_sha256: str, earlier: list | None) -> list:
+    info = read_score_json(folder)
+    if outcome is not None and outcome.status == "failed":
+        error = f"{outcome.reason}: {outcome.error}" if outcome.reason else outcome.error
+        return [sid, "", "", "failed", error]
+    if info is not None and info.get("model_sha256") == model_sha256:
+        return [sid, f"{float(info['score']):.2f}", info["n_tiles"], "ok", ""]
+    if outcome is not None and outcome.reason in ("locked", "stopped"):
+        return [sid, "", "", "pending", outcome.error]
+    if outcome is None and earlier is not None:
+        return earlier
+    return [sid, "", "", "pending", "not scored yet"]
+
+
+def _earlier_rows(path: Path) -> dict[str, list[str]]:
+    """The rows of an existing scores.csv, by slide id, in file order (empty if none or unreadable)."""
     import csv
 
     try:
@@ -232,30 +186,29 @@ def _failed_rows(path: Path) -> dict[str, list[str]]:
         return {}
     if not rows or tuple(rows[0]) != SCORE_COLUMNS:
         return {}
-    return {row[0]: row for row in rows[1:] if len(row) == len(SCORE_COLUMNS) and row[3] == "failed"}
+    return {row[0]: row for row in rows[1:] if len(row) == len(SCORE_COLUMNS)}
 
 
 def write_run_json(out_dir: Path, outcomes: list, *, run_id: str, info: dict) -> Path:
     """``runs/<run_id>.json``: what this run did to each slide (status, seconds, error)."""
-    runs = Path(out_dir) / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
-    path = runs / f"{run_id}.json"
     doc = {**info, "slides": [{"slide_id": o.key, "status": o.status, "reason": o.reason,
                                "seconds": round(o.seconds, 3), "error": o.error, "fix": o.fix}
                               for o in outcomes]}
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_json(Path(out_dir) / "runs" / f"{run_id}.json", doc)
 
 
 def check_out_dir(out_dir: Path) -> None:
     """Fail early, before any work, when the results folder cannot be written."""
     try:
-        (out_dir / "slides").mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test.{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        with disk_errors(out_dir):
+            (out_dir / "slides").mkdir(parents=True, exist_ok=True)
+            probe = out_dir / f".write-test.{os.getpid()}"
+            try:
+                probe.write_bytes(b"ok")
+            finally:
+                probe.unlink(missing_ok=True)
+    except WeakstilError:
+        raise
     except OSError as exc:
         raise OutputWriteError(f"the results folder is not writable ({exc.strerror or exc})", path=out_dir) from exc
 
@@ -285,47 +238,6 @@ def make_scorer(model_dir: Path, features_dir: Path, out_dir: Path, *, weights: 
     embedder = TileEmbedder(encoder, resolve_device(opts.device))
     extractor = SlideExtractor(cache, embedder, spec, tissue, opts, roi_dir=roi_dir, qc=qc, tiles_task=tiles_task)
     return SlideScorer(model, file_sha256(ckpt), extractor, Path(out_dir), tuple(formats), cutoff)
-
-
-def score_slides(sources: list[SlideSource], model_dir: Path, *, features_dir: Path, out_dir: Path,
-                 weights: str | None = None, opts: ExtractOptions | None = None, roi_dir: Path | None = None,
-                 formats=("csv", "png", "tif", "geojson", "top"), cutoff: float = 30.0,
-                 lock: bool = True) -> ScoreResult:
-    """Score every slide (extracting what is missing); one bad slide never stops the others."""
-    from weakstil.embed.extract import _progress
-    from weakstil.runs.runner import run_batch, sweep_partials
-
-    opts = opts or ExtractOptions()
-    out_dir = Path(out_dir)
-    check_out_dir(out_dir)
-    for folder in (out_dir, out_dir / "slides"):  # leftovers of killed runs
-        sweep_partials(folder)
-    started = time.perf_counter()
-    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + f"-{os.getpid()}"
-    with _progress(opts.progress) as progress:
-        slides_task = progress.add_task("slides", total=len(sources), unit="slides")
-        tiles_task = progress.add_task("tiles", total=None, unit="tiles")
-        scorer = make_scorer(model_dir, features_dir, out_dir, weights=weights, opts=opts, roi_dir=roi_dir,
-                             formats=formats, cutoff=cutoff,
-                             tiles_task=lambda n: progress.update(tiles_task, advance=n))
-        by_id: dict = {}
-        last_write = [0.0]
-
-        def record(outcome):  # scores.csv at most every 5 s (it is rebuilt from every slide folder)
-            by_id[outcome.key] = outcome
-            progress.update(slides_task, advance=1)
-            if time.perf_counter() - last_write[0] >= 5.0:
-                write_scores_csv(out_dir, sources, by_id, scorer.model_sha256)
-                last_write[0] = time.perf_counter()
-
-        outcomes = run_batch(sources, scorer, key=lambda s: s.slide_id, is_done=scorer.is_done, desc="score",
-                             lock_dir=out_dir / ".locks" if lock else None, progress=False, on_outcome=record)
-    scores_csv = write_scores_csv(out_dir, sources, by_id, scorer.model_sha256)
-    run_json = write_run_json(out_dir, outcomes, run_id=run_id,
-                              info={"run_id": run_id, "model": str(model_dir), "model_sha256": scorer.model_sha256,
-                                    "features": str(scorer.extractor.cache.path), "host": os.uname().nodename,
-                                    "pid": os.getpid()})
-    return ScoreResult(out_dir, outcomes, scores_csv, run_json, time.perf_counter() - started)
 
 
 def read_scores(path: Path):

@@ -1,7 +1,11 @@
-"""Slides as Dask tasks: ``weakstil extract|score --workers N`` or ``--scheduler tcp://host:port``.
+"""Where the items of a batch run: here (:class:`weakstil.runs.runner.LocalExecutor`) or as Dask
+tasks (:class:`DaskExecutor`: ``weakstil extract|score --workers N`` or ``--scheduler ADDRESS``; in
+Python any ``distributed.Client``, a cluster object such as dask-jobqueue's ``SLURMCluster``, or an
+address, through :func:`dask_client`).
 
-The client (the ``weakstil`` command) sends one task per slide; each task runs the same per-slide
-job as the in-process run, through :func:`weakstil.runs.runner.run_one`, so the same skip-if-done check,
+The client sends one task per slide; each task runs the same per-slide job (a
+:mod:`weakstil.runs.jobs` object, pickled without its heavy state) as the in-process run, through
+:func:`weakstil.runs.runner.run_one`, so the same skip-if-done check,
 the same per-slide lock files and the same atomic outputs apply. Several clients, machines, or a
 client and an in-process run may therefore share one folder without doing a slide twice.
 
@@ -11,50 +15,42 @@ memory) is rerun by Dask on another worker; the dead worker's lock is stale (its
 its heartbeat stops on another host) and is taken over. A slide that kills
 ``distributed.scheduler.allowed-failures`` + 1 workers (default 4) is recorded as failed.
 
-Outcomes come back to the client, which shows progress with a rate, rebuilds ``scores.csv`` (score)
-and writes ``runs/<run>.json`` with the score.py functions, and returns the outcomes (one per source,
-in order) to the command line, which prints the summary.
+Outcomes come back to the client's :func:`weakstil.runs.runner.run_batch` loop, the same one as for
+an in-process run: progress, stop on a fatal error, ``scores.csv`` and ``runs/<run>.json``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from weakstil.errors import DuplicateSlideIdError, WeakstilError
+from weakstil.errors import WeakstilError
 from weakstil.runs.runner import (
-    DONE,
     FAILED,
-    SKIPPED,
     Outcome,
     _failed,
-    _make_progress,
-    _rate_text,
-    counts,
+    _make_progress,  # noqa: F401  (kept importable: the progress code is another helper's)
+    _rate_text,  # noqa: F401
     limit_heap_fragmentation,
     run_one,
-    sigterm_raises,
     stopped_outcome,
-    sweep_partials,
 )
 
 log = logging.getLogger(__name__)
 
 KINDS = ("extract", "score")
-CSV_EVERY_S = 5.0  # rebuild scores.csv at most this often while outcomes arrive (and at the end)
 CONNECT_TIMEOUT_S = 20
 
-# worker side: {job key: (job, lock_dir)}; one entry, replaced when a run with other arguments comes
-_JOBS: dict[str, tuple[Any, Path | None]] = {}
+# worker side: {job token: job}; one entry, replaced when a run with other arguments comes
+_JOBS: dict[str, Any] = {}
 _JOBS_GUARD = threading.Lock()
 
 
@@ -69,10 +65,6 @@ class WorkerCrashError(WeakstilError, RuntimeError):
 
 
 # --- worker side -------------------------------------------------------------------------------
-def _job_key(kind: str, job_args: dict) -> str:
-    return hashlib.sha256(repr((kind, sorted(job_args.items()))).encode()).hexdigest()
-
-
 def _worker_name() -> Any:
     try:
         from distributed import get_worker
@@ -99,6 +91,31 @@ def _worker_device(device: str) -> str:
     return device
 
 
+def _worker_job(job: Any, token: str, hints: dict) -> Any:
+    """This worker process's copy of ``job``, adapted and built on its first slide and kept."""
+    with _JOBS_GUARD:
+        if token not in _JOBS:
+            _JOBS.clear()  # a long-lived worker moving on to another run: free the old model first
+            limit_heap_fragmentation()
+            if getattr(job, "opts", None) is not None:
+                job = job.for_worker(_worker_options(job.opts, hints))
+            job.prepare()
+            if job.lock_dir is not None:
+                Path(job.lock_dir).mkdir(parents=True, exist_ok=True)
+            _JOBS[token] = job
+        return _JOBS[token]
+
+
+def run_slide_task(job: Any, token: str, item: Any, hints: dict | None = None, wait: bool = False) -> Outcome:
+    """The Dask task: one slide's Outcome (skip if done, lock, run, unlock), never an exception."""
+    key = job.key(item)
+    try:
+        job = _worker_job(job, token, hints or {})
+    except Exception as exc:  # e.g. weights not readable on this machine: that slide fails, the run goes on
+        return _failed(key, exc, 0.0)
+    return run_one(item, job.run, key=key, is_done=job.is_done, lock_dir=job.lock_dir, wait=wait)
+
+
 def _worker_options(opts, hints: dict):
     """The client's ExtractOptions adapted to this worker process: its device, no progress bars,
     torch threads shared among the workers of this host, and tile-reading processes only where a
@@ -119,63 +136,22 @@ def _worker_options(opts, hints: dict):
     return dataclasses.replace(opts, **changes)
 
 
-def build_job(kind: str, job_args: dict, hints: dict | None = None) -> tuple[Any, Path | None]:
-    """(per-slide job, lock folder) for ``kind`` from the CLI's ``job_args``; loads encoder/model."""
-    hints = hints or {}
-    limit_heap_fragmentation()
-    opts = _worker_options(job_args["opts"], hints)
-    if kind == "extract":
-        from weakstil.embed.encoders import create_encoder
-        from weakstil.embed.extract import SlideExtractor, TileEmbedder, open_cache
-
-        encoder = create_encoder(job_args["encoder"], job_args.get("weights"))
-        cache = open_cache(job_args["features"], encoder, job_args["spec"], job_args["tissue"])
-        job = SlideExtractor(cache, TileEmbedder(encoder, opts.device), job_args["spec"], job_args["tissue"],
-                             opts, roi_dir=job_args.get("roi_dir"))
-        lock_dir = cache.path / ".locks" if job_args.get("lock", True) else None
-    elif kind == "score":
-        from weakstil.outputs.score import make_scorer
-
-        job = make_scorer(job_args["model"], job_args["features"], job_args["out"], weights=job_args.get("weights"),
-                          opts=opts, roi_dir=job_args.get("roi_dir"),
-                          formats=job_args.get("formats", ("csv", "png", "tif", "geojson", "top")),
-                          **({"cutoff": job_args["cutoff"]} if "cutoff" in job_args else {}))
-        lock_dir = Path(job_args["out"]) / ".locks" if job_args.get("lock", True) else None
-    else:
-        raise ValueError(f"unknown kind {kind!r}: use one of {KINDS}")
-    if lock_dir is not None:
-        lock_dir.mkdir(parents=True, exist_ok=True)
-    return job, lock_dir
-
-
-def _cached_job(kind: str, job_args: dict, hints: dict) -> tuple[Any, Path | None]:
-    """This worker process's job for these arguments, built on its first slide and kept."""
-    key = _job_key(kind, job_args)
-    with _JOBS_GUARD:
-        if key not in _JOBS:
-            _JOBS.clear()  # a long-lived worker moving on to another run: free the old model first
-            _JOBS[key] = build_job(kind, job_args, hints)
-        return _JOBS[key]
-
-
-def run_slide_task(kind: str, job_args: dict, source, hints: dict | None = None) -> Outcome:
-    """The Dask task: one slide's Outcome (skip if done, lock, run, unlock), never an exception."""
-    key = source.slide_id
-    try:
-        job, lock_dir = _cached_job(kind, job_args, hints or {})
-    except Exception as exc:  # e.g. weights not readable on this machine: that slide fails, the run goes on
-        return _failed(key, exc, 0.0)
-    return run_one(source, job, key=key, is_done=job.is_done, lock_dir=lock_dir)
-
-
 # --- client side -------------------------------------------------------------------------------
 @contextmanager
-def dask_client(workers: int | None = None, scheduler: str | None = None) -> Iterator[Any]:
-    """A Client of a new LocalCluster on loopback (``workers`` processes) or of ``scheduler``."""
+def dask_client(workers: int | None = None, scheduler: Any = None) -> Iterator[Any]:
+    """A Client of a new LocalCluster on loopback (``workers`` processes) or of ``scheduler``: an
+    address (``tcp://host:port``), a running cluster object (LocalCluster, a dask-jobqueue
+    SLURMCluster/PBSCluster …) or a Client, which is used as it is."""
     import dask
     from distributed import Client, LocalCluster
 
     with ExitStack() as stack:
+        if scheduler is not None and hasattr(scheduler, "submit"):  # a Client already
+            yield scheduler
+            return
+        if scheduler is not None and not isinstance(scheduler, str):  # a cluster object
+            yield stack.enter_context(Client(scheduler))
+            return
         if scheduler:
             try:
                 client = stack.enter_context(Client(scheduler, timeout=CONNECT_TIMEOUT_S))
@@ -201,20 +177,6 @@ def _workers_per_host(client) -> int:
     return max(hosts.values(), default=1)
 
 
-def _validate_score(job_args: dict) -> str:
-    """Fail fast on the client (exit 2), before any worker starts: results folder writable, model
-    readable, its encoder and tiling rebuildable and matching the cache. Returns the model's sha256."""
-    from weakstil.embed.extract import ExtractOptions
-    from weakstil.outputs.score import check_out_dir, make_scorer
-
-    out = Path(job_args["out"])
-    check_out_dir(out)
-    opts = dataclasses.replace(job_args.get("opts") or ExtractOptions(), device="cpu", progress=False)
-    scorer = make_scorer(job_args["model"], job_args["features"], out, weights=job_args.get("weights"), opts=opts,
-                         roi_dir=job_args.get("roi_dir"), formats=job_args.get("formats", ("csv",)))
-    return scorer.model_sha256
-
-
 def _crash_outcome(key: str, exc: BaseException, seconds: float) -> Outcome:
     """A task that ended in a Dask error (its workers died, or it was cancelled)."""
     name = type(exc).__name__
@@ -225,109 +187,84 @@ def _crash_outcome(key: str, exc: BaseException, seconds: float) -> Outcome:
                    fix="run again; if it repeats, run with --workers 1 to see the error in-process")
 
 
-def run_on_dask(kind: str, sources: list, job_args: dict, *, workers: int | None = None,
-                scheduler: str | None = None, progress: bool | None = None,
-                on_outcome=None) -> list[Outcome]:
-    """Run ``kind`` ("extract" or "score") on every source as Dask tasks; one Outcome per source, in order.
-
-    ``workers``: start a LocalCluster of that many processes on 127.0.0.1; ``scheduler``: use the
-    cluster at that address instead. ``job_args`` are the CLI's (see :func:`build_job`). For
-    ``score`` the client writes ``scores.csv`` (as outcomes arrive, and at the end) and
-    ``runs/<run_id>.json``. A fatal failure (full disk, read-only results) cancels the slides not
-    started yet (``skipped``, reason ``stopped``).
-    """
-    if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}: use one of {KINDS}")
-    if not workers and not scheduler:
-        raise ValueError("give workers (a local cluster) or scheduler (an address)")
-    sources = list(sources)
-    keys = [s.slide_id for s in sources]
-    seen: set[str] = set()
-    dupes = sorted({k for k in keys if k in seen or seen.add(k)})
-    if dupes:
-        raise DuplicateSlideIdError(f"slides share an id: {', '.join(dupes)}")
-    opts = job_args.get("opts")
-    if progress is None:
-        progress = bool(getattr(opts, "progress", True))
-    model_sha = _validate_score(job_args) if kind == "score" else None
-    out_dir = Path(job_args["out"]) if kind == "score" else None
-    if out_dir is not None:  # staging folders left by killed runs
-        sweep_partials(out_dir)
-        sweep_partials(out_dir / "slides")
-    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + f"-{os.getpid()}"
-    by_id: dict[str, Outcome] = {}
-    last_csv = 0.0
-
-    def write_csv(force: bool = False) -> None:
-        nonlocal last_csv
-        if out_dir is None or (not force and time.perf_counter() - last_csv < CSV_EVERY_S):
-            return
-        from weakstil.outputs.score import write_scores_csv
-
-        write_scores_csv(out_dir, sources, by_id, model_sha)  # takes the scores.csv file lock itself
-        last_csv = time.perf_counter()
-
-    with sigterm_raises(), dask_client(workers, scheduler) as client:
-        hints = {"workers_per_host": _workers_per_host(client)}
-        token = uuid.uuid4().hex[:8]
-        futures = {client.submit(run_slide_task, kind, job_args, source, hints, pure=False,
-                                 key=f"weakstil-{kind}-{token}-{i}-{source.slide_id}"): (i, source.slide_id)
-                   for i, source in enumerate(sources)}
-        submitted = {k: time.perf_counter() for k in keys}
-        stop: Outcome | None = None
-        first_at: float | None = None  # when the first slide came back: the rate excludes start-up
-        try:
-            with _make_progress(progress) as bar:
-                task = bar.add_task(f"{kind} ({_cluster_text(client, workers)})", total=len(sources), stats="",
-                                    rate="")
-                from distributed import as_completed
-
-                for future in as_completed(list(futures)):
-                    _, key = futures[future]
-                    try:
-                        outcome = future.result()
-                    except Exception as exc:  # KilledWorker, CancelledError, a lost connection
-                        if stop is not None and type(exc).__name__ == "CancelledError":
-                            outcome = stopped_outcome(key, stop)
-                        else:
-                            outcome = _crash_outcome(key, exc, time.perf_counter() - submitted[key])
-                    by_id[key] = outcome
-                    if outcome.fatal and stop is None:
-                        log.error("stopping: %s failed with %s: %s", key, outcome.reason, outcome.error)
-                        stop = outcome
-                        client.cancel([f for f in futures if not f.done()])
-                    n = counts(by_id.values())
-                    ran = n[DONE] + n[FAILED]
-                    if ran == 1 and first_at is None:
-                        first_at = time.perf_counter()
-                    rate = _rate_text(ran - 1, time.perf_counter() - first_at) if first_at is not None else ""
-                    bar.update(task, advance=1, rate=rate,
-                               stats=f"{n[DONE]} done, {n[SKIPPED]} skipped, {n[FAILED]} failed")
-                    if on_outcome is not None:
-                        on_outcome(outcome)
-                    write_csv()
-        finally:  # also on Ctrl-C / SIGTERM: what finished is recorded
-            if out_dir is not None and by_id:
-                _write_score_records(out_dir, sources, by_id, model_sha, run_id, job_args, workers, scheduler,
-                                     write_csv)
-    return [by_id[k] for k in keys]
-
-
-def _write_score_records(out_dir: Path, sources, by_id: dict, model_sha: str, run_id: str, job_args: dict,
-                         workers, scheduler, write_csv) -> None:
-    from weakstil.outputs.score import write_run_json
-
-    write_csv(force=True)
-    ordered = [by_id[s.slide_id] for s in sources if s.slide_id in by_id]
-    write_run_json(out_dir, ordered, run_id=run_id,
-                   info={"run_id": run_id, "model": str(job_args["model"]), "model_sha256": model_sha,
-                         "features": str(job_args["features"]), "host": os.uname().nodename, "pid": os.getpid(),
-                         "dask": {"workers": workers, "scheduler": scheduler}})
-
-
 def _cluster_text(client, workers: int | None) -> str:
     try:
         n = len(client.nthreads())
     except Exception:  # purely cosmetic
         n = workers or 0
     return f"{n} Dask worker{'s' if n != 1 else ''}"
+
+
+class DaskExecutor:
+    """Runs the items as Dask tasks on ``client`` (a ``distributed.Client``), yielding outcomes as they
+    complete. Each worker process builds the job once (:func:`run_slide_task`); a worker that dies
+    has its task rerun elsewhere, and its lock is stale and taken over."""
+
+    local = False
+
+    def __init__(self, client: Any):
+        self.client = client
+        self._futures: dict = {}
+        self._stopped: Outcome | None = None
+        try:
+            self.width = max(1, len(client.nthreads()))
+        except Exception:  # purely for the rate shown
+            self.width = 1
+
+    def outcomes(self, items: list, keys: list[str], job: Any, *, is_done=None, lock_dir=None,
+                 wait: bool = False) -> Iterator[Outcome]:
+        from distributed import as_completed
+
+        if not hasattr(job, "run"):
+            raise TypeError("a Dask run needs a job object (weakstil.runs.jobs), not a plain function")
+        hints = {"workers_per_host": _workers_per_host(self.client)}
+        token = uuid.uuid4().hex[:8]
+        self._futures = {self.client.submit(run_slide_task, job, token, item, hints, wait, pure=False,
+                                            key=f"weakstil-{token}-{i}-{k}"): k
+                         for i, (item, k) in enumerate(zip(items, keys))}
+        submitted = time.perf_counter()
+        for future in as_completed(list(self._futures)):
+            key = self._futures[future]
+            try:
+                yield future.result()
+            except Exception as exc:  # KilledWorker, CancelledError, a lost connection
+                if self._stopped is not None and type(exc).__name__ == "CancelledError":
+                    yield stopped_outcome(key, self._stopped)
+                else:
+                    yield _crash_outcome(key, exc, time.perf_counter() - submitted)
+
+    def stop(self, cause: Outcome) -> None:
+        """Cancel the tasks not finished yet (they become ``skipped``, reason ``stopped``)."""
+        self._stopped = cause
+        self.client.cancel([f for f in self._futures if not f.done()])
+
+
+def run_on_dask(kind: str, sources: list, job_args: dict, *, workers: int | None = None,
+                scheduler: Any = None, on_outcome=None, wait: bool = False) -> list[Outcome]:
+    """Run ``kind`` ("extract" or "score") on every source as Dask tasks; one Outcome per source, in order.
+
+    ``workers``: start a LocalCluster of that many processes on 127.0.0.1; ``scheduler``: use that
+    cluster instead (an address, a cluster object such as a dask-jobqueue ``SLURMCluster``, or a
+    Client). ``job_args`` are the CLI's. The batch itself is :mod:`weakstil.runs.batch`'s, with a
+    :class:`DaskExecutor`.
+    """
+    from weakstil.runs.batch import extract_slides, score_slides
+
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}: use one of {KINDS}")
+    if not workers and scheduler is None:
+        raise ValueError("give workers (a local cluster) or scheduler (an address, cluster or client)")
+    a = job_args
+    with dask_client(workers, scheduler) as client:
+        executor = DaskExecutor(client)
+        if kind == "extract":
+            return extract_slides(sources, a["features"], encoder=a["encoder"], weights=a.get("weights"),
+                                  spec=a["spec"], tissue=a["tissue"], opts=a["opts"], roi_dir=a.get("roi_dir"),
+                                  lock=a.get("lock", True), executor=executor, on_outcome=on_outcome,
+                                  wait=wait).outcomes
+        where = {"dask": {"workers": workers, "scheduler": scheduler if isinstance(scheduler, str) else None}}
+        return score_slides(sources, a["model"], features_dir=a["features"], out_dir=a["out"],
+                            weights=a.get("weights"), opts=a["opts"], roi_dir=a.get("roi_dir"),
+                            formats=a.get("formats", ("csv", "png", "tif", "geojson", "top")),
+                            **({"cutoff": a["cutoff"]} if "cutoff" in a else {}), lock=a.get("lock", True),
+                            executor=executor, on_outcome=on_outcome, wait=wait, run_info=where).outcomes

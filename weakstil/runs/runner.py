@@ -1,17 +1,16 @@
-"""The one per-slide job runner: skip if done, lock, run, record the outcome, go on after an error.
+"""The one per-slide loop: skip if done, lock, run, record the outcome, go on after an error.
 
-``run_batch(items, job, key=..., is_done=..., lock_dir=...)`` runs ``job(item)`` for every item and
-returns one :class:`Outcome` per item. One bad slide never stops the batch: a ``WeakstilError`` (or
-any other ``Exception``) is recorded with its reason and fix. Ctrl-C and other ``BaseException``\\ s
-release the lock and propagate.
+``run_batch(items, job, executor=...)`` runs a job (a :mod:`weakstil.runs.jobs` object with
+``key``, ``is_done``, ``run`` and ``lock_dir``, or a plain callable) on every item and returns one
+:class:`Outcome` per item, in order. Where the items run is the executor's business
+(:class:`LocalExecutor`: here, in order; :class:`weakstil.runs.executors.DaskExecutor`: as Dask
+tasks); the recording (progress, stop on a fatal error, ``on_outcome``) is written once, here.
 
-Locks let several processes share a folder: ``<lock_dir>/<key>.lock`` is created with
-``O_CREAT | O_EXCL`` and holds the owner's pid, host and process start time. While held, a
-background thread touches it every :data:`HEARTBEAT_S` seconds. A lock is stale, and taken over,
-when its process is gone (same host: the pid is dead, a zombie, or reused by another process) or,
-for a lock from another host, when it has not been touched for :data:`STALE_AFTER_S` seconds (the
-age is measured on the shared folder's own clock). A live lock makes the item ``skipped`` with
-reason ``locked``.
+One bad slide never stops the batch: a ``WeakstilError`` (or any other ``Exception``) is recorded
+with its reason and fix. Ctrl-C and other ``BaseException``\\ s release the lock and propagate.
+A slide locked by another live process (see :mod:`weakstil.fs`) is ``skipped`` with reason
+``locked`` (the command line exits 3 then), unless ``wait`` is set: then the run waits for the lock
+and skips the slide as done when the other process finished it.
 
 A full disk or a read-only results folder (ENOSPC, EDQUOT, EROFS, or an ``OutputWriteError`` from a
 permission error) is *fatal*: every further item would fail the same way, so the batch stops there
@@ -23,47 +22,41 @@ out, as with Ctrl-C.
 from __future__ import annotations
 
 import contextlib
-import csv
 import errno
-import json
 import logging
 import os
-import re
-import shutil
 import signal
-import socket
 import sys
 import threading
 import time
 import traceback
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from weakstil.errors import DuplicateSlideIdError, WeakstilError
+from weakstil.fs import (  # noqa: F401  (the lock API, re-exported for callers of the runner)
+    EMPTY_LOCK_GRACE_S,
+    HEARTBEAT_S,
+    STALE_AFTER_S,
+    STALE_PARTIAL_S,
+    Lock,
+    _lock_path,
+    acquire_lock,
+    write_csv,
+)
 
 log = logging.getLogger(__name__)
 
 DONE, SKIPPED, FAILED = "done", "skipped", "failed"
 ALREADY_DONE, LOCKED, STOPPED = "already_done", "locked", "stopped"
 UNEXPECTED_FIX = "an unexpected error: run again with --verbose for the traceback and report it"
-EMPTY_LOCK_GRACE_S = 60.0  # a lock file with no content yet is being written; later it is debris
-HEARTBEAT_S = 30.0  # a held lock file is touched this often
-STALE_AFTER_S = 300.0  # a lock from another host not touched for this long is stale
 FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}  # every further write would fail too
 MMAP_THRESHOLD_BYTES = 4 << 20  # glibc: buffers from this size up are mmapped and returned when freed
-STALE_PARTIAL_S = 6 * 3600.0  # a staging leftover untouched this long is debris, whoever left it
-_PARTIAL_NAME = re.compile(r"^\..+\.(?:(?P<host>[A-Za-z0-9_]+)-)?(?P<pid>\d+)-[0-9a-f]{4,}\.(?:partial|old)$")
+WAIT_POLL_S = 2.0  # how often a waiting run looks at a lock held by another process
 
-_HOST = socket.gethostname()
-_SAFE_HOST = re.sub(r"[^A-Za-z0-9_]", "_", _HOST) or "_"
-_HELD: dict[str, Path] = {}  # token → path of every lock this process holds
-_HELD_GUARD = threading.Lock()
-_heartbeat_thread: threading.Thread | None = None
 _heap_limited = False
 
 
@@ -91,193 +84,6 @@ def _default_key(item: Any) -> str:
     if isinstance(item, os.PathLike):
         return Path(item).stem
     return str(item)
-
-
-# --- locks --------------------------------------------------------------------------------------
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time in clock ticks since boot) of a process (Linux), or None if unknown."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return fields[0], int(fields[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _proc_start(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
-    stat = _proc_stat(pid)
-    return None if stat is None else stat[1]
-
-
-def _fs_now(folder: Path) -> float:
-    """The current time on ``folder``'s file system (a shared folder's server may keep its own)."""
-    probe = folder / f".clock-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        probe.write_bytes(b"")
-        try:
-            return probe.stat().st_mtime
-        finally:
-            probe.unlink(missing_ok=True)
-    except OSError:
-        return time.time()
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs on this host (a zombie does not)."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    stat = _proc_stat(pid)
-    return stat is None or stat[0] not in ("Z", "X")
-
-
-def _holder_alive(holder: dict, *, age: float | None = None) -> bool:
-    """Whether the process named in a lock may still be running.
-
-    On this host: its pid is alive (not a zombie) with the start time the lock recorded. On another
-    host, where the pid cannot be checked: the lock was touched (heartbeat) less than
-    :data:`STALE_AFTER_S` ago; ``age`` is seconds since the lock file's last modification.
-    """
-    if holder.get("host") != _HOST:
-        return age is None or age < STALE_AFTER_S
-    try:
-        pid = int(holder["pid"])
-    except (KeyError, TypeError, ValueError):
-        return False
-    if pid == os.getpid():
-        return holder.get("token") in _HELD  # else: a past process that had our pid
-    if not _pid_alive(pid):  # gone, or killed and not yet reaped by its parent (a zombie)
-        return False
-    stat = _proc_stat(pid)
-    start, now = holder.get("start"), None if stat is None else stat[1]
-    return start is None or now is None or start == now
-
-
-def _lock_path(lock_dir: Path, key: str) -> Path:
-    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in key).lstrip(".")
-    return lock_dir / f"{safe or '_'}.lock"
-
-
-def _read_lock(path: Path) -> tuple[bytes, dict | None]:
-    raw = path.read_bytes()
-    try:
-        holder = json.loads(raw)
-    except ValueError:
-        return raw, None
-    return raw, holder if isinstance(holder, dict) else None
-
-
-def _take_over(path: Path, stale_raw: bytes) -> None:
-    """Move a stale lock away, checking it is still the one judged stale (not a fresh one)."""
-    moved = path.with_name(f"{path.name}.stale-{uuid.uuid4().hex[:8]}")
-    try:
-        os.rename(path, moved)
-    except FileNotFoundError:
-        return  # someone else took it over first
-    try:
-        if moved.read_bytes() != stale_raw:  # raced: that was a new live lock; put it back
-            os.link(moved, path)
-    except OSError:
-        pass
-    finally:
-        moved.unlink(missing_ok=True)
-
-
-def _touch_held_locks() -> None:
-    """One heartbeat: bump the mtime of every lock this process still holds."""
-    with _HELD_GUARD:
-        held = list(_HELD.items())
-    for token, path in held:
-        try:
-            _, holder = _read_lock(path)
-            if holder is not None and holder.get("token") == token:
-                os.utime(path)
-        except OSError as exc:
-            log.debug("heartbeat of %s failed: %s", path, exc)
-
-
-def _heartbeat_loop() -> None:
-    while True:
-        time.sleep(HEARTBEAT_S)
-        _touch_held_locks()
-
-
-def _start_heartbeat() -> None:
-    global _heartbeat_thread
-    with _HELD_GUARD:
-        if _heartbeat_thread is not None and _heartbeat_thread.is_alive():
-            return
-        _heartbeat_thread = threading.Thread(target=_heartbeat_loop, name="weakstil-lock-heartbeat",
-                                             daemon=True)
-        _heartbeat_thread.start()
-
-
-class Lock:
-    """An acquired lock file; :meth:`release` removes it if it is still ours."""
-
-    def __init__(self, path: Path, token: str):
-        self.path, self.token = path, token
-
-    def release(self) -> None:
-        with _HELD_GUARD:
-            _HELD.pop(self.token, None)
-        try:
-            _, holder = _read_lock(self.path)
-            if holder is not None and holder.get("token") == self.token:
-                self.path.unlink()
-            else:
-                log.warning("lock %s was taken over by another process", self.path)
-        except FileNotFoundError:
-            log.warning("lock %s vanished while held", self.path)
-
-
-def acquire_lock(lock_dir: str | Path, key: str) -> tuple[Lock | None, str]:
-    """``(Lock, "")`` or ``(None, who holds it)``. Stale locks (owner gone) are taken over."""
-    path = _lock_path(Path(lock_dir), key)
-    holder_text = "another process"
-    for _ in range(4):
-        token = uuid.uuid4().hex
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                raw, holder = _read_lock(path)
-                age = time.time() - path.stat().st_mtime
-            except FileNotFoundError:
-                continue  # released meanwhile: try again
-            if holder is None:
-                if age < EMPTY_LOCK_GRACE_S:
-                    return None, "a process that is just taking the lock"
-                _take_over(path, raw)
-                continue
-            holder_text = (f"pid {holder.get('pid')} on {holder.get('host')} "
-                           f"since {holder.get('since')}")
-            if holder.get("host") != _HOST:  # judge by heartbeat age, on the folder's own clock
-                try:
-                    age = _fs_now(path.parent) - path.stat().st_mtime
-                except FileNotFoundError:
-                    continue
-                holder_text += f", last heartbeat {age:.0f} s ago"
-            if _holder_alive(holder, age=age):
-                return None, holder_text
-            log.info("taking over stale lock %s (%s)", path, holder_text)
-            _take_over(path, raw)
-            continue
-        since = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        content = {"pid": os.getpid(), "host": _HOST, "start": _proc_start(os.getpid()),
-                   "token": token, "since": since}
-        with os.fdopen(fd, "w") as f:
-            json.dump(content, f)
-        with _HELD_GUARD:
-            _HELD[token] = path
-        _start_heartbeat()
-        return Lock(path, token), ""
-    return None, holder_text
 
 
 # --- running ------------------------------------------------------------------------------------
@@ -345,64 +151,19 @@ def sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def staging_name(name: str, suffix: str = "partial") -> str:
-    """A hidden staging name for ``name`` that :func:`sweep_partials` can attribute to this process:
-    ``.<name>.<host>-<pid>-<hex>.<suffix>``."""
-    return f".{name}.{_SAFE_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}.{suffix}"
-
-
-def sweep_partials(folder: str | Path, *, max_age_s: float = STALE_PARTIAL_S) -> list[Path]:
-    """Remove the staging leftovers of killed processes from ``folder``; returns what was removed.
-
-    Staging entries are hidden and named ``.<name>.[<host>-]<pid>-<hex>.partial`` (or ``.old``).
-    One is debris when its name carries this host and its pid is gone, or, whatever its name, when
-    nothing touched it for ``max_age_s`` seconds (the only safe test for another host's leftovers).
-    """
-    removed: list[Path] = []
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return removed
-    now = _fs_now(Path(folder)) if entries else time.time()
-    for entry in entries:
-        match = _PARTIAL_NAME.match(entry.name)
-        if match is None:
-            continue
-        try:
-            age = now - entry.stat(follow_symlinks=False).st_mtime
-        except OSError:
-            continue
-        dead_here = match["host"] == _SAFE_HOST and not _pid_alive(int(match["pid"]))
-        if not (dead_here or age > max_age_s):
-            continue
-        path = Path(entry.path)
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        log.info("removed %s, left by an interrupted run", path)
-        removed.append(path)
-    return removed
-
-
-@contextlib.contextmanager
-def file_lock(path: str | Path) -> Iterator[None]:
-    """An advisory exclusive lock (``flock``) on ``path`` for a short critical section, e.g.
-    rebuilding ``scores.csv`` from the slide folders so that the last writer saw the latest state."""
-    import fcntl
-
-    path = Path(path)
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
+def _acquire(lock_dir: str | Path, key: str, wait: bool) -> tuple[Lock | None, str]:
+    """The item's lock; with ``wait``, poll until the other process lets go of it."""
+    while True:
+        lock, holder = acquire_lock(lock_dir, key)
+        if lock is not None or not wait:
+            return lock, holder
+        log.info("%s is locked by %s: waiting", key, holder)
+        time.sleep(WAIT_POLL_S)
 
 
 def run_one(item: Any, job: Callable[[Any], Any], *, key: str,
             is_done: Callable[[Any], bool] | None = None,
-            lock_dir: str | Path | None = None) -> Outcome:
+            lock_dir: str | Path | None = None, wait: bool = False) -> Outcome:
     """Skip if done, lock, run ``job(item)``, unlock; one item's :class:`Outcome`."""
     started = time.perf_counter()
     lock: Lock | None = None
@@ -410,11 +171,11 @@ def run_one(item: Any, job: Callable[[Any], Any], *, key: str,
         if is_done is not None and is_done(item):
             return Outcome(key, SKIPPED, reason=ALREADY_DONE)
         if lock_dir is not None:
-            lock, holder = acquire_lock(lock_dir, key)
+            lock, holder = _acquire(lock_dir, key, wait)
             if lock is None:
                 return Outcome(key, SKIPPED, reason=LOCKED, error=f"locked by {holder}",
-                               fix=f"another run is working on it; if none is, delete "
-                                   f"{_lock_path(Path(lock_dir), key)}")
+                               fix=f"another run is working on it (rerun with --wait to wait for it); if none "
+                                   f"is, delete {_lock_path(Path(lock_dir), key)}")
             if is_done is not None and is_done(item):  # finished while we waited for the lock
                 return Outcome(key, SKIPPED, reason=ALREADY_DONE)
         result = job(item)
@@ -424,6 +185,40 @@ def run_one(item: Any, job: Callable[[Any], Any], *, key: str,
     finally:  # also on KeyboardInterrupt, which then propagates
         if lock is not None:
             lock.release()
+
+
+_UNSET: Any = object()
+
+
+def job_parts(job: Any, *, key=None, is_done=None, lock_dir=_UNSET) -> tuple[Callable, Callable, Any, Any]:
+    """(run, key, is_done, lock_dir) of a job object (``.run``, ``.key``, ``.is_done``,
+    ``.lock_dir``) or a plain callable; explicit arguments win."""
+    if hasattr(job, "run"):
+        return (job.run, key or job.key, is_done if is_done is not None else job.is_done,
+                job.lock_dir if lock_dir is _UNSET else lock_dir)
+    return job, key or _default_key, is_done, None if lock_dir is _UNSET else lock_dir
+
+
+class LocalExecutor:
+    """Runs the items here, one after the other, in order."""
+
+    width = 1
+
+    def __init__(self) -> None:
+        self._stopped: Outcome | None = None
+
+    def outcomes(self, items: list, keys: list[str], job: Any, *, is_done=None, lock_dir=None,
+                 wait: bool = False) -> Iterator[Outcome]:
+        run = job.run if hasattr(job, "run") else job
+        for item, k in zip(items, keys):
+            if self._stopped is not None:
+                yield stopped_outcome(k, self._stopped)
+            else:
+                yield run_one(item, run, key=k, is_done=is_done, lock_dir=lock_dir, wait=wait)
+
+    def stop(self, cause: Outcome) -> None:
+        """Start no further item (they become ``skipped``, reason ``stopped``)."""
+        self._stopped = cause
 
 
 def limit_heap_fragmentation(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
@@ -457,17 +252,21 @@ def limit_heap_fragmentation(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     return _heap_limited
 
 
-def run_batch(items: Iterable[Any], job: Callable[[Any], Any], *,
-              key: Callable[[Any], str] = _default_key,
+def run_batch(items: Iterable[Any], job: Any, *, key: Callable[[Any], str] | None = None,
               is_done: Callable[[Any], bool] | None = None, desc: str = "extract",
-              lock_dir: str | Path | None = None, progress: bool = True,
-              on_outcome: Callable[[Outcome], None] | None = None) -> list[Outcome]:
-    """Run ``job`` on every item (in order) with a progress bar; one Outcome per item.
+              lock_dir: str | Path | None = _UNSET, progress: bool = True,
+              on_outcome: Callable[[Outcome], None] | None = None, executor: Any = None,
+              wait: bool = False) -> list[Outcome]:
+    """Run ``job`` on every item with a progress bar; one Outcome per item, in the items' order.
 
-    ``key(item)`` names the item (default: a path's stem); keys must be unique. ``is_done(item)``
-    true means skip. ``lock_dir`` enables per-item lock files so processes can share the work.
-    ``on_outcome`` is called after each item (e.g. to write results as they come).
+    ``job`` is a job object (see :mod:`weakstil.runs.jobs`) or a callable; ``key(item)`` names the
+    item (default: the job's key, or a path's stem); keys must be unique. ``is_done(item)`` true
+    means skip. ``lock_dir`` enables per-item lock files so processes can share the work; ``wait``
+    waits for items another process holds instead of leaving them to it. ``executor`` decides
+    where items run (default :class:`LocalExecutor`). ``on_outcome`` is called after each item
+    (e.g. to write results as they come).
     """
+    _, key, is_done, lock_dir = job_parts(job, key=key, is_done=is_done, lock_dir=lock_dir)
     items = list(items)
     keys = [key(item) for item in items]
     dupes = sorted(k for k, n in Counter(keys).items() if n > 1)
@@ -476,30 +275,33 @@ def run_batch(items: Iterable[Any], job: Callable[[Any], Any], *,
     if lock_dir is not None:
         Path(lock_dir).mkdir(parents=True, exist_ok=True)
     limit_heap_fragmentation()
-    outcomes: list[Outcome] = []
+    executor = executor if executor is not None else LocalExecutor()
+    by_key: dict[str, Outcome] = {}
     stop: Outcome | None = None
     with sigterm_raises(), _make_progress(progress) as bar:
         task = bar.add_task(desc, total=len(items), stats="", rate="")
         job_seconds = 0.0
-        for item, k in zip(items, keys):
-            if stop is not None:
-                outcome = stopped_outcome(k, stop)
-            else:
-                bar.update(task, description=f"{desc} {k}")
-                outcome = run_one(item, job, key=k, is_done=is_done, lock_dir=lock_dir)
-                if outcome.fatal:
-                    log.error("stopping: %s failed with %s: %s", k, outcome.reason, outcome.error)
-                    stop = outcome
-            outcomes.append(outcome)
-            n = counts(outcomes)
+        for outcome in executor.outcomes(items, keys, job, is_done=is_done, lock_dir=lock_dir, wait=wait):
+            if outcome.fatal and stop is None:
+                log.error("stopping: %s failed with %s: %s", outcome.key, outcome.reason, outcome.error)
+                stop = outcome
+                executor.stop(stop)
+            by_key[outcome.key] = outcome
+            n = counts(by_key.values())
             if outcome.status != SKIPPED:
                 job_seconds += outcome.seconds
             ran = n[DONE] + n[FAILED]
-            bar.update(task, advance=1, description=desc, rate=_rate_text(ran, job_seconds),
+            bar.update(task, advance=1, description=desc,
+                       rate=_rate_text(ran, job_seconds / max(1, getattr(executor, "width", 1))),
                        stats=f"{n[DONE]} done, {n[SKIPPED]} skipped, {n[FAILED]} failed")
             if on_outcome is not None:
                 on_outcome(outcome)
-    return outcomes
+    return [by_key[k] for k in keys]
+
+
+def left_to_others(outcomes: Iterable[Outcome]) -> list[Outcome]:
+    """The items skipped because another live process holds their lock."""
+    return [o for o in outcomes if o.status == SKIPPED and o.reason == LOCKED]
 
 
 def _rate_text(n: int, seconds: float) -> str:
@@ -575,17 +377,6 @@ def summarize(outcomes: list[Outcome]) -> Any:
 
 
 def write_outcomes_csv(outcomes: Iterable[Outcome], path: str | Path) -> Path:
-    """``key,status,seconds,reason,error,fix`` per item, written to a temp name then renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with tmp.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["key", "status", "seconds", "reason", "error", "fix"])
-            for o in outcomes:
-                writer.writerow([o.key, o.status, f"{o.seconds:.3f}", o.reason, o.error, o.fix])
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """``key,status,seconds,reason,error,fix`` per item, written atomically."""
+    return write_csv(path, ["key", "status", "seconds", "reason", "error", "fix"],
+                     ([o.key, o.status, f"{o.seconds:.3f}", o.reason, o.error, o.fix] for o in outcomes))

@@ -446,15 +446,11 @@ def render_slide(params_or_seed: SlideParams | int, mpp: float) -> np.ndarray:
 
 @contextmanager
 def _atomic(path: Path, mode: str):
-    """Open ``path.partial`` for writing and rename it into place once written."""
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        with open(tmp, mode, **({"newline": ""} if "b" not in mode else {})) as fh:
-            yield fh
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(path)
+    """Open a temp sibling of ``path`` for writing and rename it into place once written."""
+    from weakstil.fs import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, mode, **({"newline": ""} if "b" not in mode else {})) as fh:
+        yield fh
 
 
 def write_slide(path: str | Path, params_or_seed: SlideParams | int, mpp: float, *,

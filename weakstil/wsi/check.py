@@ -6,9 +6,7 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -118,19 +116,11 @@ def check_slide(path: Path, *, backend: str = "auto", mpp: float | None = None, 
 
 def write_check_csv(rows: Iterable[CheckRow], path: str | Path) -> Path:
     """Write the rows as CSV (to a temporary name, then renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with tmp.open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=CHECK_COLUMNS)
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: ("" if v is None else v) for k, v in row.as_dict().items()})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    from weakstil.fs import write_csv
+
+    return write_csv(path, CHECK_COLUMNS,
+                     ([("" if v is None else v) for v in (row.as_dict().get(k) for k in CHECK_COLUMNS)]
+                      for row in rows))
 
 
 def check_table(rows: Iterable[CheckRow]):

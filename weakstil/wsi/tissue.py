@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -287,12 +286,9 @@ def save_mask_qc(thumb: np.ndarray, mask: np.ndarray, path: str | Path, roi: np.
     """Write :func:`mask_qc_image` as a PNG (written to a temporary name, then renamed into place)."""
     from PIL import Image
 
+    from weakstil.fs import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
+    with atomic_path(path) as tmp:
         Image.fromarray(mask_qc_image(thumb, mask, roi)).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from weakstil.fs import atomic_path
+
 APERIO_HEADER = "Aperio Image Library v12.0.15 \r\n"
 
 
@@ -70,8 +72,7 @@ def write_aperio_tiff(
 
     common = {"photometric": "rgb", "metadata": None}
     jpeg = {"compression": "jpeg", "compressionargs": {"level": quality}}
-    tmp = path.with_name(path.name + ".partial")
-    with tifffile.TiffWriter(tmp, bigtiff=level0.nbytes > 2**31) as tw:
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=level0.nbytes > 2**31) as tw:
         tw.write(
             level0,
             tile=(tile_px, tile_px),
@@ -103,5 +104,4 @@ def write_aperio_tiff(
                 maxworkers=maxworkers,
                 **common,
             )
-    tmp.replace(path)
     return path
