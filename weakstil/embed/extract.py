@@ -323,6 +323,7 @@ def extract_slides(sources: list[SlideSource], features_dir: Path, *, encoder, s
     """
     import time
 
+    from weakstil.progress import progress as progress_display
     from weakstil.runs.runner import run_batch
 
     opts = opts or ExtractOptions()
@@ -330,8 +331,8 @@ def extract_slides(sources: list[SlideSource], features_dir: Path, *, encoder, s
     cache = open_cache(features_dir, encoder, spec, tissue)
     embedder = TileEmbedder(encoder, device)
     started = time.perf_counter()
-    with _progress(opts.progress) as progress:
-        slides_task = progress.add_task("slides", total=len(sources), unit="slides")
+    with progress_display(opts.progress) as progress:
+        slides_task = progress.add_task("extract", total=len(sources), unit="slides")
         tiles_task = progress.add_task("tiles", total=None, unit="tiles")
         job = SlideExtractor(cache, embedder, spec, tissue, opts, roi_dir=roi_dir, qc=qc,
                              tiles_task=lambda n: progress.update(tiles_task, advance=n))
@@ -346,27 +347,3 @@ def extract_slides(sources: list[SlideSource], features_dir: Path, *, encoder, s
                              on_outcome=record)
     n_tiles = sum(int(o.result or 0) for o in outcomes if o.status == "done")
     return ExtractResult(cache, outcomes, n_tiles, time.perf_counter() - started)
-
-
-def _progress(enabled: bool):
-    """A rich progress display with one line per task: count, rate in its unit, elapsed time."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-    from rich.text import Text
-
-    class RateColumn(ProgressColumn):
-        def render(self, task):
-            unit = task.fields.get("unit", "it")
-            if task.speed is None:
-                return Text(f"– {unit}/s")
-            return Text(f"{task.speed:,.1f} {unit}/s" if task.speed < 10 else f"{task.speed:,.0f} {unit}/s")
-
-    return Progress(TextColumn("{task.description:>6}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-                    TimeElapsedColumn(), console=Console(stderr=True), disable=not enabled)

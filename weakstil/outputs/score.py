@@ -292,7 +292,7 @@ def score_slides(sources: list[SlideSource], model_dir: Path, *, features_dir: P
                  formats=("csv", "png", "tif", "geojson", "top"), cutoff: float = 30.0,
                  lock: bool = True) -> ScoreResult:
     """Score every slide (extracting what is missing); one bad slide never stops the others."""
-    from weakstil.embed.extract import _progress
+    from weakstil.progress import progress as progress_display
     from weakstil.runs.runner import run_batch, sweep_partials
 
     opts = opts or ExtractOptions()
@@ -302,8 +302,8 @@ def score_slides(sources: list[SlideSource], model_dir: Path, *, features_dir: P
         sweep_partials(folder)
     started = time.perf_counter()
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + f"-{os.getpid()}"
-    with _progress(opts.progress) as progress:
-        slides_task = progress.add_task("slides", total=len(sources), unit="slides")
+    with progress_display(opts.progress) as progress:
+        slides_task = progress.add_task("score", total=len(sources), unit="slides")
         tiles_task = progress.add_task("tiles", total=None, unit="tiles")
         scorer = make_scorer(model_dir, features_dir, out_dir, weights=weights, opts=opts, roi_dir=roi_dir,
                              formats=formats, cutoff=cutoff,

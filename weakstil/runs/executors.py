@@ -31,14 +31,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from weakstil.errors import DuplicateSlideIdError, WeakstilError
+from weakstil.progress import progress as progress_display
+from weakstil.progress import rate_text
 from weakstil.runs.runner import (
     DONE,
     FAILED,
     SKIPPED,
     Outcome,
     _failed,
-    _make_progress,
-    _rate_text,
     counts,
     limit_heap_fragmentation,
     run_one,
@@ -277,9 +277,9 @@ def run_on_dask(kind: str, sources: list, job_args: dict, *, workers: int | None
         stop: Outcome | None = None
         first_at: float | None = None  # when the first slide came back: the rate excludes start-up
         try:
-            with _make_progress(progress) as bar:
-                task = bar.add_task(f"{kind} ({_cluster_text(client, workers)})", total=len(sources), stats="",
-                                    rate="")
+            with progress_display(progress) as bar:
+                task = bar.add_task(f"{kind} ({_cluster_text(client, workers)})", total=len(sources),
+                                    unit="slides")
                 from distributed import as_completed
 
                 for future in as_completed(list(futures)):
@@ -300,7 +300,7 @@ def run_on_dask(kind: str, sources: list, job_args: dict, *, workers: int | None
                     ran = n[DONE] + n[FAILED]
                     if ran == 1 and first_at is None:
                         first_at = time.perf_counter()
-                    rate = _rate_text(ran - 1, time.perf_counter() - first_at) if first_at is not None else ""
+                    rate = rate_text(ran - 1, time.perf_counter() - first_at, "slides") if first_at is not None else ""
                     bar.update(task, advance=1, rate=rate,
                                stats=f"{n[DONE]} done, {n[SKIPPED]} skipped, {n[FAILED]} failed")
                     if on_outcome is not None:

@@ -45,6 +45,8 @@ from pathlib import Path
 from typing import Any
 
 from weakstil.errors import DuplicateSlideIdError, WeakstilError
+from weakstil.progress import progress as progress_display
+from weakstil.progress import rate_text
 
 log = logging.getLogger(__name__)
 
@@ -478,8 +480,8 @@ def run_batch(items: Iterable[Any], job: Callable[[Any], Any], *,
     limit_heap_fragmentation()
     outcomes: list[Outcome] = []
     stop: Outcome | None = None
-    with sigterm_raises(), _make_progress(progress) as bar:
-        task = bar.add_task(desc, total=len(items), stats="", rate="")
+    with sigterm_raises(), progress_display(progress) as bar:
+        task = bar.add_task(desc, total=len(items), unit="slides")
         job_seconds = 0.0
         for item, k in zip(items, keys):
             if stop is not None:
@@ -495,50 +497,11 @@ def run_batch(items: Iterable[Any], job: Callable[[Any], Any], *,
             if outcome.status != SKIPPED:
                 job_seconds += outcome.seconds
             ran = n[DONE] + n[FAILED]
-            bar.update(task, advance=1, description=desc, rate=_rate_text(ran, job_seconds),
+            bar.update(task, advance=1, description=desc, rate=rate_text(ran, job_seconds, "slides"),
                        stats=f"{n[DONE]} done, {n[SKIPPED]} skipped, {n[FAILED]} failed")
             if on_outcome is not None:
                 on_outcome(outcome)
     return outcomes
-
-
-def _rate_text(n: int, seconds: float) -> str:
-    if n == 0 or seconds <= 0:
-        return ""
-    per = seconds / n
-    return f"{per:.1f} s/slide" if per >= 1 else f"{1 / per:.1f} slides/s"
-
-
-class _NoProgress:
-    def __enter__(self) -> _NoProgress:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-    def add_task(self, *args: Any, **kwargs: Any) -> int:
-        return 0
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-def _make_progress(enabled: bool) -> Any:
-    if not enabled:
-        return _NoProgress()
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    TextColumn("{task.fields[stats]}"), console=Console(stderr=True))
 
 
 # --- reporting ----------------------------------------------------------------------------------
