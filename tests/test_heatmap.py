@@ -379,9 +379,12 @@ def test_overlay_benchmark_runs(monkeypatch):
     """The bounded-memory case (``python -m benchmarks.bench_overlay``), here at a small size."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
     bench = pytest.importorskip("benchmarks.bench_overlay")
-    result = bench.run(width=12_000, height=9_000, tiles=300, workers=1)
-    assert result["check"].get("pixel_ok") is not False and result["check"].get("background_ok") is not False
-    assert result["tiles"] > 200 and result["peak_rss_mb"] > 0 and result["bytes"] > 0
+    result = bench.run(width=12_000, height=9_000, tiles=300, workers=1, check_tiles=10_000)
+    check = result["check"]
+    assert result["tiles"] > 200 and check["tiles_checked"] == result["tiles"]  # every tile
+    assert check["pixels_wrong"] == 0, check["first_wrong"]  # each tile has its own prediction's colour
+    assert check["background_ok"] and check["dimensions"] == [12_000, 9_000] and check["mpp"] == 0.25
+    assert result["peak_rss_mb"] > 0 and result["bytes"] > 0
 
 
 # --- tiles.geojson ----------------------------------------------------------------------------
