@@ -5,7 +5,7 @@
 A fresh subprocess builds a geometry-only slide (the ``SlideHandle`` duck type without pixels: the
 overlay never reads the slide) of ``width`` × ``height`` level-0 px at 0.25 µm/px, with about
 ``tiles`` tiles of 448 px (112 µm) filling a tissue ellipse on the regular grid and a smoothly
-varying sTIL% plus noise, then writes the overlay with ``weakstil.outputs.heatmap.heatmap_tiff`` and
+varying sTIL% plus noise, then writes the overlay with ``weakstil.outputs.overlay.heatmap_tiff`` and
 reports:
 
 - the write time (wall and CPU: on a busy machine the CPU time is the steadier figure), the file
@@ -41,7 +41,7 @@ def rss_mb(field="VmRSS"):
     return float("nan")
 
 args = json.loads(sys.argv[1])
-from weakstil.outputs import heatmap as hm
+from weakstil.outputs import colors, overlay
 
 class GeometrySlide:
     # the SlideHandle duck type, geometry only (heatmap_tiff never reads pixels)
@@ -65,11 +65,11 @@ smooth = 50 + 35 * np.sin(coords[:, 0] / W * 7) * np.cos(coords[:, 1] / H * 5)
 pred = np.clip(smooth + rng.normal(0, 8, len(coords)), 0, 100)
 import_base = rss_mb()
 import imagecodecs, tifffile  # what the writer imports, so that the reference holds the libraries
-hm.colormap_lut()  # matplotlib, for the colour map
+colors.colormap_lut()  # matplotlib, for the colour map
 base = rss_mb()
 cpu0 = resource.getrusage(resource.RUSAGE_SELF)
 t0 = time.perf_counter()
-path = hm.heatmap_tiff(slide, coords, size, pred, args["out"], workers=args["workers"])
+path = overlay.heatmap_tiff(slide, coords, size, pred, args["out"], workers=args["workers"])
 seconds = time.perf_counter() - t0
 cpu1 = resource.getrusage(resource.RUSAGE_SELF)
 cpu_seconds = cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime
@@ -83,7 +83,7 @@ picked = np.unique(np.linspace(0, len(coords) - 1, min(check_n, len(coords))).as
 wrong = []
 with openslide.OpenSlide(str(path)) as osr:
     for k in picked:
-        want = tuple(int(v) for v in hm.stil_rgb([pred[k]])[0])
+        want = tuple(int(v) for v in colors.stil_rgb([pred[k]])[0])
         x0, y0 = (int(v) for v in coords[k])
         # the centre and two points just inside opposite corners: colour and placement
         for x, y in ((x0 + int(size) // 2, y0 + int(size) // 2), (x0 + 2, y0 + 2),
@@ -95,9 +95,9 @@ with openslide.OpenSlide(str(path)) as osr:
              "mpp": float(osr.properties["openslide.mpp-x"]),
              "tiles_checked": int(len(picked)), "pixels_wrong": len(wrong), "first_wrong": wrong[:3],
              "background_ok": tuple(np.asarray(osr.read_region((0, 0), 0, (1, 1)))[0, 0, :3].tolist())
-             == hm.NO_PREDICTION_RGB}
+             == colors.NO_PREDICTION_RGB}
 print(json.dumps({"width": W, "height": H, "tiles": int(len(coords)), "seconds": seconds,
-                  "cpu_seconds": cpu_seconds, "threads": hm._encoder_threads(args["workers"]),
+                  "cpu_seconds": cpu_seconds, "threads": overlay._encoder_threads(args["workers"]),
                   "bytes": os.path.getsize(path), "pages": pages, "rss_before_mb": base,
                   "rss_before_imports_mb": import_base,
                   "peak_rss_mb": peak, "full_raster_mb": W * H * 3 / 2**20, "check": check}))

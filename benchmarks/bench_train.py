@@ -1,6 +1,6 @@
 """Train and Score cases.
 
-**Train**: 5-fold cross-validation (``weakstil.mil.train.cross_validate``, the default ``TrainConfig``:
+**Train**: 5-fold cross-validation (``weakstil.mil.cv.cross_validate``, the default ``TrainConfig``:
 gated attention, early stopping on validation R²) on synthetic bags with a planted signal, at several
 bag counts. Each run is a subprocess, so its peak RSS is its own. Each tile has a latent sTIL
 fraction and a stroma flag; its features are a fixed random projection of (fraction, stroma, noise)
@@ -68,7 +68,8 @@ def time_cv(n_bags: int, n_tiles: int, dim: int, *, max_epochs: int | None = Non
     """One ``cross_validate`` run in this process: seconds (bag generation not counted), R², epochs."""
     import resource
 
-    from weakstil.mil.train import TrainConfig, cross_validate
+    from weakstil.mil.cv import cross_validate
+    from weakstil.mil.fit import TrainConfig
 
     cfg = TrainConfig(accelerator=accelerator, n_boot=200,
                       **({"max_epochs": max_epochs, "patience": max_epochs} if max_epochs else {}))

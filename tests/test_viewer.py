@@ -20,11 +20,12 @@ import pytest
 from PIL import Image
 
 from weakstil.errors import ConfigError, WeakstilError
-from weakstil.outputs.heatmap import colormap_lut, layer_scale, stil_rgb, write_slide_outputs
-from weakstil.wsi.slide import open_slide
+from weakstil.outputs.colors import colormap_lut, layer_scale, stil_rgb
+from weakstil.outputs.heatmap import write_slide_outputs
 from weakstil.viewer import ViewerConfig, check_bind, create_app, running_server, serve
 from weakstil.viewer.app import OSD_DIR
 from weakstil.viewer.deepzoom import DeepZoomGeometry
+from weakstil.wsi.slide import open_slide
 
 pytest.importorskip("starlette")
 from starlette.testclient import TestClient  # noqa: E402
@@ -147,8 +148,8 @@ def test_label_column_is_optional(tmp_path, cohort):
 
 
 def test_scores_csv_is_reread_when_it_changes(tmp_path, cohort):
-    import shutil
     import os
+    import shutil
 
     results = tmp_path / "results"
     shutil.copytree(cohort["results"], results)

@@ -19,12 +19,11 @@ from typing import Iterator
 import numpy as np
 
 from weakstil.errors import WeakstilError
-from weakstil.wsi.reader import (  # noqa: F401
+from weakstil.wsi.reader import (
     Block,
     aligned_block,
     plan_blocks,
     read_block_tiles,
-    tile_offsets,
 )
 
 log = logging.getLogger(__name__)

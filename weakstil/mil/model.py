@@ -260,12 +260,12 @@ def check_fingerprint(model: TrainedModel | dict, cache_fp) -> None:
     """Refuse to score features that differ from the ones the model was trained on.
 
     ``cache_fp`` is a FeatureCache (``.encoder_fp``, ``.tiling_fp``) or a dict with keys
-    ``encoder`` and ``tiling``. Both sides are reduced with :func:`weakstil.embed.cache.identity`, the
+    ``encoder`` and ``tiling``. Both sides are reduced with :func:`weakstil.fingerprint.identity`, the
     rule the cache itself uses (the weights' source path is ignored when their sha256 is known;
     1 and 1.0 are equal), then every field is compared. Raises :class:`ModelMismatchError` naming
     each field that differs.
     """
-    from weakstil.embed.cache import identity
+    from weakstil.fingerprint import identity
 
     model_fp = model.fingerprint if isinstance(model, TrainedModel) else model
     if not isinstance(cache_fp, dict):

@@ -57,7 +57,7 @@ def encoder_from_fingerprint(encoder_fp: dict, weights: str | None = None, *, se
     ``weights`` overrides where the weights are read from (the file may have moved since training);
     they must still hash to the model's ``weights_sha256``.
     """
-    from weakstil.embed.cache import identity
+    from weakstil.fingerprint import identity
     from weakstil.embed.encoders import create_encoder
 
     name = encoder_fp.get("name")
