@@ -22,7 +22,7 @@ from weakstil import fs
 from weakstil.errors import ConfigError, HeatmapInputError, WeakstilError
 from weakstil.outputs import colors, geojson, overlay
 from weakstil.outputs import heatmap as hm
-from weakstil.outputs import tiles as otiles
+from weakstil.outputs import tiles as tiles_mod
 
 TILE = 448.0  # level-0 px: 112 µm at 0.25 µm/px
 
@@ -123,14 +123,14 @@ def test_colour_scale_is_fixed_0_to_100():
     ((1, 4, 16), 100, 2), ((1, 3.9943, 15.9957), 4.0, 1), ((1, 3.9943, 15.9957), 16, 2),
 ])
 def test_level_for_downsample(downsamples, target, level):
-    assert otiles.level_for_downsample(downsamples, target) == level
+    assert tiles_mod.level_for_downsample(downsamples, target) == level
 
 
 # --- tiles.csv --------------------------------------------------------------------------------
 def test_tiles_csv_columns_and_units(tmp_path, tiles):
     coords, pred, attention, contribution = tiles
     size = 443.4  # non-integer tile edge: written rounded, in level-0 px
-    path = otiles.write_tiles_csv(tmp_path / "tiles.csv", coords, size, pred, attention, contribution)
+    path = tiles_mod.write_tiles_csv(tmp_path / "tiles.csv", coords, size, pred, attention, contribution)
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == ["x", "y", "width", "height", "prediction", "attention", "contribution"]
@@ -470,27 +470,27 @@ def test_geojson_cutoff_is_a_parameter(tmp_path, tiles):
 # --- top_tiles.png ----------------------------------------------------------------------------
 def test_top_tiles_grid(tmp_path, slide, tiles):
     coords, pred, attention, _ = tiles
-    path = otiles.top_tiles_png(slide, coords, TILE, pred, tmp_path / "top.png", k=3, attention=attention)
-    tile_px = otiles.review_tile_px(TILE, slide.mpp)
+    path = tiles_mod.top_tiles_png(slide, coords, TILE, pred, tmp_path / "top.png", k=3, attention=attention)
+    tile_px = tiles_mod.review_tile_px(TILE, slide.mpp)
     assert tile_px == 224  # 112 µm at 0.5 µm/px
     image = np.asarray(Image.open(path).convert("RGB"))
-    assert image.shape[:2] == otiles.top_tiles_size(3, tile_px)[::-1]
+    assert image.shape[:2] == tiles_mod.top_tiles_size(3, tile_px)[::-1]
     # read at level 0 (downsample 2 wanted; levels are 1, 4, 16) as 448 px, resized to 224
     assert {read for read in slide.reads} == {(0, (448, 448))}
     # first cell of the top row: the 95 % tile; first cell of the bottom row: the 0 % tile
-    x0 = otiles._PAD + tile_px // 2
+    x0 = tiles_mod._PAD + tile_px // 2
     for row, i in ((0, 0), (1, 10)):
-        y0 = otiles._HEAD + row * (tile_px + otiles._LABEL + otiles._PAD) + otiles._LABEL + tile_px // 2
+        y0 = tiles_mod._HEAD + row * (tile_px + tiles_mod._LABEL + tiles_mod._PAD) + tiles_mod._LABEL + tile_px // 2
         cx, cy = np.asarray(coords[i]) // int(TILE)
         assert np.abs(image[y0, x0].astype(int) - FakeSlide.cell_rgb(cx, cy)).max() <= 2
 
 
 def test_top_tiles_with_few_tiles_and_none(tmp_path, slide):
     coords = grid(slide)[:3]
-    path = otiles.top_tiles_png(slide, coords, TILE, [10.0, 20.0, np.nan], tmp_path / "top.png", k=8)
-    assert Image.open(path).size == otiles.top_tiles_size(8, 224)
+    path = tiles_mod.top_tiles_png(slide, coords, TILE, [10.0, 20.0, np.nan], tmp_path / "top.png", k=8)
+    assert Image.open(path).size == tiles_mod.top_tiles_size(8, 224)
     with pytest.raises(HeatmapInputError, match="no tile has a prediction"):
-        otiles.top_tiles_png(slide, coords, TILE, [np.nan] * 3, tmp_path / "none.png")
+        tiles_mod.top_tiles_png(slide, coords, TILE, [np.nan] * 3, tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
 
 
@@ -551,7 +551,7 @@ def test_real_slide_end_to_end(tmp_path, tiny_slide):
         x, y = centre(coords[7], 224.0)
         got = np.asarray(osr.read_region((int(x), int(y)), 0, (1, 1)))[0, 0, :3]
         assert tuple(got) == tuple(colors.stil_rgb([pred[7]])[0])
-    assert Image.open(paths["top"]).size == otiles.top_tiles_size(8, 112)  # 56 µm tiles at 0.5 µm/px
+    assert Image.open(paths["top"]).size == tiles_mod.top_tiles_size(8, 112)  # 56 µm tiles at 0.5 µm/px
     png = Image.open(paths["png"])
     assert png.size[0] > png.size[1]  # 2 × 2 panels of a landscape slide
     assert len(json.loads(paths["geojson"].read_text())["features"]) == len(coords)
