@@ -162,3 +162,23 @@ def test_fit_one_shows_epochs_in_the_display_not_lightnings_bar(capsys):
     lines = log_lines(capsys.readouterr().err)
     assert [line.split(",")[0] for line in lines] == ["epochs: 1/2 epochs", "epochs: 2/2 epochs"]
     assert all("val R²" in line for line in lines)
+
+
+def test_cross_validation_writes_one_short_line_per_fold_into_a_log(capsys):
+    """What `weakstil train > log` shows (the slow test above runs the command itself)."""
+    import numpy as np
+    import pandas as pd
+
+    from weakstil.mil.cv import cross_validate
+    from weakstil.mil.fit import TrainConfig
+
+    rng = np.random.default_rng(0)
+    ids = [f"S{i}" for i in range(12)]
+    table = pd.DataFrame({"slide_id": ids, "patient_id": [f"P{i}" for i in range(12)],
+                          "stil": np.linspace(5, 90, 12)})
+    bags = {s: rng.normal(size=(6, 4)).astype(np.float32) for s in ids}
+    cfg = TrainConfig(hidden=8, max_epochs=2, patience=5, n_folds=3, n_boot=10, accelerator="cpu")
+    cross_validate(bags, table, cfg, progress=True)
+    lines = log_lines(capsys.readouterr().err)
+    assert [line.split(",")[0] for line in lines] == [f"cross-validation: {k}/3 folds" for k in (1, 2, 3)]
+    assert all("epoch 2 val R²" in line for line in lines)
