@@ -3,7 +3,7 @@
 Writes ``cache_slides`` slide groups of ``cache_tiles`` × 512 float16 random features through
 ``slide_writer`` (in 256-row batches, as extraction hands them over), then reads them back with
 ``FeatureCache.read`` (which checks shape, dtype and finiteness). The bag load time is ``read`` plus
-the float32 conversion training does (:func:`weakstil.mil.train.load_bags`). The reference for both rates
+the float32 conversion training does (:func:`weakstil.mil.fit.load_bags`). The reference for both rates
 is ``numpy.save``/``numpy.load`` of the same bytes to the same disk (uncompressed, no checks).
 """
 
@@ -23,7 +23,7 @@ BATCH_ROWS = 256
 
 def run(mode, device: str = "cpu") -> list[Row]:
     from weakstil.embed.cache import FeatureCache
-    from weakstil.mil.train import load_bags
+    from weakstil.mil.fit import load_bags
 
     rng = np.random.default_rng(0)
     n, slides = mode.cache_tiles, mode.cache_slides

@@ -5,7 +5,7 @@
 A fresh subprocess builds a geometry-only slide (the ``SlideHandle`` duck type without pixels: the
 overlay never reads the slide) of ``width`` × ``height`` level-0 px at 0.25 µm/px, with about
 ``tiles`` tiles of 448 px (112 µm) filling a tissue ellipse on the regular grid and a smoothly
-varying sTIL% plus noise, then writes the overlay with ``weakstil.outputs.heatmap.heatmap_tiff`` and
+varying sTIL% plus noise, then writes the overlay with ``weakstil.outputs.overlay.heatmap_tiff`` and
 reports:
 
 - the write time (wall and CPU: on a busy machine the CPU time is the steadier figure), the file
@@ -13,8 +13,9 @@ reports:
 - the peak RSS of the process (``ru_maxrss``) and, as the reference, its RSS just before writing
   (Python, numpy, matplotlib, tifffile, imagecodecs and the tile arrays): the difference is what the
   writer itself needs, against the ``width × height × 3`` bytes a full-size RGB raster would take;
-- a check that OpenSlide opens the file with the slide's dimensions and mpp and that the centre of a
-  known tile has that tile's colour.
+- a check that OpenSlide opens the file with the slide's dimensions and mpp, and that an even
+  sample of ``check_tiles`` tiles (all of them in the tests) has each tile's own sTIL% colour at its
+  centre and just inside two opposite corners (``pixels_wrong`` counts those that do not).
 
 Nothing is asserted on time: the figures depend on the machine; read them.
 """
@@ -40,7 +41,7 @@ def rss_mb(field="VmRSS"):
     return float("nan")
 
 args = json.loads(sys.argv[1])
-from weakstil.outputs import heatmap as hm
+from weakstil.outputs import colors, overlay
 
 class GeometrySlide:
     # the SlideHandle duck type, geometry only (heatmap_tiff never reads pixels)
@@ -64,11 +65,11 @@ smooth = 50 + 35 * np.sin(coords[:, 0] / W * 7) * np.cos(coords[:, 1] / H * 5)
 pred = np.clip(smooth + rng.normal(0, 8, len(coords)), 0, 100)
 import_base = rss_mb()
 import imagecodecs, tifffile  # what the writer imports, so that the reference holds the libraries
-hm.colormap_lut()  # matplotlib, for the colour map
+colors.colormap_lut()  # matplotlib, for the colour map
 base = rss_mb()
 cpu0 = resource.getrusage(resource.RUSAGE_SELF)
 t0 = time.perf_counter()
-path = hm.heatmap_tiff(slide, coords, size, pred, args["out"], workers=args["workers"])
+path = overlay.heatmap_tiff(slide, coords, size, pred, args["out"], workers=args["workers"])
 seconds = time.perf_counter() - t0
 cpu1 = resource.getrusage(resource.RUSAGE_SELF)
 cpu_seconds = cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime
@@ -76,22 +77,27 @@ peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 import tifffile
 with tifffile.TiffFile(path) as tif:
     pages = [(p.shape[1], p.shape[0], len(p.dataoffsets), len(set(p.dataoffsets))) for p in tif.pages]
-check = {}
-try:
-    import openslide
-    k = len(coords) // 2
-    with openslide.OpenSlide(str(path)) as osr:
-        x, y = (int(v + size / 2) for v in coords[k])
-        got = tuple(int(v) for v in np.asarray(osr.read_region((x, y), 0, (1, 1)))[0, 0, :3])
-        check = {"dimensions": list(osr.dimensions), "levels": [list(d) for d in osr.level_dimensions],
-                 "mpp": float(osr.properties["openslide.mpp-x"]),
-                 "pixel_ok": got == tuple(int(v) for v in hm.stil_rgb([pred[k]])[0]),
-                 "background_ok": tuple(np.asarray(osr.read_region((0, 0), 0, (1, 1)))[0, 0, :3].tolist())
-                 == hm.NO_PREDICTION_RGB}
-except ImportError:
-    check = {"openslide": "not installed"}
+import openslide
+check_n = int(args.get("check_tiles", 2000))  # tiles whose pixels are compared (an even sample)
+picked = np.unique(np.linspace(0, len(coords) - 1, min(check_n, len(coords))).astype(int))
+wrong = []
+with openslide.OpenSlide(str(path)) as osr:
+    for k in picked:
+        want = tuple(int(v) for v in colors.stil_rgb([pred[k]])[0])
+        x0, y0 = (int(v) for v in coords[k])
+        # the centre and two points just inside opposite corners: colour and placement
+        for x, y in ((x0 + int(size) // 2, y0 + int(size) // 2), (x0 + 2, y0 + 2),
+                     (x0 + int(size) - 3, y0 + int(size) - 3)):
+            got = tuple(int(v) for v in np.asarray(osr.read_region((x, y), 0, (1, 1)))[0, 0, :3])
+            if got != want:
+                wrong.append({"tile": int(k), "xy_l0": [x, y], "got": got, "want": want})
+    check = {"dimensions": list(osr.dimensions), "levels": [list(d) for d in osr.level_dimensions],
+             "mpp": float(osr.properties["openslide.mpp-x"]),
+             "tiles_checked": int(len(picked)), "pixels_wrong": len(wrong), "first_wrong": wrong[:3],
+             "background_ok": tuple(np.asarray(osr.read_region((0, 0), 0, (1, 1)))[0, 0, :3].tolist())
+             == colors.NO_PREDICTION_RGB}
 print(json.dumps({"width": W, "height": H, "tiles": int(len(coords)), "seconds": seconds,
-                  "cpu_seconds": cpu_seconds, "threads": hm._encoder_threads(args["workers"]),
+                  "cpu_seconds": cpu_seconds, "threads": overlay._encoder_threads(args["workers"]),
                   "bytes": os.path.getsize(path), "pages": pages, "rss_before_mb": base,
                   "rss_before_imports_mb": import_base,
                   "peak_rss_mb": peak, "full_raster_mb": W * H * 3 / 2**20, "check": check}))
@@ -99,11 +105,12 @@ print(json.dumps({"width": W, "height": H, "tiles": int(len(coords)), "seconds":
 
 
 def run(width: int = 100_000, height: int = 80_000, tiles: int = 25_000, workers: int | None = None,
-        out: Path | None = None) -> dict:
+        out: Path | None = None, check_tiles: int = 2000) -> dict:
     """Run the case in a fresh interpreter; return its figures (see the module docstring)."""
     with tempfile.TemporaryDirectory(prefix="bench-overlay-") as tmp:
         target = Path(out) if out is not None else Path(tmp) / "heatmap.tif"
-        args = {"width": width, "height": height, "tiles": tiles, "workers": workers, "out": str(target)}
+        args = {"width": width, "height": height, "tiles": tiles, "workers": workers, "out": str(target),
+                "check_tiles": check_tiles}
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                             os.environ.get("PYTHONPATH", "")])}
         proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True,

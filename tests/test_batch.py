@@ -211,11 +211,6 @@ def test_two_processes_share_a_folder_without_doing_work_twice(tmp_path):
     assert list((tmp_path / "locks").iterdir()) == []
 
 
-def test_progress_bar_runs(capsys):
-    outcomes = run_batch(["a", "b"], lambda item: None, progress=True, desc="score")
-    assert [o.status for o in outcomes] == ["done", "done"]
-
-
 def test_on_outcome_sees_each_outcome_as_it_comes():
     seen = []
     run_batch(["a", "b"], lambda item: None, progress=False, on_outcome=seen.append)

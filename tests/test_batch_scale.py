@@ -300,12 +300,13 @@ def test_an_unwritable_results_folder_stops_before_any_work(cohort, tmp_path, mo
 
 def test_a_full_disk_stops_the_run_and_leaves_no_half_written_slide(cohort, tmp_path, monkeypatch):
     import weakstil.outputs.heatmap as heatmap
+    from weakstil.fs import atomic_path
 
     calls = []
 
     def heatmap_tiff(slide, coords_l0, size_l0, prediction, path, **kwargs):
         calls.append(path)
-        with heatmap.atomic_path(path) as tmp:
+        with atomic_path(path) as tmp:
             tmp.write_bytes(b"II*\x00" + b"\x00" * 1000)  # a partial file, then the disk is full
             raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
 

@@ -37,7 +37,7 @@ def test_parallel_folds_train_what_sequential_folds_do():
     sys.path.insert(0, str(ROOT / "tests"))
     from test_train import FAST, make_cohort
 
-    from weakstil.mil.train import cross_validate, fold_parallelism
+    from weakstil.mil.cv import cross_validate, fold_parallelism
 
     bags, table = make_cohort(n_slides=20, n_tiles=24)
     cfg = replace(FAST, max_epochs=4, patience=4, n_boot=50)

@@ -18,7 +18,9 @@ import pytest
 import torch
 import torchvision
 
+from weakstil import fingerprint
 from weakstil.embed import encoders as enc
+from weakstil.embed import weights
 from weakstil.embed.encoders import (
     EncoderSpec,
     create_encoder,
@@ -178,14 +180,14 @@ def test_retccl_layout_loads_every_backbone_tensor(tmp_path):
     _assert_same_features(y, y_ref)
     assert not torch.allclose(y, y_random)
     fp = e.fingerprint()
-    assert fp["weights"] == f"file:{path}" and fp["weights_sha256"] == enc.file_sha256(path)
+    assert fp["weights"] == f"file:{path}" and fp["weights_sha256"] == fingerprint.file_sha256(path)
 
 
 def test_retccl_key_mapper_tolerates_dataparallel_and_heads():
     t = torch.zeros(1)
     state = {"module.conv1.weight": t, "module.layer1.0.bn1.bias": t, "module.fc.weight": t,
              "module.instDis.weight": t, "groupDis.bias": t}
-    assert set(enc.retccl_keys(state)) == {"conv1.weight", "layer1.0.bn1.bias"}
+    assert set(weights.retccl_keys(state)) == {"conv1.weight", "layer1.0.bn1.bias"}
 
 
 def _ciga_checkpoint(reference: torch.nn.Module, **extra) -> dict:
@@ -272,7 +274,7 @@ def test_read_checkpoint_formats(tmp_path, fmt):
         save_file(state, str(path))
     else:
         torch.save(state if fmt == "plain" else {fmt: state, "epoch": 3, "note": "x"}, path)
-    loaded = enc.read_checkpoint(path)
+    loaded = weights.read_checkpoint(path)
     assert set(loaded) == set(state) and all(torch.equal(loaded[k], v) for k, v in state.items())
 
 

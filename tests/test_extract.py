@@ -127,8 +127,7 @@ def test_extract_fills_the_cache_and_a_rerun_skips_every_slide(first_extract, co
 
     ratio = first_extract["t_second"] / first_extract["t_first"]
     print(f"\nextract first run {first_extract['t_first']:.2f} s, rerun {first_extract['t_second']:.2f} s, "
-          f"ratio {ratio:.3f} (in-process; acceptance < 0.1)")
-    assert ratio < 0.5
+          f"ratio {ratio:.3f} (in-process; acceptance < 0.1; a figure, not a test: see benchmarks/)")
 
 
 def test_extract_saves_its_resolved_config(first_extract):

@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from weakstil import fs
 from weakstil.errors import ConfigError, HeatmapInputError, WeakstilError
+from weakstil.outputs import colors, geojson, overlay
 from weakstil.outputs import heatmap as hm
 from weakstil.outputs import tiles as tiles_mod
 
@@ -100,20 +102,20 @@ def luminance(rgb):
 ])
 def test_bad_tile_arrays_are_typed_errors(coords, size, pred, words):
     with pytest.raises(HeatmapInputError, match=re.escape(words)) as info:
-        hm.check_tiles(coords, size, pred)
+        colors.check_tiles(coords, size, pred)
     assert isinstance(info.value, ValueError) and isinstance(info.value, WeakstilError)
     assert "0-100" in info.value.fix
 
 
 def test_colour_scale_is_fixed_0_to_100():
-    lut = hm.colormap_lut("viridis")
-    assert np.array_equal(hm.stil_rgb([0, 50, 100]), lut[[0, 128, 255]])
+    lut = colors.colormap_lut("viridis")
+    assert np.array_equal(colors.stil_rgb([0, 50, 100]), lut[[0, 128, 255]])
     # the colour of a value does not depend on the other values (no min-max normalisation)
-    assert np.array_equal(hm.stil_rgb([10, 20, 30])[1], hm.stil_rgb([20, 90])[0])
-    assert tuple(hm.stil_rgb([np.nan])[0]) == hm.NO_PREDICTION_RGB
-    assert luminance(hm.stil_rgb([90])[0]) > luminance(hm.stil_rgb([10])[0])  # viridis gets lighter
+    assert np.array_equal(colors.stil_rgb([10, 20, 30])[1], colors.stil_rgb([20, 90])[0])
+    assert tuple(colors.stil_rgb([np.nan])[0]) == colors.NO_PREDICTION_RGB
+    assert luminance(colors.stil_rgb([90])[0]) > luminance(colors.stil_rgb([10])[0])  # viridis gets lighter
     with pytest.raises(ConfigError, match="colormap"):
-        hm.colormap_lut("no-such-map")
+        colors.colormap_lut("no-such-map")
 
 
 @pytest.mark.parametrize("downsamples, target, level", [
@@ -121,14 +123,14 @@ def test_colour_scale_is_fixed_0_to_100():
     ((1, 4, 16), 100, 2), ((1, 3.9943, 15.9957), 4.0, 1), ((1, 3.9943, 15.9957), 16, 2),
 ])
 def test_level_for_downsample(downsamples, target, level):
-    assert hm.level_for_downsample(downsamples, target) == level
+    assert tiles_mod.level_for_downsample(downsamples, target) == level
 
 
 # --- tiles.csv --------------------------------------------------------------------------------
 def test_tiles_csv_columns_and_units(tmp_path, tiles):
     coords, pred, attention, contribution = tiles
     size = 443.4  # non-integer tile edge: written rounded, in level-0 px
-    path = hm.write_tiles_csv(tmp_path / "tiles.csv", coords, size, pred, attention, contribution)
+    path = tiles_mod.write_tiles_csv(tmp_path / "tiles.csv", coords, size, pred, attention, contribution)
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == ["x", "y", "width", "height", "prediction", "attention", "contribution"]
@@ -182,10 +184,10 @@ def test_png_layers_follow_their_fixed_scales(tmp_path, slide, tiles, with_atten
         if np.isnan(pred[i]):
             assert np.array_equal(got, under)  # plain thumbnail where there is no prediction
         else:
-            expected = (1 - alpha) * under + alpha * hm.stil_rgb([pred[i]])[0]
+            expected = (1 - alpha) * under + alpha * colors.stil_rgb([pred[i]])[0]
             assert np.abs(got - expected).max() <= 1, i
         for name in extra:
-            expected = (1 - alpha) * under + alpha * hm.LAYERS[name].rgb(extra[name], n)[i]
+            expected = (1 - alpha) * under + alpha * colors.LAYERS[name].rgb(extra[name], n)[i]
             assert np.abs(png_pixel(image, layout, xy, slide, name) - expected).max() <= 1, (name, i)
     # background (no tile) is left clear in every panel: the thumbnail shows through uncoloured
     for panel in panels:
@@ -211,7 +213,7 @@ def test_png_same_value_same_colour_on_slides_with_different_ranges(tmp_path):
 
 
 def test_attention_and_contribution_scales_are_relative_to_uniform():
-    att, con = hm.LAYERS["attention"], hm.LAYERS["contribution"]
+    att, con = colors.LAYERS["attention"], colors.LAYERS["contribution"]
     # uniform attention is 1× (the middle of the log scale) whatever the number of tiles
     for n in (3, 12, 25_000):
         assert att.shown(np.full(n, 1 / n)) == pytest.approx(np.ones(n))
@@ -223,11 +225,11 @@ def test_attention_and_contribution_scales_are_relative_to_uniform():
     shown = con.shown(pred / 4)
     assert shown == pytest.approx(pred)
     assert con.position(shown) == pytest.approx([0.0, 1 / 3, 2 / 3, 0.0])
-    assert tuple(att.rgb([np.nan, 0.5, 0.5])[0]) == hm.NO_PREDICTION_RGB
+    assert tuple(att.rgb([np.nan, 0.5, 0.5])[0]) == colors.NO_PREDICTION_RGB
     # the same relative attention has the same colour on a slide with other values
     assert np.array_equal(att.rgb([0.1, 0.2, 0.7])[1], att.rgb([0.2, 0.2, 0.3, 0.3], 3)[0])
     with pytest.raises(ConfigError, match="layer"):
-        hm.layer_scale("nope")
+        colors.layer_scale("nope")
 
 
 def test_png_title_and_legends_present(slide, tiles):
@@ -241,14 +243,14 @@ def test_png_title_and_legends_present(slide, tiles):
     # the sTIL% bar runs from the colour of 0 (bottom) to the colour of 100 (top), linearly
     for value in (5, 30, 50, 95):
         pixel = image[round(by + (1 - value / 100) * bh), bx + bw // 2].astype(int)
-        assert np.abs(pixel - hm.stil_rgb([value])[0]).max() <= 4, value
+        assert np.abs(pixel - colors.stil_rgb([value])[0]).max() <= 4, value
     # the score is a red line across the sTIL% bar at 42
     line = image[round(by + (1 - 42 / 100) * bh), bx + bw // 2].astype(int)
     assert line[0] > 200 and line[1] < 60 and line[2] < 60
     # attention and contribution bars: 1× (uniform) and 10^1.5 points sit in the middle (log scales)
     for panel, middle in (("attention", 1.0), ("contribution", 10 ** 1.5)):
         x, y, w, h = layout.colorbars_xywh[layout.panels.index(panel)]
-        scale = hm.LAYERS[panel]
+        scale = colors.LAYERS[panel]
         pixel = image[y + h // 2, x + w // 2].astype(int)
         assert np.abs(pixel - scale.rgb([middle], 1)[0]).max() <= 6, panel
     assert layout.colorbars_xywh[layout.panels.index("he")] is None
@@ -275,16 +277,16 @@ def test_png_layout_one_row_for_two_panels_or_a_portrait_slide():
 def expected_level(slide, coords, size, pred, level_wh, ds):
     """What level ``ds`` of the overlay must hold: tiles painted at that scale over white."""
     canvas = np.empty((level_wh[1], level_wh[0], 3), np.uint8)
-    canvas[:] = hm.NO_PREDICTION_RGB
+    canvas[:] = colors.NO_PREDICTION_RGB
     has = np.isfinite(pred)
-    return hm.paint_tiles(canvas, np.asarray(coords)[has], size, hm.stil_rgb(np.asarray(pred)[has]),
+    return colors.paint_tiles(canvas, np.asarray(coords)[has], size, colors.stil_rgb(np.asarray(pred)[has]),
                           downsample_xy=(ds, ds))
 
 
 @pytest.fixture
 def overlay_path(tmp_path, slide, tiles):
     coords, pred, _, _ = tiles
-    return hm.heatmap_tiff(slide, coords, TILE, pred, tmp_path / "heatmap.tif")
+    return overlay.heatmap_tiff(slide, coords, TILE, pred, tmp_path / "heatmap.tif")
 
 
 def test_tiff_opens_in_openslide_with_the_slide_geometry(overlay_path, slide, tiles):
@@ -300,7 +302,7 @@ def test_tiff_opens_in_openslide_with_the_slide_geometry(overlay_path, slide, ti
             x, y = (int(v) for v in coords[i])
             for px, py in ((x + 224, y + 224), (x, y), (x + 447, y + 447)):
                 rgba = np.asarray(osr.read_region((px, py), 0, (1, 1)))[0, 0]
-                assert tuple(rgba) == (*hm.stil_rgb([pred[i]])[0], 255), (i, px, py)  # lossless: exact
+                assert tuple(rgba) == (*colors.stil_rgb([pred[i]])[0], 255), (i, px, py)  # lossless: exact
         outside = np.asarray(osr.read_region((int(OUTSIDE[0]), int(OUTSIDE[1])), 0, (1, 1)))[0, 0]
         assert tuple(outside) == (255, 255, 255, 255)  # no tile: white
         # every pixel of every level, exactly
@@ -327,13 +329,13 @@ def test_tiff_edges_are_exact_with_a_fractional_tile_size(tmp_path):
     starts = np.floor(np.arange(5) * size).astype(int)
     coords = np.array([(x, y) for y in starts[:2] for x in starts])
     pred = np.linspace(0, 100, len(coords))
-    path = hm.heatmap_tiff(slide, coords, size, pred, tmp_path / "f.tif")
+    path = overlay.heatmap_tiff(slide, coords, size, pred, tmp_path / "f.tif")
     with openslide.OpenSlide(str(path)) as osr:
         got = np.asarray(osr.read_region((0, 0), 0, slide.dimensions))[..., :3]
     assert np.array_equal(got, expected_level(slide, coords, size, pred, slide.dimensions, 1.0))
     # tile 1 starts at x = 443: pixel 442 is tile 0's, pixel 443 tile 1's
-    assert tuple(got[10, 442]) == tuple(hm.stil_rgb([pred[0]])[0])
-    assert tuple(got[10, 443]) == tuple(hm.stil_rgb([pred[1]])[0])
+    assert tuple(got[10, 442]) == tuple(colors.stil_rgb([pred[0]])[0])
+    assert tuple(got[10, 443]) == tuple(colors.stil_rgb([pred[1]])[0])
 
 
 def test_tiff_pyramid_on_a_large_slide(tmp_path):
@@ -344,18 +346,18 @@ def test_tiff_pyramid_on_a_large_slide(tmp_path):
     slide = FakeSlide(60_000, 40_000)  # geometry only: the overlay never reads slide pixels
     coords = np.array([[0, 0], [30_000, 20_000], [59_000, 39_000], [30_448, 20_000]])
     pred = [100.0, 50.0, 0.0, np.nan]
-    path = hm.heatmap_tiff(slide, coords, 1000.0, pred, tmp_path / "big.tif")
+    path = overlay.heatmap_tiff(slide, coords, 1000.0, pred, tmp_path / "big.tif")
     sizes = ((60_000, 40_000), (15_000, 10_000), (3_750, 2_500), (938, 625))
-    assert tuple(hm.overlay_level_sizes(60_000, 40_000)) == sizes
+    assert tuple(overlay.overlay_level_sizes(60_000, 40_000)) == sizes
     with openslide.OpenSlide(str(path)) as osr:
         assert osr.dimensions == (60_000, 40_000) and osr.level_dimensions == sizes
         for (x, y), value in zip(coords[:3], pred):
             for level in range(4):  # read_region takes level-0 coordinates at every level
                 rgba = np.asarray(osr.read_region((int(x + 500), int(y + 500)), level, (1, 1)))[0, 0]
-                assert tuple(rgba[:3]) == tuple(hm.stil_rgb([value])[0]), (x, level)
+                assert tuple(rgba[:3]) == tuple(colors.stil_rgb([value])[0]), (x, level)
         # a tile without a prediction is not drawn: white, like the background
         assert tuple(np.asarray(osr.read_region((30_948 + 300, 20_500), 0, (1, 1)))[0, 0, :3]) == (255, 255, 255)
-        assert tuple(np.asarray(osr.read_region((10_000, 100), 0, (1, 1)))[0, 0, :3]) == hm.NO_PREDICTION_RGB
+        assert tuple(np.asarray(osr.read_region((10_000, 100), 0, (1, 1)))[0, 0, :3]) == colors.NO_PREDICTION_RGB
     with tiffslide.TiffSlide(path) as ts:
         assert ts.level_dimensions == sizes
     with tifffile.TiffFile(path) as tif:
@@ -369,7 +371,7 @@ def test_tiff_pyramid_on_a_large_slide(tmp_path):
 
 
 def test_tiff_of_a_slide_without_predictions_is_white(tmp_path, slide):
-    path = hm.heatmap_tiff(slide, np.zeros((0, 2)), TILE, [], tmp_path / "empty.tif")
+    path = overlay.heatmap_tiff(slide, np.zeros((0, 2)), TILE, [], tmp_path / "empty.tif")
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
@@ -380,15 +382,18 @@ def test_overlay_benchmark_runs(monkeypatch):
     """The bounded-memory case (``python -m benchmarks.bench_overlay``), here at a small size."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
     bench = pytest.importorskip("benchmarks.bench_overlay")
-    result = bench.run(width=12_000, height=9_000, tiles=300, workers=1)
-    assert result["check"].get("pixel_ok") is not False and result["check"].get("background_ok") is not False
-    assert result["tiles"] > 200 and result["peak_rss_mb"] > 0 and result["bytes"] > 0
+    result = bench.run(width=12_000, height=9_000, tiles=300, workers=1, check_tiles=10_000)
+    check = result["check"]
+    assert result["tiles"] > 200 and check["tiles_checked"] == result["tiles"]  # every tile
+    assert check["pixels_wrong"] == 0, check["first_wrong"]  # each tile has its own prediction's colour
+    assert check["background_ok"] and check["dimensions"] == [12_000, 9_000] and check["mpp"] == 0.25
+    assert result["peak_rss_mb"] > 0 and result["bytes"] > 0
 
 
 # --- tiles.geojson ----------------------------------------------------------------------------
 def test_geojson_is_a_qupath_feature_collection(tmp_path, tiles):
     coords, pred, attention, contribution = tiles
-    path = hm.tiles_geojson(tmp_path / "tiles.geojson", coords, TILE, pred, attention, slide_id="s1",
+    path = geojson.tiles_geojson(tmp_path / "tiles.geojson", coords, TILE, pred, attention, slide_id="s1",
                             contribution=contribution)
 
     def no_nan(name):
@@ -416,7 +421,7 @@ def test_geojson_is_a_qupath_feature_collection(tmp_path, tiles):
         assert measurements["sTIL %"] == pytest.approx(value)
         assert props["classification"]["name"] == ("sTIL high" if value >= 30 else "sTIL low")
         assert len(props["classification"]["color"]) == 3
-        assert props["color"] == hm.stil_rgb([value])[0].tolist()
+        assert props["color"] == colors.stil_rgb([value])[0].tolist()
     assert len({f["id"] for f in features}) == len(features)
 
 
@@ -457,7 +462,7 @@ def test_geojson_polygons_match_tiles_csv(tmp_path, slide, tiles, size):
 
 def test_geojson_cutoff_is_a_parameter(tmp_path, tiles):
     coords, pred, attention, _ = tiles
-    collection = hm.tiles_feature_collection(coords, TILE, pred, attention, slide_id="s1", cutoff=50)
+    collection = geojson.tiles_feature_collection(coords, TILE, pred, attention, slide_id="s1", cutoff=50)
     names = [f["properties"].get("classification", {}).get("name") for f in collection["features"]]
     assert names[:5] == ["sTIL high", "sTIL high", "sTIL high", "sTIL high", "sTIL low"]
 
@@ -465,11 +470,11 @@ def test_geojson_cutoff_is_a_parameter(tmp_path, tiles):
 # --- top_tiles.png ----------------------------------------------------------------------------
 def test_top_tiles_grid(tmp_path, slide, tiles):
     coords, pred, attention, _ = tiles
-    path = hm.top_tiles_png(slide, coords, TILE, pred, tmp_path / "top.png", k=3, attention=attention)
-    tile_px = hm.review_tile_px(TILE, slide.mpp)
+    path = tiles_mod.top_tiles_png(slide, coords, TILE, pred, tmp_path / "top.png", k=3, attention=attention)
+    tile_px = tiles_mod.review_tile_px(TILE, slide.mpp)
     assert tile_px == 224  # 112 µm at 0.5 µm/px
     image = np.asarray(Image.open(path).convert("RGB"))
-    assert image.shape[:2] == hm.top_tiles_size(3, tile_px)[::-1]
+    assert image.shape[:2] == tiles_mod.top_tiles_size(3, tile_px)[::-1]
     # read at level 0 (downsample 2 wanted; levels are 1, 4, 16) as 448 px, resized to 224
     assert {read for read in slide.reads} == {(0, (448, 448))}
     # first cell of the top row: the 95 % tile; first cell of the bottom row: the 0 % tile
@@ -482,10 +487,10 @@ def test_top_tiles_grid(tmp_path, slide, tiles):
 
 def test_top_tiles_with_few_tiles_and_none(tmp_path, slide):
     coords = grid(slide)[:3]
-    path = hm.top_tiles_png(slide, coords, TILE, [10.0, 20.0, np.nan], tmp_path / "top.png", k=8)
-    assert Image.open(path).size == hm.top_tiles_size(8, 224)
+    path = tiles_mod.top_tiles_png(slide, coords, TILE, [10.0, 20.0, np.nan], tmp_path / "top.png", k=8)
+    assert Image.open(path).size == tiles_mod.top_tiles_size(8, 224)
     with pytest.raises(HeatmapInputError, match="no tile has a prediction"):
-        hm.top_tiles_png(slide, coords, TILE, [np.nan] * 3, tmp_path / "none.png")
+        tiles_mod.top_tiles_png(slide, coords, TILE, [np.nan] * 3, tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
 
 
@@ -513,7 +518,7 @@ def test_failed_write_leaves_no_partial_file_and_keeps_the_old_one(tmp_path):
     target = tmp_path / "tiles.csv"
     target.write_text("old")
     with pytest.raises(RuntimeError):
-        with hm.atomic_path(target) as tmp:
+        with fs.atomic_path(target) as tmp:
             tmp.write_text("half")
             raise RuntimeError("interrupted")
     assert target.read_text() == "old"
@@ -545,8 +550,8 @@ def test_real_slide_end_to_end(tmp_path, tiny_slide):
         assert osr.properties["openslide.mpp-x"] == original.properties["openslide.mpp-x"]
         x, y = centre(coords[7], 224.0)
         got = np.asarray(osr.read_region((int(x), int(y)), 0, (1, 1)))[0, 0, :3]
-        assert tuple(got) == tuple(hm.stil_rgb([pred[7]])[0])
-    assert Image.open(paths["top"]).size == hm.top_tiles_size(8, 112)  # 56 µm tiles at 0.5 µm/px
+        assert tuple(got) == tuple(colors.stil_rgb([pred[7]])[0])
+    assert Image.open(paths["top"]).size == tiles_mod.top_tiles_size(8, 112)  # 56 µm tiles at 0.5 µm/px
     png = Image.open(paths["png"])
     assert png.size[0] > png.size[1]  # 2 × 2 panels of a landscape slide
     assert len(json.loads(paths["geojson"].read_text())["features"]) == len(coords)

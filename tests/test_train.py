@@ -16,19 +16,17 @@ import pytest
 import yaml
 
 from weakstil.errors import ConfigError, EmptyBagError, LabelsError, ModelExistsError
-from weakstil.mil.labels import LabelTable
-from weakstil.mil.model import TrainedModel
-from weakstil.mil.train import (
+from weakstil.mil.cv import cross_validate
+from weakstil.mil.fit import (
     BagBatchSampler,
     BagDataset,
     TrainConfig,
-    check_fingerprint,
-    cross_validate,
     fit_one,
     load_bags,
-    load_model,
-    train_model,
 )
+from weakstil.mil.labels import LabelTable
+from weakstil.mil.model import TrainedModel, check_fingerprint, load_model
+from weakstil.mil.train import train_model
 
 DIM = 32
 FINGERPRINT = {"encoder": {"name": "toy", "weights_sha256": "0" * 64, "embed_dim": DIM},

@@ -20,12 +20,8 @@ import pytest
 from PIL import Image
 
 from weakstil.errors import ConfigError, WeakstilError
-from weakstil.outputs.heatmap import (
-    colormap_lut,
-    layer_scale,
-    stil_rgb,
-    write_slide_outputs,
-)
+from weakstil.outputs.colors import colormap_lut, layer_scale, stil_rgb
+from weakstil.outputs.heatmap import write_slide_outputs
 from weakstil.viewer import ViewerConfig, check_bind, create_app, running_server, serve
 from weakstil.viewer.app import OSD_DIR
 from weakstil.viewer.deepzoom import DeepZoomGeometry

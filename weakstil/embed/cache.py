@@ -35,10 +35,10 @@ from typing import Any
 
 import numpy as np
 
-from weakstil.embed.cache_writer import (  # noqa: F401
+from weakstil.embed.cache_writer import (
     SlideWriter,
     _as_coords,
-    _utc_now,  # noqa: F401
+    _utc_now,
 )
 from weakstil.errors import (
     AmbiguousCacheError,

@@ -29,14 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from weakstil.embed.weights import (  # noqa: F401
-    _Inert,
-    _inert_pickle,
-    _is_safetensors,
-    _sample,
+from weakstil.embed.weights import (
     _strip_module_prefix,
-    _strip_prefixes,
-    _unwrap_state_dict,
     ciga_keys,
     load_backbone_state,
     read_checkpoint,
@@ -51,7 +45,7 @@ from weakstil.errors import (
     WeightsNotFoundError,
     WeightSourceError,
 )
-from weakstil.fingerprint import file_sha256  # noqa: F401
+from weakstil.fingerprint import file_sha256
 
 if TYPE_CHECKING:
     import torch

@@ -19,12 +19,11 @@ from typing import Iterator
 import numpy as np
 
 from weakstil.errors import WeakstilError
-from weakstil.wsi.reader import (  # noqa: F401
+from weakstil.wsi.reader import (
     Block,
     aligned_block,
     plan_blocks,
     read_block_tiles,
-    tile_offsets,
 )
 
 log = logging.getLogger(__name__)
@@ -321,25 +320,3 @@ def slide_sources(paths, *, backend: str = "auto", mpp: float | None = None, mpp
                                                  mpp_by_slide=mpp_by_slide)) for p in paths]
 
 
-def _progress(enabled: bool):
-    """A rich progress display with one line per task: count, rate in its unit, elapsed time."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-    from rich.text import Text
-
-    class RateColumn(ProgressColumn):
-        def render(self, task):
-            unit = task.fields.get("unit", "it")
-            if task.speed is None:
-                return Text(f"– {unit}/s")
-            return Text(f"{task.speed:,.1f} {unit}/s" if task.speed < 10 else f"{task.speed:,.0f} {unit}/s")
-
-    return Progress(TextColumn("{task.description:>6}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-                    TimeElapsedColumn(), console=Console(stderr=True), disable=not enabled)

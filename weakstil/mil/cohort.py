@@ -27,7 +27,8 @@ def train_from_cache(labels: Path, features: Path, *, encoder: str | None = None
     """
     from weakstil.embed.cache import FeatureCache
     from weakstil.mil.labels import read_labels
-    from weakstil.mil.train import TrainConfig, load_bags, train_model
+    from weakstil.mil.fit import TrainConfig, load_bags
+    from weakstil.mil.train import train_model
 
     cache = FeatureCache.find(features, encoder)
     with warnings.catch_warnings(record=True) as caught:

@@ -10,7 +10,6 @@ the stalls OpenMP threads suffer when other programs share the cores (measured: 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, replace
@@ -33,6 +32,7 @@ from weakstil.mil.model import (
     MILRegressor,
     TrainedModel,
 )
+from weakstil.progress import progress as progress_display
 
 
 # --- cross-validation -----------------------------------------------------------------------------
@@ -94,23 +94,22 @@ def cross_validate(bags: Mapping[str, np.ndarray], table, cfg: TrainConfig, *,
     n_tiles = int(sum(bags[s].shape[0] for s in slide_ids))
     processes, threads = fold_parallelism(cfg, n_tiles)
     results: dict[int, tuple] = {}
-    with _progress(cfg.n_folds, progress) as bar:
+    with progress_display(progress) as bar:
+        task = bar.add_task("cross-validation", total=cfg.n_folds, unit="folds")
         if processes > 1:
             for k, module, history, scores in _parallel_folds(plans, bags_at, bags, slide_ids,
                                                               processes, threads):
                 results[k] = (module, history, scores)
-                if bar is not None:
-                    bar.update(1)
+                bar.update(task, advance=1, stats=f"fold {k + 1}/{cfg.n_folds} done")
         else:
             for k, train, val, test, fold_cfg in plans:
                 module, history = fit_one(bags_at(train), bags_at(val), fold_cfg,
-                                          on_epoch=_bar_update(bar, k, cfg.n_folds))
+                                          on_epoch=_epoch_stats(bar, task, k, cfg.n_folds))
                 member = TrainedModel([module], fingerprint={})
                 with _cpu_threads(cfg):
                     scores = [member.predict(bags[slide_ids[i]]).score for i in test]
                 results[k] = (module, history, scores)
-                if bar is not None:
-                    bar.update(1)
+                bar.update(task, advance=1)
     for k, train, val, test, _ in plans:
         module, history, scores = results[k]
         predictions[test] = scores
@@ -215,24 +214,12 @@ def _check_bags(bags: Mapping[str, np.ndarray], slide_ids: Sequence[str]) -> Non
                           fix="train on features from one encoder (one --features cache)")
 
 
-@contextlib.contextmanager
-def _progress(n_folds: int, enabled: bool):
-    if not enabled:
-        yield None
-        return
-    from tqdm.auto import tqdm
-
-    with tqdm(total=n_folds, desc="cross-validation", unit="fold", dynamic_ncols=True) as bar:
-        yield bar
-
-
-def _bar_update(bar, k: int, n_folds: int):
-    if bar is None:
-        return None
+def _epoch_stats(bar, task: int, k: int, n_folds: int):
+    """An ``on_epoch`` callback showing the fold, epoch and validation R² in the display's stats."""
 
     def update(row: dict) -> None:
         r2 = row.get("val_r2", math.nan)
-        bar.set_postfix_str(f"fold {k + 1}/{n_folds} epoch {row['epoch'] + 1} val R² {r2:.3f}")
+        bar.update(task, stats=f"fold {k + 1}/{n_folds} epoch {row['epoch'] + 1} val R² {r2:.3f}")
 
     return update
 

@@ -26,6 +26,7 @@ from weakstil.mil.model import (
     AGGREGATIONS,
     MILRegressor,
 )
+from weakstil.progress import progress as progress_display
 
 Bag = tuple[np.ndarray, float]  # (features (N, D) float32, sTIL% 0-100)
 
@@ -251,7 +252,8 @@ def fit_one(
 
     Returns the model (a plain :class:`MILRegressor`) with the weights of its best validation epoch (the last epoch when
     ``val_bags`` is None, which trains exactly ``max_epochs``) and its history. Deterministic for a
-    given seed on the CPU.
+    given seed on the CPU. ``progress_bar`` shows the epochs in weakstil's display (Lightning's own
+    bar stays off: it writes carriage-return runs into logs).
     """
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import EarlyStopping
@@ -262,7 +264,9 @@ def fit_one(
         raise ValueError("fit_one needs at least one training bag")
     t0 = time.perf_counter()
     history = FitHistory()
-    with _quiet_lightning(), _deterministic(), _cpu_threads(cfg):
+    epochs = max_epochs or cfg.max_epochs
+    with progress_display(progress_bar) as bar, _quiet_lightning(), _deterministic(), _cpu_threads(cfg):
+        on_epoch = _epoch_progress(bar, bar.add_task("epochs", total=epochs, unit="epochs"), on_epoch)
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         module = MILModule(train_bags[0][0].shape[1], **cfg.model_kwargs())
         module.model.init_output_bias(float(np.mean([y for _, y in train_bags])) / 100.0)
@@ -273,9 +277,9 @@ def fit_one(
                                            min_delta=cfg.min_delta, check_finite=False))
         with tempfile.TemporaryDirectory(prefix="weakstil-fit-") as tmp:
             trainer = pl.Trainer(
-                max_epochs=max_epochs or cfg.max_epochs, accelerator=cfg.accelerator, devices=1,
+                max_epochs=epochs, accelerator=cfg.accelerator, devices=1,
                 deterministic=True, logger=False, enable_checkpointing=False,
-                enable_model_summary=False, enable_progress_bar=progress_bar,
+                enable_model_summary=False, enable_progress_bar=False,
                 num_sanity_val_steps=0, callbacks=callbacks, default_root_dir=tmp,
                 log_every_n_steps=1,
             )
@@ -291,6 +295,18 @@ def fit_one(
     model = module.model.cpu().eval()
     history.seconds = time.perf_counter() - t0
     return model, history
+
+
+def _epoch_progress(bar, task: int, on_epoch=None):
+    """``on_epoch`` that also advances the display by one epoch, showing the validation R²."""
+
+    def update(row: dict) -> None:
+        r2 = row.get("val_r2")
+        bar.update(task, advance=1, stats="" if r2 is None else f"val R² {r2:.3f}")
+        if on_epoch is not None:
+            on_epoch(row)
+
+    return update
 
 
 @contextlib.contextmanager

@@ -163,7 +163,6 @@ def tile_scatter(
         ax.scatter(t, p, s=6, alpha=0.4, color="C0", edgecolors="none", rasterized=True)
     _identity(ax, color="k")
     _stil_axes(ax, "ground-truth tile sTIL%", "predicted tile sTIL%")
-    ax.set_axisbelow(True)
     stats = f"Pearson r = {_fmt(m['pearson'])}, MAE = {_fmt(m['mae'], 1)}, {m['n']} tiles"
     ax.set_title(f"{title}\n{stats}" if title else stats, fontsize=10)
     return _save_png(fig, path)
@@ -187,6 +186,7 @@ def _stil_axes(ax: Axes, xlabel: str, ylabel: str) -> None:
     ax.set(xlim=STIL_LIMITS, ylim=STIL_LIMITS, xlabel=xlabel, ylabel=ylabel)
     ax.set_aspect("equal")
     ax.grid(True, color="0.92", lw=0.8)
+    ax.set_axisbelow(True)  # the grid under the data, not over the points
 
 
 def _fmt(value: float, digits: int = 2) -> str:

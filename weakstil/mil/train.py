@@ -39,29 +39,14 @@ import numpy as np
 from weakstil import __version__
 from weakstil.errors import ModelExistsError
 from weakstil.fs import plain_json, staging_dir
-
-# The training API in one place: fits (mil.fit), cross-validation (mil.cv), the model directory (here).
-from weakstil.mil.cv import CVResult, cross_validate, fold_parallelism  # noqa: F401
-from weakstil.mil.fit import (  # noqa: F401
-    Bag,
-    BagBatchSampler,
-    BagDataset,
-    FitHistory,
+from weakstil.mil.cv import CVResult, cross_validate
+from weakstil.mil.fit import (
     TrainConfig,
-    collate_bags,
     fit_one,
-    load_bags,
 )
-
-# load_model, check_fingerprint and SlidePrediction live in mil.py (scoring needs no training code)
-# and are re-exported here as part of the training API.
-from weakstil.mil.model import (  # noqa: F401
-    AGGREGATIONS,
+from weakstil.mil.model import (
     MILRegressor,
-    SlidePrediction,
     TrainedModel,
-    check_fingerprint,
-    load_model,
 )
 
 

@@ -25,12 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from weakstil.errors import HeatmapInputError, SlideNotFoundError, WeakstilError
-from weakstil.outputs.heatmap import (
-    DEFAULT_CMAP,
-    FILENAMES,
-    TILE_COLUMNS,
-    write_slide_outputs,
-)
+from weakstil.outputs.colors import DEFAULT_CMAP
+from weakstil.outputs.heatmap import FILENAMES, write_slide_outputs
+from weakstil.outputs.tiles import TilesTable, read_tiles_csv
 
 REGENERATE_FORMATS = ("png", "tif", "geojson", "top")
 DEFAULT_CUTOFF = 30.0
@@ -48,17 +45,6 @@ class ScoredSlide:
     slide_id: str
     folder: Path
     info: dict = field(default_factory=dict, compare=False)
-
-
-@dataclass
-class SlideTiles:
-    """tiles.csv as arrays: ``coords_l0`` (N, 2) int64, ``width`` (N,) level-0 px, and the values."""
-
-    coords_l0: np.ndarray
-    width: np.ndarray
-    prediction: np.ndarray
-    attention: np.ndarray | None
-    contribution: np.ndarray | None
 
 
 def _read_json(path: Path) -> dict:
@@ -93,37 +79,6 @@ def scored_slides(results_dir: str | Path, slide_ids=None) -> list[ScoredSlide]:
     return found
 
 
-def read_tiles_csv(path: str | Path) -> SlideTiles:
-    """Read a tiles.csv written by ``weakstil score`` (empty fields are NaN)."""
-    import pandas as pd
-
-    path = Path(path)
-    fix = "rerun `weakstil score` for this slide to rewrite its tiles.csv"
-    try:
-        frame = pd.read_csv(path)
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise HeatmapInputError(f"cannot read tiles.csv ({exc})", path=path, fix=fix) from exc
-    required = ("x", "y", "width", "height", "prediction")
-    missing = [c for c in required if c not in frame.columns]
-    if missing:
-        raise HeatmapInputError(f"tiles.csv lacks column(s) {', '.join(missing)} "
-                                f"(expected {', '.join(TILE_COLUMNS)})", path=path, fix=fix)
-    try:
-        coords = frame[["x", "y"]].to_numpy(dtype=np.float64)
-        width = frame["width"].to_numpy(dtype=np.float64)
-        values = {c: frame[c].to_numpy(dtype=np.float64) if c in frame.columns else None
-                  for c in ("prediction", "attention", "contribution")}
-    except (TypeError, ValueError) as exc:
-        raise HeatmapInputError(f"tiles.csv holds non-numeric values ({exc})", path=path, fix=fix) from exc
-    if not (np.isfinite(coords).all() and np.isfinite(width).all() and (width > 0).all()):
-        raise HeatmapInputError("tiles.csv has tiles without a position or size", path=path, fix=fix)
-    for name in ("attention", "contribution"):
-        if values[name] is not None and not np.isfinite(values[name]).any():
-            values[name] = None  # written as empty fields: not given
-    return SlideTiles(np.rint(coords).astype(np.int64), width, values["prediction"], values["attention"],
-                      values["contribution"])
-
-
 def recorded_cutoff(item: ScoredSlide) -> float:
     """The sTIL-high cutoff the slide's outputs were written with: score.json's ``cutoff``, else the
     one recorded at the end of its tiles.geojson, else 30."""
@@ -145,7 +100,7 @@ def recorded_cutoff(item: ScoredSlide) -> float:
     return value if math.isfinite(value) else DEFAULT_CUTOFF
 
 
-def slide_score(item: ScoredSlide, tiles: SlideTiles) -> float:
+def slide_score(item: ScoredSlide, tiles: TilesTable) -> float:
     """score.json's score; without one, the sum of the contributions, or the mean tile prediction."""
     try:
         score = float(item.info["score"])
@@ -173,7 +128,7 @@ def locate_slide(item: ScoredSlide, slide_files: dict[str, Path] | None = None,
                              path=item.folder, fix="pass --slides DIR, the folder (or file) holding the slide")
 
 
-def _tile_size(item: ScoredSlide, tiles: SlideTiles) -> float:
+def _tile_size(item: ScoredSlide, tiles: TilesTable) -> float:
     try:
         size = float(item.info["tile_size_l0"])  # exact (tiles.csv rounds it)
         if math.isfinite(size) and size > 0:

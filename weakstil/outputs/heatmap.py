@@ -61,50 +61,21 @@ from pathlib import Path
 import numpy as np
 
 from weakstil.errors import ConfigError
-from weakstil.fs import atomic_path  # noqa: F401
-from weakstil.outputs.colors import (  # noqa: F401
+from weakstil.fs import atomic_path
+from weakstil.outputs.colors import (
     DEFAULT_CMAP,
-    LAYERS,
-    NO_PREDICTION_RGB,
-    STIL_LABEL,
-    LayerScale,
-    _cell_bounds,
     blend_tiles,
     check_tiles,
-    colormap_lut,
     layer_scale,
-    overlay_rgb,
-    paint_tiles,
-    stil_rgb,
 )
-from weakstil.outputs.geojson import (  # noqa: F401
-    _UUID_NAMESPACE,
-    STIL_MEASUREMENT,
-    tiles_feature_collection,
+from weakstil.outputs.geojson import (
     tiles_geojson,
 )
-from weakstil.outputs.overlay import (  # noqa: F401
-    OVERLAY_LEVEL_FACTOR,
-    OVERLAY_SMALLEST_PX,
-    OVERLAY_THUMB_PX,
-    TIFF_TILE_PX,
-    _deflate_encoder,
-    _encoder_threads,
-    _page_chunks,
-    _point_shared_tiles,
+from weakstil.outputs.overlay import (
     heatmap_tiff,
-    overlay_level_sizes,
 )
-from weakstil.outputs.tiles import (  # noqa: F401
-    REVIEW_MPP,
-    TILE_COLUMNS,
-    _font,
-    level_for_downsample,
-    read_tile_rgb,
-    review_tile_px,
-    tiles_frame,
+from weakstil.outputs.tiles import (
     top_tiles_png,
-    top_tiles_size,
     write_tiles_csv,
 )
 

@@ -1,9 +1,11 @@
-"""tiles.csv (one row a tile) and top_tiles.png (the highest- and lowest-scoring tiles at review resolution).
+"""tiles.csv (one row a tile: written and read here, the one reader of the format) and top_tiles.png
+(the highest- and lowest-scoring tiles at review resolution).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,8 @@ _PAD, _LABEL, _HEAD = 8, 20, 36  # top_tiles.png: gap, label band above a tile, 
 
 
 TILE_COLUMNS = ("x", "y", "width", "height", "prediction", "attention", "contribution")
+GEOMETRY_COLUMNS = TILE_COLUMNS[:4]
+VALUE_COLUMNS = TILE_COLUMNS[4:]  # the per-tile layers (see weakstil.outputs.colors.LAYERS)
 
 
 # --- tiles.csv --------------------------------------------------------------------------------
@@ -46,6 +50,77 @@ def write_tiles_csv(path, coords_l0, size_l0, prediction, attention=None, contri
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False, float_format="%.6g")
     return path
+
+
+@dataclass
+class TilesTable:
+    """tiles.csv of one slide as arrays, rows in file order: ``coords_l0`` (N, 2) int64 top-left
+    corners, ``width``/``height`` (N,) level-0 px, ``values`` one float64 (N,) array per
+    :data:`VALUE_COLUMNS` (NaN = no value; a column the file lacks is all NaN), and ``stamp``
+    (path, size, mtime_ns) of the file read, a cache key for what is drawn from it."""
+
+    coords_l0: np.ndarray
+    width: np.ndarray
+    height: np.ndarray
+    values: dict[str, np.ndarray]
+    stamp: tuple = ()
+
+    def __len__(self) -> int:
+        return len(self.coords_l0)
+
+    @property
+    def prediction(self) -> np.ndarray:
+        return self.values["prediction"]
+
+    @property
+    def attention(self) -> np.ndarray | None:
+        """The attention column, or None where no tile has one (mean pooling writes empty fields)."""
+        return self._given("attention")
+
+    @property
+    def contribution(self) -> np.ndarray | None:
+        return self._given("contribution")
+
+    def _given(self, name: str) -> np.ndarray | None:
+        values = self.values[name]
+        return values if np.isfinite(values).any() else None
+
+
+def read_tiles_csv(path: str | Path, *, drop_incomplete: bool = False) -> TilesTable:
+    """Read a tiles.csv written by ``weakstil score`` (empty fields are NaN).
+
+    A file that cannot be read, lacks a geometry column or ``prediction``, holds a non-numeric value,
+    or a row without a position or a positive size raises :class:`HeatmapInputError`. With
+    ``drop_incomplete`` (the viewer, which shows what it can) such rows are left out and non-numeric
+    values read as NaN instead; a missing column or unreadable file still raises.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    fix = "rerun `weakstil score` for this slide to rewrite its tiles.csv"
+    try:
+        stat = path.stat()
+        frame = pd.read_csv(path)
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise HeatmapInputError(f"cannot read tiles.csv ({exc})", path=path, fix=fix) from exc
+    missing = [c for c in (*GEOMETRY_COLUMNS, "prediction") if c not in frame.columns]
+    if missing:
+        raise HeatmapInputError(f"tiles.csv lacks column(s) {', '.join(missing)} "
+                                f"(expected {', '.join(TILE_COLUMNS)})", path=path, fix=fix)
+    columns = {}
+    for name in TILE_COLUMNS:
+        raw = frame[name] if name in frame.columns else pd.Series(np.nan, index=frame.index)
+        number = pd.to_numeric(raw, errors="coerce")
+        if not drop_incomplete and (number.isna() & raw.notna()).any():
+            raise HeatmapInputError(f"tiles.csv holds non-numeric values in column {name}", path=path, fix=fix)
+        columns[name] = number.to_numpy(dtype=np.float64)
+    geometry = np.stack([columns[c] for c in GEOMETRY_COLUMNS], axis=1) if len(frame) else np.zeros((0, 4))
+    ok = np.isfinite(geometry).all(axis=1) & (geometry[:, 2] > 0) & (geometry[:, 3] > 0)
+    if not drop_incomplete and not ok.all():
+        raise HeatmapInputError("tiles.csv has tiles without a position or size", path=path, fix=fix)
+    return TilesTable(coords_l0=np.rint(geometry[ok, :2]).astype(np.int64), width=geometry[ok, 2],
+                      height=geometry[ok, 3], values={c: columns[c][ok] for c in VALUE_COLUMNS},
+                      stamp=(str(path), stat.st_size, stat.st_mtime_ns))
 
 
 # --- top_tiles.png ----------------------------------------------------------------------------

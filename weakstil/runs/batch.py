@@ -60,15 +60,16 @@ def extract_slides(sources: list, features_dir: Path, *, encoder, spec, tissue, 
     ``weights``). One slide's failure never stops the others: each gets an Outcome (done / skipped /
     failed with reason and fix).
     """
-    from weakstil.embed.extract import ExtractOptions, _progress
+    from weakstil.embed.extract import ExtractOptions
+    from weakstil.progress import progress as progress_display
 
     opts = opts or ExtractOptions()
     job = ExtractJob(Path(features_dir), encoder, spec, tissue, opts, weights=weights, roi_dir=roi_dir, qc=qc,
                      lock=lock)
     started = time.perf_counter()
     local = _is_local(executor)
-    with _progress(opts.progress and local) as progress:
-        slides_task = progress.add_task("slides", total=len(sources), unit="slides")
+    with progress_display(opts.progress and local) as progress:
+        slides_task = progress.add_task("extract", total=len(sources), unit="slides")
         tiles_task = progress.add_task("tiles", total=None, unit="tiles")
         job.tiles_task = lambda n: progress.update(tiles_task, advance=n)
         # here: the encoder on its device; for workers: only the cache (the encoder stays on the CPU)
@@ -95,7 +96,8 @@ def score_slides(sources: list, model_dir: Path, *, features_dir: Path, out_dir:
     ``scores.csv`` is merged (by slide id, this run's rows win) as outcomes arrive and at the end;
     ``runs/<run_id>.json`` says what this run did to each slide.
     """
-    from weakstil.embed.extract import ExtractOptions, _progress
+    from weakstil.embed.extract import ExtractOptions
+    from weakstil.progress import progress as progress_display
     from weakstil.fs import sweep_partials
     from weakstil.outputs.score import check_out_dir, write_run_json, write_scores_csv
 
@@ -111,8 +113,8 @@ def score_slides(sources: list, model_dir: Path, *, features_dir: Path, out_dir:
                    formats=tuple(formats), cutoff=cutoff, lock=lock)
     by_id: dict = {}
     last_write = [0.0]
-    with _progress(opts.progress and local) as progress:
-        slides_task = progress.add_task("slides", total=len(sources), unit="slides")
+    with progress_display(opts.progress and local) as progress:
+        slides_task = progress.add_task("score", total=len(sources), unit="slides")
         tiles_task = progress.add_task("tiles", total=None, unit="tiles")
         if local:
             job.tiles_task = lambda n: progress.update(tiles_task, advance=n)

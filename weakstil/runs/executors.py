@@ -37,8 +37,6 @@ from weakstil.runs.runner import (
     FAILED,
     Outcome,
     _failed,
-    _make_progress,  # noqa: F401  (kept importable: the progress code is another helper's)
-    _rate_text,  # noqa: F401
     limit_heap_fragmentation,
     run_one,
     stopped_outcome,

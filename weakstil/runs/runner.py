@@ -47,6 +47,8 @@ from weakstil.fs import (  # noqa: F401  (the lock API, re-exported for callers 
     acquire_lock,
     write_csv,
 )
+from weakstil.progress import progress as progress_display
+from weakstil.progress import rate_text
 
 log = logging.getLogger(__name__)
 
@@ -278,8 +280,8 @@ def run_batch(items: Iterable[Any], job: Any, *, key: Callable[[Any], str] | Non
     executor = executor if executor is not None else LocalExecutor()
     by_key: dict[str, Outcome] = {}
     stop: Outcome | None = None
-    with sigterm_raises(), _make_progress(progress) as bar:
-        task = bar.add_task(desc, total=len(items), stats="", rate="")
+    with sigterm_raises(), progress_display(progress) as bar:
+        task = bar.add_task(desc, total=len(items), unit="slides")
         job_seconds = 0.0
         for outcome in executor.outcomes(items, keys, job, is_done=is_done, lock_dir=lock_dir, wait=wait):
             if outcome.fatal and stop is None:
@@ -292,7 +294,7 @@ def run_batch(items: Iterable[Any], job: Any, *, key: Callable[[Any], str] | Non
                 job_seconds += outcome.seconds
             ran = n[DONE] + n[FAILED]
             bar.update(task, advance=1, description=desc,
-                       rate=_rate_text(ran, job_seconds / max(1, getattr(executor, "width", 1))),
+                       rate=rate_text(ran, job_seconds / max(1, getattr(executor, "width", 1)), "slides"),
                        stats=f"{n[DONE]} done, {n[SKIPPED]} skipped, {n[FAILED]} failed")
             if on_outcome is not None:
                 on_outcome(outcome)
@@ -302,45 +304,6 @@ def run_batch(items: Iterable[Any], job: Any, *, key: Callable[[Any], str] | Non
 def left_to_others(outcomes: Iterable[Outcome]) -> list[Outcome]:
     """The items skipped because another live process holds their lock."""
     return [o for o in outcomes if o.status == SKIPPED and o.reason == LOCKED]
-
-
-def _rate_text(n: int, seconds: float) -> str:
-    if n == 0 or seconds <= 0:
-        return ""
-    per = seconds / n
-    return f"{per:.1f} s/slide" if per >= 1 else f"{1 / per:.1f} slides/s"
-
-
-class _NoProgress:
-    def __enter__(self) -> _NoProgress:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-    def add_task(self, *args: Any, **kwargs: Any) -> int:
-        return 0
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-def _make_progress(enabled: bool) -> Any:
-    if not enabled:
-        return _NoProgress()
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    TextColumn("{task.fields[stats]}"), console=Console(stderr=True))
 
 
 # --- reporting ----------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import os
-import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from PIL import Image
 from scipy import ndimage
 
 from weakstil.errors import ConfigError
+from weakstil.progress import progress as progress_display
 from weakstil.wsi.writer import write_aperio_tiff
 
 FINE_UM = 1.0  # µm per cell of the scene grid
@@ -516,22 +516,6 @@ def _write_spec(spec: SlideSpec, root: Path) -> tuple[str, float]:
     return spec.slide_id, write_slide(svs, spec.params, spec.mpp, truth_path=truth_path)
 
 
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True), disable=not enabled)
-
-
 def synth_cohort(out_dir: str | Path, *, n: int = 40, seed: int = 0, mpps=(0.25, 0.5),
                  size_um: float | tuple[float, float] = DEFAULT_SIZE_UM, workers: int | None = None,
                  progress: bool = True, prefix: str = "SYN") -> Path:
@@ -554,13 +538,11 @@ def synth_cohort(out_dir: str | Path, *, n: int = 40, seed: int = 0, mpps=(0.25,
             results = (future.result() for future in as_completed(futures))
         else:
             results = (_write_spec(spec, root) for spec in specs)
-        bar = stack.enter_context(_progress(progress))
-        task = bar.add_task("synthetic slides", total=len(specs), rate="")
-        start = time.perf_counter()
+        bar = stack.enter_context(progress_display(progress))
+        task = bar.add_task("synthetic slides", total=len(specs), unit="slides")
         for slide_id, value in results:
             stil[slide_id] = value
-            rate = len(stil) / max(time.perf_counter() - start, 1e-9)
-            bar.update(task, advance=1, rate=f"{rate:.2f} slides/s")
+            bar.update(task, advance=1)
     _write_labels(root / "labels.csv", specs, stil)
     return root
 

@@ -350,7 +350,7 @@ def create_app(config: ViewerConfig | Mapping[str, Any]):
                 thumbs.put(("rgb", sid), base)
             image = base
             if overlay:
-                from weakstil.outputs.heatmap import overlay_rgb
+                from weakstil.outputs.colors import overlay_rgb
 
                 pred = tiles.values["prediction"]
                 size = float(np.median(tiles.width)) if len(tiles) else 1.0

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from weakstil.outputs.heatmap import paint_tiles
+from weakstil.outputs.colors import paint_tiles
 
 TILE_SIZE = 254
 OVERLAP = 1

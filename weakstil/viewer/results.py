@@ -22,14 +22,16 @@ from typing import Any
 import numpy as np
 
 from weakstil.errors import AnisotropicMppError, MissingMppError
-from weakstil.outputs.heatmap import FILENAMES, TILE_COLUMNS, colormap_lut, layer_scale
+from weakstil.outputs.colors import colormap_lut, layer_scale
+from weakstil.outputs.heatmap import FILENAMES
+from weakstil.outputs.tiles import TilesTable, read_tiles_csv
 from weakstil.viewer.deepzoom import TileLayer
 from weakstil.wsi.slide import find_slides, open_kwargs_for, open_slide
 
 log = logging.getLogger(__name__)
 
 SCORES_CSV = "scores.csv"
-LAYERS = ("prediction", "attention", "contribution")  # colour scales: weakstil.outputs.heatmap.LAYERS (fixed)
+LAYERS = ("prediction", "attention", "contribution")  # colour scales: weakstil.outputs.colors.LAYERS (fixed)
 REVIEW_FILES = {  # download name -> (file in results/slides/<id>/, media type)
     FILENAMES["png"]: "image/png",
     FILENAMES["top"]: "image/png",
@@ -65,19 +67,17 @@ def json_floats(values: np.ndarray) -> list:
     return [None if not math.isfinite(v) else v for v in np.asarray(values, dtype=np.float64).tolist()]
 
 
-@dataclass
-class TilesData:
-    """tiles.csv of one slide as arrays."""
+class TilesData(TilesTable):
+    """tiles.csv of one slide (read by :func:`weakstil.outputs.tiles.read_tiles_csv`) with what the
+    viewer draws from it."""
 
-    x: np.ndarray
-    y: np.ndarray
-    width: np.ndarray
-    height: np.ndarray
-    values: dict[str, np.ndarray]  # prediction, attention, contribution (float64, NaN = none)
-    stamp: tuple = ()  # (path, size, mtime_ns) of the file read: a cache key for what is drawn from it
+    @property
+    def x(self) -> np.ndarray:
+        return self.coords_l0[:, 0]
 
-    def __len__(self) -> int:
-        return len(self.x)
+    @property
+    def y(self) -> np.ndarray:
+        return self.coords_l0[:, 1]
 
     def layer(self, layer: str) -> TileLayer:
         """Tiles with a value for ``layer``, coloured on its fixed scale (as heatmap.png and heatmap.tif)."""
@@ -91,29 +91,13 @@ class TilesData:
                 "height": self.height.tolist(), **{k: json_floats(v) for k, v in self.values.items()}}
 
 
-def read_tiles_csv(path: Path) -> TilesData:
-    """Read tiles.csv (columns as ``weakstil.outputs.heatmap.TILE_COLUMNS``; empty fields are NaN)."""
-    import pandas as pd
-
-    stat = path.stat()
-    frame = pd.read_csv(path)
-    missing = [c for c in TILE_COLUMNS[:4] if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{path}: tiles.csv lacks columns {missing}")
-    values = {}
-    for name in LAYERS:
-        column = frame[name] if name in frame.columns else pd.Series(np.nan, index=frame.index)
-        values[name] = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
-    geometry = {c: pd.to_numeric(frame[c], errors="coerce").to_numpy(dtype=np.float64) for c in TILE_COLUMNS[:4]}
-    ok = np.all([np.isfinite(v) for v in geometry.values()], axis=0) if len(frame) else np.zeros(0, bool)
-    return TilesData(x=geometry["x"][ok].astype(np.int64), y=geometry["y"][ok].astype(np.int64),
-                     width=geometry["width"][ok], height=geometry["height"][ok],
-                     values={k: v[ok] for k, v in values.items()},
-                     stamp=(str(path), stat.st_size, stat.st_mtime_ns))
+def read_tiles_data(path: Path) -> TilesData:
+    """tiles.csv for display: rows without a position are left out, non-numeric values are NaN."""
+    return TilesData(**vars(read_tiles_csv(path, drop_incomplete=True)))
 
 
 def legend(layer: str, stops: int = 11) -> dict:
-    """What the page needs to draw a layer's colour bar: the fixed scale of ``weakstil.outputs.heatmap.LAYERS``,
+    """What the page needs to draw a layer's colour bar: the fixed scale of ``weakstil.outputs.colors.LAYERS``,
     the same on every slide and in heatmap.png. Attention and contribution are shown × N (N = tiles
     with a value), on log scales; ``ticks`` give each labelled value's place on the bar (0–100 %)."""
     scale = layer_scale(layer)
@@ -264,7 +248,7 @@ class Cohort:
         path = self.review_file(slide_id, FILENAMES["csv"])
         if path is None:
             return None
-        return self._tiles.get(("tiles", slide_id), path, read_tiles_csv)
+        return self._tiles.get(("tiles", slide_id), path, read_tiles_data)
 
     def close(self) -> None:
         self.slides.close()
