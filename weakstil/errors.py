@@ -195,3 +195,18 @@ class MppCsvError(WeakstilError, ValueError):
 class OutputWriteError(WeakstilError, OSError):
     fix = ("check that the output folder exists, is writable and its disk is not full "
            "(`df -h`); choose another one with --out")
+
+
+# --- reliability (#13) ---------------------------------------------------------------------------
+class ModelCorruptError(WeakstilError, ValueError):
+    fix = ("the model file changed after training (a bad copy or disk?); copy the model folder again "
+           "from its source, or train it again with `weakstil train`")
+
+
+class UnsafeOutputPathError(WeakstilError, PermissionError):
+    fix = ("a file or folder in the results is a symbolic link that points outside the results folder; "
+           "remove the link (or choose another --out) and run again")
+
+
+class ResultsFileError(WeakstilError, ValueError):
+    fix = "the results file is damaged; run `weakstil score` again for this slide (or `weakstil heatmap`)"
