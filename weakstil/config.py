@@ -51,7 +51,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}", path=path,
                           fix="give an existing YAML file to --config")
     try:
-        data = yaml.load(path.read_text(), Loader=_safe_loader()) or {}  # noqa: S506 (a SafeLoader)
+        data = yaml.load(path.read_text(), Loader=_safe_loader()) or {}  # a SafeLoader subclass
     except ConfigError as exc:
         raise ConfigError(exc.problem, path=path, fix=exc.fix) from exc
     except yaml.YAMLError as exc:

@@ -27,7 +27,12 @@ import torch
 from torch import Tensor, nn
 
 from weakstil import __version__
-from weakstil.errors import EmptyBagError, ModelCorruptError, ModelMismatchError, ModelNotFoundError
+from weakstil.errors import (
+    EmptyBagError,
+    ModelCorruptError,
+    ModelMismatchError,
+    ModelNotFoundError,
+)
 
 AGGREGATIONS = ("mean", "attention")
 
