@@ -35,6 +35,8 @@ import numpy as np
 from weakstil.errors import ConfigError, ResultsFileError, WeakstilError
 from weakstil.viewer.confined import ConfinedCohort, confine_slides
 from weakstil.viewer.deepzoom import DeepZoomGeometry, encode, overlay_tile, slide_tile
+from weakstil.viewer.reduced import ReducedLevels
+from weakstil.viewer.reduced import thumbnail as reduced_thumbnail
 from weakstil.viewer.results import (
     LAYERS,
     REVIEW_FILES,
@@ -77,6 +79,7 @@ class ViewerConfig:
     mpp_by_slide: Mapping[str, float] | None = None
     osd_dir: Path = OSD_DIR
     check_assets: bool = True
+    cache_dir: Path | None = None  # reduced copies of slides without a pyramid (default: a temp folder)
 
     @classmethod
     def from_any(cls, config: ViewerConfig | Mapping[str, Any]) -> ViewerConfig:
@@ -230,6 +233,7 @@ def create_app(config: ViewerConfig | Mapping[str, Any]):
     open_kwargs = {"backend": cfg.backend, "mpp": cfg.mpp, "mpp_override": cfg.mpp_override,
                    "mpp_by_slide": cfg.mpp_by_slide}
     cohort = ConfinedCohort(results_dir, slide_paths, open_kwargs)
+    reduced = ReducedLevels(cfg.cache_dir)  # coarse views of slides without a pyramid (#13)
     tile_cache = _LRU(TILE_CACHE_ITEMS)
     thumbs = _LRU(256)
     log.info("results: %s; slides: %s (%s, %d files)", results_dir, slides_dir, how, len(slide_paths))
@@ -347,7 +351,7 @@ def create_app(config: ViewerConfig | Mapping[str, Any]):
             base = thumbs.get(("rgb", sid))
             if base is None:
                 with lock:
-                    base = handle.get_thumbnail(THUMB_PX)
+                    base = reduced_thumbnail(handle, THUMB_PX, reduced)
                 thumbs.put(("rgb", sid), base)
             image = base
             if overlay:
@@ -375,7 +379,7 @@ def create_app(config: ViewerConfig | Mapping[str, Any]):
         data = tile_cache.get(key)
         if data is None:
             with lock:
-                pixels = slide_tile(handle, geo, level, col, row)
+                pixels = slide_tile(handle, geo, level, col, row, reduced)
             data = encode(pixels, "jpeg")
             tile_cache.put(key, data)
         return Response(data, media_type="image/jpeg", headers={"cache-control": "private, max-age=3600"})
