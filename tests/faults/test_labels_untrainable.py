@@ -45,3 +45,20 @@ def test_too_few_patients_for_validation_has_a_matching_hint():
         inner_split(np.array([0, 1]), df)
     assert "early stopping" not in info.value.fix
     assert "add patients" in info.value.fix and "1 patient(s)" in str(info.value)
+
+
+def test_an_empty_labels_file_gets_a_hint_for_its_cause(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("")
+    with pytest.raises(LabelsError, match="the file is empty") as info:
+        read_labels(path)
+    assert "write a header" in info.value.fix and "rows listed above" not in info.value.fix
+
+
+def test_scoring_an_empty_bag_does_not_talk_about_labels():
+    from weakstil.errors import EmptyBagError
+    from weakstil.mil.model import MILRegressor, TrainedModel
+
+    with pytest.raises(EmptyBagError) as info:
+        TrainedModel([MILRegressor(8)], fingerprint={}).predict(np.zeros((0, 8), np.float32))
+    assert "labels" not in info.value.fix and "tissue" in info.value.fix

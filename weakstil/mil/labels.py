@@ -135,9 +135,12 @@ def _split_records(text: str, path: Path) -> tuple[int, list[str], list[tuple[in
             if any(cell.strip() for cell in cells):
                 records.append((start_line, [cell.strip() for cell in cells]))
     except csv.Error as exc:
-        raise LabelsError(f"line {reader.line_num}: cannot parse CSV ({exc})", path=path) from exc
+        raise LabelsError(f"line {reader.line_num}: cannot parse CSV ({exc})", path=path,
+                          fix="look for an unclosed quote (\") or a stray NUL byte on that line; save the "
+                              "file again as plain CSV") from exc
     if not records:
-        raise LabelsError("the file is empty", path=path)
+        raise LabelsError("the file is empty", path=path,
+                          fix="write a header slide_id,patient_id,stil and one row per slide (sTIL% 0-100)")
     header_line, header = records[0]
     return header_line, [name.lstrip("\ufeff").strip().lower() for name in header], records[1:]
 

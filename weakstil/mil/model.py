@@ -197,7 +197,9 @@ class TrainedModel:
                 "embeddings from the encoder it was trained on"
             )
         if features.shape[0] == 0:
-            raise EmptyBagError("the slide has no tiles to score")
+            raise EmptyBagError("the slide has no tiles to score",
+                                fix="no tile of this slide passed the tissue filter: check its tissue QC "
+                                    "picture, its ROI, or lower --min-tissue when extracting")
         x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
         preds, atts = [], []
         for member in self.members:
