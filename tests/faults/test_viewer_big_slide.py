@@ -130,7 +130,8 @@ def test_a_40000_px_single_level_tiff_opens_under_2_gb(tmp_path):
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "scores.csv").write_text("slide_id,score,n_tiles,status,error\nbig,,,failed,none\n")
     write_single_level_tiff(tmp_path / "slides" / "big.tif", 40_000, 40_000, compression="zlib")
-    done = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path)], capture_output=True, text=True, timeout=1800)
+    done = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path)], capture_output=True, text=True,
+                          timeout=1800, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(result["codes"]) == {200}, result["codes"]
