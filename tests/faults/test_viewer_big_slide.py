@@ -136,3 +136,18 @@ def test_a_40000_px_single_level_tiff_opens_under_2_gb(tmp_path):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(result["codes"]) == {200}, result["codes"]
     assert result["max_rss_mb"] < 2048, result
+
+
+def test_slides_whose_levels_fit_are_read_directly(tmp_path, tiny_slide):
+    """A slide small enough (or with a pyramid) never gets a reduced copy: nothing is built or written."""
+    from weakstil.viewer.deepzoom import DeepZoomGeometry
+    from weakstil.viewer.reduced import ReducedLevels
+    from weakstil.wsi.slide import open_slide
+
+    levels = ReducedLevels(tmp_path / "cache")
+    with open_slide(tiny_slide) as slide:
+        geo = DeepZoomGeometry(*slide.dimensions)
+        for level in range(geo.max_level + 1):
+            assert levels.for_downsample(slide, geo.downsample(level), 256) is None
+        assert levels.for_downsample(slide, 5.0, 320) is None
+    assert levels.builds == 0 and not (tmp_path / "cache").exists()

@@ -39,9 +39,10 @@ def default_cache_dir() -> Path:
 
 
 def read_side_px(slide, ds_l0: float, span_px: int) -> int:
-    """Longest side (level px) of the read that covers ``span_px`` px at downsample ``ds_l0``."""
+    """Longest side (level px) of the read that covers ``span_px`` px at downsample ``ds_l0`` (a read
+    never reaches past the level's own size)."""
     level = slide.best_level_for_downsample(ds_l0)
-    return math.ceil(span_px * ds_l0 / slide.level_downsamples[level])
+    return min(math.ceil(span_px * ds_l0 / slide.level_downsamples[level]), max(slide.level_dimensions[level]))
 
 
 class ReducedLevels:
@@ -69,17 +70,19 @@ class ReducedLevels:
         if not self.needed(slide, ds_l0, span_px):
             return None
         base = self._base_downsample(slide)
-        if base > ds_l0:  # only a little too large for one read (a span wider than a tile): read it
+        if base is None or base > ds_l0:  # only a little too large for one read (a wider span): read it
             return None
         factor = base
         while factor * STEP <= ds_l0:
             factor *= STEP
         return self._copy(slide, factor, base), float(factor)
 
-    def _base_downsample(self, slide) -> int:
-        """The finest power of two at which a direct read of a Deep Zoom tile is too large."""
-        ds = 1
+    def _base_downsample(self, slide) -> int | None:
+        """The finest power of two at which a direct read of a Deep Zoom tile is too large (None: never)."""
+        ds, largest = 1, 2 * max(slide.dimensions)
         while not self.needed(slide, ds, BASE_SPAN_PX):
+            if ds > largest:
+                return None
             ds *= 2
         return ds
 
