@@ -208,3 +208,16 @@ class SlidesLeftToOthersError(WeakstilError, RuntimeError):
 
     fix = ("another weakstil run is working on them: wait for it and run again (or pass --wait); if no "
            "such run exists, delete the lock files named above")
+# --- reliability (#13) ---------------------------------------------------------------------------
+class ModelCorruptError(WeakstilError, ValueError):
+    fix = ("the model file changed after training (a bad copy or disk?); copy the model folder again "
+           "from its source, or train it again with `weakstil train`")
+
+
+class UnsafeOutputPathError(WeakstilError, PermissionError):
+    fix = ("a file or folder in the results is a symbolic link that points outside the results folder; "
+           "remove the link (or choose another --out) and run again")
+
+
+class ResultsFileError(WeakstilError, ValueError):
+    fix = "the results file is damaged; run `weakstil score` again for this slide (or `weakstil heatmap`)"

@@ -36,12 +36,23 @@ def _config_callback(ctx: typer.Context, param, value: Optional[Path]):
         return value
     known = {p.name for p in ctx.command.params if p.name}
     try:
-        values = defaults_for(load_config_file(value), ctx.info_name or "", known, path=value)
+        values = defaults_for(load_config_file(value), ctx.info_name or "", known, path=value,
+                              **_config_scope(ctx))
     except WeakstilError as exc:
         raise typer.BadParameter(str(exc)) from exc
     ctx.default_map = {**(ctx.default_map or {}), **values}
     ctx.meta["config_file"] = str(value)
     return value
+
+
+def _config_scope(ctx: typer.Context) -> dict:
+    """Every command's option names, the command names and this command's boolean options."""
+    group = ctx.find_root().command
+    commands = getattr(group, "commands", {}) or {ctx.info_name: ctx.command}
+    all_options = {p.name for c in commands.values() for p in c.params if p.name}
+    booleans = {p.name for p in ctx.command.params
+                if getattr(p, "is_bool_flag", False) or getattr(p, "bare_type", None) is bool}
+    return {"all_options": all_options, "commands": tuple(commands), "booleans": booleans}
 
 
 class Backend(str, Enum):
@@ -146,7 +157,7 @@ WorkersOpt = Annotated[Optional[int], typer.Option(
 SchedulerOpt = Annotated[Optional[str], typer.Option(
     "--scheduler", help="Address of a running Dask scheduler (tcp://host:port) to send slides to.")]
 RoiOpt = Annotated[Optional[Path], typer.Option(
-    "--roi", help="Folder of QuPath GeoJSON exports named <slide_id>.geojson; tiles are kept inside them.")]
+    "--roi", exists=True, file_okay=False, help="Folder of QuPath GeoJSON exports named <slide_id>.geojson; tiles are kept inside them.")]
 TilePxOpt = Annotated[int, typer.Option("--tile-px", help="Tile edge in pixels.")]
 TileMppOpt = Annotated[float, typer.Option("--tile-mpp", help="Tile resolution in µm per pixel.")]
 OverlapOpt = Annotated[int, typer.Option("--overlap", help="Pixels shared by neighbouring tiles.")]

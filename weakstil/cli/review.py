@@ -51,13 +51,21 @@ def heatmap(
     _exit_for(outcomes)
 
 
+def _check_port(value: int) -> int:
+    """TCP ports are 1-65535: anything else is a usage error (exit 2), not an OverflowError later."""
+    if value is not None and not 1 <= value <= 65535:
+        raise typer.BadParameter(f"a port is a number from 1 to 65535, not {value}")
+    return value
+
+
 @app.command()
 def view(
     results: Annotated[Path, typer.Argument(help="A results folder written by `weakstil score`.")] = Path("results"),
     slides: Annotated[Optional[Path], typer.Option(
         "--slides", help="Folder of the slides (default: slides/ next to RESULTS).")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (loopback unless --allow-remote).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option(
+        callback=_check_port, help="Port to listen on (1-65535).")] = 8000,
     allow_remote: Annotated[bool, typer.Option(
         "--allow-remote", help="Allow a non-loopback --host (anyone who can reach it sees the slides).")] = False,
     backend: BackendOpt = Backend.auto,

@@ -57,7 +57,8 @@ from weakstil.fs import (
     sweep_partials,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: chunks carry a crc32c checksum (cache_writer.chunk_codecs); 1: zstd only
+READABLE_SCHEMA_VERSIONS = (1, 2)  # version 1 stores still open (their chunks have no checksum)
 FEATURE_CHUNK_ROWS = 4096
 MTIME_TOLERANCE_S = 2.0  # FAT/SMB keep mtimes to 2 s; a replaced slide differs by far more
 FOREIGN_STAGING_MAX_AGE_S = 24 * 3600  # staging debris of another host: kept this long
@@ -257,9 +258,10 @@ class FeatureCache:
         if not isinstance(version, int):
             raise CacheCorruptError("the store has no schema_version: not a weakstil feature cache",
                                     path=path)
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_SCHEMA_VERSIONS:
             raise CacheMismatchError(
-                f"cache schema version {version}; this weakstil reads version {SCHEMA_VERSION}",
+                f"cache schema version {version}; this weakstil reads versions "
+                f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}",
                 path=path,
                 fix="use the weakstil version that made it, or delete it and extract again")
         encoder_fp, tiling_fp = attrs.get("encoder"), attrs.get("tiling")
@@ -523,8 +525,13 @@ def _read_arrays(group_path: Path) -> tuple[np.ndarray, np.ndarray]:
                                 use_consolidated=False)
         return np.asarray(group["features"][...]), np.asarray(group["coords"][...])
     except Exception as exc:  # any zarr/codec/OS failure on stored bytes means a damaged group
-        raise CacheCorruptError(f"cannot read the slide's arrays ({type(exc).__name__}: {exc})",
-                                path=group_path) from exc
+        checksum = "checksum" in str(exc).lower()
+        what = ("a chunk failed its crc32c checksum: the slide's stored features were damaged on disk"
+                if checksum else f"cannot read the slide's arrays ({type(exc).__name__}: {exc})")
+        raise CacheCorruptError(
+            f"slide {group_path.name!r}: {what}", path=group_path,
+            fix=f"delete {group_path} and run `weakstil extract` (or `weakstil score`) again: the slide "
+                "is recomputed") from exc
 
 
 def _staging_is_stale(entry: os.DirEntry) -> bool:

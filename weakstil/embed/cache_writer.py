@@ -29,12 +29,14 @@ class SlideWriter:
         self._chunk_rows = max(1, min(int(chunk_rows), self.n_tiles or 1))
         self._group = zarr.open_group(LocalStore(path), mode="w-", attributes=attrs)
         coords = self._group.create_array("coords", shape=coords_l0.shape, dtype="int32",
-                                          chunks=(max(1, self.n_tiles), 2), fill_value=0)
+                                          chunks=(max(1, self.n_tiles), 2), fill_value=0,
+                                          compressors=chunk_codecs())
         if self.n_tiles:
             coords[...] = coords_l0
         self._features = self._group.create_array(
             "features", shape=(self.n_tiles, embed_dim), dtype="float16",
-            chunks=(self._chunk_rows, embed_dim), fill_value=np.nan)  # unwritten rows read NaN
+            chunks=(self._chunk_rows, embed_dim), fill_value=np.nan,  # unwritten rows read NaN
+            compressors=chunk_codecs())
         self._written = np.zeros(self.n_tiles, dtype=bool)
         self._pending: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._flushed: set[int] = set()
@@ -96,6 +98,15 @@ class SlideWriter:
 
 
 # --- module helpers ---------------------------------------------------------------------------
+def chunk_codecs() -> list:
+    """bytes → zstd → crc32c: every stored chunk ends in a CRC-32C of its compressed bytes, so a
+    flipped bit on disk fails the read (zarr raises; the cache reports the group as corrupt) instead
+    of decoding into different features. Stores with these codecs have schema version 2."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return [ZstdCodec(level=0), Crc32cCodec()]
+
+
 def _as_coords(coords_l0: Any) -> np.ndarray:
     coords = np.asarray(coords_l0)
     if coords.ndim != 2 or coords.shape[1] != 2:

@@ -75,7 +75,8 @@ class TrainConfig:
         ]
         bad = [text for ok, text in checks if not ok]
         if bad:
-            raise ConfigError("invalid training config: " + "; ".join(bad))
+            raise ConfigError("invalid training config: " + "; ".join(bad),
+                              fix="correct those training options (`weakstil train --help` lists them)")
         cutoffs = sorted({float(c) for c in self.cutoffs} | {float(self.high_cutoff)})
         object.__setattr__(self, "cutoffs", tuple(cutoffs))
 

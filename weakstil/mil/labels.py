@@ -135,9 +135,12 @@ def _split_records(text: str, path: Path) -> tuple[int, list[str], list[tuple[in
             if any(cell.strip() for cell in cells):
                 records.append((start_line, [cell.strip() for cell in cells]))
     except csv.Error as exc:
-        raise LabelsError(f"line {reader.line_num}: cannot parse CSV ({exc})", path=path) from exc
+        raise LabelsError(f"line {reader.line_num}: cannot parse CSV ({exc})", path=path,
+                          fix="look for an unclosed quote (\") or a stray NUL byte on that line; save the "
+                              "file again as plain CSV") from exc
     if not records:
-        raise LabelsError("the file is empty", path=path)
+        raise LabelsError("the file is empty", path=path,
+                          fix="write a header slide_id,patient_id,stil and one row per slide (sTIL% 0-100)")
     header_line, header = records[0]
     return header_line, [name.lstrip("\ufeff").strip().lower() for name in header], records[1:]
 
@@ -289,6 +292,7 @@ def make_folds(
     fewer than ``n_folds`` groups is merged into its smaller neighbour (see :func:`stil_bins`).
     """
     df = table.df if isinstance(table, LabelTable) else table
+    check_trainable(df, path=getattr(table, "path", None))
     if n_folds < 2:
         raise TooFewGroupsError(f"n_folds={n_folds}; cross-validation needs at least 2 folds",
                                 fix="use --folds 2 or more (5 is usual)")
@@ -313,6 +317,25 @@ def make_folds(
     return folds
 
 
+def check_trainable(df: pd.DataFrame, *, path: str | Path | None = None) -> None:
+    """Refuse labels a regressor cannot learn from: fewer than two distinct sTIL% values.
+
+    All slides labelled the same (or a single slide) would train a model that predicts a constant,
+    with no error and meaningless metrics; this is a :class:`LabelsError` before any training.
+    """
+    y = df["stil"].to_numpy(dtype=np.float64)
+    distinct = np.unique(y[np.isfinite(y)])
+    if len(distinct) >= 2:
+        return
+    what = f"every slide has sTIL% {distinct[0]:g}" if len(distinct) else "no slide has an sTIL% value"
+    raise LabelsError(
+        f"{what} ({len(y)} slide(s)): a regressor needs at least two different sTIL% values to learn from",
+        path=path,
+        fix="label slides that cover the sTIL% range (a useful model needs many distinct values); check that "
+            "the stil column holds the slides' sTIL% and not a constant",
+    )
+
+
 def inner_split(
     train_idx: np.ndarray,
     df: LabelTable | pd.DataFrame,
@@ -333,8 +356,10 @@ def inner_split(
     n_groups = len(np.unique(groups))
     if n_groups < 2:
         raise TooFewGroupsError(
-            f"the training fold has {n_groups} patient(s); a validation split needs at least 2",
-            fix="use fewer folds (--folds N) or turn off early stopping",
+            f"a training fold has {n_groups} patient(s); holding patients out for validation (which picks "
+            "the epoch to keep) needs at least 2 in every training fold",
+            fix="add patients to the labels (3 or more; far more for a useful model); with --folds-by center, "
+                "make sure the other centers of each fold hold at least 2 patients, or use --folds-by patient",
         )
     n_splits = min(max(2, round(1.0 / val_fraction)), n_groups)
     y = df["stil"].to_numpy(dtype=np.float64)[train_idx]

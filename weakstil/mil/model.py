@@ -27,8 +27,13 @@ import torch
 from torch import Tensor, nn
 
 from weakstil import __version__
-from weakstil.errors import EmptyBagError, ModelMismatchError, ModelNotFoundError
-from weakstil.fs import plain_json, write_bytes
+from weakstil.errors import (
+    EmptyBagError,
+    ModelCorruptError,
+    ModelMismatchError,
+    ModelNotFoundError,
+)
+from weakstil.fs import plain_json, write_bytes, write_text
 
 AGGREGATIONS = ("mean", "attention")
 
@@ -193,7 +198,9 @@ class TrainedModel:
                 "embeddings from the encoder it was trained on"
             )
         if features.shape[0] == 0:
-            raise EmptyBagError("the slide has no tiles to score")
+            raise EmptyBagError("the slide has no tiles to score",
+                                fix="no tile of this slide passed the tissue filter: check its tissue QC "
+                                    "picture, its ROI, or lower --min-tissue when extracting")
         x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
         preds, atts = [], []
         for member in self.members:
@@ -231,6 +238,46 @@ class TrainedModel:
         buffer = io.BytesIO()
         torch.save(state, buffer)
         write_bytes(Path(path), buffer.getvalue())  # atomic; a full disk is a DiskFullError
+        write_checksum(Path(path))
+
+
+CHECKSUM_NAME = "model.sha256"
+
+
+def write_checksum(ckpt: Path) -> Path:
+    """Record ``ckpt``'s sha256 beside it (``model.sha256``, ``sha256sum`` format), so that loading
+    can tell a damaged file from the one training wrote (``sha256sum -c model.sha256`` checks it)."""
+    from weakstil.fingerprint import file_sha256
+
+    out = ckpt.with_name(CHECKSUM_NAME)
+    return write_text(out, f"{file_sha256(ckpt)}  {ckpt.name}\n")
+
+
+def verify_checksum(ckpt: Path) -> bool:
+    """Check ``ckpt`` against its recorded sha256; False when none was recorded (models from before
+    weakstil recorded one). :class:`ModelCorruptError` when the file differs from what was recorded."""
+    from weakstil.fingerprint import file_sha256
+
+    record = ckpt.with_name(CHECKSUM_NAME)
+    if not record.is_file():
+        return False
+    fields = record.read_text().split()
+    expected = fields[0].lower() if fields else ""
+    actual = file_sha256(ckpt)
+    if actual != expected:
+        raise ModelCorruptError(
+            f"checksum mismatch: the file is corrupt (sha256 {actual[:16]}…, but {CHECKSUM_NAME} recorded at "
+            f"training says {expected[:16] or '(empty)'}…)", path=ckpt)
+    return True
+
+
+def _check_finite(members: list[MILRegressor], ckpt: Path) -> None:
+    """Refuse weights with NaN or infinity (they would surface later as a misleading error)."""
+    for k, member in enumerate(members):
+        for name, tensor in member.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ModelCorruptError(f"the weights are corrupt: member {k}, {name} holds NaN or infinite values",
+                                        path=ckpt)
 
 
 def load_model(model_dir: str | Path) -> TrainedModel:
@@ -240,6 +287,7 @@ def load_model(model_dir: str | Path) -> TrainedModel:
     ckpt = model_dir if model_dir.is_file() else model_dir / "model.ckpt"
     if not ckpt.is_file():
         raise ModelNotFoundError("no model here (model.ckpt is missing)", path=model_dir)
+    verify_checksum(ckpt)
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
@@ -252,13 +300,14 @@ def load_model(model_dir: str | Path) -> TrainedModel:
             member = MILRegressor(**state["model_config"])
             member.load_state_dict(weights)
             members.append(member)
-        return TrainedModel(members, fingerprint=state["fingerprint"], config=state.get("config"))
     except Exception as exc:  # unpickling, truncated zip, missing keys, shape mismatches
         raise ModelNotFoundError(
             f"model.ckpt cannot be read ({type(exc).__name__}: {exc})",
             fix="the file is corrupt or not a weakstil model; train it again with `weakstil train`",
             path=ckpt,
         ) from exc
+    _check_finite(members, ckpt)
+    return TrainedModel(members, fingerprint=state["fingerprint"], config=state.get("config"))
 
 
 def check_fingerprint(model: TrainedModel | dict, cache_fp) -> None:

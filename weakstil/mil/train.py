@@ -62,6 +62,9 @@ def train_model(bags: Mapping[str, np.ndarray], table, cfg: TrainConfig, *, out_
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ModelExistsError("a model already exists here", path=out_dir)
+    from weakstil.mil.labels import check_trainable
+
+    check_trainable(getattr(table, "df", table), path=getattr(table, "path", None))
     t0 = time.perf_counter()
     cv = cross_validate(bags, table, cfg, progress=progress)
     members = cv.models if cfg.deploy == "ensemble" else [_final_fit(bags, table, cfg, cv)]

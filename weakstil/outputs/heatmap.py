@@ -271,6 +271,9 @@ def write_slide_outputs(slide, out_dir, *, coords_l0, size_l0, prediction, atten
         raise ConfigError(f"unknown output format(s) {unknown}", fix=f"choose from {sorted(FILENAMES)}")
     check_tiles(coords_l0, size_l0, prediction, attention=attention, contribution=contribution)
     out_dir = Path(out_dir)
+    from weakstil.confine import check_write_target
+
+    check_write_target(out_dir)  # never through a link that leads out of the results folder (#13)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {fmt: out_dir / FILENAMES[fmt] for fmt in FILENAMES if fmt in formats}
     if "csv" in paths:

@@ -32,12 +32,14 @@ from urllib.parse import unquote
 
 import numpy as np
 
-from weakstil.errors import ConfigError, WeakstilError
+from weakstil.errors import ConfigError, ResultsFileError, WeakstilError
+from weakstil.viewer.confined import ConfinedCohort, confine_slides
 from weakstil.viewer.deepzoom import DeepZoomGeometry, encode, overlay_tile, slide_tile
+from weakstil.viewer.reduced import ReducedLevels
+from weakstil.viewer.reduced import thumbnail as reduced_thumbnail
 from weakstil.viewer.results import (
     LAYERS,
     REVIEW_FILES,
-    Cohort,
     discover_slides,
     legend,
 )
@@ -77,6 +79,7 @@ class ViewerConfig:
     mpp_by_slide: Mapping[str, float] | None = None
     osd_dir: Path = OSD_DIR
     check_assets: bool = True
+    cache_dir: Path | None = None  # reduced copies of slides without a pyramid (default: a temp folder)
 
     @classmethod
     def from_any(cls, config: ViewerConfig | Mapping[str, Any]) -> ViewerConfig:
@@ -226,9 +229,11 @@ def create_app(config: ViewerConfig | Mapping[str, Any]):
         raise ConfigError("this is not a results folder: it has neither scores.csv nor slides/", path=results_dir,
                           fix="give the folder `weakstil score --out` wrote (it holds scores.csv)")
     slide_paths, slides_dir, how = discover_slides(results_dir, cfg.slides_dir)
+    slide_paths = confine_slides(slide_paths, slides_dir)
     open_kwargs = {"backend": cfg.backend, "mpp": cfg.mpp, "mpp_override": cfg.mpp_override,
                    "mpp_by_slide": cfg.mpp_by_slide}
-    cohort = Cohort(results_dir, slide_paths, open_kwargs)
+    cohort = ConfinedCohort(results_dir, slide_paths, open_kwargs)
+    reduced = ReducedLevels(cfg.cache_dir)  # coarse views of slides without a pyramid (#13)
     tile_cache = _LRU(TILE_CACHE_ITEMS)
     thumbs = _LRU(256)
     log.info("results: %s; slides: %s (%s, %d files)", results_dir, slides_dir, how, len(slide_paths))
@@ -301,7 +306,7 @@ def create_app(config: ViewerConfig | Mapping[str, Any]):
                 info["image"] = {"width": w, "height": h, "dzi": f"/api/slides/{_quote(sid)}/slide.dzi",
                                  "mpp": handle.mpp if handle.mpp_source != "unknown" else None,
                                  "levels": len(handle.level_dimensions), "backend": handle.backend}
-        tiles = cohort.tiles(sid)
+        tiles = cohort.tiles_checked(sid)
         if tiles is not None:
             info["tiles_url"] = f"/api/slides/{_quote(sid)}/tiles.json"
             info["n_tiles"] = len(tiles)
@@ -315,7 +320,7 @@ def create_app(config: ViewerConfig | Mapping[str, Any]):
     def api_tiles(request):
         sid = request.path_params["slide_id"]
         known(sid)
-        tiles = cohort.tiles(sid)
+        tiles = cohort.tiles_checked(sid)
         if tiles is None:
             raise not_found("no tiles.csv for this slide")
         body = json.dumps(tiles.as_json(), separators=(",", ":"), allow_nan=False)
@@ -337,7 +342,7 @@ def create_app(config: ViewerConfig | Mapping[str, Any]):
         sid = request.path_params["slide_id"]
         overlay = request.url.path.endswith("heatmap-thumbnail.jpg")
         handle, lock = slide_handle(sid)
-        tiles = cohort.tiles(sid) if overlay else None
+        tiles = cohort.tiles_checked(sid) if overlay else None
         if overlay and tiles is None:
             raise not_found("no tiles.csv for this slide")
         key = ("thumb", sid, overlay, tiles.stamp if tiles else None)
@@ -346,7 +351,7 @@ def create_app(config: ViewerConfig | Mapping[str, Any]):
             base = thumbs.get(("rgb", sid))
             if base is None:
                 with lock:
-                    base = handle.get_thumbnail(THUMB_PX)
+                    base = reduced_thumbnail(handle, THUMB_PX, reduced)
                 thumbs.put(("rgb", sid), base)
             image = base
             if overlay:
@@ -374,14 +379,14 @@ def create_app(config: ViewerConfig | Mapping[str, Any]):
         data = tile_cache.get(key)
         if data is None:
             with lock:
-                pixels = slide_tile(handle, geo, level, col, row)
+                pixels = slide_tile(handle, geo, level, col, row, reduced)
             data = encode(pixels, "jpeg")
             tile_cache.put(key, data)
         return Response(data, media_type="image/jpeg", headers={"cache-control": "private, max-age=3600"})
 
     def overlay_dzi(request):
         sid, layer = request.path_params["slide_id"], request.path_params["layer"]
-        if layer not in LAYERS or cohort.tiles(sid) is None:
+        if layer not in LAYERS or cohort.tiles_checked(sid) is None:
             raise not_found("no such layer")
         return Response(geometry(sid).dzi_xml("png"), media_type="application/xml")
 
@@ -391,7 +396,7 @@ def create_app(config: ViewerConfig | Mapping[str, Any]):
         if layer not in LAYERS:
             raise not_found("no such layer")
         geo = geometry(sid)
-        tiles = cohort.tiles(sid)
+        tiles = cohort.tiles_checked(sid)
         if tiles is None or not geo.has_tile(level, col, row):
             raise not_found("no such tile")
         key = ("overlay", sid, tiles.stamp, layer, level, col, row)
@@ -434,6 +439,11 @@ def create_app(config: ViewerConfig | Mapping[str, Any]):
     async def http_error(request, exc):
         return Response(f"{exc.detail}\n", status_code=exc.status_code, media_type="text/plain; charset=utf-8")
 
+    async def results_file_error(request, exc):
+        log.warning("%s: %s", request.url.path, exc)
+        return JSONResponse({"error": str(exc), "file": str(exc.path) if exc.path else None, "problem": exc.problem,
+                             "fix": exc.fix}, status_code=422, headers={"cache-control": "no-cache"})
+
     async def slide_error(request, exc):
         log.warning("%s: %s", request.url.path, exc)
         return Response(f"{exc}\n", status_code=500, media_type="text/plain; charset=utf-8")
@@ -447,7 +457,8 @@ def create_app(config: ViewerConfig | Mapping[str, Any]):
         yield
         cohort.close()
 
-    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, WeakstilError: slide_error,
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, ResultsFileError: results_file_error,
+                                                        WeakstilError: slide_error,
                                                         Exception: server_error},
                     lifespan=lifespan)
     app.state.config = cfg

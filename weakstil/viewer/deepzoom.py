@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from weakstil.outputs.colors import paint_tiles
+from weakstil.viewer.reduced import ReducedLevels, crop_resized
 
 TILE_SIZE = 254
 OVERLAP = 1
@@ -78,8 +79,13 @@ class DeepZoomGeometry:
                 f'<Size Width="{self.width}" Height="{self.height}"/></Image>\n')
 
 
-def slide_tile(slide, geometry: DeepZoomGeometry, level: int, col: int, row: int) -> np.ndarray:
-    """(h, w, 3) uint8 RGB of one Deep Zoom tile of ``slide`` (a SlideHandle)."""
+def slide_tile(slide, geometry: DeepZoomGeometry, level: int, col: int, row: int,
+               reduced: ReducedLevels | None = None) -> np.ndarray:
+    """(h, w, 3) uint8 RGB of one Deep Zoom tile of ``slide`` (a SlideHandle).
+
+    With ``reduced``, a tile that no slide level can give in one bounded read (a coarse view of a
+    slide without a pyramid) is cut from a reduced copy of the slide instead (see ``reduced.py``).
+    """
     x0, y0, x1, y1 = geometry.tile_box(level, col, row)
     ds = geometry.downsample(level)
     slide_level = slide.best_level_for_downsample(ds)
@@ -87,10 +93,13 @@ def slide_tile(slide, geometry: DeepZoomGeometry, level: int, col: int, row: int
     x0_l0, y0_l0 = x0 * ds, y0 * ds
     # clip to the slide: the last tile's level px may reach past level-0's edge (ceil)
     x1_l0, y1_l0 = min(x1 * ds, geometry.width), min(y1 * ds, geometry.height)
+    out_size = (x1 - x0, y1 - y0)
+    found = reduced.for_downsample(slide, ds, geometry.tile_size + 2 * geometry.overlap) if reduced else None
+    if found is not None:
+        return crop_resized(*found, (x0_l0, y0_l0, x1_l0, y1_l0), out_size)
     read_w = max(1, math.ceil((x1_l0 - x0_l0) / level_ds))
     read_h = max(1, math.ceil((y1_l0 - y0_l0) / level_ds))
     block = slide.read_region((x0_l0, y0_l0), slide_level, (read_w, read_h))
-    out_size = (x1 - x0, y1 - y0)
     if (block.shape[1], block.shape[0]) != out_size:
         block = np.asarray(Image.fromarray(block).resize(out_size, Image.Resampling.BILINEAR, reducing_gap=2.0))
     return block

@@ -220,9 +220,20 @@
     if (!list.children.length) list.append(Object.assign(document.createElement("li"), { textContent: "none" }));
   }
 
+  // a damaged results file answers 4xx with JSON {error, file, problem, fix}: show its message
+  async function apiErrorText(response) {
+    const fallback = `${response.status} ${response.statusText}`;
+    try {
+      const body = await response.json();
+      return body && body.error ? body.error : fallback;
+    } catch (err) {
+      return fallback;
+    }
+  }
+
   async function load() {
     const response = await fetch(api);
-    if (!response.ok) throw new Error(`${response.status} ${response.statusText}`);
+    if (!response.ok) throw new Error(await apiErrorText(response));
     const info = await response.json();
     state.info = info;
     document.title = `weakstil — ${slideId}`;
