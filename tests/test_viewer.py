@@ -342,13 +342,13 @@ def test_allow_remote_builds_and_accepts_any_host(cohort):
 
 def test_missing_javascript_says_how_to_install_it(tmp_path, cohort):
     with pytest.raises(ConfigError) as err:
-        create_app(ViewerConfig(results_dir=cohort["results"], osd_dir=tmp_path / "node_modules" / "x"))
-    assert "npm ci --prefix weakstil/viewer" in str(err.value)
+        create_app(ViewerConfig(results_dir=cohort["results"], osd_dir=tmp_path / "vendor" / "x"))
+    assert "pip install" in str(err.value) and "npm" not in str(err.value).replace("npm registry", "")
 
 
-def test_openseadragon_is_served_from_node_modules(cohort):
+def test_openseadragon_is_served_from_the_package(cohort):
     if not (OSD_DIR / "openseadragon.min.js").is_file():
-        pytest.skip("OpenSeadragon not installed locally: run `npm ci --prefix weakstil/viewer`")
+        pytest.skip('OpenSeadragon not in the package: run `pip install -e ".[dev]"` again')
     with make_client(cohort["results"], check_assets=True) as c:
         js = c.get("/vendor/openseadragon/openseadragon.min.js")
         assert js.status_code == 200 and "OpenSeadragon" in js.text[:2000]

@@ -8,8 +8,8 @@ Screenshots are kept as test artefacts in ``tests/artifacts/`` (git-ignored) and
 folder. With ``WEAKSTIL_UPDATE_SCREENSHOT=1`` the slide page's screenshot also replaces
 ``docs/img/viewer.png`` (the picture in the README, reduced to 256 colours).
 
-Needs ``/usr/bin/chromium`` (``apt-get install -y chromium``) and OpenSeadragon
-(``npm ci --prefix weakstil/viewer``); without them the test is skipped here, saying which is missing.
+Needs ``/usr/bin/chromium`` (``apt-get install -y chromium``) and OpenSeadragon (put into the package
+by the build: ``pip install -e ".[dev]"``); without them the test is skipped here, saying which is missing.
 CI installs both.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from weakstil.viewer import ViewerConfig, create_app, running_server
-from weakstil.viewer.app import NPM_COMMAND, OSD_DIR
+from weakstil.viewer.app import INSTALL_COMMAND, OSD_DIR
 
 CHROMIUM = Path(os.environ.get("WEAKSTIL_CHROMIUM", "/usr/bin/chromium"))
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def _missing() -> str | None:
     if not CHROMIUM.exists():
         return f"{CHROMIUM} not found: install it with `apt-get install -y chromium` (CI does)"
     if not (OSD_DIR / "openseadragon.min.js").is_file():
-        return f"OpenSeadragon not installed: run `{NPM_COMMAND}` (CI does)"
+        return f"OpenSeadragon not in the package: run `{INSTALL_COMMAND}` again (CI does)"
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:

@@ -9,6 +9,7 @@ the predictions with the synthetic ground truth (tiles that are at least a quart
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -150,5 +151,6 @@ def run_demo(out: Path, *, n: int = 40, n_test: int = 10, seed: int = 0, device:
                  f"  results     {out / 'results'} (scores.csv, slides/<id>/heatmap.png …)\n"
                  f"  features    {extracted.cache.path}\n"
                  f"  summary     {out / 'demo_summary.json'}\n"
-                 f"Review them: weakstil view {out / 'results'} --slides {test_root / 'slides'}")
+                 f"Review them: weakstil view {shlex.quote(str(out / 'results'))} "
+                 f"--slides {shlex.quote(str(test_root / 'slides'))}")
     return summary
