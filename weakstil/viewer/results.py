@@ -23,7 +23,7 @@ import numpy as np
 
 from weakstil.errors import AnisotropicMppError, MissingMppError
 from weakstil.outputs.heatmap import FILENAMES, TILE_COLUMNS, colormap_lut, layer_scale
-from weakstil.wsi.slide import find_slides, open_kwargs_for, open_slide
+from weakstil.wsi.slide import find_slides, open_kwargs_for, open_slide, slide_id_from_path
 from weakstil.viewer.deepzoom import TileLayer
 
 log = logging.getLogger(__name__)
@@ -302,11 +302,11 @@ def discover_slides(results_dir: Path, slides_dir: Path | None) -> tuple[dict[st
     slide pages show the static pictures only.
     """
     if slides_dir is not None:
-        return {p.stem: p for p in find_slides(slides_dir)}, Path(slides_dir), "given"
+        return {slide_id_from_path(p): p for p in find_slides(slides_dir)}, Path(slides_dir), "given"
     guess = Path(os.path.abspath(results_dir)).parent / "slides"
     if guess.is_dir():
         try:
-            return {p.stem: p for p in find_slides(guess)}, guess, "beside the results folder"
+            return {slide_id_from_path(p): p for p in find_slides(guess)}, guess, "beside the results folder"
         except (FileNotFoundError, ValueError) as exc:
             log.warning("no slides under %s: %s", guess, exc)
     return {}, None, "none found"
