@@ -40,6 +40,8 @@ from weakstil.viewer.results import (
     REVIEW_FILES,
     Cohort,
     discover_slides,
+    evaluation,
+    find_labels,
     legend,
 )
 
@@ -65,6 +67,8 @@ class ViewerConfig:
     ``slides_dir``: folder (or file) of the slides; None looks for ``slides/`` beside ``results_dir``.
     ``osd_dir``: OpenSeadragon's build folder (default: the copy the build put in ``weakstil/viewer/vendor``).
     ``check_assets``: refuse to start without OpenSeadragon (tests of the JSON API may turn it off).
+    ``labels``: a labels CSV (slide_id,patient_id,stil) for the cohort table; None looks for a
+    ``labels.csv`` in or beside ``results_dir``.
     """
 
     results_dir: Path
@@ -78,6 +82,7 @@ class ViewerConfig:
     mpp_by_slide: Mapping[str, float] | None = None
     osd_dir: Path = OSD_DIR
     check_assets: bool = True
+    labels: Path | None = None
 
     @classmethod
     def from_any(cls, config: ViewerConfig | Mapping[str, Any]) -> ViewerConfig:
@@ -230,7 +235,8 @@ def create_app(config: ViewerConfig | Mapping[str, Any]):
     slide_paths, slides_dir, how = discover_slides(results_dir, cfg.slides_dir)
     open_kwargs = {"backend": cfg.backend, "mpp": cfg.mpp, "mpp_override": cfg.mpp_override,
                    "mpp_by_slide": cfg.mpp_by_slide}
-    cohort = Cohort(results_dir, slide_paths, open_kwargs)
+    labels, labels_file = find_labels(results_dir, cfg.labels)
+    cohort = Cohort(results_dir, slide_paths, open_kwargs, labels)
     tile_cache = _LRU(TILE_CACHE_ITEMS)
     thumbs = _LRU(256)
     log.info("results: %s; slides: %s (%s, %d files)", results_dir, slides_dir, how, len(slide_paths))
@@ -283,7 +289,8 @@ def create_app(config: ViewerConfig | Mapping[str, Any]):
     def api_cohort(request):
         rows = [public_row(r) for r in cohort.rows()]
         return JSONResponse({"results_dir": str(results_dir), "slides_dir": str(slides_dir) if slides_dir else None,
-                             "has_label": cohort.has_label(), "slides": rows},
+                             "has_label": cohort.has_label(), "slides": rows, "evaluation": evaluation(rows),
+                             "labels_file": str(labels_file) if labels_file else None},
                             headers={"cache-control": "no-cache"})
 
     def api_slide(request):
