@@ -124,3 +124,20 @@ def test_extract_caches_the_same_tiles_and_features_as_the_tiff(cohort, tmp_path
     a = a[[tuple(c) in index for c in tiff.coords_l0]]
     cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert np.median(cosine) > 0.99 and cosine.min() > 0.95
+
+
+def test_the_viewer_shows_a_dicom_slide_in_deep_zoom(cohort, tmp_path):
+    from starlette.testclient import TestClient
+
+    from weakstil.viewer import ViewerConfig, create_app
+
+    results = tmp_path / "results"
+    (results / "slides" / "case-dcm").mkdir(parents=True)
+    (results / "scores.csv").write_text("slide_id,score,n_tiles,status,error\ncase-dcm,12.5,20,ok,\n")
+    app = create_app(ViewerConfig(results_dir=results, slides_dir=cohort["mixed"], check_assets=False))
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        info = client.get("/api/slides/case-dcm").json()
+        assert info["image"]["width"] == SIZE[0] and info["image"]["mpp"] == pytest.approx(0.25)
+        tile = client.get("/api/slides/case-dcm/slide_files/12/0_0.jpeg")
+        assert tile.status_code == 200 and tile.headers["content-type"] == "image/jpeg"
+        assert client.get("/api/slides/case-dcm/thumbnail.jpg").status_code == 200
