@@ -165,6 +165,7 @@ def test_a_missing_model_fails_before_any_output_folder_or_progress(cohort, tmp_
     (["score", "{slides}", "--model", "{tmp}", "--outputs", "png,pdf"], "unknown pdf"),
     (["heatmap", "{tmp}/no-results"], "RESULTS: the folder does not exist"),
     (["view", "{tmp}/no-results"], "RESULTS: the folder does not exist"),
+    (["view", "{tmp}", "--labels", "{tmp}/labels.csv"], "labels file does not exist"),
 ])
 def test_input_mistakes_are_reported_before_any_work(cohort, tmp_path, args, expected):
     result = invoke(*[a.format(slides=cohort / "slides", tmp=tmp_path) for a in args])
