@@ -129,7 +129,7 @@ def run_demo(out: Path, *, n: int = 40, n_test: int = 10, seed: int = 0, device:
     step("score test cohort", t0)
 
     seconds = time.perf_counter() - started
-    stdout = Console()
+    stdout = Console(soft_wrap=True)  # never wrap: the last line is a command to copy
     emit(metrics_table(runs))
     table = Table(title=f"held-out test cohort ({n_test} slides) and tiles vs synthetic ground truth",
                   title_justify="left")
