@@ -41,8 +41,8 @@ def model_dir(path: Path) -> None:
     """A model folder written by `weakstil train` (its model.ckpt), or the checkpoint itself."""
     path = Path(path)
     if not (path.is_file() or (path / "model.ckpt").is_file()):
-        what = "does not exist" if not path.exists() else "has no model.ckpt"
-        raise ModelNotFoundError(f"no model here (the folder {what})", path=path,
+        what = "; the folder does not exist" if not path.exists() else ""
+        raise ModelNotFoundError(f"no model here (model.ckpt is missing{what})", path=path,
                                  fix="train one with `weakstil train LABELS --name NAME`, or give "
                                      "--model models/NAME (a folder holding model.ckpt)")
 
