@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from weakstil.outputs import heatmap as hm
+from weakstil.outputs import tiles as tiles_mod
 from weakstil.errors import ConfigError, HeatmapInputError, WeakstilError
 
 TILE = 448.0  # level-0 px: 112 µm at 0.25 µm/px
@@ -472,9 +473,9 @@ def test_top_tiles_grid(tmp_path, slide, tiles):
     # read at level 0 (downsample 2 wanted; levels are 1, 4, 16) as 448 px, resized to 224
     assert {read for read in slide.reads} == {(0, (448, 448))}
     # first cell of the top row: the 95 % tile; first cell of the bottom row: the 0 % tile
-    x0 = hm._PAD + tile_px // 2
+    x0 = tiles_mod._PAD + tile_px // 2
     for row, i in ((0, 0), (1, 10)):
-        y0 = hm._HEAD + row * (tile_px + hm._LABEL + hm._PAD) + hm._LABEL + tile_px // 2
+        y0 = tiles_mod._HEAD + row * (tile_px + tiles_mod._LABEL + tiles_mod._PAD) + tiles_mod._LABEL + tile_px // 2
         cx, cy = np.asarray(coords[i]) // int(TILE)
         assert np.abs(image[y0, x0].astype(int) - FakeSlide.cell_rgb(cx, cy)).max() <= 2
 
