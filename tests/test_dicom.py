@@ -106,6 +106,28 @@ def test_check_lists_the_dicom_slide_with_mpp_and_levels(cohort, tmp_path):
     assert "case-dcm" in result.output and "dicom" in result.output
 
 
+def test_the_dicom_gives_the_tiffs_tile_grid_and_tile_pixels(cohort):
+    """What extract caches is this grid, embedded: the same tiles, the same pixels (fast, no encoder)."""
+    from weakstil.wsi.reader import plan_blocks, read_block_tiles
+    from weakstil.wsi.tiling import TileSpec, plan_tiles
+    from weakstil.wsi.tissue import TissueParams
+
+    grids, pixels = {}, {}
+    for name in ("tiff", "dicom"):
+        with open_slide(cohort[name]) as slide:
+            grid = plan_tiles(slide, TileSpec(), tissue=TissueParams())
+            order, blocks = plan_blocks(grid.coords_l0, grid.size_l0)
+            coords = grid.coords_l0[order]
+            tiles = np.concatenate([read_block_tiles(slide, b, coords, size_l0=grid.size_l0, tile_px=224)
+                                    for b in blocks])
+            grids[name], pixels[name] = coords, tiles
+    assert len(grids["tiff"]) >= 10
+    assert np.array_equal(grids["tiff"], grids["dicom"])
+    # the TIFF goes through the direct JPEG path (DCT-scaled decode), the DICOM through read_region
+    assert np.abs(pixels["tiff"].astype(int) - pixels["dicom"].astype(int)).mean() < 2.0
+
+
+@pytest.mark.slow
 def test_extract_caches_the_same_tiles_and_features_as_the_tiff(cohort, tmp_path):
     from weakstil.embed.cache import FeatureCache
 
