@@ -258,3 +258,37 @@ def test_save_mask_qc(tmp_path):
 def test_mask_qc_image_size_mismatch():
     with pytest.raises(ValueError):
         mask_qc_image(canvas((10, 10)), np.zeros((10, 11), bool))
+
+
+def test_qc_picture_has_header_tile_grid_halo_and_a_true_scale_bar(tmp_path):
+    from types import SimpleNamespace
+
+    from weakstil.wsi.tissue import QC_HALO_RGB, QC_TILE_RGB, qc_scale
+
+    thumb = thumbnail_of(tissue_like_image(*TINY_SIZE), 16)
+    mask = tissue_mask(thumb, mpp_thumb=16 * TINY_MPP)
+    grid = SimpleNamespace(coords_l0=np.array([[400, 400], [624, 400]]), size_l0=224.0,
+                           mask_downsample_xy=(16.0, 16.0))
+    mpp_thumb = 16 * TINY_MPP  # 4 µm per thumbnail pixel
+    path = save_mask_qc(thumb, mask, tmp_path / "tiny.png", slide_id="tiny", mpp_thumb=mpp_thumb, grid=grid)
+    picture = np.asarray(Image.open(path))
+    plain = np.asarray(Image.open(save_mask_qc(thumb, mask, tmp_path / "plain.png")))
+    scale = qc_scale(thumb.shape)
+    assert picture.shape[0] > scale * thumb.shape[0]  # a header band above the picture
+    colours = {tuple(c) for c in picture.reshape(-1, 3)}
+    assert {QC_TISSUE_RGB, QC_HALO_RGB, QC_TILE_RGB} <= colours
+    assert QC_TILE_RGB not in {tuple(c) for c in plain.reshape(-1, 3)}  # no grid without one
+    # the scale bar: the longest run of black pixels in a bottom row, as long as its label says
+    um_per_px = mpp_thumb / scale
+    bottom = (picture[-14:, :, :] == 0).all(axis=2)
+    run = max(int(row.sum()) for row in bottom)
+    length_um = run * um_per_px
+    assert any(abs(length_um - v) <= 2 * um_per_px for v in (50, 100, 200, 500)), length_um
+
+
+@pytest.mark.parametrize("um_per_px, target_px, expected", [(1.0, 100, 100), (2.0, 100, 200), (0.7, 100, 50),
+                                                             (13.0, 120, 1000), (0.05, 100, 5)])
+def test_nice_scale_bar_lengths(um_per_px, target_px, expected):
+    from weakstil.wsi.tissue import _nice_length_um
+
+    assert _nice_length_um(um_per_px, target_px) == pytest.approx(expected)

@@ -147,6 +147,44 @@ def test_label_column_is_optional(tmp_path, cohort):
     assert all(r["label"] is None for r in data["slides"])
 
 
+def _scores_without_labels(cohort, results: Path) -> None:
+    results.mkdir(parents=True)
+    lines = (cohort["results"] / "scores.csv").read_text().splitlines()
+    results.joinpath("scores.csv").write_text("\n".join(",".join(line.split(",")[:5]) for line in lines) + "\n")
+
+
+def test_labels_csv_beside_the_results_fills_the_label_column_and_the_evaluation(tmp_path, cohort):
+    _scores_without_labels(cohort, tmp_path / "results")
+    rows = [f"{sid},P{i},{label}" for i, (sid, (*_, label)) in enumerate(SLIDES.items())]
+    (tmp_path / "labels.csv").write_text("slide_id,patient_id,stil\n" + "\n".join(rows) + "\n")
+    with make_client(tmp_path / "results", slides_dir=cohort["slides"]) as c:
+        data = c.get("/api/cohort").json()
+    assert data["has_label"] is True and data["labels_file"] == str(tmp_path / "labels.csv")
+    by_id = {r["slide_id"]: r for r in data["slides"]}
+    for sid, info in cohort["tiles"].items():
+        assert by_id[sid]["label"] == SLIDES[sid][4]
+        assert by_id[sid]["error_vs_label"] == pytest.approx(by_id[sid]["score"] - SLIDES[sid][4])
+    assert by_id["case-c"]["error_vs_label"] is None  # failed: no score
+    ev = data["evaluation"]
+    scores = [by_id[s]["score"] for s in cohort["tiles"]]
+    labels = [SLIDES[s][4] for s in cohort["tiles"]]
+    assert ev["n"] == 2 and ev["mae"] == pytest.approx(np.mean(np.abs(np.subtract(scores, labels))))
+
+
+def test_view_labels_option_is_validated_before_serving(tmp_path, cohort):
+    from weakstil.errors import LabelsError
+
+    _scores_without_labels(cohort, tmp_path / "results")
+    bad = tmp_path / "elsewhere.csv"
+    bad.write_text("slide,score\ncase-a,40\n")
+    with pytest.raises(LabelsError):
+        make_client(tmp_path / "results", labels=bad)
+    (tmp_path / "labels.csv").write_text("slide,score\ncase-a,40\n")  # a broken file found by itself: ignored
+    with make_client(tmp_path / "results") as c:
+        data = c.get("/api/cohort").json()
+    assert data["has_label"] is False and data["evaluation"] is None
+
+
 def test_scores_csv_is_reread_when_it_changes(tmp_path, cohort):
     import os
     import shutil
@@ -178,7 +216,7 @@ def test_slide_info_and_layers(client, cohort):
     assert pred["colors"][-1] == "#%02x%02x%02x" % tuple(lut[255])
     # attention and contribution: the fixed scales of heatmap.png (× N, log), not stretched per slide
     att = layers["attention"]
-    assert (att["vmin"], att["vmax"], att["cmap"], att["log"], att["fixed"]) == (1 / 16, 16.0, "magma", True, True)
+    assert (att["vmin"], att["vmax"], att["cmap"], att["log"], att["fixed"]) == (1 / 16, 16.0, "RdYlBu_r", True, True)
     assert {"at": 50.0, "label": "1×"} in att["ticks"]
     assert [t["at"] for t in att["ticks"]] == sorted(t["at"] for t in att["ticks"])
     assert (att["ticks"][0]["at"], att["ticks"][-1]["at"]) == (0.0, 100.0)
@@ -343,13 +381,13 @@ def test_allow_remote_builds_and_accepts_any_host(cohort):
 
 def test_missing_javascript_says_how_to_install_it(tmp_path, cohort):
     with pytest.raises(ConfigError) as err:
-        create_app(ViewerConfig(results_dir=cohort["results"], osd_dir=tmp_path / "node_modules" / "x"))
-    assert "npm ci --prefix weakstil/viewer" in str(err.value)
+        create_app(ViewerConfig(results_dir=cohort["results"], osd_dir=tmp_path / "vendor" / "x"))
+    assert "pip install" in str(err.value) and "npm" not in str(err.value).replace("npm registry", "")
 
 
-def test_openseadragon_is_served_from_node_modules(cohort):
+def test_openseadragon_is_served_from_the_package(cohort):
     if not (OSD_DIR / "openseadragon.min.js").is_file():
-        pytest.skip("OpenSeadragon not installed locally: run `npm ci --prefix weakstil/viewer`")
+        pytest.skip('OpenSeadragon not in the package: run `pip install -e ".[dev]"` again')
     with make_client(cohort["results"], check_assets=True) as c:
         js = c.get("/vendor/openseadragon/openseadragon.min.js")
         assert js.status_code == 200 and "OpenSeadragon" in js.text[:2000]

@@ -8,8 +8,8 @@ Screenshots are kept as test artefacts in ``tests/artifacts/`` (git-ignored) and
 folder. With ``WEAKSTIL_UPDATE_SCREENSHOT=1`` the slide page's screenshot also replaces
 ``docs/img/viewer.png`` (the picture in the README, reduced to 256 colours).
 
-Needs ``/usr/bin/chromium`` (``apt-get install -y chromium``) and OpenSeadragon
-(``npm ci --prefix weakstil/viewer``); without them the test is skipped here, saying which is missing.
+Needs ``/usr/bin/chromium`` (``apt-get install -y chromium``) and OpenSeadragon (put into the package
+by the build: ``pip install -e ".[dev]"``); without them the test is skipped here, saying which is missing.
 CI installs both.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from weakstil.viewer import ViewerConfig, create_app, running_server
-from weakstil.viewer.app import NPM_COMMAND, OSD_DIR
+from weakstil.viewer.app import INSTALL_COMMAND, OSD_DIR
 
 CHROMIUM = Path(os.environ.get("WEAKSTIL_CHROMIUM", "/usr/bin/chromium"))
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def _missing() -> str | None:
     if not CHROMIUM.exists():
         return f"{CHROMIUM} not found: install it with `apt-get install -y chromium` (CI does)"
     if not (OSD_DIR / "openseadragon.min.js").is_file():
-        return f"OpenSeadragon not installed: run `{NPM_COMMAND}` (CI does)"
+        return f"OpenSeadragon not in the package: run `{INSTALL_COMMAND}` again (CI does)"
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:
@@ -112,6 +112,21 @@ def _redrawn(page):
     page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
 
 
+def _check_scale_bar(page) -> None:
+    """The scale bar's length on screen is its label in µm at the slide's mpp and the current zoom."""
+    bar = page.evaluate("""() => {
+      const s = window.weakstilViewer.state;
+      const zoom = s.slideItem.viewportToImageZoom(s.viewer.viewport.getZoom(true));
+      const box = document.getElementById('scalebar');
+      return {um: Number(box.dataset.um), px: document.getElementById('scalebar-bar').getBoundingClientRect().width,
+              label: document.getElementById('scalebar-label').textContent, umPerPx: s.info.image.mpp / zoom,
+              visible: !box.hidden};
+    }""")
+    assert bar["visible"] and bar["label"].endswith(("µm", "mm")), bar
+    assert abs(bar["px"] * bar["umPerPx"] - bar["um"]) <= 0.05 * bar["um"], bar
+    assert 60 <= bar["px"] <= 300, bar
+
+
 def _mean_abs_diff(a, b) -> float:
     return sum(abs(x - y) for x, y in zip(a, b)) / max(1, len(a))
 
@@ -133,7 +148,13 @@ def test_viewer_in_headless_chromium(live_viewer, browser, tmp_path):
     page.wait_for_selector("body[data-ready='1']")
     ids = page.locator("#cohort tbody tr").evaluate_all("rows => rows.map(r => r.dataset.slideId)")
     assert ids == ["case-a", "case-b", "case-c"]
-    assert page.locator("th.label-col").is_visible()  # scores.csv has a label column
+    assert page.locator("th.label-col").first.is_visible()  # scores.csv has a label column
+    # the evaluation against the labels, and each slide's model − label difference
+    evaluation = page.text_content("#evaluation")
+    assert page.is_visible("#evaluation") and "R²" in evaluation and "mean absolute error" in evaluation
+    diffs = page.locator("#cohort tbody td.diff").all_text_contents()
+    assert diffs[0] == f"{'+' if data['tiles']['case-a']['score'] >= 42.0 else '−'}" \
+                       f"{abs(data['tiles']['case-a']['score'] - 42.0):.1f}" and diffs[2] == "–", diffs
     page.click("button[data-sort='score']")  # highest first; the failed slide (no score) last
     ids = page.locator("#cohort tbody tr").evaluate_all("rows => rows.map(r => r.dataset.slideId)")
     scores = {sid: info["score"] for sid, info in data["tiles"].items()}
@@ -155,6 +176,16 @@ def test_viewer_in_headless_chromium(live_viewer, browser, tmp_path):
     stats = page.evaluate(CANVAS_STATS)
     assert stats["drawn"] > 0.5 * stats["total"], stats  # the canvas is painted...
     assert stats["nonWhite"] > 0.1 * stats["total"] and stats["colours"] > 50, stats  # ...with tissue and heatmap
+
+    # --- the legend shows the colours at the overlay's opacity; the scale bar is in µm ---
+    page.locator("#opacity").evaluate("el => { el.value = 60; el.dispatchEvent(new Event('input')); }")
+    assert page.evaluate("() => getComputedStyle(document.getElementById('legend-ramp')).opacity") == "0.6"
+    assert "60% opacity" in page.text_content("#legend-blend")
+    _check_scale_bar(page)
+    # the overview sits in the side panel, not over the slide
+    nav = page.locator("#navigator").bounding_box()
+    osd = page.locator("#osd").bounding_box()
+    assert nav["x"] >= osd["x"] + osd["width"] - 1 and page.locator("#navigator canvas").count() >= 1
 
     # --- the overlay toggles: the picture changes, and comes back ---
     page.locator("#opacity").evaluate("el => { el.value = 70; el.dispatchEvent(new Event('input')); }")
@@ -179,6 +210,7 @@ def test_viewer_in_headless_chromium(live_viewer, browser, tmp_path):
     assert any("/overlay/attention_files/" in u and s == 200 for u, s in responses)
     assert "attention" in page.text_content("#legend-label")
     assert _mean_abs_diff(page.evaluate(PIXELS), with_overlay) > 1
+    page.screenshot(path=str(ARTIFACTS / "viewer-attention.png"))
     page.check("#layer-prediction")
     page.wait_for_selector("body[data-overlay='prediction']")
     page.wait_for_function(FULLY_LOADED, arg=2)
@@ -195,6 +227,9 @@ def test_viewer_in_headless_chromium(live_viewer, browser, tmp_path):
     page.mouse.move(*point)
     page.wait_for_function(f"() => document.getElementById('ti-prediction').textContent === "
                            f"'{truth['prediction'][i]:.1f}'")
+    readout = page.text_content("#ti-contribution")
+    assert readout.startswith("adds ") and "sTIL% points to the slide score" in readout, readout
+    assert "average tile" in page.text_content("#ti-attention")
     page.mouse.click(*point)
     page.wait_for_selector(".pin-box")
     assert page.is_visible("#pinned")

@@ -9,6 +9,7 @@ the predictions with the synthetic ground truth (tiles that are at least a quart
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -59,6 +60,8 @@ def run_demo(out: Path, *, n: int = 40, n_test: int = 10, seed: int = 0, device:
     from rich.console import Console
     from rich.table import Table
 
+    from weakstil.textout import emit
+
     from weakstil.embed.encoders import create_encoder
     from weakstil.embed.extract import ExtractOptions, slide_sources
     from weakstil.mil.cohort import metrics_table, train_from_cache
@@ -78,7 +81,11 @@ def run_demo(out: Path, *, n: int = 40, n_test: int = 10, seed: int = 0, device:
         timings[name] = round(time.perf_counter() - t0, 1)
         console.print(f"[green]✓[/] {name} ({timings[name]:.0f} s)")
 
-    console.rule("weakstil demo — synthetic cohort, random-init ResNet-18 encoder (NOT pretrained)")
+    title = "weakstil demo — synthetic cohort, random-init ResNet-18 encoder (NOT pretrained)"
+    if console.is_terminal and console.width > len(title) + 4:
+        console.rule(title)
+    else:  # a rule shorter than its title cuts the title (and its warning) with "…"
+        console.print(title, markup=False, soft_wrap=True)
     t0 = time.perf_counter()
     size_kw = {"size_um": size_um} if size_um else {}
     train_root = synth_cohort(out / "cohort", n=n, seed=seed, progress=progress, **size_kw)
@@ -122,8 +129,8 @@ def run_demo(out: Path, *, n: int = 40, n_test: int = 10, seed: int = 0, device:
     step("score test cohort", t0)
 
     seconds = time.perf_counter() - started
-    stdout = Console()
-    stdout.print(metrics_table(runs))
+    stdout = Console(soft_wrap=True)  # never wrap: the last line is a command to copy
+    emit(metrics_table(runs))
     table = Table(title=f"held-out test cohort ({n_test} slides) and tiles vs synthetic ground truth",
                   title_justify="left")
     for col in ("model", "test R²", "test AUC@30", "test MAE", "tile r (test)", "tiles", "tile r (train)*"):
@@ -133,7 +140,7 @@ def run_demo(out: Path, *, n: int = 40, n_test: int = 10, seed: int = 0, device:
         table.add_row(name + (" (best)" if name == best.name else ""), f"{test['r2']:.2f}",
                       f"{test.get('auc@30', float('nan')):.2f}", f"{test['mae']:.1f}",
                       f"{tiles['tile_pearson']:.2f}", f"{tiles['n_tiles']:,}", f"{row['oof_tiles']['tile_pearson']:.2f}")
-    stdout.print(table)
+    emit(table)
     stdout.print(f"tile r: Pearson correlation of tile predictions with the true per-tile sTIL% over tiles "
                  f"≥ {MIN_STROMA:.0%} stroma. *train: the deployed ensemble on its own training slides.")
     summary = {
@@ -150,5 +157,6 @@ def run_demo(out: Path, *, n: int = 40, n_test: int = 10, seed: int = 0, device:
                  f"  results     {out / 'results'} (scores.csv, slides/<id>/heatmap.png …)\n"
                  f"  features    {extracted.cache.path}\n"
                  f"  summary     {out / 'demo_summary.json'}\n"
-                 f"Review them: weakstil view {out / 'results'} --slides {test_root / 'slides'}")
+                 f"Review them: weakstil view {shlex.quote(str(out / 'results'))} "
+                 f"--slides {shlex.quote(str(test_root / 'slides'))}")
     return summary

@@ -19,6 +19,23 @@ import typer
 from weakstil.config import defaults_for, load_config_file
 from weakstil.errors import WeakstilError
 
+def _flags_show_no_type() -> None:
+    """Typer 0.29's rich help prints ``<bool>`` after every flag, as if it took a value; show flags
+    bare, as click's plain help does (a flag's type is only shown when it has a metavar)."""
+    option = getattr(typer.core, "TyperOption", None)
+    original = getattr(option, "display_type_rich", None)
+    if original is None or getattr(original, "_weakstil", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) and self.metavar is None else original(self, ctx)
+
+    display_type_rich._weakstil = True
+    option.display_type_rich = display_type_rich
+
+
+_flags_show_no_type()
+
 app = typer.Typer(
     name="weakstil",
     help="Score stromal TIL% in H&E whole-slide images, trained on slide-level labels only.\n\n"
@@ -28,6 +45,24 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from weakstil import __version__
+
+        typer.echo(f"weakstil {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option(
+        "--version", help="Print the weakstil version and exit.", is_eager=True,
+        callback=_version_callback)] = False) -> None:
+    """Score stromal TIL% in H&E whole-slide images, trained on slide-level labels only.
+
+    Start with `weakstil demo` (offline, CPU, synthetic slides).
+    """
 
 
 def _config_callback(ctx: typer.Context, param, value: Optional[Path]):
@@ -86,14 +121,19 @@ MppOpt = Annotated[Optional[float], typer.Option(
 ForceMppOpt = Annotated[bool, typer.Option("--force-mpp", help="Use --mpp even where a slide states its own mpp.")]
 MppCsvOpt = Annotated[Optional[Path], typer.Option(
     "--mpp-csv", help="CSV of slide_id,mpp; these values override what the slides state.")]
-DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+HeatmapMppOpt = Annotated[Optional[float], typer.Option(
+    "--mpp", help="µm per pixel for slides that do not state it.")]
+DeviceOpt = Annotated[str, typer.Option(help="Where the model runs: auto (CUDA if present), cpu, cuda or cuda:N.")]
 FeaturesOpt = Annotated[Path, typer.Option("--features", help="Feature cache folder (or one .zarr store).")]
 
 
 def _fail(exc: WeakstilError) -> None:
     from rich.console import Console
 
-    Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    from rich.text import Text
+
+    # soft_wrap: a long message or path is never cut; the message is plain text, not rich markup
+    Console(stderr=True).print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -138,11 +178,13 @@ def _print_outcomes(outcomes, *, what: str, extra: str = "", files: dict | None 
 
     from weakstil.runs.runner import counts, summarize
 
-    console = Console(stderr=True)
+    from weakstil.textout import emit
+
     shown = [replace(o, key=files.get(o.key, o.key)) if files and o.status == "failed" else o for o in outcomes]
-    console.print(summarize(shown))
+    emit(summarize(shown), stderr=True)
     n = counts(outcomes)
-    console.print(f"{what}: {n['done']} done, {n['skipped']} skipped, {n['failed']} failed{extra}")
+    Console(stderr=True, highlight=False, soft_wrap=True).print(
+        f"{what}: {n['done']} done, {n['skipped']} skipped, {n['failed']} failed{extra}", markup=False)
 
 
 EncoderOpt = Annotated[str, typer.Option(help="Encoder name (see `weakstil encoders`).")]

@@ -12,6 +12,7 @@ from weakstil.cli.app import (
     BackendOpt,
     ConfigOpt,
     ForceMppOpt,
+    HeatmapMppOpt,
     MppCsvOpt,
     MppOpt,
     QuietOpt,
@@ -21,7 +22,10 @@ from weakstil.cli.app import (
     _print_outcomes,
     app,
 )
+from weakstil.cli import checks
 from weakstil.errors import WeakstilError
+
+RESULTS_FIX = "give the folder `weakstil score --out` wrote (it holds scores.csv and slides/)"
 
 
 @app.command()
@@ -34,20 +38,25 @@ def heatmap(
     cutoff: Annotated[Optional[float], typer.Option(
         help="sTIL-high cut-off (%) for the GeoJSON classes (default: the one used when scoring).")] = None,
     backend: BackendOpt = Backend.auto,
-    mpp: MppOpt = None,
+    mpp: HeatmapMppOpt = None,
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
 ) -> None:
     """Rewrite the per-slide review files (heatmaps, GeoJSON, top tiles) from tiles.csv — no model needed."""
+    from weakstil.outputs.bundle import REGENERATE_FORMATS
     from weakstil.runs.batch import regenerate
 
-    formats = tuple(f.strip() for f in outputs.split(",") if f.strip())
     try:
+        formats = checks.formats(outputs, REGENERATE_FORMATS + ("csv",))
+        checks.existing_dir(results, "RESULTS", RESULTS_FIX)
+        checks.existing_dir(slides, "--slides", "give the folder holding the slides")
         outcomes = regenerate(results, slides, backend=backend.value, mpp=mpp, formats=formats, cutoff=cutoff,
                               progress=not quiet)
     except WeakstilError as exc:
         _fail(exc)
-    _print_outcomes(outcomes, what="heatmap")
+    _print_outcomes(outcomes, what="heatmap", extra=f"; files rewritten in {results / 'slides'}/<slide id>/")
+    view = f"weakstil view {results}" + (f" --slides {slides}" if slides else "")
+    typer.echo(checks.next_step(view), err=True)
     _exit_for(outcomes)
 
 
@@ -72,16 +81,23 @@ def view(
     mpp: MppOpt = None,
     force_mpp: ForceMppOpt = False,
     mpp_csv: MppCsvOpt = None,
+    labels: Annotated[Optional[Path], typer.Option(
+        "--labels", help="CSV of slide_id,patient_id,stil: a label column and model-vs-label figures in the "
+                         "cohort table (default: labels.csv in or beside RESULTS, if any).")] = None,
     open_browser: Annotated[bool, typer.Option("--open", help="Open the cohort page in a browser.")] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Local web viewer: cohort table, slides in deep zoom with the heatmap overlay. Read-only."""
     from weakstil.viewer import serve
 
-    kwargs = _open_kwargs(backend, mpp, force_mpp, mpp_csv)
     try:
+        checks.existing_dir(results, "RESULTS", RESULTS_FIX)
+        checks.existing_dir(slides, "--slides", "give the folder holding the slides")
+        if labels is not None:
+            checks.labels_file(labels)
+        kwargs = _open_kwargs(backend, mpp, force_mpp, mpp_csv)
         serve(results, slides, host=host, port=port, allow_remote=allow_remote, backend=kwargs["backend"],
               mpp=kwargs["mpp"], mpp_override=kwargs["mpp_override"], mpp_by_slide=kwargs["mpp_by_slide"],
-              open_browser=open_browser)
+              open_browser=open_browser, labels=labels)
     except WeakstilError as exc:
         _fail(exc)

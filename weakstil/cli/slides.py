@@ -38,7 +38,8 @@ from weakstil.cli.app import (
     _save_run_config,
     app,
 )
-from weakstil.errors import WeakstilError
+from weakstil.cli import checks
+from weakstil.errors import ConfigError, WeakstilError
 
 
 @app.command()
@@ -53,23 +54,28 @@ def check(
     config: ConfigOpt = None,
 ) -> None:
     """Preflight: which slides open, their vendor, mpp, size, levels and tissue; what is wrong with the rest."""
-    from rich.console import Console
-
+    from weakstil.textout import emit
     from weakstil.wsi.check import check_slides, check_table, write_check_csv
     from weakstil.wsi.slide import find_slides
 
     try:
         paths = find_slides(slides)
-        rows = check_slides(paths, qc_dir=qc_dir, **_open_kwargs(backend, mpp, force_mpp, mpp_csv))
+        open_kwargs = _open_kwargs(backend, mpp, force_mpp, mpp_csv)
+        if out.is_dir():
+            raise ConfigError(f"--out {out} is a folder", fix="give a file name, e.g. --out check.csv")
+        rows = check_slides(paths, qc_dir=qc_dir, **open_kwargs)
         write_check_csv(rows, out)
     except WeakstilError as exc:
         _fail(exc)
-    console = Console()
-    console.print(check_table(rows))
+    emit(check_table(rows))
     failed = [r for r in rows if r.status != "ok"]
-    console.print(f"{len(rows) - len(failed)} ok, {len(failed)} failed — table written to {out}")
+    qc = f"; tissue-mask pictures in {qc_dir}" if qc_dir else ""
+    typer.echo(f"check: {len(rows) - len(failed)} ok, {len(failed)} failed — table written to {out}{qc}")
     if failed:
+        typer.echo("next: fix what the problem / fix column says (e.g. --mpp, --mpp-csv), or go on: "
+                   f"`weakstil extract {slides}` skips slides that fail")
         raise typer.Exit(1)
+    typer.echo(checks.next_step(f"weakstil extract {slides} --features features"))
 
 
 def _extract_options(device, batch_size, read_workers, quiet):
@@ -127,6 +133,9 @@ def extract(
         spec = TileSpec(tile_px=tile_px, mpp=tile_mpp, overlap=overlap, min_tissue=min_tissue)
         tissue = TissueParams()
         sources = slide_sources(find_slides(slides), **_open_kwargs(backend, mpp, force_mpp, mpp_csv))
+        checks.existing_dir(roi, "--roi", "give the folder of <slide_id>.geojson files exported from QuPath")
+        checks.writable_dir(features, "--features")
+        checks.encoder(encoder, weights)
         opts = _extract_options(device, batch_size, read_workers, quiet)
         enc = create_encoder(encoder, weights)
 
@@ -146,6 +155,9 @@ def extract(
     n_tiles = sum(int(o.result or 0) for o in outcomes if o.status == "done")
     _print_outcomes(outcomes, what="extract", extra=f"; {n_tiles} new tiles; cache {cache.path}",
                     files=_file_names(sources, slides))
+    typer.echo(checks.next_step(f"weakstil train LABELS.csv --features {features} (labels: slide_id,patient_id,"
+                                f"stil), or with a trained model: weakstil score {slides} --model models/NAME "
+                                f"--features {features}"), err=True)
     _exit_for(outcomes)
 
 
@@ -182,9 +194,14 @@ def score(
     from weakstil.runs.batch import score_slides
     from weakstil.wsi.slide import find_slides
 
-    formats = tuple(f.strip() for f in outputs.split(",") if f.strip())
     try:
+        formats = checks.formats(outputs, checks.SCORE_FORMATS)
         sources = slide_sources(find_slides(slides), **_open_kwargs(backend, mpp, force_mpp, mpp_csv))
+        checks.model_dir(model)
+        checks.existing_dir(roi, "--roi", "give the folder of <slide_id>.geojson files exported from QuPath")
+        checks.writable_dir(out, "--out")
+        checks.writable_dir(features, "--features")
+        checks.weights_source(weights)
         opts = _extract_options(device, batch_size, read_workers, quiet)
         job_args = {"model": model, "features": features, "out": out, "weights": weights, "opts": opts,
                     "roi_dir": roi, "formats": formats, "lock": lock}
@@ -197,6 +214,7 @@ def score(
     except WeakstilError as exc:
         _fail(exc)
     _save_run_config(ctx, out / "config.yaml", values)
-    _print_outcomes(outcomes, what="score", extra=f"; scores in {out / 'scores.csv'}",
-                    files=_file_names(sources, slides))
+    _print_outcomes(outcomes, what="score", extra=f"; scores in {out / 'scores.csv'}, heatmaps and QuPath "
+                    f"files in {out / 'slides'}", files=_file_names(sources, slides))
+    typer.echo(checks.next_step(f"weakstil view {out} --slides {slides}"), err=True)
     _exit_for(outcomes)

@@ -14,6 +14,7 @@ from weakstil.cli.app import (
     _fail,
     app,
 )
+from weakstil.cli import checks
 from weakstil.errors import WeakstilError
 
 
@@ -36,17 +37,20 @@ def synth(
         root = synth_cohort(out, n=n, seed=seed, workers=workers, prefix=prefix, **kwargs)
     except WeakstilError as exc:
         _fail(exc)
-    typer.echo(f"wrote {n} slides to {root / 'slides'} and labels to {root / 'labels.csv'}")
+    typer.echo(f"synth: wrote {n} slides to {root / 'slides'} and their labels to {root / 'labels.csv'}")
+    typer.echo(checks.next_step(f"weakstil check {root / 'slides'}, then weakstil extract {root / 'slides'}"))
 
 
 @app.command()
 def encoders(config: ConfigOpt = None) -> None:
     """List the registered encoders: embedding size, input size, weight source and licence."""
-    from rich.console import Console
-
     from weakstil.embed.encoders import encoders_table, list_encoders
+    from weakstil.textout import emit
 
-    Console().print(encoders_table(list_encoders()))
+    specs = list_encoders()
+    emit(encoders_table(specs))
+    typer.echo(f"encoders: {len(specs)} registered (plus any timm model as timm:<name>)")
+    typer.echo(checks.next_step("weakstil extract SLIDES --encoder NAME [--weights file:/path/to/checkpoint]"))
 
 
 @app.command()

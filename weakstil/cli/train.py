@@ -18,6 +18,7 @@ from weakstil.cli.app import (
     _fail,
     app,
 )
+from weakstil.cli import checks
 from weakstil.errors import WeakstilError
 
 
@@ -39,10 +40,12 @@ def train(
     deploy: Annotated[Deploy, typer.Option(
         help="Deployed model: the ensemble of the fold models, or one final fit on all slides.")] = Deploy.ensemble,
     max_tiles: Annotated[int, typer.Option("--max-tiles", help="Random tiles per bag per training step.")] = 512,
-    max_epochs: Annotated[int, typer.Option("--max-epochs")] = 60,
+    max_epochs: Annotated[int, typer.Option(
+        "--max-epochs", help="Most passes over the training slides per fold (early stopping may end sooner).")] = 60,
     patience: Annotated[int, typer.Option(help="Epochs without a better validation R² before stopping.")] = 10,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
-    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 1e-2,
+    weight_decay: Annotated[float, typer.Option(
+        "--weight-decay", help="AdamW weight decay (L2 penalty on the weights; 0 turns it off).")] = 1e-2,
     high_cutoff: Annotated[float, typer.Option(
         "--high-cutoff", help="sTIL-high vs low cut-off (%) for the headline AUC.")] = 30.0,
     seed: Annotated[int, typer.Option(help="Random seed (folds, initialisation, tile sampling).")] = 0,
@@ -60,7 +63,12 @@ def train(
     values["config_file"] = ctx.meta.get("config_file")
     accelerator = {"auto": "auto", "cpu": "cpu"}.get(device, "gpu")
     aggregations = ["attention", "mean"] if aggregation == Aggregation.both else [aggregation.value]
+    names = [name] if len(aggregations) == 1 else [f"{name}-{a}" for a in aggregations]
     try:
+        checks.labels_file(labels)
+        checks.existing_dir(features, "--features", "run `weakstil extract SLIDES --features DIR` first, or "
+                                                    "point --features at the folder it wrote")
+        checks.new_model_dirs(models, names, overwrite)
         results = train_from_cache(
             labels, features, encoder=encoder, models_dir=models, name=name, aggregations=aggregations,
             n_folds=folds, folds_by=folds_by.value, deploy=deploy.value, max_tiles=max_tiles,
@@ -69,8 +77,17 @@ def train(
             progress=not quiet, run_info=plain_json(values))
     except WeakstilError as exc:
         _fail(exc)
-    from rich.console import Console
-
     from weakstil.mil.cohort import metrics_table
+    from weakstil.textout import emit
 
-    Console().print(metrics_table(results))
+    emit(metrics_table(results))
+    for run in results:
+        typer.echo(f"train: model {run.name} in {run.path} (model.ckpt, metrics.json, cv_predictions.csv, plots/)")
+    best = max(results, key=lambda r: _r2_or_worst(r.metrics))
+    typer.echo(checks.next_step(f"weakstil score SLIDES --model {best.path} --features {features} --out results"))
+
+
+def _r2_or_worst(metrics: dict) -> float:
+    """Pooled R² for choosing the model to suggest; NaN or missing ranks last."""
+    r2 = metrics.get("pooled", {}).get("r2")
+    return r2 if isinstance(r2, (int, float)) and r2 == r2 else float("-inf")

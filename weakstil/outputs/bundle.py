@@ -120,7 +120,7 @@ def locate_slide(item: ScoredSlide, slide_files: dict[str, Path] | None = None,
     if slide_files and item.slide_id in slide_files:
         return slide_files[item.slide_id]
     source = item.info.get("source_path")
-    if source and Path(source).is_file():
+    if source and Path(source).exists():  # a file, or a DICOM WSI folder
         return Path(source)
     where = f"not in {slides_dir}" if slides_dir is not None else "no --slides folder given"
     recorded = f"score.json's source_path {source} does not exist" if source else "score.json names no source_path"

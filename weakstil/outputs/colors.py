@@ -142,7 +142,7 @@ class LayerScale:
 LAYERS = {
     "prediction": LayerScale("prediction", "tile sTIL%", STIL_LABEL, DEFAULT_CMAP, 0.0, 100.0, False,
                              tuple(range(0, 101, 10)), tuple(str(v) for v in range(0, 101, 10)), False),
-    "attention": LayerScale("attention", "attention", "attention × N (1× = uniform 1/N)", "magma",
+    "attention": LayerScale("attention", "attention", "attention × N (1× = uniform 1/N)", "RdYlBu_r",
                             1 / 16, 16.0, True, (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1, 2, 4, 8, 16),
                             ("1/16×", "1/8×", "1/4×", "1/2×", "1×", "2×", "4×", "8×", "16×"), True),
     "contribution": LayerScale("contribution", "contribution", "contribution × N (sTIL% points)",

@@ -14,8 +14,9 @@ same on every slide:
   with colour-vision deficiency, and neither end is white or black, so no value looks like slide
   background or like the TIFF's "no prediction" white.
 * **attention**: shown as N × attention, i.e. relative to uniform weighting 1/N ("1×" = an average
-  tile, "4×" = four times its share), on a log2 scale from 1/16× to 16× (magma; values outside are
-  clipped to the ends). Raw attention shrinks with the number of tiles, N × attention does not, and
+  tile, "4×" = four times its share), on a log2 scale from 1/16× to 16× (RdYlBu_r, diverging about
+  1×: blue below average, pale yellow at 1×, red above, so the lowest weights are a saturated blue,
+  never the near-black of magma that reads as missing tissue; values outside are clipped to the ends). Raw attention shrinks with the number of tiles, N × attention does not, and
   a ratio scale is symmetric about 1× (1/4× is as far below average as 4× is above). With mean
   pooling every tile is 1×.
 * **contribution**: shown as N × contribution in sTIL% points — the points a tile would give the

@@ -11,8 +11,9 @@ loopback it also refuses requests whose ``Host`` is not a loopback name, so a we
 through DNS rebinding. Files are only ever found by listing the folders it was given (see
 ``results.py``); an unknown id, a ``..`` path, an absolute or encoded path gives 404.
 
-OpenSeadragon comes from the npm registry (``weakstil/viewer/package.json``), installed by
-``npm ci --prefix weakstil/viewer``; nothing is loaded from a CDN.
+OpenSeadragon is pinned by ``weakstil/viewer/package-lock.json`` and put into the package by the build
+(``setup.py`` fetches it from the npm registry and checks its integrity; no Node.js needed) under
+``weakstil/viewer/vendor/openseadragon/``; nothing is loaded from a CDN.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from weakstil.viewer.results import (
     LAYERS,
     REVIEW_FILES,
     discover_slides,
+    evaluation,
+    find_labels,
     legend,
 )
 
@@ -48,8 +51,8 @@ log = logging.getLogger(__name__)
 
 VIEWER_DIR = Path(__file__).resolve().parent
 STATIC_DIR = VIEWER_DIR / "static"
-OSD_DIR = VIEWER_DIR / "node_modules" / "openseadragon" / "build" / "openseadragon"
-NPM_COMMAND = "npm ci --prefix weakstil/viewer"
+OSD_DIR = VIEWER_DIR / "vendor" / "openseadragon"
+INSTALL_COMMAND = 'pip install -e ".[dev]"'
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 THUMB_PX = 320
 TILE_CACHE_ITEMS = 1024
@@ -64,8 +67,10 @@ class ViewerConfig:
     """What `weakstil view` serves and where.
 
     ``slides_dir``: folder (or file) of the slides; None looks for ``slides/`` beside ``results_dir``.
-    ``osd_dir``: OpenSeadragon's build folder (default: the npm install in ``weakstil/viewer``).
+    ``osd_dir``: OpenSeadragon's build folder (default: the copy the build put in ``weakstil/viewer/vendor``).
     ``check_assets``: refuse to start without OpenSeadragon (tests of the JSON API may turn it off).
+    ``labels``: a labels CSV (slide_id,patient_id,stil) for the cohort table; None looks for a
+    ``labels.csv`` in or beside ``results_dir``.
     """
 
     results_dir: Path
@@ -80,6 +85,7 @@ class ViewerConfig:
     osd_dir: Path = OSD_DIR
     check_assets: bool = True
     cache_dir: Path | None = None  # reduced copies of slides without a pyramid (default: a temp folder)
+    labels: Path | None = None  # labels.csv to show beside the scores (default: one in or beside the results)
 
     @classmethod
     def from_any(cls, config: ViewerConfig | Mapping[str, Any]) -> ViewerConfig:
@@ -121,12 +127,13 @@ def check_bind(host: str, allow_remote: bool) -> None:
 
 
 def check_assets(osd_dir: Path) -> None:
-    """OpenSeadragon must be installed from npm (not committed, never from a CDN)."""
+    """OpenSeadragon must be in the package (the build fetches it; never committed, never from a CDN)."""
     if not (Path(osd_dir) / "openseadragon.min.js").is_file():
         raise ConfigError(
             f"the viewer's JavaScript (OpenSeadragon) is not installed: {osd_dir} has no openseadragon.min.js",
-            fix=f"run `{NPM_COMMAND}` in the weakstil source folder (needs Node.js/npm; it installs the "
-                "versions pinned in weakstil/viewer/package-lock.json from the npm registry)",
+            fix=f"install weakstil from a wheel (`pip install weakstil-*.whl`), or run `{INSTALL_COMMAND}` "
+                "again in the source folder: the build fetches the version pinned in "
+                "weakstil/viewer/package-lock.json from the npm registry (no Node.js needed)",
         )
 
 
@@ -209,7 +216,7 @@ def create_app(config: ViewerConfig | Mapping[str, Any]):
     """The viewer as an ASGI app. ``config``: a ViewerConfig or a mapping of its fields.
 
     Raises ConfigError for a non-loopback host without ``allow_remote``, a missing results folder,
-    or OpenSeadragon not installed (``npm ci --prefix weakstil/viewer``).
+    or OpenSeadragon missing from the package (see ``check_assets``).
     """
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
@@ -232,7 +239,8 @@ def create_app(config: ViewerConfig | Mapping[str, Any]):
     slide_paths = confine_slides(slide_paths, slides_dir)
     open_kwargs = {"backend": cfg.backend, "mpp": cfg.mpp, "mpp_override": cfg.mpp_override,
                    "mpp_by_slide": cfg.mpp_by_slide}
-    cohort = ConfinedCohort(results_dir, slide_paths, open_kwargs)
+    labels, labels_file = find_labels(results_dir, cfg.labels)
+    cohort = ConfinedCohort(results_dir, slide_paths, open_kwargs, labels)
     reduced = ReducedLevels(cfg.cache_dir)  # coarse views of slides without a pyramid (#13)
     tile_cache = _LRU(TILE_CACHE_ITEMS)
     thumbs = _LRU(256)
@@ -286,7 +294,8 @@ def create_app(config: ViewerConfig | Mapping[str, Any]):
     def api_cohort(request):
         rows = [public_row(r) for r in cohort.rows()]
         return JSONResponse({"results_dir": str(results_dir), "slides_dir": str(slides_dir) if slides_dir else None,
-                             "has_label": cohort.has_label(), "slides": rows},
+                             "has_label": cohort.has_label(), "slides": rows, "evaluation": evaluation(rows),
+                             "labels_file": str(labels_file) if labels_file else None},
                             headers={"cache-control": "no-cache"})
 
     def api_slide(request):

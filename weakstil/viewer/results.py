@@ -26,7 +26,7 @@ from weakstil.outputs.colors import colormap_lut, layer_scale
 from weakstil.outputs.heatmap import FILENAMES
 from weakstil.outputs.tiles import TilesTable, read_tiles_csv
 from weakstil.viewer.deepzoom import TileLayer
-from weakstil.wsi.slide import find_slides, open_kwargs_for, open_slide
+from weakstil.wsi.slide import find_slides, open_kwargs_for, open_slide, slide_id_from_path
 
 log = logging.getLogger(__name__)
 
@@ -174,11 +174,17 @@ class OpenSlides:
 
 
 class Cohort:
-    """The results folder and the slides folder, as the viewer sees them."""
+    """The results folder and the slides folder, as the viewer sees them.
 
-    def __init__(self, results_dir: Path, slide_paths: dict[str, Path], open_kwargs: dict):
+    ``labels`` ({slide id: sTIL% label}, see :func:`find_labels`) fill the label column where
+    scores.csv has none.
+    """
+
+    def __init__(self, results_dir: Path, slide_paths: dict[str, Path], open_kwargs: dict,
+                 labels: dict[str, float] | None = None):
         self.results_dir = results_dir
         self.slide_paths = slide_paths
+        self.labels = dict(labels or {})
         self.slides = OpenSlides(open_kwargs)
         self._scores = _FileCache(maxsize=1)
         self._tiles = _FileCache(maxsize=32)
@@ -222,6 +228,10 @@ class Cohort:
                          "error": "", "label": None})
         for row in rows:
             sid = row["slide_id"]
+            if sid in self.labels:
+                row["label"] = self.labels[sid]
+            row["error_vs_label"] = (None if row.get("score") is None or row.get("label") is None
+                                     else row["score"] - row["label"])
             row["has_slide"] = sid in self.slide_paths
             row["has_tiles"] = sid in dirs and (dirs[sid] / FILENAMES["csv"]).is_file()
         return rows
@@ -232,7 +242,7 @@ class Cohort:
         return next((r for r in self.rows() if r["slide_id"] == slide_id), None)
 
     def has_label(self) -> bool:
-        return any("label" in r.get("_columns", ()) for r in self.score_rows()[:1])
+        return bool(self.labels) or any("label" in r.get("_columns", ()) for r in self.score_rows()[:1])
 
     def review_file(self, slide_id: str, name: str) -> Path | None:
         """results/slides/<id>/<name> if ``name`` is one of the review files and it exists."""
@@ -286,11 +296,54 @@ def discover_slides(results_dir: Path, slides_dir: Path | None) -> tuple[dict[st
     slide pages show the static pictures only.
     """
     if slides_dir is not None:
-        return {p.stem: p for p in find_slides(slides_dir)}, Path(slides_dir), "given"
+        return {slide_id_from_path(p): p for p in find_slides(slides_dir)}, Path(slides_dir), "given"
     guess = Path(os.path.abspath(results_dir)).parent / "slides"
     if guess.is_dir():
         try:
-            return {p.stem: p for p in find_slides(guess)}, guess, "beside the results folder"
+            return {slide_id_from_path(p): p for p in find_slides(guess)}, guess, "beside the results folder"
         except (FileNotFoundError, ValueError) as exc:
             log.warning("no slides under %s: %s", guess, exc)
     return {}, None, "none found"
+
+
+# --- labels and evaluation ---------------------------------------------------------------------------
+LABELS_CSV = "labels.csv"
+
+
+def find_labels(results_dir: Path, labels: Path | None = None) -> tuple[dict[str, float], Path | None]:
+    """({slide id: label sTIL%}, the file read) for the cohort table.
+
+    ``labels`` given: that file, validated like `weakstil train`'s (LabelsError on any problem).
+    Otherwise a ``labels.csv`` in the results folder or beside it, if there is one and it is valid
+    (a broken one is logged and ignored: the viewer still shows the scores).
+    """
+    from weakstil.errors import LabelsError
+    from weakstil.mil.labels import read_labels
+
+    if labels is not None:
+        table = read_labels(labels)
+        return dict(zip(table.slide_ids, table.stil.tolist())), Path(labels)
+    for candidate in (Path(results_dir) / LABELS_CSV, Path(os.path.abspath(results_dir)).parent / LABELS_CSV):
+        if candidate.is_file():
+            try:
+                table = read_labels(candidate)
+            except (LabelsError, OSError) as exc:
+                log.warning("ignoring %s: %s", candidate, exc)
+                continue
+            return dict(zip(table.slide_ids, table.stil.tolist())), candidate
+    return {}, None
+
+
+def evaluation(rows: list[dict]) -> dict | None:
+    """Score vs label over the slides that have both: n, R², Pearson r, MAE, AUC at 30 % (None if < 2)."""
+    from weakstil.mil.metrics import regression_metrics
+
+    pairs = [(r["label"], r["score"]) for r in rows
+             if r.get("label") is not None and r.get("score") is not None and r.get("status") == "ok"]
+    if len(pairs) < 2:
+        return None
+    labels, scores = zip(*pairs)
+    metrics = regression_metrics(labels, scores, cutoffs=(30.0,))
+    return {key: (None if isinstance(value, float) and not math.isfinite(value) else value)
+            for key, value in metrics.items() if key in ("n", "r2", "pearson", "mae", "auc@30")}
+

@@ -101,10 +101,12 @@ def check_slide(path: Path, *, backend: str = "auto", mpp: float | None = None, 
             row.width, row.height = slide.dimensions
             row.levels, row.objective_power = slide.level_count, slide.objective_power
             thumb, ds_xy = tissue_thumbnail(slide, tissue)
-            mask = tissue_mask(thumb, mpp_thumb=slide.mpp * (ds_xy[0] + ds_xy[1]) / 2.0, params=tissue)
+            mpp_thumb = slide.mpp * (ds_xy[0] + ds_xy[1]) / 2.0
+            mask = tissue_mask(thumb, mpp_thumb=mpp_thumb, params=tissue)
             row.tissue_fraction = round(float(mask.mean()), 4)
             if qc_dir is not None:
-                save_mask_qc(thumb, mask, Path(qc_dir) / f"{row.slide_id}.png")
+                save_mask_qc(thumb, mask, Path(qc_dir) / f"{row.slide_id}.png", slide_id=row.slide_id,
+                             mpp_thumb=mpp_thumb)
         row.status = "ok"
     except WeakstilError as exc:
         row.reason, row.fix = f"{exc.reason}: {exc.problem}", exc.fix

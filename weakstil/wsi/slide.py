@@ -8,6 +8,9 @@ Region semantics (both backends): ``read_region(xy_l0, level, size)`` returns th
 level pixels whose top-left pixel is ``floor(xy_l0 / downsample)``; pixels outside the slide are
 white. (OpenSlide itself interpolates when ``xy_l0 / downsample`` is fractional, TiffSlide truncates;
 snapping to a whole level pixel first makes the two agree.)
+
+DICOM WSI: a folder of ``.dcm`` files (one slide, as scanners and PACS export it) is one slide; its
+id is the folder's name. OpenSlide 4 reads it from any ``.dcm`` file of the folder.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ SLIDE_SUFFIXES: tuple[str, ...] = (
     ".png", ".jpg", ".jpeg",
 )
 OPENSLIDE_ONLY_SUFFIXES: tuple[str, ...] = (".mrxs", ".vms", ".vmu", ".svslide")
+DICOM_SUFFIX = ".dcm"  # a folder of these is one DICOM WSI slide
 BACKENDS: tuple[str, ...] = ("auto", "openslide", "tiffslide", "image")
 ANISOTROPY_TOLERANCE = 0.02  # relative difference of mpp-x and mpp-y above which a slide is refused
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -60,29 +64,50 @@ _THUMB_BAND_BYTES = 64 * 2**20
 
 # --- finding slides ---------------------------------------------------------------------------
 def slide_id_from_path(path: str | Path) -> str:
-    """The slide id: the file stem (``slides/TCGA-XX.svs`` → ``TCGA-XX``)."""
-    return Path(path).stem
+    """The slide id: the file stem (``slides/TCGA-XX.svs`` → ``TCGA-XX``), or the folder name of a
+    DICOM WSI folder (``slides/TCGA-YY/*.dcm`` → ``TCGA-YY``)."""
+    path = Path(path)
+    return path.name if path.is_dir() else path.stem
+
+
+def is_dicom_folder(path: str | Path) -> bool:
+    """True for a folder that directly holds ``.dcm`` files (one DICOM WSI slide)."""
+    path = Path(path)
+    return path.is_dir() and any(p.suffix.lower() == DICOM_SUFFIX and p.is_file() for p in path.iterdir())
+
+
+def dicom_file_of(folder: Path) -> Path:
+    """One ``.dcm`` file of a DICOM WSI folder (OpenSlide finds the rest of the slide from it)."""
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() == DICOM_SUFFIX and p.is_file())
+    if not files:
+        raise SlideNotFoundError("the folder holds no .dcm files", path=folder)
+    return files[0]
 
 
 def find_slides(path: str | Path) -> list[Path]:
-    """Slide files under a folder (recursive, sorted, hidden files skipped) or the one file given.
+    """Slides under a folder (recursive, sorted, hidden files skipped) or the one slide given.
 
-    Raises SlideNotFoundError when the path is missing or a folder holds no slide file, and
-    DuplicateSlideIdError when two files share a stem (the slide id).
+    A slide is a file with a slide suffix, or a folder of ``.dcm`` files (DICOM WSI; a ``.dcm`` file
+    given alone stands for its folder). Raises SlideNotFoundError when the path is missing or holds no
+    slide, and DuplicateSlideIdError when two slides share an id (file stem or DICOM folder name).
     """
     path = Path(path)
     if path.is_file():
-        return [path]
+        return [path.parent if path.suffix.lower() == DICOM_SUFFIX else path]
     if not path.is_dir():
         raise SlideNotFoundError("no such file or folder", path=path)
-    found = sorted(
-        p for p in path.rglob("*")
-        if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    )
+    if is_dicom_folder(path):
+        return [path]
+    visible = [p for p in path.rglob("*") if not any(part.startswith(".") for part in p.relative_to(path).parts)]
+    dicom_dirs = {p.parent for p in visible if p.suffix.lower() == DICOM_SUFFIX and p.is_file()}
+    found = sorted(dicom_dirs | {
+        p for p in visible
+        if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file() and not dicom_dirs.intersection(p.parents)
+    })
     if not found:
         raise SlideNotFoundError(
-            f"the folder holds no slide files (looked for {' '.join(SLIDE_SUFFIXES)})", path=path
+            f"the folder holds no slide files (looked for {' '.join(SLIDE_SUFFIXES)}, and for folders of "
+            f"{DICOM_SUFFIX} files: DICOM WSI)", path=path
         )
     by_id: dict[str, list[Path]] = {}
     for p in found:
@@ -282,8 +307,10 @@ def open_slide(path: str | Path, *, backend: str = "auto", mpp: float | None = N
                           fix="pass --mpp 0.25 (40x scans are ~0.25, 20x ~0.5)")
     if mpp_override and mpp is None:
         raise ConfigError("mpp_override=True needs an mpp value", fix="pass --mpp together with the override")
-    kind = _sniff(path)
-    if path.suffix.lower() not in SLIDE_SUFFIXES:
+    if path.suffix.lower() == DICOM_SUFFIX and path.is_file():
+        path = path.parent
+    kind = "dicom" if is_dicom_folder(path) else _sniff(path)
+    if kind != "dicom" and path.suffix.lower() not in SLIDE_SUFFIXES:
         raise UnsupportedFormatError(
             f"unknown slide suffix {path.suffix.lower()!r}; weakstil reads {' '.join(SLIDE_SUFFIXES)}", path=path)
     if kind == "tiff":
@@ -320,6 +347,8 @@ def _sniff(path: Path) -> str:
 
 
 def _open_reader(path: Path, backend: str, kind: str):
+    if kind == "dicom":
+        return _open_dicom(path, backend)
     suffix = path.suffix.lower()
     openslide = openslide_module()
     recognised = openslide is not None and bool(openslide.OpenSlide.detect_format(str(path)))
@@ -343,6 +372,22 @@ def _open_reader(path: Path, backend: str, kind: str):
         return ImageReader.open(path)
     raise UnsupportedFormatError(f"the {backend} backend reads TIFF-based slides only; this is a "
                                  "PNG/JPEG image", path=path, fix="use --backend auto or image")
+
+
+def _open_dicom(folder: Path, backend: str):
+    """A DICOM WSI folder through OpenSlide 4 (from any of its .dcm files)."""
+    if backend not in ("auto", "openslide"):
+        raise UnsupportedFormatError(f"the {backend} backend does not read DICOM WSI", path=folder,
+                                     fix="use --backend auto or openslide (OpenSlide 4 reads DICOM)")
+    openslide = openslide_module()
+    dcm = dicom_file_of(folder)
+    if openslide is None or openslide.OpenSlide.detect_format(str(dcm)) != "dicom":
+        why = "OpenSlide is not available" if openslide is None else f"OpenSlide does not recognise {dcm.name}"
+        raise UnsupportedFormatError(
+            f"this DICOM folder cannot be read as a whole-slide image ({why})", path=folder,
+            fix="install openslide-bin>=4.0 (OpenSlide 4 reads DICOM WSI); the folder must hold the .dcm "
+                "files of one slide (VL Whole Slide Microscopy Image objects)")
+    return OpenSlideReader.open(dcm)
 
 
 # --- resolution -------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ from weakstil.errors import ConfigError, RoiError
 
 QC_TISSUE_RGB = (0, 170, 0)
 QC_ROI_RGB = (0, 90, 255)
+QC_TILE_RGB = (255, 190, 0)  # amber: the tile grid
+QC_HALO_RGB = (20, 20, 20)  # a dark line either side of an outline, so it shows on pink and on white
 QC_MIN_PX = 512  # small thumbnails are enlarged (nearest) to at least this for the QC picture
 
 
@@ -263,32 +265,127 @@ def outline(mask: np.ndarray, width: int = 1) -> np.ndarray:
     return mask & ~inner
 
 
-def mask_qc_image(thumb: np.ndarray, mask: np.ndarray, roi: np.ndarray | None = None) -> np.ndarray:
-    """(h, w, 3) uint8: the thumbnail, non-tissue dimmed, tissue outline green, ROI outline blue.
+def mask_qc_image(thumb: np.ndarray, mask: np.ndarray, roi: np.ndarray | None = None, *,
+                  tiles_thumb: np.ndarray | None = None) -> np.ndarray:
+    """(h, w, 3) uint8: the thumbnail, non-tissue dimmed, the tissue outline green with a dark halo
+    (visible on pink tissue and on white glass alike), the ROI outline blue, and the tile grid in
+    amber when ``tiles_thumb`` (N, 4: x0, y0, x1, y1 in thumbnail pixels) is given.
 
     Thumbnails whose longer side is under QC_MIN_PX are enlarged (nearest) so outlines stay visible.
     """
+    from PIL import Image, ImageDraw
+
     thumb = np.asarray(thumb)[..., :3]
     if thumb.shape[:2] != np.shape(mask) or (roi is not None and np.shape(roi) != np.shape(mask)):
         raise ValueError(f"thumbnail {thumb.shape[:2]}, mask {np.shape(mask)} and ROI must have the same size")
-    scale = max(1, -(-QC_MIN_PX // max(1, max(thumb.shape[:2]))))
+    scale = qc_scale(thumb.shape[:2])
     grow = (lambda a: np.repeat(np.repeat(a, scale, axis=0), scale, axis=1)) if scale > 1 else (lambda a: a)
     image, mask = grow(thumb).astype(np.float32), grow(np.asarray(mask, bool))
     image[~mask] = image[~mask] * 0.6 + 255 * 0.4
-    width = max(1, max(mask.shape) // 600)
-    image[outline(mask, width)] = QC_TISSUE_RGB
-    if roi is not None:
-        image[outline(grow(np.asarray(roi, bool)), width)] = QC_ROI_RGB
+    if tiles_thumb is not None and len(tiles_thumb):
+        canvas = Image.fromarray(image.astype(np.uint8))
+        draw = ImageDraw.Draw(canvas)
+        for x0, y0, x1, y1 in np.asarray(tiles_thumb, dtype=np.float64) * scale:
+            draw.rectangle((round(x0), round(y0), round(x1) - 1, round(y1) - 1), outline=QC_TILE_RGB)
+        image = np.asarray(canvas).astype(np.float32)
+    width = max(2, max(mask.shape) // 400)
+    for region, rgb in ((mask, QC_TISSUE_RGB), (None if roi is None else grow(np.asarray(roi, bool)), QC_ROI_RGB)):
+        if region is None:
+            continue
+        edge = outline(region, width)
+        image[ndimage.binary_dilation(edge, iterations=1) & ~edge] = QC_HALO_RGB
+        image[edge] = rgb
     return image.astype(np.uint8)
 
 
-def save_mask_qc(thumb: np.ndarray, mask: np.ndarray, path: str | Path, roi: np.ndarray | None = None) -> Path:
-    """Write :func:`mask_qc_image` as a PNG (written to a temporary name, then renamed into place)."""
+def qc_scale(shape: Sequence[int]) -> int:
+    """The whole-number enlargement of a thumbnail of ``shape`` in the QC picture."""
+    return max(1, -(-QC_MIN_PX // max(1, max(shape[:2]))))
+
+
+def _nice_length_um(um_per_px: float, target_px: float) -> float:
+    """A round length (1, 2 or 5 × 10^k µm) close to ``target_px`` pixels."""
+    raw = um_per_px * target_px
+    base = 10 ** np.floor(np.log10(raw))
+    return float(max((m * base for m in (1, 2, 5, 10) if m * base <= raw), default=base))
+
+
+def _qc_font(size: int):
+    """DejaVu Sans from matplotlib (it has µ and ×), else Pillow's default font."""
+    from PIL import ImageFont
+
+    try:
+        import matplotlib
+
+        return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), size)
+    except (ImportError, OSError):
+        return ImageFont.load_default(size=size)
+
+
+def qc_annotate(image: np.ndarray, *, slide_id: str, um_per_px: float | None = None, n_tiles: int | None = None,
+                tissue_fraction: float | None = None, has_roi: bool = False) -> np.ndarray:
+    """The QC picture with a header (slide id, tissue %, tiles; a legend of the lines) and a scale bar."""
+    from PIL import Image, ImageDraw
+
+    h, w = image.shape[:2]
+    size = max(13, min(22, w // 45))
+    font, small = _qc_font(size), _qc_font(size - 2)
+    band = int(size * 3.4)
+    out = Image.new("RGB", (w, h + band), "white")
+    out.paste(Image.fromarray(image), (0, band))
+    draw = ImageDraw.Draw(out)
+    facts = [slide_id]
+    if tissue_fraction is not None:
+        facts.append(f"tissue {tissue_fraction:.0%}")
+    if n_tiles is not None:
+        facts.append(f"{n_tiles:,} tiles")
+    draw.text((8, 4), "  ·  ".join(facts), fill=(0, 0, 0), font=font)
+    x, y = 8, 4 + int(size * 1.6)
+    legend = [(QC_TISSUE_RGB, "tissue outline"), ((200, 200, 200), "dimmed: not tissue")]
+    if n_tiles is not None:
+        legend.insert(1, (QC_TILE_RGB, "tiles kept"))
+    if has_roi:
+        legend.insert(1, (QC_ROI_RGB, "ROI"))
+    for rgb, text in legend:
+        draw.rectangle((x, y + 2, x + size, y + size - 2), fill=rgb, outline=QC_HALO_RGB)
+        draw.text((x + size + 5, y), text, fill=(40, 40, 40), font=small)
+        x += size + 5 + int(draw.textlength(text, font=small)) + 18
+    if um_per_px:
+        length_um = _nice_length_um(um_per_px, w / 5)
+        bar_px = int(round(length_um / um_per_px))
+        label = f"{length_um / 1000:g} mm" if length_um >= 1000 else f"{length_um:g} µm"
+        x0, y0 = 10, h + band - 14
+        draw.rectangle((x0 - 4, y0 - size - 8, x0 + max(bar_px, int(draw.textlength(label, font=small))) + 4, y0 + 8),
+                       fill=(255, 255, 255))
+        draw.rectangle((x0, y0, x0 + bar_px, y0 + 4), fill=(0, 0, 0))
+        draw.text((x0, y0 - size - 4), label, fill=(0, 0, 0), font=small)
+    return np.asarray(out)
+
+
+def save_mask_qc(thumb: np.ndarray, mask: np.ndarray, path: str | Path, roi: np.ndarray | None = None, *,
+                 slide_id: str | None = None, mpp_thumb: float | None = None, grid: Any = None) -> Path:
+    """Write the QC picture (:func:`mask_qc_image` + :func:`qc_annotate`) as a PNG, written to a
+    temporary name and renamed into place.
+
+    ``slide_id`` defaults to the file name's stem; ``mpp_thumb`` (µm per thumbnail pixel) adds a
+    scale bar; ``grid`` (a :class:`weakstil.wsi.tiling.TileGrid`) adds the tile grid and the count.
+    """
     from PIL import Image
 
     from weakstil.fs import atomic_path
 
     path = Path(path)
+    tiles_thumb = None
+    if grid is not None:
+        ds_x, ds_y = grid.mask_downsample_xy
+        xy = np.asarray(grid.coords_l0, dtype=np.float64).reshape(-1, 2)
+        tiles_thumb = np.column_stack([xy[:, 0] / ds_x, xy[:, 1] / ds_y, (xy[:, 0] + grid.size_l0) / ds_x,
+                                       (xy[:, 1] + grid.size_l0) / ds_y])
+    image = mask_qc_image(thumb, mask, roi, tiles_thumb=tiles_thumb)
+    scale = qc_scale(np.shape(mask))
+    image = qc_annotate(image, slide_id=slide_id or path.stem, um_per_px=mpp_thumb / scale if mpp_thumb else None,
+                        n_tiles=None if grid is None else len(tiles_thumb),
+                        tissue_fraction=float(np.mean(mask)) if np.size(mask) else None, has_roi=roi is not None)
     with atomic_path(path) as tmp:
-        Image.fromarray(mask_qc_image(thumb, mask, roi)).save(tmp, format="PNG")
+        Image.fromarray(image).save(tmp, format="PNG")
     return path

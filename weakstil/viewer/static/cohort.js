@@ -43,7 +43,12 @@
         el("td", {}, [link]),
         el("td", { className: "num score", textContent: fmt(row.score, 1) }),
       ];
-      if (state.hasLabel) cells.push(el("td", { className: "num label", textContent: fmt(row.label, 1) }));
+      if (state.hasLabel) {
+        const diff = row.error_vs_label;
+        cells.push(el("td", { className: "num label", textContent: fmt(row.label, 1) }),
+                   el("td", { className: "num diff", textContent: diff === null || diff === undefined ? "–"
+                     : (diff >= 0 ? "+" : "−") + Math.abs(diff).toFixed(1) }));
+      }
       cells.push(el("td", { className: "num", textContent: fmt(row.n_tiles, 0) }), status);
       const tr = el("tr", { className: "clickable" }, cells);
       tr.dataset.slideId = row.slide_id;
@@ -70,6 +75,16 @@
     return text;
   }
 
+  function evaluationText(data) {
+    const e = data.evaluation;
+    if (!e) return null;
+    const f = (v, d) => (v === null || v === undefined ? "–" : Number(v).toFixed(d));
+    const source = data.labels_file ? `labels: ${data.labels_file}` : "labels: scores.csv";
+    return `Model vs labels over ${e.n} scored slides — R² ${f(e.r2, 2)} · Pearson r ${f(e.pearson, 2)} · ` +
+           `mean absolute error ${f(e.mae, 1)} sTIL% points · AUC (sTIL ≥ 30 %) ${f(e["auc@30"], 2)} (${source})` +
+           (e.n < 10 ? ` — only ${e.n} slides: indicative, not an evaluation` : "");
+  }
+
   async function load() {
     try {
       const response = await fetch("/api/cohort", { headers: { accept: "application/json" } });
@@ -79,6 +94,12 @@
       state.hasLabel = data.has_label;
       for (const node of document.querySelectorAll(".label-col")) node.hidden = !data.has_label;
       document.getElementById("summary").textContent = summary(data);
+      const evaluation = evaluationText(data);
+      if (evaluation) {
+        const box = document.getElementById("evaluation");
+        box.textContent = evaluation;
+        box.hidden = false;
+      }
       render();
       document.body.dataset.ready = "1";
     } catch (err) {
@@ -92,7 +113,7 @@
     for (const button of document.querySelectorAll("#cohort th button")) {
       button.addEventListener("click", () => {
         const key = button.dataset.sort;
-        state.dir = state.key === key ? -state.dir : (key === "score" || key === "label" ? -1 : 1);
+        state.dir = state.key === key ? -state.dir : (key === "score" || key === "label" || key === "error_vs_label" ? -1 : 1);
         state.key = key;
         render();
       });

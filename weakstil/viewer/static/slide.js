@@ -1,12 +1,13 @@
 // Slide page: the slide in OpenSeadragon (Deep Zoom tiles from the server), a heatmap layer on top
-// (prediction on the fixed 0-100 sTIL% scale, attention, contribution), opacity, legend, tile values.
+// (prediction on the fixed 0-100 sTIL% scale, attention, contribution), opacity, legend, tile values,
+// a scale bar in µm and the overview (navigator) in the side panel, where it covers no tissue.
 "use strict";
 
 (function () {
   const slideId = decodeURIComponent(window.location.pathname.replace(/^\/slides\//, ""));
   const api = "/api/slides/" + encodeURIComponent(slideId);
   const state = { info: null, viewer: null, slideItem: null, overlay: null, layer: null, on: true,
-                  opacity: 0.5, tiles: null, buckets: null, bucket: 1, pinned: null, marker: null };
+                  opacity: 0.7, tiles: null, buckets: null, bucket: 1, pinned: null, marker: null };
 
   const $ = (id) => document.getElementById(id);
 
@@ -17,7 +18,12 @@
   function facts(info) {
     const s = info.slide;
     const parts = [`sTIL % ${fmt(s.score, 1)}`];
-    if (s.label !== null && s.label !== undefined) parts.push(`label ${fmt(s.label, 1)}`);
+    if (s.label !== null && s.label !== undefined) {
+      parts.push(`label ${fmt(s.label, 1)}`);
+      if (s.error_vs_label !== null && s.error_vs_label !== undefined) {
+        parts.push(`model − label ${s.error_vs_label >= 0 ? "+" : ""}${fmt(s.error_vs_label, 1)}`);
+      }
+    }
     parts.push(`status ${s.status || "–"}`);
     if (info.n_tiles !== undefined) parts.push(`${info.n_tiles} tiles`);
     if (info.image) {
@@ -33,8 +39,9 @@
     // Fixed scales (weakstil.heatmap.LAYERS), the same on every slide: labelled ticks at their place
     // on the bar, thinned so that neighbours keep at least MIN_GAP % apart (the ends always shown).
     const MIN_GAP = 16;
-    const bar = $("legend-bar");
-    bar.style.background = `linear-gradient(to right, ${layer.colors.join(", ")})`;
+    // The ramp sits on a tissue-coloured strip at the overlay's opacity: the legend shows the colours
+    // as they look on the slide, not the pure colours, which no tile shows once blended.
+    $("legend-ramp").style.background = `linear-gradient(to right, ${layer.colors.join(", ")})`;
     const shown = [];
     layer.ticks.forEach((tick, k) => {
       const last = k === layer.ticks.length - 1;
@@ -89,7 +96,27 @@
   function setOpacity(percent) {
     state.opacity = percent / 100;
     $("opacity-value").textContent = `${percent}%`;
+    $("legend-ramp").style.opacity = String(state.opacity);
+    $("legend-blend").textContent = `colours as drawn over tissue at ${percent}% opacity`;
     if (state.overlay && state.on) state.overlay.setOpacity(state.opacity);
+  }
+
+  // --- scale bar --------------------------------------------------------------------------------------
+  const NICE_UM = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000];
+
+  function updateScaleBar() {
+    const mpp = state.info && state.info.image && state.info.image.mpp;
+    const box = $("scalebar");
+    if (!state.slideItem) return;
+    box.hidden = false;
+    if (!mpp) { $("scalebar-label").textContent = "scale unknown (no mpp)"; $("scalebar-bar").style.width = "0"; return; }
+    // screen pixels per level-0 image pixel at the current zoom
+    const screenPerImage = state.slideItem.viewportToImageZoom(state.viewer.viewport.getZoom(true));
+    const umPerScreenPx = mpp / screenPerImage;
+    const um = NICE_UM.find((v) => v / umPerScreenPx >= 80) || NICE_UM[NICE_UM.length - 1];
+    $("scalebar-bar").style.width = `${Math.round(um / umPerScreenPx)}px`;
+    $("scalebar-label").textContent = um >= 1000 ? `${um / 1000} mm` : `${um} µm`;
+    box.dataset.um = String(um);
   }
 
   // --- tile values -----------------------------------------------------------------------------------
@@ -122,10 +149,25 @@
     $("ti-xy").textContent = `${Math.round(x)}, ${Math.round(y)}`;
     const t = state.tiles;
     $("ti-prediction").textContent = i < 0 ? "no tile here" : fmt(t.prediction[i], 1);
-    $("ti-attention").textContent = i < 0 ? "–" : (t.attention[i] === null ? "–" :
-      `${t.attention[i].toPrecision(3)} (${(t.attention[i] * t.x.length).toFixed(2)}× mean)`);
-    $("ti-contribution").textContent = i < 0 || t.contribution[i] === null ? "–" :
-      `${t.contribution[i].toPrecision(3)} (× N: ${(t.contribution[i] * t.x.length).toFixed(1)} sTIL% points)`;
+    $("ti-attention").textContent = i < 0 || t.attention[i] === null ? "–" : weightText(t.attention[i] * t.x.length);
+    $("ti-contribution").textContent = i < 0 || t.contribution[i] === null ? "–" : contributionText(t.contribution[i]);
+  }
+
+  function weightText(relative) {
+    // attention × N: 1 = the weight every tile would get if all counted the same
+    if (!(relative > 0)) return "no weight (does not count)";
+    if (relative >= 0.995 && relative < 1.005) return "as much as an average tile";
+    return relative >= 1 ? `${relative.toFixed(relative >= 10 ? 0 : 1)}× an average tile's weight`
+                         : `${(1 / relative).toFixed(relative <= 0.1 ? 0 : 1)}× less than an average tile`;
+  }
+
+  function contributionText(points) {
+    // contribution = attention × tile sTIL%: the tile's share of the slide score, in sTIL% points
+    const score = state.info.slide.score;
+    const digits = points >= 1 ? 1 : points >= 0.1 ? 2 : 3;
+    let text = `adds ${points.toFixed(digits)} sTIL% points to the slide score`;
+    if (score) text += ` (${fmt(score, 1)}; ${(100 * points / score).toFixed(points / score >= 0.01 ? 0 : 1)}% of it)`;
+    return text;
   }
 
   function imagePoint(position) {
@@ -153,7 +195,7 @@
       tileSources: info.image.dzi,
       drawer: "canvas",
       showNavigator: true,
-      navigatorPosition: "BOTTOM_RIGHT",
+      navigatorId: "navigator",
       maxZoomPixelRatio: 4,
       visibilityRatio: 0.5,
       gestureSettingsMouse: { clickToZoom: false, dblClickToZoom: true },
@@ -162,8 +204,11 @@
     viewer.addOnceHandler("open", () => {
       state.slideItem = viewer.world.getItemAt(0);
       document.body.dataset.open = "1";
+      updateScaleBar();
       if (state.info.layers.length) setLayer(state.layer ? state.layer.layer : state.info.layers[0].layer);
     });
+    viewer.addHandler("animation", updateScaleBar);
+    viewer.addHandler("resize", updateScaleBar);
     viewer.addHandler("open-failed", (event) => {
       $("facts").textContent += " · could not open the slide: " + (event.message || "error");
     });
@@ -257,7 +302,7 @@
   }
 
   // for people poking at it in the console, and for the browser test
-  window.weakstilViewer = { state, setLayer, setOverlayVisible, setOpacity, tileAt };
+  window.weakstilViewer = { state, setLayer, setOverlayVisible, setOpacity, tileAt, updateScaleBar };
 
   document.addEventListener("DOMContentLoaded", () => {
     load().catch((err) => {
