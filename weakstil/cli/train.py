@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,7 +13,6 @@ from weakstil.cli.app import (
     ConfigOpt,
     Deploy,
     DeviceOpt,
-    FeaturesOpt,
     FoldsBy,
     QuietOpt,
     _fail,
@@ -21,11 +21,19 @@ from weakstil.cli.app import (
 from weakstil.errors import WeakstilError
 
 
+class CV(str, Enum):
+    kfold = "kfold"
+    leave_center_out = "leave-center-out"
+
+
 @app.command()
 def train(
     ctx: typer.Context,
-    labels: Annotated[Path, typer.Argument(help="CSV of slide_id,patient_id,stil[,center] (sTIL% 0-100).")],
-    features: FeaturesOpt = Path("features"),
+    labels: Annotated[list[Path], typer.Argument(
+        help="CSV(s) of slide_id,patient_id,stil[,center][,cohort] (sTIL% 0-100); several files = several cohorts.")],
+    features: Annotated[list[Path], typer.Option(
+        "--features", help="Feature cache folder (or one .zarr store); repeat for cohorts in several caches.")] = [
+        Path("features")],
     encoder: Annotated[Optional[str], typer.Option(
         help="Which encoder's cache to use when --features holds several.")] = None,
     name: Annotated[str, typer.Option("--name", help="Model name: written to MODELS/NAME/.")] = "stil",
@@ -48,10 +56,14 @@ def train(
     seed: Annotated[int, typer.Option(help="Random seed (folds, initialisation, tile sampling).")] = 0,
     device: DeviceOpt = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing model of that name.")] = False,
+    init: Annotated[Optional[Path], typer.Option(
+        "--init", help="Warm start: fine-tune this model folder (same encoder and tiling) on the labels.")] = None,
+    cv: Annotated[CV, typer.Option(
+        "--cv", help="kfold (--folds, --folds-by) or leave-center-out (one fold per cohort/center).")] = CV.kfold,
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Cross-validated MIL regression on slide-level sTIL% labels; writes models/NAME/."""
+    """Cross-validated MIL regression on slide-level sTIL% labels; writes models/NAME/ (+ model card)."""
     values = dict(locals())  # the options only: taken before the imports below add names
     values.pop("ctx")
     from weakstil.config import to_plain
@@ -66,7 +78,7 @@ def train(
             n_folds=folds, folds_by=folds_by.value, deploy=deploy.value, max_tiles=max_tiles,
             max_epochs=max_epochs, patience=patience, lr=lr, weight_decay=weight_decay,
             high_cutoff=high_cutoff, seed=seed, accelerator=accelerator, overwrite=overwrite,
-            progress=not quiet, run_info=to_plain(values))
+            progress=not quiet, run_info=to_plain(values), init=init, cv=cv.value)
     except WeakstilError as exc:
         _fail(exc)
     from rich.console import Console

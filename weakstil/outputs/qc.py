@@ -1,0 +1,205 @@
+"""QC and out-of-distribution flags on every score (the ``qc`` column of scores.csv).
+
+Pure functions over numbers and arrays. Training calls :func:`build_reference` on its own slides and
+writes the result next to the model (``qc_reference.json``); scoring calls :func:`slide_flags` for each
+slide against that reference. A slide gets zero or more flags, joined with ``;`` (empty = fine):
+
+* ``low-tissue``: fewer tiles than ``min_tiles`` = max(``MIN_TILES_FLOOR``, ``MIN_TILES_FRACTION`` ×
+  the 5th percentile of the training slides' tile counts). Too little tissue to trust an average.
+* ``mpp-out-of-range``: the slide's scan resolution lies outside the training slides' range widened
+  by ``MPP_TOLERANCE`` (relative). Tiles are resampled to the model's µm/px, but a scan much coarser
+  than any in training has lost detail the model relied on.
+* ``out-of-distribution``: the slide's mean tile embedding is far from the training cohort. The
+  distance is the root-mean-square z-score over embedding dimensions (a Mahalanobis distance with a
+  diagonal covariance; each dimension's SD is floored at ``STD_FLOOR`` × the median SD so that a
+  near-constant dimension cannot dominate). The threshold is the ``OOD_PERCENTILE`` percentile of the
+  training slides' own leave-one-out distances (each slide against the mean and SD of the others),
+  so about 1 % of slides like the training ones are flagged. A stain, scanner or tissue type unlike
+  training shifts the mean embedding and is caught; a subtle shift in a few tiles is not.
+* ``ensemble-disagreement``: the SD of the fold members' slide scores exceeds ``max_member_sd`` =
+  max(``DISAGREE_MIN_SD``, ``DISAGREE_FACTOR`` × the 99th percentile of that SD over the training
+  slides). Members agree on slides like their training data and drift apart elsewhere.
+
+A model trained before QC existed has no reference: its scores get the single flag ``no-reference``
+(we cannot say the slide is fine, so the column says why it is not checked).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+REFERENCE_FILE = "qc_reference.json"
+REFERENCE_VERSION = 1
+NO_REFERENCE = "no-reference"
+MIN_TILES_FLOOR = 4
+MIN_TILES_FRACTION = 0.25
+MPP_TOLERANCE = 0.10
+OOD_PERCENTILE = 99.0
+STD_FLOOR = 0.1
+DISAGREE_MIN_SD = 10.0
+DISAGREE_FACTOR = 1.5
+FLAGS = ("low-tissue", "mpp-out-of-range", "out-of-distribution", "ensemble-disagreement", NO_REFERENCE)
+
+
+# --- statistics -------------------------------------------------------------------------------
+def slide_embedding(features: np.ndarray) -> np.ndarray:
+    """The slide's mean tile embedding (D,), float64."""
+    return np.asarray(features, dtype=np.float64).mean(axis=0)
+
+
+def _floored(std: np.ndarray) -> np.ndarray:
+    floor = STD_FLOOR * float(np.median(std)) if std.size else 0.0
+    return np.maximum(std, max(floor, 1e-12))
+
+
+def embedding_distance(embedding: np.ndarray, mean: np.ndarray, std: np.ndarray) -> float:
+    """Root-mean-square z-score of ``embedding`` against a cohort's per-dimension mean and SD."""
+    z = (np.asarray(embedding, dtype=np.float64) - mean) / _floored(np.asarray(std, dtype=np.float64))
+    return float(np.sqrt(np.mean(z**2)))
+
+
+def loo_distances(embeddings: np.ndarray) -> np.ndarray:
+    """Each slide's :func:`embedding_distance` to the mean and SD (ddof=1) of all the others (n ≥ 3)."""
+    x = np.asarray(embeddings, dtype=np.float64)
+    n = x.shape[0]
+    if n < 3:
+        raise ValueError(f"leave-one-out distances need at least 3 slides, got {n}")
+    total, squares = x.sum(axis=0), (x**2).sum(axis=0)
+    out = np.empty(n)
+    for i in range(n):
+        mean = (total - x[i]) / (n - 1)
+        var = np.maximum((squares - x[i] ** 2 - (n - 1) * mean**2) / (n - 2), 0.0)
+        out[i] = embedding_distance(x[i], mean, np.sqrt(var))
+    return out
+
+
+def member_scores(model, features: np.ndarray) -> np.ndarray:
+    """Each ensemble member's slide score (sTIL% 0-100) for one slide's features (N, D)."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    return np.array([100.0 * float(member.predict_bag(x)[0]) for member in model.members])
+
+
+# --- the reference ------------------------------------------------------------------------------
+def build_reference(embeddings: np.ndarray, n_tiles: Sequence[int], mpps: Sequence[float | None],
+                    member_sd: Sequence[float] | None = None) -> dict:
+    """The statistics and thresholds QC needs, from the training slides (one row each)."""
+    x = np.asarray(embeddings, dtype=np.float64)
+    tiles = np.asarray(n_tiles, dtype=np.float64)
+    known_mpp = [float(m) for m in mpps if m is not None and math.isfinite(float(m))]
+    loo = loo_distances(x)
+    sd = np.asarray(member_sd if member_sd is not None else [], dtype=np.float64)
+    thresholds = {
+        "min_tiles": int(max(MIN_TILES_FLOOR, math.ceil(MIN_TILES_FRACTION * np.percentile(tiles, 5)))),
+        "mpp_range": [min(known_mpp) * (1 - MPP_TOLERANCE), max(known_mpp) * (1 + MPP_TOLERANCE)]
+        if known_mpp else None,
+        "max_distance": float(np.percentile(loo, OOD_PERCENTILE)),
+        "max_member_sd": (float(max(DISAGREE_MIN_SD, DISAGREE_FACTOR * np.percentile(sd, 99)))
+                          if sd.size else None),
+    }
+    return {
+        "version": REFERENCE_VERSION, "n_slides": int(x.shape[0]),
+        "mean": x.mean(axis=0).tolist(), "std": x.std(axis=0, ddof=1).tolist(),
+        "loo_distance": {"median": float(np.median(loo)), "max": float(loo.max()), "percentile": OOD_PERCENTILE},
+        "training": {"n_tiles_p05": float(np.percentile(tiles, 5)), "n_tiles_median": float(np.median(tiles)),
+                     "mpp": sorted(set(known_mpp)),
+                     "member_sd_p99": float(np.percentile(sd, 99)) if sd.size else None},
+        "thresholds": thresholds,
+        "rules": describe_rules(),
+    }
+
+
+def describe_rules() -> dict:
+    """How each threshold is derived (stored with the reference and shown in the model card)."""
+    return {
+        "low-tissue": f"n_tiles < max({MIN_TILES_FLOOR}, ceil({MIN_TILES_FRACTION} x 5th percentile of training tiles))",
+        "mpp-out-of-range": f"slide mpp outside the training range widened by {MPP_TOLERANCE:.0%}",
+        "out-of-distribution": ("RMS z-score of the mean tile embedding against the training slides > the "
+                                f"{OOD_PERCENTILE:g}th percentile of their own leave-one-out distances"),
+        "ensemble-disagreement": (f"SD of the members' scores > max({DISAGREE_MIN_SD:g}, {DISAGREE_FACTOR:g} x "
+                                  "99th percentile of that SD on the training slides)"),
+    }
+
+
+def slide_flags(reference: Mapping | None, *, n_tiles: int, mpp: float | None = None,
+                embedding: np.ndarray | None = None, scores: np.ndarray | None = None) -> list[str]:
+    """The flags of one slide (empty list: nothing unusual). ``scores``: the members' slide scores."""
+    if reference is None:
+        return [NO_REFERENCE]
+    limits = reference["thresholds"]
+    flags = []
+    if n_tiles < limits["min_tiles"]:
+        flags.append(f"low-tissue({n_tiles} tiles < {limits['min_tiles']})")
+    lo_hi = limits.get("mpp_range")
+    if lo_hi and mpp is not None and not lo_hi[0] <= float(mpp) <= lo_hi[1]:
+        flags.append(f"mpp-out-of-range({float(mpp):.3g} not in {lo_hi[0]:.3g}-{lo_hi[1]:.3g})")
+    if embedding is not None:
+        distance = embedding_distance(embedding, np.asarray(reference["mean"]), np.asarray(reference["std"]))
+        if distance > limits["max_distance"]:
+            flags.append(f"out-of-distribution(distance {distance:.2f} > {limits['max_distance']:.2f})")
+    if scores is not None and len(scores) > 1 and limits.get("max_member_sd") is not None:
+        sd = float(np.std(scores, ddof=1))
+        if sd > limits["max_member_sd"]:
+            flags.append(f"ensemble-disagreement(SD {sd:.1f} > {limits['max_member_sd']:.1f})")
+    return flags
+
+
+def qc_text(flags: Sequence[str]) -> str:
+    """The ``qc`` cell: flags joined with ``;`` (empty when fine)."""
+    return ";".join(flags)
+
+
+def flag_names(text: str) -> list[str]:
+    """The flag names in a ``qc`` cell (details in parentheses dropped)."""
+    return [part.split("(", 1)[0] for part in str(text or "").split(";") if part]
+
+
+def check_slide(reference: Mapping | None, model, features: np.ndarray, *, mpp: float | None) -> str:
+    """The ``qc`` cell of one scored slide: its features (N, D) against the model's reference."""
+    if reference is None:
+        return qc_text([NO_REFERENCE])
+    scores = member_scores(model, features) if len(model.members) > 1 else None
+    return qc_text(slide_flags(reference, n_tiles=int(features.shape[0]), mpp=mpp,
+                               embedding=slide_embedding(features), scores=scores))
+
+
+# --- files --------------------------------------------------------------------------------------
+def reference_from_bags(bags: Mapping[str, np.ndarray], slide_ids: Sequence[str], mpps: Mapping[str, float | None],
+                        model=None) -> dict:
+    """:func:`build_reference` from training bags ({slide_id: (N, D)}) and the deployed model."""
+    embeddings = np.stack([slide_embedding(bags[s]) for s in slide_ids])
+    sds = None
+    if model is not None and len(model.members) > 1:
+        sds = [float(np.std(member_scores(model, bags[s]), ddof=1)) for s in slide_ids]
+    return build_reference(embeddings, [bags[s].shape[0] for s in slide_ids], [mpps.get(s) for s in slide_ids], sds)
+
+
+def save_reference(reference: Mapping, path: str | Path) -> Path:
+    from weakstil.fs import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(reference, allow_nan=False) + "\n", encoding="utf-8")
+    return path
+
+
+def load_reference(model_dir: str | Path) -> dict | None:
+    """The model's QC reference, or None for a model trained before QC (or a file-path model)."""
+    model_dir = Path(model_dir)
+    path = (model_dir.parent if model_dir.is_file() else model_dir) / REFERENCE_FILE
+    try:
+        reference = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        from weakstil.errors import ModelNotFoundError
+
+        raise ModelNotFoundError(f"{REFERENCE_FILE} cannot be read ({exc})", path=path,
+                                 fix="delete the file to score without QC, or retrain the model") from exc
+    return reference
