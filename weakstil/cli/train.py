@@ -10,6 +10,9 @@ import typer
 
 from weakstil.cli.app import (
     Aggregation,
+    Backend,
+    BackendOpt,
+    MppOpt,
     ConfigOpt,
     Deploy,
     DeviceOpt,
@@ -86,3 +89,46 @@ def train(
     from weakstil.mil.cohort import metrics_table
 
     Console().print(metrics_table(results))
+
+
+@app.command()
+def evaluate(
+    ctx: typer.Context,
+    labels: Annotated[Path, typer.Argument(help="CSV of slide_id,patient_id,stil of the new cohort (sTIL% 0-100).")],
+    model: Annotated[Path, typer.Option("--model", help="A model folder written by `weakstil train`.")] = Path(
+        "models/stil"),
+    slides: Annotated[Optional[Path], typer.Option(
+        "--slides", help="Folder of the cohort's slides: those missing from the cache are extracted.")] = None,
+    features: Annotated[Path, typer.Option("--features", help="Feature cache folder.")] = Path("features"),
+    out: Annotated[Path, typer.Option("--out", help="Folder for metrics.json, predictions.csv, plots/, "
+                                                    "report.md.")] = Path("evaluation"),
+    weights: Annotated[Optional[str], typer.Option(
+        help="Where the model's encoder weights are now (file:/path), if they moved.")] = None,
+    backend: BackendOpt = Backend.auto,
+    mpp: MppOpt = None,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """External validation on a new labelled cohort: metrics with 95% CIs, plots, report; adds to the model card."""
+    from weakstil.embed.extract import ExtractOptions, slide_sources
+    from weakstil.outputs.evaluate import evaluate_model
+    from weakstil.wsi.slide import find_slides
+
+    try:
+        sources = slide_sources(find_slides(slides), backend=backend.value, mpp=mpp) if slides else []
+        result = evaluate_model(labels, model, features_dir=features, out_dir=out, slides=sources, weights=weights,
+                                opts=ExtractOptions(device=device, progress=not quiet))
+    except WeakstilError as exc:
+        _fail(exc)
+    from rich.console import Console
+
+    from weakstil.mil.cohort import _fmt
+
+    m = result.metrics
+    p, ci = m["pooled"], m["pooled_ci95"]
+    r2_ci = ci.get("r2") or [None, None]
+    failed = f"; {len(result.failed)} slide(s) could not be read: {', '.join(result.failed)}" if result.failed else ""
+    Console().print(f"{m['n_slides']} slides: R² {_fmt(p.get('r2'), 3)} [{_fmt(r2_ci[0], 3)}, {_fmt(r2_ci[1], 3)}], "
+                    f"AUC@30 {_fmt(p.get('auc@30'), 3)}, MAE {_fmt(p.get('mae'), 1)}; {m['n_flagged']} QC-flagged"
+                    f"{failed}; report: {result.report}", highlight=False, soft_wrap=True)

@@ -30,7 +30,7 @@ from weakstil.errors import CacheMismatchError, ModelMismatchError, OutputWriteE
 from weakstil.fingerprint import file_sha256
 from weakstil.runs.runner import staging_name
 
-SCORE_COLUMNS = ("slide_id", "score", "n_tiles", "status", "error")
+SCORE_COLUMNS = ("slide_id", "score", "n_tiles", "status", "error", "qc")  # qc: outputs/qc.py flags
 SCORE_JSON = "score.json"
 
 
@@ -101,6 +101,7 @@ class SlideScorer:
     formats: tuple = ("csv", "png", "tif", "geojson", "top")
     cutoff: float = 30.0
     extra: dict = field(default_factory=dict)
+    qc_reference: dict | None = None  # the model's qc_reference.json (None: an older model)
 
     def is_done(self, source: SlideSource) -> bool:
         info = read_score_json(slide_dir(self.out_dir, source.slide_id))
@@ -109,6 +110,7 @@ class SlideScorer:
 
     def __call__(self, source: SlideSource) -> dict:
         from weakstil.outputs.heatmap import write_slide_outputs
+        from weakstil.outputs.qc import check_slide
         from weakstil.wsi.slide import open_slide
 
         started = time.perf_counter()
@@ -122,7 +124,8 @@ class SlideScorer:
                 "model_sha256": self.model_sha256, "source_path": str(source.path),
                 "slide_mpp": cached.attrs.get("slide_mpp"), "tile_size_l0": size_l0,
                 "aggregation": self.model.aggregation, "cutoff": self.cutoff,
-                "scored": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                "scored": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "qc": check_slide(self.qc_reference, self.model, cached.features, mpp=cached.attrs.get("slide_mpp"))}
         final = slide_dir(self.out_dir, source.slide_id)
         staging = final.parent / staging_name(source.slide_id)
         try:
@@ -205,15 +208,15 @@ def _write_scores_csv(out_dir: Path, sources: list[SlideSource], outcomes: dict,
                 outcome = outcomes.get(sid)
                 if outcome is not None and outcome.status == "failed":
                     error = f"{outcome.reason}: {outcome.error}" if outcome.reason else outcome.error
-                    writer.writerow([sid, "", "", "failed", error])
+                    writer.writerow([sid, "", "", "failed", error, ""])
                 elif info is not None and info.get("model_sha256") == model_sha256:
-                    writer.writerow([sid, f"{float(info['score']):.2f}", info["n_tiles"], "ok", ""])
+                    writer.writerow([sid, f"{float(info['score']):.2f}", info["n_tiles"], "ok", "", info.get("qc", "")])
                 elif outcome is not None and outcome.reason in ("locked", "stopped"):
-                    writer.writerow([sid, "", "", "pending", outcome.error])
+                    writer.writerow([sid, "", "", "pending", outcome.error, ""])
                 elif outcome is None and sid in earlier:
                     writer.writerow(earlier[sid])
                 else:
-                    writer.writerow([sid, "", "", "pending", "not scored yet"])
+                    writer.writerow([sid, "", "", "pending", "not scored yet", ""])
         if not (path.is_file() and path.read_bytes() == tmp.read_bytes()):  # a rerun that changed nothing
             os.replace(tmp, path)                                          # leaves the file untouched
     finally:
@@ -284,7 +287,10 @@ def make_scorer(model_dir: Path, features_dir: Path, out_dir: Path, *, weights: 
     check_fingerprint(model, cache)
     embedder = TileEmbedder(encoder, resolve_device(opts.device))
     extractor = SlideExtractor(cache, embedder, spec, tissue, opts, roi_dir=roi_dir, qc=qc, tiles_task=tiles_task)
-    return SlideScorer(model, file_sha256(ckpt), extractor, Path(out_dir), tuple(formats), cutoff)
+    from weakstil.outputs.qc import load_reference
+
+    return SlideScorer(model, file_sha256(ckpt), extractor, Path(out_dir), tuple(formats), cutoff,
+                       qc_reference=load_reference(model_dir))
 
 
 def score_slides(sources: list[SlideSource], model_dir: Path, *, features_dir: Path, out_dir: Path,
