@@ -60,9 +60,12 @@ def open_caches(features, encoder: str | None = None) -> list:
 
 
 def cohort_names(paths: list[Path]) -> list[str]:
-    """Each labels file's stem; the parent folder's name too where two stems are the same."""
-    stems = [p.stem for p in paths]
-    return [f"{p.parent.name}/{p.stem}" if stems.count(p.stem) > 1 else p.stem for p in paths]
+    """Each labels file's stem; where stems repeat (``a/labels.csv``, ``b/labels.csv``) the folder
+    names, and the full paths where those repeat too."""
+    for names in ([p.stem for p in paths], [p.parent.name for p in paths]):
+        if len(set(names)) == len(names):
+            return names
+    return [str(p) for p in paths]
 
 
 def read_cohorts(labels, caches: list):
