@@ -77,19 +77,34 @@ def scored(tmp_path_factory):
     assert result.exit_code == 0, result.output
     scores = pd.read_csv(out / "scores.csv", dtype={"slide_id": str}, keep_default_na=False).set_index("slide_id")
     pred = pd.read_csv(evaluation / "predictions.csv", dtype={"slide_id": str}, keep_default_na=False)
-    return scores, pred
+    return scores, pred, out
 
 
 @pytest.mark.slow
 def test_slides_like_training_are_rarely_flagged(scored):
-    _, pred = scored
+    _, pred, _ = scored
     assert len(pred) == 10
     assert (pred["qc"] != "").sum() <= 1, pred[["slide_id", "qc"]]
 
 
 @pytest.mark.slow
 def test_over_stained_and_near_empty_slides_are_flagged(scored):
-    scores, _ = scored
+    scores, _, _ = scored
     assert "out-of-distribution" in qc.flag_names(scores.loc["DARK", "qc"])
     assert "low-tissue" in qc.flag_names(scores.loc["EMPTY", "qc"])
     assert (scores["status"] == "ok").all()
+
+
+@pytest.mark.slow
+def test_viewer_shows_the_flags_and_the_model_card(scored):
+    from starlette.testclient import TestClient
+
+    from weakstil.viewer.app import create_app
+
+    scores, _, out = scored
+    with TestClient(create_app({"results_dir": out, "check_assets": False}), base_url="http://127.0.0.1") as client:
+        rows = {r["slide_id"]: r for r in client.get("/api/cohort").json()["slides"]}
+        assert rows["DARK"]["qc"] == scores.loc["DARK", "qc"] and rows["DARK"]["qc"]
+        card = client.get("/api/model-card").json()
+        assert card["card"]["name"] == "base" and card["markdown"].startswith("# Model card: base")
+        assert "model-card" in client.get("/").text
