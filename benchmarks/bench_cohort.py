@@ -30,8 +30,8 @@ from .common import Row
 
 SIZES = {  # home slides, new-site training slides, new-site test slides, slide width µm, max epochs
     "smoke": (8, 6, 4, 400.0, 2),
-    "quick": (24, 12, 12, 600.0, 20),
-    "full": (40, 16, 24, 800.0, None),
+    "quick": (24, 12, 16, 500.0, 20),
+    "full": (40, 16, 24, 600.0, None),
 }
 NEW_STAIN = (1.35, 0.8)  # the new site's hematoxylin and eosin optical density factors
 

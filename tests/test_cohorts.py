@@ -97,3 +97,16 @@ def test_cohort_names_are_file_stems_then_folders(tmp_path):
     assert cohort_names([Path("x/nki.csv"), Path("x/tcga.csv")]) == ["nki", "tcga"]
     assert cohort_names([Path("nki/labels.csv"), Path("tcga/labels.csv")]) == ["nki", "tcga"]
     assert len(set(cohort_names([Path("a/x/labels.csv"), Path("b/x/labels.csv")]))) == 2
+
+
+@pytest.mark.slow
+def test_warmstart_benchmark_smoke():
+    from benchmarks.bench_cohort import run
+    from benchmarks.common import MODES
+
+    rows = run(MODES["smoke"])
+    names = [r.name for r in rows]
+    assert names == [f"{m} {k} on the new site's test set" for m in ("parent", "scratch", "finetuned")
+                     for k in ("r2", "auc@30")]
+    finetuned = rows[-2]
+    assert finetuned.reference == "parent unchanged" and finetuned.ref_value == rows[0].value

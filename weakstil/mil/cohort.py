@@ -260,4 +260,7 @@ def metrics_table(runs: list[TrainedRun], *, title: str = "cross-validation (out
             f"{_fmt(pooled.get('r2'))} [{_fmt(r2_ci[0])}, {_fmt(r2_ci[1])}]",
             f"{_fmt(r2_f.get('mean'))}±{_fmt(r2_f.get('sd'))}",
             _fmt(pooled.get("pearson")), _fmt(pooled.get("mae"), 1), aucs, _fmt(m.get("cv_seconds"), 0))
+        for cohort, c in (m.get("per_cohort") or {}).items():  # several cohorts: one row each
+            table.add_row(f"  {cohort}", str(c.get("n", "")), "", _fmt(c.get("r2")), "", _fmt(c.get("pearson")),
+                          _fmt(c.get("mae"), 1), "/".join(_fmt(c.get(f"auc@{k}")) for k in (10, 30, 50)), "")
     return table
