@@ -38,7 +38,12 @@ NEW_STAIN = (1.35, 0.8)  # the new site's hematoxylin and eosin optical density 
 
 def write_site(root: Path, n: int, seed: int, prefix: str, width_um: float, stain=(1.0, 1.0)) -> Path:
     """A synthetic cohort (slides/, labels.csv) whose stain is scaled by ``stain`` (H, E)."""
-    from weakstil.synth.lattice import make_scene, plan_cohort, render_scene, scene_truth
+    from weakstil.synth.lattice import (
+        make_scene,
+        plan_cohort,
+        render_scene,
+        scene_truth,
+    )
     from weakstil.wsi.writer import write_aperio_tiff
 
     (root / "slides").mkdir(parents=True, exist_ok=True)
@@ -80,7 +85,7 @@ def compare(root: Path, mode_name: str) -> dict:
     test = write_site(root / "test", n_test, 12, "TEST", width, NEW_STAIN)
     _extract([home, new, test], root / "features")
     prep = time.perf_counter() - t0
-    kwargs = dict(models_dir=root / "models", progress=False, accelerator="cpu", n_folds=3 if n_new < 12 else 5)
+    kwargs = {"models_dir": root / "models", "progress": False, "accelerator": "cpu", "n_folds": 3 if n_new < 12 else 5}
     if epochs is not None:
         kwargs.update(max_epochs=epochs, patience=min(10, epochs))
     seconds = {}

@@ -14,9 +14,9 @@ import math
 import os
 import platform
 import subprocess
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
@@ -70,7 +70,7 @@ def label_summary(stil: np.ndarray, *, bins: int = 10) -> dict:
 def cohort_summaries(df) -> list[dict]:
     """One entry per cohort of a labels frame (column ``cohort``; one cohort "all" without it)."""
     groups = df.groupby("cohort", sort=False) if "cohort" in df.columns else [("all", df)]
-    return [{"name": str(name), "n_slides": int(len(part)), "n_patients": int(part["patient_id"].nunique()),
+    return [{"name": str(name), "n_slides": len(part), "n_patients": int(part["patient_id"].nunique()),
              "stil_mean": float(part["stil"].mean()), "stil_median": float(part["stil"].median())}
             for name, part in groups]
 
@@ -102,7 +102,7 @@ def build_card(*, name: str, df, metrics: Mapping, fingerprint: Mapping, train: 
         "card_version": CARD_VERSION, "name": name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "weakstil_version": __version__, "git_commit": git_commit(),
-        "cohorts": cohorts, "n_slides": int(len(df)), "n_patients": int(df["patient_id"].nunique()),
+        "cohorts": cohorts, "n_slides": len(df), "n_patients": int(df["patient_id"].nunique()),
         "labels": {**label_summary(df["stil"].to_numpy()), "plot": HISTOGRAM},
         "encoder": {k: enc.get(k) for k in ("name", "weights", "weights_sha256", "embed_dim")},
         "tiling": dict(fingerprint.get("tiling", {})),
@@ -212,23 +212,23 @@ def render_markdown(card: Mapping) -> str:
 def _training_section(card: Mapping) -> list[str]:
     enc, labels, train = card.get("encoder", {}), card.get("labels", {}), card.get("training", {})
     hw = train.get("hardware") or {}
-    lines = [f"Trained {card.get('created', '')} with weakstil {card.get('weakstil_version', '')} "
-             f"(git {card.get('git_commit', 'unknown')}).", "",
+    lines = [(f"Trained {card.get('created', '')} with weakstil {card.get('weakstil_version', '')} "
+             f"(git {card.get('git_commit', 'unknown')})."), "",
              "## Intended use", "", card.get("intended_use", ""), "", "## Known limits", ""]
     lines += [f"- {limit}" for limit in card.get("limits", [])] + ["", "## Training data", ""]
     lines += [f"{card.get('n_slides')} slides of {card.get('n_patients')} patients.", "",
               "| cohort | slides | patients | mean sTIL% | median sTIL% |", "|---|---|---|---|---|"]
     lines += [f"| {c['name']} | {c['n_slides']} | {c['n_patients']} | {_f(c['stil_mean'], 1)} | "
               f"{_f(c['stil_median'], 1)} |" for c in card.get("cohorts", [])]
-    lines += ["", f"Labels: mean {_f(labels.get('mean'), 1)}, median {_f(labels.get('median'), 1)}, range "
-              f"{_f(labels.get('min'), 1)}–{_f(labels.get('max'), 1)}; {labels.get('n_high_30')} slides ≥ 30 %.", "",
+    lines += ["", (f"Labels: mean {_f(labels.get('mean'), 1)}, median {_f(labels.get('median'), 1)}, range "
+              f"{_f(labels.get('min'), 1)}–{_f(labels.get('max'), 1)}; {labels.get('n_high_30')} slides ≥ 30 %."), "",
               f"![label histogram]({labels.get('plot', HISTOGRAM)})", "", "## Model", "",
               f"- encoder: {enc.get('name')} (weights {enc.get('weights')}, sha256 {enc.get('weights_sha256')})",
               f"- tiling: {json.dumps(card.get('tiling', {}), sort_keys=True)}",
               f"- aggregation: {card.get('aggregation')}; deployed: {card.get('deploy')}",
-              f"- training: {train.get('cv')} CV, {train.get('n_folds')} folds by {train.get('folds_by')}, "
+              (f"- training: {train.get('cv')} CV, {train.get('n_folds')} folds by {train.get('folds_by')}, "
               f"lr {train.get('lr')}, seed {train.get('seed')}, {_f(train.get('seconds'), 0)} s on "
-              f"{hw.get('cores')} cores ({hw.get('cpu')}){', GPU ' + hw['gpu'] if hw.get('gpu') else ''}"]
+              f"{hw.get('cores')} cores ({hw.get('cpu')}){', GPU ' + hw['gpu'] if hw.get('gpu') else ''}")]
     parent = card.get("parent")
     if parent:
         lines.append(f"- warm start from {parent.get('name')} ({parent.get('path')}, model.ckpt sha256 "

@@ -131,7 +131,7 @@ def metrics_doc(df, *, cutoffs, high: float, n_boot: int = 1000, seed: int = 0) 
     pooled = regression_metrics(label, pred, cutoffs=cutoffs)
     ci = bootstrap_intervals(label, pred, cutoffs=cutoffs, n_boot=n_boot, seed=seed)
     ok = (df["qc"] == "").to_numpy()
-    doc = {"n_slides": int(len(df)), "n_patients": int(df["patient_id"].nunique()),
+    doc = {"n_slides": len(df), "n_patients": int(df["patient_id"].nunique()),
            "n_flagged": int((~ok).sum()),
            "headline": {"r2": pooled["r2"], auc_key(high): pooled.get(auc_key(high))},
            "pooled": pooled, "pooled_ci95": {k: list(v) for k, v in ci.items()},
@@ -179,24 +179,24 @@ def render_report(metrics: dict, df, model_dir: Path) -> str:
     p, ci = metrics["pooled"], metrics["pooled_ci95"]
     diff = df["prediction"] - df["label"]
     lines = [f"# External validation of `{Path(model_dir).name}`", "",
-             f"{metrics['date']}: {metrics['n_slides']} slides of {metrics['n_patients']} patients "
-             f"(labels `{metrics['labels']}`), scored with model `{metrics['model']}`.", "",
+             (f"{metrics['date']}: {metrics['n_slides']} slides of {metrics['n_patients']} patients "
+             f"(labels `{metrics['labels']}`), scored with model `{metrics['model']}`."), "",
              "## In short", "",
-             f"- The model's sTIL% explains {_pct(p['r2'])} of the variation between slides "
-             f"(R² {_fmt(p['r2'])}, 95% CI {_fmt(ci['r2'][0])} to {_fmt(ci['r2'][1])}).",
-             f"- On average the model is {_fmt(p['mae'], 1)} percentage points away from the label "
+             (f"- The model's sTIL% explains {_pct(p['r2'])} of the variation between slides "
+             f"(R² {_fmt(p['r2'])}, 95% CI {_fmt(ci['r2'][0])} to {_fmt(ci['r2'][1])})."),
+             (f"- On average the model is {_fmt(p['mae'], 1)} percentage points away from the label "
              f"(MAE); it reads {_fmt(float(diff.mean()), 1)} points {'high' if diff.mean() >= 0 else 'low'} overall "
-             "(Bland–Altman bias).",
-             f"- Telling sTIL-high (≥ 30 %) from low: AUC {_fmt(p.get('auc@30'))} "
-             f"(95% CI {_fmt((ci.get('auc@30') or [None])[0])} to {_fmt((ci.get('auc@30') or [None, None])[1])}).",
+             "(Bland–Altman bias)."),
+             (f"- Telling sTIL-high (≥ 30 %) from low: AUC {_fmt(p.get('auc@30'))} "
+             f"(95% CI {_fmt((ci.get('auc@30') or [None])[0])} to {_fmt((ci.get('auc@30') or [None, None])[1])})."),
              f"- {metrics['n_flagged']} slide(s) carry QC flags (see the table below): check them by eye.", ""]
     if metrics.get("failed"):
         lines += [f"- {len(metrics['failed'])} slide(s) could not be read and are left out: "
                   + ", ".join(metrics["failed"]), ""]
     lines += ["## All metrics", "", "| metric | value | 95% CI |", "|---|---|---|"]
     lines += [f"| {k} | {_fmt(p[k])} | {_fmt(ci[k][0])} – {_fmt(ci[k][1])} |" for k in ci if k in p]
-    lines += ["", "![predicted vs label](plots/scatter.png) ![ROC](plots/roc.png) "
-              "![Bland–Altman](plots/bland_altman.png)", ""]
+    lines += ["", ("![predicted vs label](plots/scatter.png) ![ROC](plots/roc.png) "
+              "![Bland–Altman](plots/bland_altman.png)"), ""]
     flagged = df[df["qc"] != ""]
     if len(flagged):
         lines += ["## Slides with QC flags", "", "| slide | label | prediction | flags |", "|---|---|---|---|"]
