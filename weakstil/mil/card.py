@@ -98,7 +98,7 @@ def build_card(*, name: str, df, metrics: Mapping, fingerprint: Mapping, train: 
     """The card's facts. ``df``: the training labels (slide_id, patient_id, stil[, cohort])."""
     cohorts = cohort_summaries(df)
     enc = dict(fingerprint.get("encoder", {}))
-    return _json_safe({
+    return json_safe({
         "card_version": CARD_VERSION, "name": name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "weakstil_version": __version__, "git_commit": git_commit(),
@@ -147,7 +147,7 @@ def append_evaluation(model_dir: str | Path, entry: Mapping) -> Path:
         card = read_card(model_dir) or {"card_version": CARD_VERSION, "name": model_dir.name,
                                         "note": "this model predates model cards: no training record",
                                         "evaluations": []}
-        card.setdefault("evaluations", []).append(_json_safe(dict(entry)))
+        card.setdefault("evaluations", []).append(json_safe(dict(entry)))
         _write(model_dir, card)
     return model_dir / CARD_JSON
 
@@ -253,11 +253,12 @@ def _training_section(card: Mapping) -> list[str]:
     return lines + [""]
 
 
-def _json_safe(obj):
+def json_safe(obj):
+    """NaN/inf to None, numpy scalars to Python, tuples to lists, paths to str (JSON-ready)."""
     if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, np.generic):
         obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):

@@ -174,13 +174,13 @@ def per_cohort_metrics(cv, df, cutoffs) -> dict:
 
 def _extras(df, mpps, bags, cfg, fingerprint, *, name, parent, cv_kind, t0):
     """What train_model writes besides the model: per-cohort metrics, QC reference, model card."""
-    from weakstil.mil.card import build_card, write_card
+    from weakstil.mil.card import build_card, json_safe, write_card
     from weakstil.outputs.qc import REFERENCE_FILE, reference_from_bags, save_reference
 
     def write(tmp: Path, cv, metrics: dict, model) -> None:
         per_cohort = per_cohort_metrics(cv, df, cfg.cutoffs)
         if per_cohort:
-            metrics["per_cohort"] = _json_safe(per_cohort)
+            metrics["per_cohort"] = json_safe(per_cohort)
         metrics["cv"] = cv_kind
         reference = reference_from_bags(bags, list(df["slide_id"]), mpps, model)
         save_reference(reference, tmp / REFERENCE_FILE)
@@ -214,6 +214,8 @@ def train_from_cache(labels, features, *, encoder: str | None = None, models_dir
     parent = parent_state(init, fingerprint) if init is not None else None
     if parent is not None:
         arch = {k: parent.model_config[k] for k in ("hidden", "dropout")}
+        if list(aggregations) != [parent.model_config["aggregation"]]:
+            log.warning("warm start keeps the parent's aggregation (%s)", parent.model_config["aggregation"])
         aggregations = [parent.model_config["aggregation"]]
         train_kwargs.update(arch)
     runs = []
@@ -230,12 +232,6 @@ def train_from_cache(labels, features, *, encoder: str | None = None, models_dir
                           init_state=parent.state if parent else None, folds=folds, extras=extras)
         runs.append(TrainedRun(model_name, out, json.loads((out / "metrics.json").read_text())))
     return runs
-
-
-def _json_safe(obj):
-    from weakstil.mil.train import _json_safe as safe
-
-    return safe(obj)
 
 
 def _fmt(value, digits: int = 2) -> str:

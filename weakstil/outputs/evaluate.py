@@ -136,9 +136,9 @@ def metrics_doc(df, *, cutoffs, high: float, n_boot: int = 1000, seed: int = 0) 
            "headline": {"r2": pooled["r2"], auc_key(high): pooled.get(auc_key(high))},
            "pooled": pooled, "pooled_ci95": {k: list(v) for k, v in ci.items()},
            "pooled_qc_ok": regression_metrics(label[ok], pred[ok], cutoffs=cutoffs) if ok.sum() >= 2 else None}
-    from weakstil.mil.train import _json_safe
+    from weakstil.mil.card import json_safe
 
-    return _json_safe(doc)
+    return json_safe(doc)
 
 
 # --- files ---------------------------------------------------------------------------------------
