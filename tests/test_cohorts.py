@@ -110,3 +110,33 @@ def test_warmstart_benchmark_smoke():
                      for k in ("r2", "auc@30")]
     finetuned = rows[-2]
     assert finetuned.reference == "parent unchanged" and finetuned.ref_value == rows[0].value
+
+
+def test_every_fold_starts_from_the_parent_weights(monkeypatch):
+    import torch
+
+    from weakstil.mil import cv as cv_module
+    from weakstil.mil.fit import FitHistory, TrainConfig, _initialise
+    from weakstil.mil.model import MILRegressor
+
+    parent = MILRegressor(8, hidden=16).state_dict()
+    child = MILRegressor(8, hidden=16)
+    _initialise(child, [(np.zeros((2, 8)), 50.0)], parent)
+    assert all(torch.equal(child.state_dict()[k], v) for k, v in parent.items())
+
+    seen = []
+
+    def fake_fit(train, val, cfg, *, on_epoch=None, init_state=None):
+        seen.append(init_state)
+        return MILRegressor(8, hidden=16), FitHistory(best_epoch=0)
+
+    monkeypatch.setattr(cv_module, "fit_one", fake_fit)
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"slide_id": [f"s{i}" for i in range(12)], "patient_id": [f"p{i}" for i in range(12)],
+                       "stil": np.linspace(0, 90, 12)})
+    bags = {s: rng.normal(size=(5, 8)).astype(np.float32) for s in df["slide_id"]}
+    folds = np.array([0] * 6 + [1] * 6)
+    result = cv_module.cross_validate(bags, df, TrainConfig(n_folds=2, fold_processes=1, n_boot=10), progress=False,
+                                      init_state=parent, folds=folds)
+    assert len(seen) == 2 and all(s is parent for s in seen)
+    assert result.folds.tolist() == folds.tolist()
