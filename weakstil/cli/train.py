@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -9,10 +10,12 @@ import typer
 
 from weakstil.cli.app import (
     Aggregation,
+    Backend,
+    BackendOpt,
+    MppOpt,
     ConfigOpt,
     Deploy,
     DeviceOpt,
-    FeaturesOpt,
     FoldsBy,
     QuietOpt,
     _fail,
@@ -22,11 +25,19 @@ from weakstil.cli import checks
 from weakstil.errors import WeakstilError
 
 
+class CV(str, Enum):
+    kfold = "kfold"
+    leave_center_out = "leave-center-out"
+
+
 @app.command()
 def train(
     ctx: typer.Context,
-    labels: Annotated[Path, typer.Argument(help="CSV of slide_id,patient_id,stil[,center] (sTIL% 0-100).")],
-    features: FeaturesOpt = Path("features"),
+    labels: Annotated[list[Path], typer.Argument(
+        help="CSV(s) of slide_id,patient_id,stil[,center][,cohort] (sTIL% 0-100); several files = several cohorts.")],
+    features: Annotated[list[Path], typer.Option(
+        "--features", help="Feature cache folder (or one .zarr store); repeat for cohorts in several caches.")] = [
+        Path("features")],
     encoder: Annotated[Optional[str], typer.Option(
         help="Which encoder's cache to use when --features holds several.")] = None,
     name: Annotated[str, typer.Option("--name", help="Model name: written to MODELS/NAME/.")] = "stil",
@@ -51,10 +62,14 @@ def train(
     seed: Annotated[int, typer.Option(help="Random seed (folds, initialisation, tile sampling).")] = 0,
     device: DeviceOpt = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing model of that name.")] = False,
+    init: Annotated[Optional[Path], typer.Option(
+        "--init", help="Warm start: fine-tune this model folder (same encoder and tiling) on the labels.")] = None,
+    cv: Annotated[CV, typer.Option(
+        "--cv", help="kfold (--folds, --folds-by) or leave-center-out (one fold per cohort/center).")] = CV.kfold,
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Cross-validated MIL regression on slide-level sTIL% labels; writes models/NAME/."""
+    """Cross-validated MIL regression on slide-level sTIL% labels; writes models/NAME/ (+ model card)."""
     values = dict(locals())  # the options only: taken before the imports below add names
     values.pop("ctx")
     from weakstil.fs import plain_json
@@ -74,7 +89,7 @@ def train(
             n_folds=folds, folds_by=folds_by.value, deploy=deploy.value, max_tiles=max_tiles,
             max_epochs=max_epochs, patience=patience, lr=lr, weight_decay=weight_decay,
             high_cutoff=high_cutoff, seed=seed, accelerator=accelerator, overwrite=overwrite,
-            progress=not quiet, run_info=plain_json(values))
+            progress=not quiet, run_info=plain_json(values), init=init, cv=cv.value)
     except WeakstilError as exc:
         _fail(exc)
     from weakstil.mil.cohort import metrics_table
@@ -91,3 +106,45 @@ def _r2_or_worst(metrics: dict) -> float:
     """Pooled R² for choosing the model to suggest; NaN or missing ranks last."""
     r2 = metrics.get("pooled", {}).get("r2")
     return r2 if isinstance(r2, (int, float)) and r2 == r2 else float("-inf")
+
+
+@app.command()
+def evaluate(
+    ctx: typer.Context,
+    labels: Annotated[Path, typer.Argument(help="CSV of slide_id,patient_id,stil of the new cohort (sTIL% 0-100).")],
+    model: Annotated[Path, typer.Option("--model", help="A model folder written by `weakstil train`.")] = Path(
+        "models/stil"),
+    slides: Annotated[Optional[Path], typer.Option(
+        "--slides", help="Folder of the cohort's slides: those missing from the cache are extracted.")] = None,
+    features: Annotated[Path, typer.Option("--features", help="Feature cache folder.")] = Path("features"),
+    out: Annotated[Path, typer.Option("--out", help="Folder for metrics.json, predictions.csv, plots/, "
+                                                    "report.md.")] = Path("evaluation"),
+    weights: Annotated[Optional[str], typer.Option(
+        help="Where the model's encoder weights are now (file:/path), if they moved.")] = None,
+    backend: BackendOpt = Backend.auto,
+    mpp: MppOpt = None,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """External validation on a new labelled cohort: metrics with 95% CIs, plots, report; adds to the model card."""
+    from weakstil.embed.extract import ExtractOptions, slide_sources
+    from weakstil.outputs.evaluate import evaluate_model
+    from weakstil.wsi.slide import find_slides
+
+    try:
+        sources = slide_sources(find_slides(slides), backend=backend.value, mpp=mpp) if slides else []
+        result = evaluate_model(labels, model, features_dir=features, out_dir=out, slides=sources, weights=weights,
+                                opts=ExtractOptions(device=device, progress=not quiet))
+    except WeakstilError as exc:
+        _fail(exc)
+    from weakstil.mil.cohort import _fmt
+
+    m = result.metrics
+    p, ci = m["pooled"], m["pooled_ci95"]
+    r2_ci = ci.get("r2") or [None, None]
+    failed = f"; {len(result.failed)} slide(s) could not be read: {', '.join(result.failed)}" if result.failed else ""
+    typer.echo(f"evaluate: {m['n_slides']} slides: R² {_fmt(p.get('r2'), 3)} [{_fmt(r2_ci[0], 3)}, {_fmt(r2_ci[1], 3)}], "
+               f"AUC@30 {_fmt(p.get('auc@30'), 3)}, MAE {_fmt(p.get('mae'), 1)}; {m['n_flagged']} QC-flagged"
+               f"{failed}; report: {result.report}")
+    typer.echo(checks.next_step(f"open {result.report}, or review the slides: weakstil view {out}"))

@@ -64,8 +64,12 @@ class CVResult:
 
 
 def cross_validate(bags: Mapping[str, np.ndarray], table, cfg: TrainConfig, *,
-                   progress: bool = True) -> CVResult:
-    """K-fold CV over the labelled slides of ``table`` (a labels.LabelTable or its DataFrame)."""
+                   progress: bool = True, init_state: dict | None = None,
+                   folds: np.ndarray | None = None) -> CVResult:
+    """K-fold CV over the labelled slides of ``table`` (a labels.LabelTable or its DataFrame).
+
+    ``init_state``: every fold starts from these weights (warm start); ``folds``: a fold index per
+    row given by the caller (e.g. leave-one-center-out) instead of :func:`make_folds`."""
     from weakstil.mil.labels import LabelTable, inner_split, make_folds
     from weakstil.mil.metrics import (
         bootstrap_intervals,
@@ -78,7 +82,8 @@ def cross_validate(bags: Mapping[str, np.ndarray], table, cfg: TrainConfig, *,
     slide_ids = [str(s) for s in df["slide_id"]]
     _check_bags(bags, slide_ids)
     labels = df["stil"].to_numpy(dtype=np.float64)
-    folds = make_folds(df, n_folds=cfg.n_folds, by=cfg.folds_by, seed=cfg.seed)
+    if folds is None:
+        folds = make_folds(df, n_folds=cfg.n_folds, by=cfg.folds_by, seed=cfg.seed)
     predictions = np.full(len(df), np.nan)
     models, histories, fold_metrics, fold_info = [], [], [], []
 
@@ -90,7 +95,7 @@ def cross_validate(bags: Mapping[str, np.ndarray], table, cfg: TrainConfig, *,
         test = np.flatnonzero(folds == k)
         train, val = inner_split(np.flatnonzero(folds != k), df, val_fraction=cfg.val_fraction,
                                  seed=cfg.seed)
-        plans.append((k, train, val, test, replace(cfg, seed=cfg.seed + k)))
+        plans.append((k, train, val, test, replace(cfg, seed=cfg.seed + k), init_state))
     n_tiles = int(sum(bags[s].shape[0] for s in slide_ids))
     processes, threads = fold_parallelism(cfg, n_tiles)
     results: dict[int, tuple] = {}
@@ -102,15 +107,15 @@ def cross_validate(bags: Mapping[str, np.ndarray], table, cfg: TrainConfig, *,
                 results[k] = (module, history, scores)
                 bar.update(task, advance=1, stats=f"fold {k + 1}/{cfg.n_folds} done")
         else:
-            for k, train, val, test, fold_cfg in plans:
+            for k, train, val, test, fold_cfg, init in plans:
                 module, history = fit_one(bags_at(train), bags_at(val), fold_cfg,
-                                          on_epoch=_epoch_stats(bar, task, k, cfg.n_folds))
+                                          on_epoch=_epoch_stats(bar, task, k, cfg.n_folds), init_state=init)
                 member = TrainedModel([module], fingerprint={})
                 with _cpu_threads(cfg):
                     scores = [member.predict(bags[slide_ids[i]]).score for i in test]
                 results[k] = (module, history, scores)
                 bar.update(task, advance=1)
-    for k, train, val, test, _ in plans:
+    for k, train, val, test, *_ in plans:
         module, history, scores = results[k]
         predictions[test] = scores
         fold_metrics.append(regression_metrics(labels[test], predictions[test], cutoffs=cfg.cutoffs))
@@ -170,10 +175,10 @@ def _fold_in_child(index: int):
 
     torch.set_num_threads(_FORKED["threads"])
     _FIT_THREADS[0] = _FORKED["threads"]
-    k, train, val, test, fold_cfg = _FORKED["plans"][index]
+    k, train, val, test, fold_cfg, init = _FORKED["plans"][index]
     bags_at, bags, slide_ids = _FORKED["bags_at"], _FORKED["bags"], _FORKED["slide_ids"]
     fold_cfg = replace(fold_cfg, accelerator="cpu")
-    module, history = fit_one(bags_at(train), bags_at(val), fold_cfg)
+    module, history = fit_one(bags_at(train), bags_at(val), fold_cfg, init_state=init)
     member = TrainedModel([module], fingerprint={})
     scores = [member.predict(bags[slide_ids[i]]).score for i in test]
     state = {name: value.detach().cpu().numpy() for name, value in module.state_dict().items()}

@@ -248,13 +248,16 @@ def fit_one(
     max_epochs: int | None = None,
     progress_bar: bool = False,
     on_epoch=None,
+    init_state: dict | None = None,
 ) -> tuple[MILRegressor, FitHistory]:
     """Train one model on ``(features, sTIL%)`` bags; early-stop on the validation bags' R².
 
     Returns the model (a plain :class:`MILRegressor`) with the weights of its best validation epoch (the last epoch when
     ``val_bags`` is None, which trains exactly ``max_epochs``) and its history. Deterministic for a
     given seed on the CPU. ``progress_bar`` shows the epochs in weakstil's display (Lightning's own
-    bar stays off: it writes carriage-return runs into logs).
+    bar stays off: it writes carriage-return runs into logs). ``init_state``: a MILRegressor state
+    dict to start from (warm start, see :func:`weakstil.mil.cohort.parent_state`) instead of a fresh
+    initialisation.
     """
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import EarlyStopping
@@ -270,7 +273,7 @@ def fit_one(
         on_epoch = _epoch_progress(bar, bar.add_task("epochs", total=epochs, unit="epochs"), on_epoch)
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         module = MILModule(train_bags[0][0].shape[1], **cfg.model_kwargs())
-        module.model.init_output_bias(float(np.mean([y for _, y in train_bags])) / 100.0)
+        _initialise(module.model, train_bags, init_state)
         recorder = _callbacks(history, on_epoch)
         callbacks = [recorder]
         if val_bags:
@@ -308,6 +311,12 @@ def _epoch_progress(bar, task: int, on_epoch=None):
             on_epoch(row)
 
     return update
+def _initialise(model: MILRegressor, train_bags: Sequence[Bag], init_state: dict | None) -> None:
+    """Fresh start: the tile head's bias at the mean label. Warm start: the parent's weights."""
+    if init_state is None:
+        model.init_output_bias(float(np.mean([y for _, y in train_bags])) / 100.0)
+    else:
+        model.load_state_dict(init_state)
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 REQUIRED_COLUMNS = ("slide_id", "patient_id", "stil")
-OPTIONAL_COLUMNS = ("center",)
+OPTIONAL_COLUMNS = ("center", "cohort")
 STIL_RANGE = (0.0, 100.0)
 
 
@@ -89,6 +89,8 @@ def read_labels(path: str | Path, *, cached_ids: Iterable[str] | None = None) ->
         raise _labels_error(problems, path)
 
     table = LabelTable(df=_to_frame(rows, has_center="center" in columns), path=path)
+    if "cohort" in columns:  # several cohorts in one file (see weakstil.mil.cohort)
+        table.df["cohort"] = [r.cohort for r in rows]
     _warn_if_fractions(table.stil, path)
     if cache is not None:
         table.unlabelled = sorted(cache - set(table.slide_ids))
@@ -169,6 +171,7 @@ class _Row:
     patient_id: str
     stil: float
     center: str | None
+    cohort: str | None = None
 
 
 def _check_rows(
@@ -204,7 +207,7 @@ def _check_rows(
             else:
                 first_line[slide_id] = line
         center = cell("center") or None
-        rows.append(_Row(line, slide_id, cell("patient_id"), stil, center))
+        rows.append(_Row(line, slide_id, cell("patient_id"), stil, center, cell("cohort") or None))
     return rows
 
 

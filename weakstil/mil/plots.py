@@ -201,3 +201,51 @@ def _save_png(fig: Figure, path: str | Path) -> Path:
     with atomic_path(path) as tmp, open(tmp, "xb") as f:  # normal permissions (not mkstemp's owner-only)
         fig.savefig(f, format="png", dpi=fig.dpi)
     return path
+
+
+def bland_altman_plot(
+    y_true,
+    y_pred,
+    path: str | Path,
+    *,
+    title: str = "",
+    dpi: int = DPI,
+) -> Path:
+    """Bland–Altman: the difference (predicted − pathologist) against the mean of the two per
+    slide, with the mean difference (bias) and the 95 % limits of agreement (bias ± 1.96 SD)."""
+    t, p = check_pair(y_true, y_pred)
+    mean, diff = (t + p) / 2.0, p - t
+    bias = float(diff.mean())
+    sd = float(diff.std(ddof=1)) if diff.size > 1 else 0.0
+    fig, ax = _figure(dpi)
+    ax.scatter(mean, diff, s=18, alpha=0.8, color="C0", edgecolors="none", label="slides")
+    ax.axhline(bias, color="C3", lw=1.2, label=f"bias {bias:+.1f}")
+    for limit in (bias - 1.96 * sd, bias + 1.96 * sd):
+        ax.axhline(limit, color="C3", lw=1, ls="--")
+    ax.plot([], [], color="C3", lw=1, ls="--", label=f"95% limits {bias - 1.96 * sd:+.1f} / {bias + 1.96 * sd:+.1f}")
+    span = max(10.0, float(np.abs(diff).max()) * 1.15, abs(bias) + 2.2 * sd)
+    ax.set(xlim=STIL_LIMITS, ylim=(-span, span), xlabel="mean of predicted and pathologist sTIL%",
+           ylabel="predicted − pathologist sTIL%")
+    ax.grid(True, color="0.92", lw=0.8)
+    ax.set_title(title or "Bland–Altman", fontsize=10)
+    ax.legend(loc="upper left", fontsize=8, frameon=False)
+    return _save_png(fig, path)
+
+
+def label_histogram(
+    stil,
+    path: str | Path,
+    *,
+    title: str = "",
+    bins: int = 20,
+    dpi: int = DPI,
+) -> Path:
+    """Histogram of slide labels (sTIL% on 0-100) with the 10/30/50 % cut-offs marked."""
+    values = np.asarray(stil, dtype=np.float64).ravel()
+    fig, ax = _figure(dpi)
+    ax.hist(values, bins=bins, range=STIL_LIMITS, color="C0", alpha=0.85)
+    for c in DEFAULT_CUTOFFS:
+        ax.axvline(c, color="0.5", lw=1, ls="--")
+    ax.set(xlim=STIL_LIMITS, xlabel="pathologist sTIL%", ylabel="slides")
+    ax.set_title(f"{title}\nn = {values.size}" if title else f"n = {values.size}", fontsize=10)
+    return _save_png(fig, path)

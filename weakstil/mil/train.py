@@ -53,11 +53,15 @@ from weakstil.mil.model import (
 # --- the model directory --------------------------------------------------------------------------
 def train_model(bags: Mapping[str, np.ndarray], table, cfg: TrainConfig, *, out_dir: str | Path,
                 fingerprint: Mapping, progress: bool = True, overwrite: bool = False,
-                run_info: Mapping | None = None) -> Path:
+                run_info: Mapping | None = None, init_state: dict | None = None,
+                folds: np.ndarray | None = None, extras=None) -> Path:
     """Cross-validate, pick the deployed model (see the module docstring) and write ``out_dir``
     (``models/<name>/``) atomically: model.ckpt, config.yaml, metrics.json, cv_predictions.csv,
     plots/. ``fingerprint`` is the cache's ``{"encoder": ..., "tiling": ...}``; ``run_info``
     (e.g. the resolved command-line config) is saved under ``run:`` in config.yaml.
+    ``init_state`` and ``folds`` go to :func:`cross_validate` (warm start, caller's folds);
+    ``extras(tmp_dir, cv, metrics, model)`` writes more files into the model folder before it is
+    moved into place and may add keys to ``metrics`` (the model card, QC reference: mil.cohort).
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -66,7 +70,7 @@ def train_model(bags: Mapping[str, np.ndarray], table, cfg: TrainConfig, *, out_
 
     check_trainable(getattr(table, "df", table), path=getattr(table, "path", None))
     t0 = time.perf_counter()
-    cv = cross_validate(bags, table, cfg, progress=progress)
+    cv = cross_validate(bags, table, cfg, progress=progress, init_state=init_state, folds=folds)
     members = cv.models if cfg.deploy == "ensemble" else [_final_fit(bags, table, cfg, cv)]
     config = {
         "weakstil_version": __version__, "deploy": cfg.deploy, "n_members": len(members),
@@ -80,6 +84,8 @@ def train_model(bags: Mapping[str, np.ndarray], table, cfg: TrainConfig, *, out_
         cv.to_frame().to_csv(tmp / "cv_predictions.csv", index=False, float_format="%.4f")
         _write_plots(tmp / "plots", cv, cfg)
         metrics = _metrics_doc(cv, cfg, seconds=time.perf_counter() - t0)
+        if extras is not None:
+            extras(tmp, cv, metrics, model)
         _write_text(tmp / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     return out_dir
 

@@ -36,7 +36,7 @@ from weakstil.errors import (
 from weakstil.fingerprint import file_sha256
 from weakstil.fs import disk_errors, file_lock, staging_dir, write_csv, write_json
 
-SCORE_COLUMNS = ("slide_id", "score", "n_tiles", "status", "error")
+SCORE_COLUMNS = ("slide_id", "score", "n_tiles", "status", "error", "qc")  # qc: outputs/qc.py flags
 SCORE_JSON = "score.json"
 
 
@@ -93,6 +93,7 @@ class SlideScorer:
     formats: tuple = ("csv", "png", "tif", "geojson", "top")
     cutoff: float = 30.0
     extra: dict = field(default_factory=dict)
+    qc_reference: dict | None = None  # the model's qc_reference.json (None: an older model)
 
     def is_done(self, source: SlideSource) -> bool:
         info = read_score_json(slide_dir(self.out_dir, source.slide_id))
@@ -101,6 +102,7 @@ class SlideScorer:
 
     def __call__(self, source: SlideSource) -> dict:
         from weakstil.outputs.heatmap import write_slide_outputs
+        from weakstil.outputs.qc import check_slide
         from weakstil.wsi.slide import open_slide
 
         started = time.perf_counter()
@@ -114,7 +116,8 @@ class SlideScorer:
                 "model_sha256": self.model_sha256, "source_path": str(source.path),
                 "slide_mpp": cached.attrs.get("slide_mpp"), "tile_size_l0": size_l0,
                 "aggregation": self.model.aggregation, "cutoff": self.cutoff,
-                "scored": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                "scored": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "qc": check_slide(self.qc_reference, self.model, cached.features, mpp=cached.attrs.get("slide_mpp"))}
         final = slide_dir(self.out_dir, source.slide_id)
         try:
             with staging_dir(final) as staging, open_slide(source.path, **source.open_kwargs) as slide:
@@ -165,14 +168,14 @@ def _score_row(sid: str, folder: Path, outcome, model_sha256: str, earlier: list
     info = read_score_json(folder)
     if outcome is not None and outcome.status == "failed":
         error = f"{outcome.reason}: {outcome.error}" if outcome.reason else outcome.error
-        return [sid, "", "", "failed", error]
+        return [sid, "", "", "failed", error, ""]
     if info is not None and info.get("model_sha256") == model_sha256:
-        return [sid, f"{float(info['score']):.2f}", info["n_tiles"], "ok", ""]
+        return [sid, f"{float(info['score']):.2f}", info["n_tiles"], "ok", "", info.get("qc", "")]
     if outcome is not None and outcome.reason in ("locked", "stopped"):
-        return [sid, "", "", "pending", outcome.error]
+        return [sid, "", "", "pending", outcome.error, ""]
     if outcome is None and earlier is not None:
         return earlier
-    return [sid, "", "", "pending", "not scored yet"]
+    return [sid, "", "", "pending", "not scored yet", ""]
 
 
 def _earlier_rows(path: Path) -> dict[str, list[str]]:
@@ -184,9 +187,11 @@ def _earlier_rows(path: Path) -> dict[str, list[str]]:
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError, csv.Error):
         return {}
-    if not rows or tuple(rows[0]) != SCORE_COLUMNS:
+    if not rows or tuple(rows[0]) != SCORE_COLUMNS[:len(rows[0])]:  # also a file from before the qc column
         return {}
-    return {row[0]: row for row in rows[1:] if len(row) == len(SCORE_COLUMNS)}
+    width = len(rows[0])
+    pad = [""] * (len(SCORE_COLUMNS) - width)
+    return {row[0]: row + pad for row in rows[1:] if len(row) == width}
 
 
 def write_run_json(out_dir: Path, outcomes: list, *, run_id: str, info: dict) -> Path:
@@ -237,7 +242,10 @@ def make_scorer(model_dir: Path, features_dir: Path, out_dir: Path, *, weights: 
     check_fingerprint(model, cache)
     embedder = TileEmbedder(encoder, resolve_device(opts.device))
     extractor = SlideExtractor(cache, embedder, spec, tissue, opts, roi_dir=roi_dir, qc=qc, tiles_task=tiles_task)
-    return SlideScorer(model, file_sha256(ckpt), extractor, Path(out_dir), tuple(formats), cutoff)
+    from weakstil.mil.qc_reference import load_reference
+
+    return SlideScorer(model, file_sha256(ckpt), extractor, Path(out_dir), tuple(formats), cutoff,
+                       qc_reference=load_reference(model_dir))
 
 
 def read_scores(path: Path):

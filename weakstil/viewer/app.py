@@ -425,12 +425,16 @@ def create_app(config: ViewerConfig | Mapping[str, Any]):
             layer_cache.put(key, value)
         return value
 
+    def api_model_card(request):
+        return JSONResponse(model_card_of(results_dir), headers={"cache-control": "no-cache"})
+
     api = "/api/slides/{slide_id}"
     routes = [
         Route("/", index),
         Route("/favicon.ico", favicon),
         Route("/slides/{slide_id}", slide_page),
         Route("/api/cohort", api_cohort),
+        Route("/api/model-card", api_model_card),
         Route(api, api_slide),
         Route(api + "/tiles.json", api_tiles),
         Route(api + "/thumbnail.jpg", thumbnail),
@@ -474,6 +478,26 @@ def create_app(config: ViewerConfig | Mapping[str, Any]):
     app.state.cohort = cohort
     allowed = None if cfg.allow_remote else {*LOOPBACK_NAMES, cfg.host.strip("[]").lower()}
     return Guard(app, allowed)
+
+
+def model_card_of(results_dir: Path) -> dict:
+    """The card of the model that scored ``results_dir`` (named by its latest ``runs/*.json``):
+    ``{"model", "card", "markdown"}``, with None where there is no run record or no card."""
+    from weakstil.mil.card import CARD_MD, read_card
+
+    runs = sorted(Path(results_dir, "runs").glob("*.json"))
+    try:
+        model = json.loads(runs[-1].read_text(encoding="utf-8")).get("model") if runs else None
+    except (OSError, ValueError):
+        model = None
+    if not model:
+        return {"model": None, "card": None, "markdown": None}
+    model_dir = Path(model) if Path(model).is_dir() else Path(model).parent
+    try:
+        markdown = (model_dir / CARD_MD).read_text(encoding="utf-8")
+    except OSError:
+        markdown = None
+    return {"model": str(model), "card": read_card(model_dir), "markdown": markdown}
 
 
 def _quote(slide_id: str) -> str:

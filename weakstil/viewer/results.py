@@ -282,6 +282,7 @@ def _read_scores(path: Path) -> list[dict]:
                 "n_tiles": _int(raw.get("n_tiles")),
                 "status": raw.get("status", "") or "",
                 "error": raw.get("error", "") or "",
+                "qc": raw.get("qc", "") or "",  # QC flags (weakstil.outputs.qc), ';'-separated
                 "label": _float(raw.get("label")) if "label" in columns else None,
                 "_columns": columns,
             })

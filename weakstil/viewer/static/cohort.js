@@ -50,7 +50,9 @@
                      : (diff >= 0 ? "+" : "−") + Math.abs(diff).toFixed(1) }));
       }
       cells.push(el("td", { className: "num", textContent: fmt(row.n_tiles, 0) }), status);
-      const tr = el("tr", { className: "clickable" }, cells);
+      const flags = (row.qc || "").split(";").filter((f) => f);
+      cells.push(el("td", { className: "qc" }, flags.map((f) => el("span", { className: "qc-flag", textContent: f }))));
+      const tr = el("tr", { className: flags.length ? "clickable qc-flagged" : "clickable" }, cells);
       tr.dataset.slideId = row.slide_id;
       tr.addEventListener("click", (event) => {
         if (event.target.closest("a")) return;
@@ -109,6 +111,25 @@
     }
   }
 
+  async function loadCard() {  // the model card of the model that scored these results, if any
+    try {
+      const response = await fetch("/api/model-card", { headers: { accept: "application/json" } });
+      if (!response.ok) return;
+      const data = await response.json();
+      if (!data.markdown) return;
+      const card = data.card || {};
+      const cv = (card.cv_metrics || {}).pooled || {};
+      const r2 = typeof cv.r2 === "number" ? `CV R² ${cv.r2.toFixed(2)}` : "";
+      const slides = card.n_slides ? `${card.n_slides} training slides` : "";
+      document.getElementById("model-card-summary").textContent =
+        [card.name || data.model, slides, r2].filter((x) => x).join(" · ");
+      document.getElementById("model-card-text").textContent = data.markdown;
+      document.getElementById("model-card").hidden = false;
+    } catch (err) {
+      console.warn("no model card:", err);
+    }
+  }
+
   document.addEventListener("DOMContentLoaded", () => {
     for (const button of document.querySelectorAll("#cohort th button")) {
       button.addEventListener("click", () => {
@@ -119,5 +140,6 @@
       });
     }
     load();
+    loadCard();
   });
 })();

@@ -1,0 +1,111 @@
+"""QC / out-of-distribution flags (outputs/qc.py): the statistics, the rules, and on real scores."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from cohort_data import invoke, world
+
+from weakstil.mil import qc_reference
+from weakstil.outputs import qc
+
+
+def test_loo_distances_equal_the_brute_force_computation():
+    x = np.random.default_rng(0).normal(size=(7, 5))
+    loo = qc_reference.loo_distances(x)
+    for i in range(7):
+        others = np.delete(x, i, axis=0)
+        assert loo[i] == pytest.approx(qc_reference.embedding_distance(x[i], others.mean(0), others.std(0, ddof=1)), rel=1e-9)
+    with pytest.raises(ValueError):
+        qc_reference.loo_distances(x[:2])
+
+
+def _reference(seed=0):
+    rng = np.random.default_rng(seed)
+    return qc_reference.build_reference(rng.normal(size=(30, 16)), rng.integers(80, 120, 30), [0.25] * 15 + [0.5] * 15,
+                              member_sd=rng.uniform(0, 4, 30))
+
+
+def test_thresholds_follow_the_documented_rules():
+    ref = _reference()
+    t = ref["thresholds"]
+    assert t["min_tiles"] == max(qc_reference.MIN_TILES_FLOOR, int(np.ceil(0.25 * ref["training"]["n_tiles_p05"])))
+    assert t["mpp_range"] == pytest.approx([0.225, 0.55])
+    assert t["max_distance"] >= 2 * ref["loo_distance"]["median"] - 1e-12
+    assert t["max_member_sd"] == pytest.approx(max(10.0, 1.5 * ref["training"]["member_sd_p99"]))
+    assert set(ref["rules"]) == set(qc.FLAGS) - {qc.NO_REFERENCE}
+
+
+def test_each_rule_flags_and_a_typical_slide_is_clean():
+    ref = _reference()
+    mean = np.asarray(ref["mean"])
+    clean = qc.slide_flags(ref, n_tiles=100, mpp=0.25, embedding=mean, scores=np.array([30.0, 31, 29]))
+    assert clean == []
+    flags = qc.slide_flags(ref, n_tiles=2, mpp=1.0, embedding=mean + 10 * np.asarray(ref["std"]),
+                           scores=np.array([5.0, 60, 30]))
+    assert qc.flag_names(qc.qc_text(flags)) == ["low-tissue", "mpp-out-of-range", "out-of-distribution",
+                                                 "ensemble-disagreement"]
+    assert qc.slide_flags(None, n_tiles=100) == [qc.NO_REFERENCE]
+
+
+def test_reference_round_trips_and_a_model_without_one_scores_as_no_reference(tmp_path):
+    ref = _reference()
+    qc_reference.save_reference(ref, tmp_path / qc_reference.REFERENCE_FILE)
+    assert qc_reference.load_reference(tmp_path) == json.loads(json.dumps(ref))
+    assert qc_reference.load_reference(tmp_path / "older-model") is None
+    assert qc.check_slide(None, model=None, features=np.zeros((3, 4)), mpp=0.5) == "no-reference"
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """`weakstil score` on the over-stained and near-empty slides plus two of cohort B; `evaluate` on B."""
+    import shutil
+
+    w = world(tmp_path_factory)
+    slides = tmp_path_factory.mktemp("qc_slides")
+    for path in list(w.odd.glob("*.svs")) + sorted((w.b / "slides").glob("*.svs"))[:2]:
+        shutil.copy2(path, slides)
+    out = tmp_path_factory.mktemp("qc_results")
+    result = invoke("score", slides, "--model", w.base, "--features", w.features, "--out", out, "--device", "cpu",
+                    "--outputs", "csv", "--quiet")
+    assert result.exit_code == 0, result.output
+    evaluation = tmp_path_factory.mktemp("qc_eval")
+    result = invoke("evaluate", w.b / "labels.csv", "--model", w.base, "--features", w.features, "--out", evaluation,
+                    "--quiet")
+    assert result.exit_code == 0, result.output
+    scores = pd.read_csv(out / "scores.csv", dtype={"slide_id": str}, keep_default_na=False).set_index("slide_id")
+    pred = pd.read_csv(evaluation / "predictions.csv", dtype={"slide_id": str}, keep_default_na=False)
+    return scores, pred, out
+
+
+@pytest.mark.slow
+def test_slides_like_training_are_rarely_flagged(scored):
+    _, pred, _ = scored
+    assert len(pred) == 10
+    assert (pred["qc"] != "").sum() <= 1, pred[["slide_id", "qc"]]
+
+
+@pytest.mark.slow
+def test_over_stained_and_near_empty_slides_are_flagged(scored):
+    scores, _, _ = scored
+    assert "out-of-distribution" in qc.flag_names(scores.loc["DARK", "qc"])
+    assert "low-tissue" in qc.flag_names(scores.loc["EMPTY", "qc"])
+    assert (scores["status"] == "ok").all()
+
+
+@pytest.mark.slow
+def test_viewer_shows_the_flags_and_the_model_card(scored):
+    from starlette.testclient import TestClient
+
+    from weakstil.viewer.app import create_app
+
+    scores, _, out = scored
+    with TestClient(create_app({"results_dir": out, "check_assets": False}), base_url="http://127.0.0.1") as client:
+        rows = {r["slide_id"]: r for r in client.get("/api/cohort").json()["slides"]}
+        assert rows["DARK"]["qc"] == scores.loc["DARK", "qc"] and rows["DARK"]["qc"]
+        card = client.get("/api/model-card").json()
+        assert card["card"]["name"] == "base" and card["markdown"].startswith("# Model card: base")
+        assert "model-card" in client.get("/").text

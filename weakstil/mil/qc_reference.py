@@ -1,0 +1,161 @@
+"""The training cohort's QC reference: what a slide's embedding, tile count, mpp and member scores
+looked like in training, saved next to the model (qc_reference.json) at training time.
+
+Scoring compares every slide with it (:mod:`weakstil.outputs.qc` explains each flag and threshold).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+REFERENCE_FILE = "qc_reference.json"
+
+
+REFERENCE_VERSION = 1
+
+
+MIN_TILES_FLOOR = 4
+
+
+MIN_TILES_FRACTION = 0.25
+
+
+MPP_TOLERANCE = 0.10
+
+
+OOD_PERCENTILE = 99.0
+
+
+OOD_MEDIAN_FACTOR = 2.0
+
+
+STD_FLOOR = 0.1
+
+
+DISAGREE_MIN_SD = 10.0
+
+
+DISAGREE_FACTOR = 1.5
+
+
+# --- statistics -------------------------------------------------------------------------------
+def slide_embedding(features: np.ndarray) -> np.ndarray:
+    """The slide's mean tile embedding (D,), float64."""
+    return np.asarray(features, dtype=np.float64).mean(axis=0)
+
+
+def _floored(std: np.ndarray) -> np.ndarray:
+    floor = STD_FLOOR * float(np.median(std)) if std.size else 0.0
+    return np.maximum(std, max(floor, 1e-12))
+
+
+def embedding_distance(embedding: np.ndarray, mean: np.ndarray, std: np.ndarray) -> float:
+    """Root-mean-square z-score of ``embedding`` against a cohort's per-dimension mean and SD."""
+    z = (np.asarray(embedding, dtype=np.float64) - mean) / _floored(np.asarray(std, dtype=np.float64))
+    return float(np.sqrt(np.mean(z**2)))
+
+
+def loo_distances(embeddings: np.ndarray) -> np.ndarray:
+    """Each slide's :func:`embedding_distance` to the mean and SD (ddof=1) of all the others (n ≥ 3)."""
+    x = np.asarray(embeddings, dtype=np.float64)
+    n = x.shape[0]
+    if n < 3:
+        raise ValueError(f"leave-one-out distances need at least 3 slides, got {n}")
+    total, squares = x.sum(axis=0), (x**2).sum(axis=0)
+    out = np.empty(n)
+    for i in range(n):
+        mean = (total - x[i]) / (n - 1)
+        var = np.maximum((squares - x[i] ** 2 - (n - 1) * mean**2) / (n - 2), 0.0)
+        out[i] = embedding_distance(x[i], mean, np.sqrt(var))
+    return out
+
+
+def member_scores(model, features: np.ndarray) -> np.ndarray:
+    """Each ensemble member's slide score (sTIL% 0-100) for one slide's features (N, D)."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    return np.array([100.0 * float(member.predict_bag(x)[0]) for member in model.members])
+
+
+# --- the reference ------------------------------------------------------------------------------
+def build_reference(embeddings: np.ndarray, n_tiles: Sequence[int], mpps: Sequence[float | None],
+                    member_sd: Sequence[float] | None = None) -> dict:
+    """The statistics and thresholds QC needs, from the training slides (one row each)."""
+    x = np.asarray(embeddings, dtype=np.float64)
+    tiles = np.asarray(n_tiles, dtype=np.float64)
+    known_mpp = [float(m) for m in mpps if m is not None and math.isfinite(float(m))]
+    loo = loo_distances(x)
+    sd = np.asarray(member_sd if member_sd is not None else [], dtype=np.float64)
+    thresholds = {
+        "min_tiles": int(max(MIN_TILES_FLOOR, math.ceil(MIN_TILES_FRACTION * np.percentile(tiles, 5)))),
+        "mpp_range": [min(known_mpp) * (1 - MPP_TOLERANCE), max(known_mpp) * (1 + MPP_TOLERANCE)]
+        if known_mpp else None,
+        "max_distance": float(max(np.percentile(loo, OOD_PERCENTILE), OOD_MEDIAN_FACTOR * np.median(loo))),
+        "max_member_sd": (float(max(DISAGREE_MIN_SD, DISAGREE_FACTOR * np.percentile(sd, 99)))
+                          if sd.size else None),
+    }
+    return {
+        "version": REFERENCE_VERSION, "n_slides": int(x.shape[0]),
+        "mean": x.mean(axis=0).tolist(), "std": x.std(axis=0, ddof=1).tolist(),
+        "loo_distance": {"median": float(np.median(loo)), "max": float(loo.max()), "percentile": OOD_PERCENTILE},
+        "training": {"n_tiles_p05": float(np.percentile(tiles, 5)), "n_tiles_median": float(np.median(tiles)),
+                     "mpp": sorted(set(known_mpp)),
+                     "member_sd_p99": float(np.percentile(sd, 99)) if sd.size else None},
+        "thresholds": thresholds,
+        "rules": describe_rules(),
+    }
+
+
+def describe_rules() -> dict:
+    """How each threshold is derived (stored with the reference and shown in the model card)."""
+    return {
+        "low-tissue": f"n_tiles < max({MIN_TILES_FLOOR}, ceil({MIN_TILES_FRACTION} x 5th percentile of training tiles))",
+        "mpp-out-of-range": f"slide mpp outside the training range widened by {MPP_TOLERANCE:.0%}",
+        "out-of-distribution": ("RMS z-score of the mean tile embedding against the training slides > the "
+                                f"larger of the {OOD_PERCENTILE:g}th percentile and {OOD_MEDIAN_FACTOR:g} x the median "
+                                "of their own leave-one-out distances"),
+        "ensemble-disagreement": (f"SD of the members' scores > max({DISAGREE_MIN_SD:g}, {DISAGREE_FACTOR:g} x "
+                                  "99th percentile of that SD on the training slides)"),
+    }
+
+
+# --- files --------------------------------------------------------------------------------------
+def reference_from_bags(bags: Mapping[str, np.ndarray], slide_ids: Sequence[str], mpps: Mapping[str, float | None],
+                        model=None) -> dict:
+    """:func:`build_reference` from training bags ({slide_id: (N, D)}) and the deployed model."""
+    embeddings = np.stack([slide_embedding(bags[s]) for s in slide_ids])
+    sds = None
+    if model is not None and len(model.members) > 1:
+        sds = [float(np.std(member_scores(model, bags[s]), ddof=1)) for s in slide_ids]
+    return build_reference(embeddings, [bags[s].shape[0] for s in slide_ids], [mpps.get(s) for s in slide_ids], sds)
+
+
+def save_reference(reference: Mapping, path: str | Path) -> Path:
+    from weakstil.fs import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(reference, allow_nan=False) + "\n", encoding="utf-8")
+    return path
+
+
+def load_reference(model_dir: str | Path) -> dict | None:
+    """The model's QC reference, or None for a model trained before QC (or a file-path model)."""
+    model_dir = Path(model_dir)
+    path = (model_dir.parent if model_dir.is_file() else model_dir) / REFERENCE_FILE
+    try:
+        reference = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        from weakstil.errors import ModelNotFoundError
+
+        raise ModelNotFoundError(f"{REFERENCE_FILE} cannot be read ({exc})", path=path,
+                                 fix="delete the file to score without QC, or retrain the model") from exc
+    return reference
