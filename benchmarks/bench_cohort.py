@@ -61,7 +61,8 @@ def write_site(root: Path, n: int, seed: int, prefix: str, width_um: float, stai
 
 def _extract(folders, features: Path) -> None:
     from weakstil.embed.encoders import create_encoder
-    from weakstil.embed.extract import ExtractOptions, extract_slides, slide_sources
+    from weakstil.embed.extract import ExtractOptions, slide_sources
+    from weakstil.runs.batch import extract_slides
     from weakstil.wsi.slide import find_slides
     from weakstil.wsi.tiling import TileSpec
     from weakstil.wsi.tissue import TissueParams

@@ -62,7 +62,8 @@ def world(tmp_path_factory) -> World:
     if (root / "done.json").is_file():
         return w
     from weakstil.embed.encoders import create_encoder
-    from weakstil.embed.extract import ExtractOptions, extract_slides, slide_sources
+    from weakstil.embed.extract import ExtractOptions, slide_sources
+    from weakstil.runs.batch import extract_slides
     from weakstil.synth.lattice import synth_cohort
     from weakstil.wsi.slide import find_slides
     from weakstil.wsi.tiling import TileSpec

@@ -73,7 +73,8 @@ def test_a_version_1_store_without_checksums_still_reads(tmp_path, monkeypatch):
 def test_scoring_never_uses_the_damaged_features(tmp_path):
     """`weakstil score` end to end: the slide with a flipped byte fails, naming the slide and the fix."""
     from weakstil.embed.encoders import create_encoder
-    from weakstil.embed.extract import ExtractOptions, extract_slides, slide_sources
+    from weakstil.embed.extract import ExtractOptions, slide_sources
+    from weakstil.runs.batch import extract_slides
     from weakstil.mil.model import MILRegressor, TrainedModel
     from weakstil.synth.lattice import synth_cohort
     from weakstil.wsi.slide import find_slides

@@ -92,7 +92,7 @@ def test_review_writes_refuse_a_folder_linked_out_of_results(results_root, tmp_p
 
 
 def test_heatmap_command_does_not_write_through_a_linked_slide_folder(results_root, tmp_path_factory):
-    from weakstil.outputs.bundle import regenerate
+    from weakstil.runs.batch import regenerate
 
     outside = tmp_path_factory.mktemp("victim2") / "tiny"
     folder = results_root / "results" / "slides" / "tiny"

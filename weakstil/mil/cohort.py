@@ -99,7 +99,7 @@ def read_cohorts(labels, caches: list):
 
 def load_cohort_bags(caches: list, slide_ids: list[str]) -> tuple[dict, dict]:
     """({slide_id: features}, {slide_id: slide mpp}) from whichever cache holds each slide."""
-    from weakstil.mil.train import load_bags
+    from weakstil.mil.fit import load_bags
 
     bags, mpps, left = {}, {}, list(slide_ids)
     for cache in caches:
