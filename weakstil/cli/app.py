@@ -199,7 +199,7 @@ WorkersOpt = Annotated[Optional[int], typer.Option(
 SchedulerOpt = Annotated[Optional[str], typer.Option(
     "--scheduler", help="Address of a running Dask scheduler (tcp://host:port) to send slides to.")]
 RoiOpt = Annotated[Optional[Path], typer.Option(
-    "--roi", exists=True, file_okay=False, help="Folder of QuPath GeoJSON exports named <slide_id>.geojson; tiles are kept inside them.")]
+    "--roi", help="Folder of QuPath GeoJSON exports named <slide_id>.geojson; tiles are kept inside them.")]
 TilePxOpt = Annotated[int, typer.Option("--tile-px", help="Tile edge in pixels.")]
 TileMppOpt = Annotated[float, typer.Option("--tile-mpp", help="Tile resolution in µm per pixel.")]
 OverlapOpt = Annotated[int, typer.Option("--overlap", help="Pixels shared by neighbouring tiles.")]

@@ -132,8 +132,8 @@ def extract(
     try:
         spec = TileSpec(tile_px=tile_px, mpp=tile_mpp, overlap=overlap, min_tissue=min_tissue)
         tissue = TissueParams()
-        sources = slide_sources(find_slides(slides), **_open_kwargs(backend, mpp, force_mpp, mpp_csv))
         checks.existing_dir(roi, "--roi", "give the folder of <slide_id>.geojson files exported from QuPath")
+        sources = slide_sources(find_slides(slides), **_open_kwargs(backend, mpp, force_mpp, mpp_csv))
         checks.writable_dir(features, "--features")
         checks.encoder(encoder, weights)
         opts = _extract_options(device, batch_size, read_workers, quiet)
@@ -196,9 +196,9 @@ def score(
 
     try:
         formats = checks.formats(outputs, checks.SCORE_FORMATS)
-        sources = slide_sources(find_slides(slides), **_open_kwargs(backend, mpp, force_mpp, mpp_csv))
         checks.model_dir(model)
         checks.existing_dir(roi, "--roi", "give the folder of <slide_id>.geojson files exported from QuPath")
+        sources = slide_sources(find_slides(slides), **_open_kwargs(backend, mpp, force_mpp, mpp_csv))
         checks.writable_dir(out, "--out")
         checks.writable_dir(features, "--features")
         checks.weights_source(weights)

@@ -80,9 +80,13 @@ def train(
     aggregations = ["attention", "mean"] if aggregation == Aggregation.both else [aggregation.value]
     names = [name] if len(aggregations) == 1 else [f"{name}-{a}" for a in aggregations]
     try:
-        checks.labels_file(labels)
-        checks.existing_dir(features, "--features", "run `weakstil extract SLIDES --features DIR` first, or "
-                                                    "point --features at the folder it wrote")
+        for path in labels:
+            checks.labels_file(path)
+        for folder in features:
+            checks.existing_dir(folder, "--features", "run `weakstil extract SLIDES --features DIR` first, or "
+                                                      "point --features at the folder it wrote")
+        if init is not None:
+            checks.model_dir(init)
         checks.new_model_dirs(models, names, overwrite)
         results = train_from_cache(
             labels, features, encoder=encoder, models_dir=models, name=name, aggregations=aggregations,
@@ -99,7 +103,7 @@ def train(
     for run in results:
         typer.echo(f"train: model {run.name} in {run.path} (model.ckpt, metrics.json, cv_predictions.csv, plots/)")
     best = max(results, key=lambda r: _r2_or_worst(r.metrics))
-    typer.echo(checks.next_step(f"weakstil score SLIDES --model {best.path} --features {features} --out results"))
+    typer.echo(checks.next_step(f"weakstil score SLIDES --model {best.path} --features {features[0]} --out results"))
 
 
 def _r2_or_worst(metrics: dict) -> float:
