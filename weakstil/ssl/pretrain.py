@@ -1,0 +1,186 @@
+"""``weakstil pretrain``: the Trainer set-up around :class:`weakstil.ssl.module.SSLModule`.
+
+One library call, :func:`pretrain`, does it all: plan the tissue tiles of every slide, stream random
+tiles through the H&E augmentations into SimCLR or DINO, checkpoint every N steps (and resume from
+the last), show progress with tiles/s, and write the output folder, which *is* an encoder::
+
+    DIR/
+      encoder.safetensors   the backbone's weights (timm key layout; loaded without pickle)
+      encoder.json          the spec: arch, embed_dim, input_px, mean/std, weights sha256, training
+      loss.csv, loss.png    the loss curve (step, loss, tiles/s)
+      pretrain.yaml         the resolved options of the run
+      checkpoints/          Lightning checkpoints (last.ckpt: what --resume continues from)
+
+Devices: ``devices`` > 1 uses DDP (one process per GPU, SyncBatchNorm, NT-Xent negatives gathered
+across GPUs); GPUs train in bf16-mixed by default; on a CPU it is fp32 with the loader in-process
+on small machines.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+
+from weakstil.errors import ConfigError, WeakstilError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+LAST = "last.ckpt"
+
+
+class ResumeError(WeakstilError, FileNotFoundError):
+    fix = "run without --resume to start afresh, or point --out at the folder of the interrupted run"
+
+
+@dataclass
+class PretrainOptions:
+    """How to run: where, how long, how often to checkpoint. ``max_steps`` and/or ``max_minutes``."""
+
+    max_steps: int | None = 1000
+    max_minutes: float | None = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    devices: int = 1
+    precision: str | None = None  # None: bf16-mixed on GPUs, 32-true on the CPU
+    workers: int | None = None  # loader processes per device (None: as extraction chooses)
+    checkpoint_every: int = 200
+    tiles_per_slide: int = 256  # random tiles per slide per round
+    resume: bool = False
+    progress: bool = True
+    callbacks: list = field(default_factory=list)  # extra Lightning callbacks (tests, tools)
+
+
+def pretrain(sources, out_dir: Path, *, config, spec=None, tissue=None, roi_dir: Path | None = None,
+             opts: PretrainOptions | None = None, run_info: dict | None = None) -> dict:
+    """Pretrain an encoder on the slides of ``sources`` and write it to ``out_dir``; returns its spec.
+
+    ``sources``: :class:`weakstil.embed.extract.SlideSource` list; ``config``: an
+    :class:`weakstil.ssl.module.SSLConfig`; ``spec``/``tissue``: the tiling (TileSpec, TissueParams).
+    Raises :class:`ResumeError` when ``opts.resume`` finds no checkpoint, and refuses to start afresh
+    over an earlier run's checkpoints (that would throw its steps away).
+    """
+    from weakstil.mil.train import _quiet_lightning
+    from weakstil.ssl.callbacks import LossHistory
+    from weakstil.ssl.data import plan_pretrain_tiles
+    from weakstil.ssl.module import SSLModule
+    from weakstil.wsi.tiling import TileSpec
+    from weakstil.wsi.tissue import TissueParams
+
+    opts = opts or PretrainOptions()
+    spec, tissue = spec or TileSpec(), tissue or TissueParams()
+    out_dir = Path(out_dir)
+    ckpt_path = _resume_checkpoint(out_dir, opts.resume)
+    if not opts.max_steps and not opts.max_minutes:
+        raise ConfigError("pretraining needs a budget", fix="give --max-steps N and/or --max-minutes M")
+    slides, skipped = plan_pretrain_tiles(sources, spec, tissue, roi_dir=roi_dir)
+    n_tiles = sum(len(s.coords_l0) for s in slides)
+    log.info("pretrain: %d slides, %d tissue tiles (%d skipped)", len(slides), n_tiles, len(skipped))
+    (out_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    if config.max_steps is None and opts.max_steps:
+        from dataclasses import replace
+
+        config = replace(config, max_steps=opts.max_steps)
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    module = SSLModule(config, world_size=opts.devices)
+    data = TileData(slides, spec.tile_px, config, opts)
+    history = LossHistory()
+    started = time.perf_counter()
+    with _quiet_lightning():
+        trainer = _trainer(out_dir, opts, [history, *opts.callbacks])
+        trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    if not trainer.is_global_zero:
+        return {}
+    from weakstil.ssl.export import save_loss_curve, write_encoder_folder
+
+    save_loss_curve(history.rows, out_dir)
+    if trainer.interrupted:
+        raise KeyboardInterrupt(f"pretraining stopped at step {trainer.global_step}; "
+                                f"continue with --resume (checkpoints in {out_dir / CHECKPOINTS})")
+    trained = {"method": config.method, "steps": int(trainer.global_step), "batch_size": config.batch_size,
+               "devices": opts.devices, "precision": _precision(opts), "seconds": round(time.perf_counter() - started, 1),
+               "slides": [s.slide_id for s in slides], "skipped_slides": skipped, "n_tiles": n_tiles,
+               "tiling": spec.fingerprint(tissue), "config": _plain(config.as_dict()),
+               "final_loss": history.rows[-1][1] if history.rows else None}
+    spec_doc = write_encoder_folder(out_dir, module.encoder_backbone(), arch=config.arch, trained=trained)
+    if run_info is not None:
+        from weakstil.config import save_resolved
+
+        save_resolved(run_info, out_dir / "pretrain.yaml")
+    return spec_doc
+
+
+def _resume_checkpoint(out_dir: Path, resume: bool) -> Path | None:
+    last = out_dir / CHECKPOINTS / LAST
+    if resume:
+        if not last.is_file():
+            raise ResumeError(f"nothing to resume: no {CHECKPOINTS}/{LAST} here", path=out_dir)
+        return last
+    if last.is_file():
+        raise ConfigError(f"{out_dir} holds the checkpoints of an earlier run", path=out_dir,
+                          fix="add --resume to continue it, or choose another --out")
+    return None
+
+
+def _precision(opts: PretrainOptions) -> str:
+    if opts.precision:
+        return opts.precision
+    return "32-true" if _accelerator(opts.device) == "cpu" else "bf16-mixed"
+
+
+def _accelerator(device: str) -> str:
+    from weakstil.embed.extract import resolve_device
+
+    return "cpu" if resolve_device(device) == "cpu" else "gpu"
+
+
+def _trainer(out_dir: Path, opts: PretrainOptions, callbacks: list):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from weakstil.ssl.callbacks import SSLProgress
+
+    accelerator = _accelerator(opts.device)
+    devices: int | list[int] = opts.devices
+    if accelerator == "gpu" and opts.device.startswith("cuda:") and opts.devices == 1:
+        devices = [int(opts.device.split(":", 1)[1])]
+    checkpoint = ModelCheckpoint(dirpath=out_dir / CHECKPOINTS, filename="step-{step:07d}",
+                                 every_n_train_steps=max(1, opts.checkpoint_every), save_top_k=1,
+                                 save_last=True, auto_insert_metric_name=False)
+    multi = isinstance(devices, int) and devices > 1
+    return L.Trainer(
+        accelerator=accelerator, devices=devices, strategy="ddp" if multi else "auto", sync_batchnorm=multi,
+        precision=_precision(opts), max_steps=opts.max_steps or -1,
+        max_time={"minutes": opts.max_minutes} if opts.max_minutes else None,
+        callbacks=[checkpoint, SSLProgress(opts.max_steps, enabled=opts.progress), *callbacks],
+        logger=False, enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+        default_root_dir=out_dir, num_sanity_val_steps=0, deterministic=False, use_distributed_sampler=False)
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+class TileData(L.LightningDataModule):
+    """Builds the tile stream when training starts, once the step it resumes from is known."""
+
+    def __init__(self, slides, tile_px: int, config, opts: PretrainOptions):
+        super().__init__()
+        self.slides, self.tile_px, self.config, self.opts = slides, tile_px, config, opts
+
+    def train_dataloader(self):
+        from weakstil.embed.extract import default_workers, resolve_device
+        from weakstil.ssl.data import tile_loader
+
+        device = resolve_device(self.opts.device)
+        workers = self.opts.workers if self.opts.workers is not None else default_workers(device)
+        return tile_loader(self.slides, tile_px=self.tile_px, batch_size=self.config.batch_size,
+                           workers=workers, device=device, seed=self.config.seed,
+                           rank=self.trainer.global_rank, start_step=self.trainer.global_step,
+                           tiles_per_slide=self.opts.tiles_per_slide)
