@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import lightning as L
@@ -30,7 +30,8 @@ from weakstil.errors import ConfigError, WeakstilError
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
-LAST = "last.ckpt"
+LAST = "last.ckpt"  # written every N steps
+INTERRUPTED = "interrupted.ckpt"  # written when training stops on an exception or Ctrl-C
 
 
 class ResumeError(WeakstilError, FileNotFoundError):
@@ -63,48 +64,35 @@ def pretrain(sources, out_dir: Path, *, config, spec=None, tissue=None, roi_dir:
     Raises :class:`ResumeError` when ``opts.resume`` finds no checkpoint, and refuses to start afresh
     over an earlier run's checkpoints (that would throw its steps away).
     """
-    from weakstil.mil.train import _quiet_lightning
-    from weakstil.ssl.callbacks import LossHistory
     from weakstil.ssl.data import plan_pretrain_tiles
-    from weakstil.ssl.module import SSLModule
     from weakstil.wsi.tiling import TileSpec
     from weakstil.wsi.tissue import TissueParams
 
     opts = opts or PretrainOptions()
     spec, tissue = spec or TileSpec(), tissue or TissueParams()
     out_dir = Path(out_dir)
+    _check_out_name(out_dir)
     ckpt_path = _resume_checkpoint(out_dir, opts.resume)
     if not opts.max_steps and not opts.max_minutes:
         raise ConfigError("pretraining needs a budget", fix="give --max-steps N and/or --max-minutes M")
+    if config.max_steps is None and opts.max_steps:
+        config = replace(config, max_steps=opts.max_steps)
     slides, skipped = plan_pretrain_tiles(sources, spec, tissue, roi_dir=roi_dir)
     n_tiles = sum(len(s.coords_l0) for s in slides)
     log.info("pretrain: %d slides, %d tissue tiles (%d skipped)", len(slides), n_tiles, len(skipped))
     (out_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-    if config.max_steps is None and opts.max_steps:
-        from dataclasses import replace
-
-        config = replace(config, max_steps=opts.max_steps)
-    L.seed_everything(config.seed, workers=True, verbose=False)
-    module = SSLModule(config, world_size=opts.devices)
-    data = TileData(slides, spec.tile_px, config, opts)
-    history = LossHistory()
     started = time.perf_counter()
-    with _quiet_lightning():
-        trainer = _trainer(out_dir, opts, [history, *opts.callbacks])
-        trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    trainer, module, rows = _fit(out_dir, TileData(slides, spec.tile_px, config, opts), config, opts, ckpt_path)
     if not trainer.is_global_zero:
         return {}
-    from weakstil.ssl.export import save_loss_curve, write_encoder_folder
+    from weakstil.ssl.export import write_encoder_folder
 
-    save_loss_curve(history.rows, out_dir)
-    if trainer.interrupted:
-        raise KeyboardInterrupt(f"pretraining stopped at step {trainer.global_step}; "
-                                f"continue with --resume (checkpoints in {out_dir / CHECKPOINTS})")
     trained = {"method": config.method, "steps": int(trainer.global_step), "batch_size": config.batch_size,
-               "devices": opts.devices, "precision": _precision(opts), "seconds": round(time.perf_counter() - started, 1),
+               "devices": opts.devices, "precision": _precision(opts),
+               "seconds": round(time.perf_counter() - started, 1), "resumed": ckpt_path is not None,
                "slides": [s.slide_id for s in slides], "skipped_slides": skipped, "n_tiles": n_tiles,
                "tiling": spec.fingerprint(tissue), "config": _plain(config.as_dict()),
-               "final_loss": history.rows[-1][1] if history.rows else None}
+               "final_loss": rows[-1][1] if rows else None}
     spec_doc = write_encoder_folder(out_dir, module.encoder_backbone(), arch=config.arch, trained=trained)
     if run_info is not None:
         from weakstil.config import save_resolved
@@ -113,13 +101,46 @@ def pretrain(sources, out_dir: Path, *, config, spec=None, tissue=None, roi_dir:
     return spec_doc
 
 
+def _fit(out_dir: Path, data, config, opts: PretrainOptions, ckpt_path: Path | None):
+    """Train (or continue) → (trainer, module, loss rows); the loss curve is saved even when interrupted."""
+    from weakstil.mil.train import _quiet_lightning
+    from weakstil.ssl.callbacks import LossHistory
+    from weakstil.ssl.export import save_loss_curve
+    from weakstil.ssl.module import SSLModule
+
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    module = SSLModule(config, world_size=opts.devices)
+    history = LossHistory()
+    trainer = None
+    try:
+        with _quiet_lightning():
+            trainer = _trainer(out_dir, opts, [history, *opts.callbacks])
+            trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    finally:  # the curve so far, also after Ctrl-C (Lightning then saves last.ckpt and exits)
+        if trainer is None or trainer.is_global_zero:
+            save_loss_curve(history.rows, out_dir)
+    return trainer, module, history.rows
+
+
+def _check_out_name(out_dir: Path) -> None:
+    """The folder's name becomes the encoder's: it must not shadow a registered encoder."""
+    from weakstil.embed.encoder_folders import folder_encoder_name
+    from weakstil.embed.encoders import list_encoders
+
+    name = folder_encoder_name(out_dir)
+    if name in {s.name for s in list_encoders()}:
+        raise ConfigError(f"--out {out_dir}: the folder name {name!r} is a built-in encoder's",
+                          fix=f"choose another folder name, e.g. models/encoders/{name}-ssl")
+
+
 def _resume_checkpoint(out_dir: Path, resume: bool) -> Path | None:
-    last = out_dir / CHECKPOINTS / LAST
+    """The checkpoint ``--resume`` continues from: the newer of last.ckpt and interrupted.ckpt."""
+    found = [p for p in (out_dir / CHECKPOINTS / LAST, out_dir / CHECKPOINTS / INTERRUPTED) if p.is_file()]
     if resume:
-        if not last.is_file():
+        if not found:
             raise ResumeError(f"nothing to resume: no {CHECKPOINTS}/{LAST} here", path=out_dir)
-        return last
-    if last.is_file():
+        return max(found, key=lambda p: p.stat().st_mtime_ns)
+    if found:
         raise ConfigError(f"{out_dir} holds the checkpoints of an earlier run", path=out_dir,
                           fix="add --resume to continue it, or choose another --out")
     return None
@@ -138,7 +159,7 @@ def _accelerator(device: str) -> str:
 
 
 def _trainer(out_dir: Path, opts: PretrainOptions, callbacks: list):
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 
     from weakstil.ssl.callbacks import SSLProgress
 
@@ -147,14 +168,15 @@ def _trainer(out_dir: Path, opts: PretrainOptions, callbacks: list):
     if accelerator == "gpu" and opts.device.startswith("cuda:") and opts.devices == 1:
         devices = [int(opts.device.split(":", 1)[1])]
     checkpoint = ModelCheckpoint(dirpath=out_dir / CHECKPOINTS, filename="step-{step:07d}",
-                                 every_n_train_steps=max(1, opts.checkpoint_every), save_top_k=1,
+                                 every_n_train_steps=max(1, opts.checkpoint_every), save_top_k=0,
                                  save_last=True, auto_insert_metric_name=False)
     multi = isinstance(devices, int) and devices > 1
     return L.Trainer(
         accelerator=accelerator, devices=devices, strategy="ddp" if multi else "auto", sync_batchnorm=multi,
         precision=_precision(opts), max_steps=opts.max_steps or -1,
         max_time={"minutes": opts.max_minutes} if opts.max_minutes else None,
-        callbacks=[checkpoint, SSLProgress(opts.max_steps, enabled=opts.progress), *callbacks],
+        callbacks=[checkpoint, OnExceptionCheckpoint(out_dir / CHECKPOINTS, filename=Path(INTERRUPTED).stem),
+                   SSLProgress(opts.max_steps, enabled=opts.progress), *callbacks],
         logger=False, enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
         default_root_dir=out_dir, num_sanity_val_steps=0, deterministic=False, use_distributed_sampler=False)
 
