@@ -162,7 +162,7 @@ def load_folder_weights(folder: EncoderFolder) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from weakstil.embed.encoders import file_sha256
+    from weakstil.fingerprint import file_sha256
 
     path = folder.weights_path
     if not path.is_file():
@@ -180,7 +180,8 @@ def load_folder_weights(folder: EncoderFolder) -> dict:
 
 def create_folder_encoder(folder: EncoderFolder, *, seed: int = 0):
     """Build the timm model of the folder's spec, load its checked weights → a frozen ``Encoder``."""
-    from weakstil.embed.encoders import _build_model, _encoder_class, load_backbone_state
+    from weakstil.embed.encoders import _build_model, _encoder_class
+    from weakstil.embed.weights import load_backbone_state
 
     model = _build_model(folder.spec, seed)
     load_backbone_state(model, load_folder_weights(folder), spec=folder.spec, path=folder.weights_path)

@@ -75,7 +75,7 @@ def dino_view_specs(view_px: int, n_local: int = 6) -> list[ViewSpec]:
     defaults = {k: v.default for k, v in inspect.signature(DINOTransform).parameters.items()}
     g_px, g_scale = defaults["global_crop_size"], defaults["global_crop_scale"]
     l_px, l_scale = defaults["local_crop_size"], defaults["local_crop_scale"]
-    local_px = max(16, int(round(view_px * l_px / g_px)))
+    local_px = max(16, round(view_px * l_px / g_px))
     return [ViewSpec(view_px, tuple(g_scale), 2)] + ([ViewSpec(local_px, tuple(l_scale), n_local)] if n_local else [])
 
 
@@ -141,7 +141,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     import torch
     import torch.nn.functional as F
 
-    radius = max(1, int(math.ceil(3 * float(sigma.max()))))
+    radius = max(1, math.ceil(3 * float(sigma.max())))
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     kernel = torch.exp(-0.5 * (t[None, :] / sigma.to(x)[:, None].clamp(min=1e-3)) ** 2)
     kernel = kernel / kernel.sum(dim=1, keepdim=True)  # (B, K)

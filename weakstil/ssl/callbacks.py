@@ -65,7 +65,13 @@ class SSLProgress(Callback):
         self._last = self._last_line = time.perf_counter()
         if self.stream.isatty():
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
 
             self._bar = Progress(TextColumn("pretrain"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("loss {task.fields[loss]}  {task.fields[rate]} tiles/s"),

@@ -1,7 +1,8 @@
 """Writing the pretrain output folder: the encoder (safetensors + encoder.json) and the loss curve.
 
-Each file is written to a temporary name in the folder and renamed into place; ``encoder.json``
-goes last, so a folder with an ``encoder.json`` always has the weights it describes.
+Each file is written to a temporary name in the folder and renamed into place
+(:func:`weakstil.fs.atomic_path`); ``encoder.json`` goes last, so a folder with an ``encoder.json``
+always has the weights it describes.
 """
 
 from __future__ import annotations
@@ -9,24 +10,16 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
-import os
-import secrets
-from contextlib import contextmanager
 from pathlib import Path
 
-from weakstil.embed.encoder_folders import FORMAT, FORMAT_VERSION, SPEC_FILE, WEIGHTS_FILE, folder_encoder_name
-
-
-@contextmanager
-def _atomic(path: Path):
-    """Yield a temporary path next to ``path``; rename it onto ``path`` when the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+from weakstil.embed.encoder_folders import (
+    FORMAT,
+    FORMAT_VERSION,
+    SPEC_FILE,
+    WEIGHTS_FILE,
+    folder_encoder_name,
+)
+from weakstil.fs import atomic_path
 
 
 def write_encoder_folder(out_dir: Path, backbone, *, arch: str, trained: dict) -> dict:
@@ -35,14 +28,14 @@ def write_encoder_folder(out_dir: Path, backbone, *, arch: str, trained: dict) -
     from safetensors.torch import save_file
 
     from weakstil import __version__
-    from weakstil.embed.encoders import file_sha256
+    from weakstil.fingerprint import file_sha256
     from weakstil.ssl.module import ARCHS, IMAGENET_MEAN, IMAGENET_STD
 
     timm_name, kwargs, input_px = ARCHS[arch]
     state = {k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous().clone()
              for k, v in backbone.state_dict().items()}
     out_dir = Path(out_dir)
-    with _atomic(out_dir / WEIGHTS_FILE) as tmp:
+    with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp), metadata={"format": FORMAT, "arch": timm_name})
         digest = file_sha256(tmp)
     doc = {
@@ -55,7 +48,7 @@ def write_encoder_folder(out_dir: Path, backbone, *, arch: str, trained: dict) -
         "trained": {**trained, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                     "weakstil_version": __version__},
     }
-    with _atomic(out_dir / SPEC_FILE) as tmp:
+    with atomic_path(out_dir / SPEC_FILE) as tmp:
         tmp.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n", encoding="utf-8")
     return doc
 
@@ -65,12 +58,11 @@ def save_loss_curve(rows: list, out_dir: Path) -> None:
     if not rows:
         return
     out_dir = Path(out_dir)
-    with _atomic(out_dir / "loss.csv") as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["step", "loss", "tiles_per_s"])
-            writer.writerows([int(s), f"{loss:.6g}", f"{rate:.4g}"] for s, loss, rate in rows)
-    with _atomic(out_dir / "loss.png") as tmp:
+    with atomic_path(out_dir / "loss.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["step", "loss", "tiles_per_s"])
+        writer.writerows([int(s), f"{loss:.6g}", f"{rate:.4g}"] for s, loss, rate in rows)
+    with atomic_path(out_dir / "loss.png") as tmp:
         _loss_figure(rows).savefig(tmp, format="png", dpi=100)
 
 

@@ -21,7 +21,12 @@ from dataclasses import asdict, dataclass, field
 import lightning as L
 import torch
 
-from weakstil.ssl.augment import AugmentParams, TileAugment, dino_view_specs, simclr_view_specs
+from weakstil.ssl.augment import (
+    AugmentParams,
+    TileAugment,
+    dino_view_specs,
+    simclr_view_specs,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -103,7 +103,7 @@ def pretrain(sources, out_dir: Path, *, config, spec=None, tissue=None, roi_dir:
 
 def _fit(out_dir: Path, data, config, opts: PretrainOptions, ckpt_path: Path | None):
     """Train (or continue) → (trainer, module, loss rows); the loss curve is saved even when interrupted."""
-    from weakstil.mil.train import _quiet_lightning
+    from weakstil.mil.fit import _quiet_lightning
     from weakstil.ssl.callbacks import LossHistory
     from weakstil.ssl.export import save_loss_curve
     from weakstil.ssl.module import SSLModule
