@@ -130,7 +130,8 @@ def _print_outcomes(outcomes, *, what: str, extra: str = "", files: dict | None 
     console.print(f"{what}: {n['done']} done, {n['skipped']} skipped, {n['failed']} failed{extra}")
 
 
-EncoderOpt = Annotated[str, typer.Option(help="Encoder name (see `weakstil encoders`).")]
+EncoderOpt = Annotated[str, typer.Option(
+    help="Encoder name (see `weakstil encoders`), or a folder written by `weakstil pretrain`.")]
 WeightsOpt = Annotated[Optional[str], typer.Option(
     help="Weight source: file:/path/to/checkpoint or hf-hub:org/name (default: the encoder's own).")]
 BatchOpt = Annotated[Optional[int], typer.Option(

@@ -41,12 +41,13 @@ def synth(
 
 @app.command()
 def encoders(config: ConfigOpt = None) -> None:
-    """List the registered encoders: embedding size, input size, weight source and licence."""
+    """List the registered encoders (and the `weakstil pretrain` folders in models/encoders/)."""
     from rich.console import Console
 
+    from weakstil.embed.encoder_folders import list_encoder_folders
     from weakstil.embed.encoders import encoders_table, list_encoders
 
-    Console().print(encoders_table(list_encoders()))
+    Console().print(encoders_table(list_encoders() + [f.spec for f in list_encoder_folders()]))
 
 
 @app.command()

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 LAST = "last.ckpt"  # written every N steps
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
 INTERRUPTED = "interrupted.ckpt"  # written when training stops on an exception or Ctrl-C
 
 
@@ -73,6 +74,10 @@ def pretrain(sources, out_dir: Path, *, config, spec=None, tissue=None, roi_dir:
     out_dir = Path(out_dir)
     _check_out_name(out_dir)
     ckpt_path = _resume_checkpoint(out_dir, opts.resume)
+    if opts.precision and opts.precision not in PRECISIONS:
+        raise ConfigError(f"unknown --precision {opts.precision!r}", fix=f"use one of: {', '.join(PRECISIONS)}")
+    if opts.devices < 1:
+        raise ConfigError("--devices must be at least 1")
     if not opts.max_steps and not opts.max_minutes:
         raise ConfigError("pretraining needs a budget", fix="give --max-steps N and/or --max-minutes M")
     if config.max_steps is None and opts.max_steps:
