@@ -206,7 +206,11 @@ class TileData(L.LightningDataModule):
         from weakstil.ssl.data import tile_loader
 
         device = resolve_device(self.opts.device)
-        workers = self.opts.workers if self.opts.workers is not None else default_workers(device)
+        workers = self.opts.workers
+        if workers is None:
+            workers = default_workers(device)  # extraction's choice …
+            if device != "cpu":  # … shared between the DDP processes of this machine
+                workers = max(1, workers // max(1, self.opts.devices))
         return tile_loader(self.slides, tile_px=self.tile_px, batch_size=self.config.batch_size,
                            workers=workers, device=device, seed=self.config.seed,
                            rank=self.trainer.global_rank, start_step=self.trainer.global_step,
