@@ -201,7 +201,7 @@ def test_extract_with_encoder_dir_fingerprints_the_pretrained_weights(encoder_di
     enc = create_encoder(str(encoder_dir))
     from weakstil.embed.extract import TileEmbedder
 
-    coords = np.asarray(cache.read("a").coords)
+    coords = np.asarray(cache.read("a").coords_l0)
     from weakstil.ssl.data import read_tiles_at
     from weakstil.wsi.slide import open_slide
 
@@ -289,6 +289,7 @@ def test_resume_after_a_crash_continues_the_step_counter(slide_folder, tmp_path)
 
 
 # --- DINO and ViT ---------------------------------------------------------------------------------
+@pytest.mark.slow  # a ViT-S student and teacher: ~10 s on a quiet 2-core machine, minutes when shared
 def test_dino_with_a_vit_gives_a_384_d_encoder(slide_folder, tmp_path):
     from weakstil.embed.encoders import create_encoder
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -118,7 +119,9 @@ def _fit(out_dir: Path, data, config, opts: PretrainOptions, ckpt_path: Path | N
     history = LossHistory()
     trainer = None
     try:
-        with _quiet_lightning():
+        with _quiet_lightning(), warnings.catch_warnings():
+            # with an OnExceptionCheckpoint, Lightning turns ckpt_path=None into "last" and says so
+            warnings.filterwarnings("ignore", message=r".*(called without a model|no last checkpoint available).*")
             trainer = _trainer(out_dir, opts, [history, *opts.callbacks])
             trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None)
     finally:  # the curve so far, also after Ctrl-C (Lightning then saves last.ckpt and exits)
