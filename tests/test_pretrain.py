@@ -338,3 +338,12 @@ def test_pretrain_extract_train_score_end_to_end(tmp_path):
     scored = score_slides(sources, tmp_path / "models" / "m", features_dir=features, out_dir=tmp_path / "results",
                           opts=ExtractOptions(progress=False), formats=("csv",))
     assert not scored.failed
+
+
+def test_pretraining_starts_from_the_random_init_baseline():
+    """Step 0 of `--arch resnet18` is `resnet18-random`: the benchmark's gain is the SSL steps' alone."""
+    from weakstil.embed.encoders import create_encoder
+    from weakstil.ssl.module import build_backbone
+
+    ours, theirs = build_backbone("resnet18", seed=0).state_dict(), create_encoder("resnet18-random").backbone.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

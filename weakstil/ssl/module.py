@@ -32,8 +32,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # --arch → (timm model, timm keywords, input px). ViTs take any multiple of 16 px (DINO's local crops).
+# The ResNet starts exactly where `resnet18-random` is (same keywords, same seed 0): pretrained vs
+# random init then measures what the self-supervised steps changed, nothing else.
 ARCHS = {
-    "resnet18": ("resnet18", {}, 224),
+    "resnet18": ("resnet18", {"zero_init_last": False}, 224),
     "vit_small": ("vit_small_patch16_224", {"dynamic_img_size": True}, 224),
 }
 METHODS = ("simclr", "dino")
