@@ -18,7 +18,12 @@ import torch
 from typer.testing import CliRunner
 
 from weakstil.cli import app
-from weakstil.errors import CheckpointReadError, ConfigError, UnknownEncoderError, WeakstilError
+from weakstil.errors import (
+    CheckpointReadError,
+    ConfigError,
+    UnknownEncoderError,
+    WeakstilError,
+)
 
 ENV = {"COLUMNS": "200", "NO_COLOR": "1"}
 TINY = ["--max-steps", 3, "--batch-size", 4, "--view-px", 32, "--checkpoint-every", 2, "--device", "cpu",

@@ -80,7 +80,8 @@ def pretrain(
     from weakstil.config import to_plain
     from weakstil.embed.extract import slide_sources
     from weakstil.ssl.module import SSLConfig
-    from weakstil.ssl.pretrain import PretrainOptions, pretrain as run_pretrain
+    from weakstil.ssl.pretrain import PretrainOptions
+    from weakstil.ssl.pretrain import pretrain as run_pretrain
     from weakstil.wsi.slide import find_slides
     from weakstil.wsi.tiling import TileSpec
 
