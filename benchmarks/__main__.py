@@ -18,7 +18,7 @@ from pathlib import Path
 from .common import MODES, gpu_name, machine, markdown_table
 
 CASES = ("read", "extract", "cache", "train", "score", "memory")
-EXTRA_CASES = ("warmstart",)  # run only when named with --only (minutes of synthesis and training)
+OPT_IN = ("warmstart", "pretrain")  # long (minutes of synthesis, training, pretraining): only when named with --only
 
 
 def _runner(case: str):
@@ -36,6 +36,8 @@ def _runner(case: str):
         from .bench_memory import run
     elif case == "warmstart":
         from .bench_cohort import run
+    elif case == "pretrain":
+        from .bench_pretrain import run
     else:
         raise ValueError(case)
     return run
@@ -117,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     size = r.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small sizes: under 5 minutes on 2 cores")
     size.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite (under a minute)")
-    r.add_argument("--only", nargs="+", choices=CASES + EXTRA_CASES, help="run only these cases")
+    r.add_argument("--only", nargs="+", choices=CASES + OPT_IN,
+                   help="run only these cases (%s only when named here)" % ", ".join(OPT_IN))
     r.add_argument("--out", default="benchmark-results.json", help="JSON file to write (default: %(default)s)")
     r.add_argument("--fail-fast", action="store_true", help="stop at the first failing case, with its traceback")
     t = sub.add_parser("table", help="print the markdown table of a JSON result file")

@@ -22,7 +22,8 @@ from typing import Any
 
 from weakstil.errors import ConfigError
 
-COMMANDS = ("demo", "synth", "check", "extract", "train", "score", "encoders", "view")
+COMMANDS = ("demo", "synth", "check", "extract", "train", "evaluate", "score", "heatmap", "encoders", "view",
+            "pretrain")
 
 
 def _safe_loader():

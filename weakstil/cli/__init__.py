@@ -12,6 +12,7 @@ from weakstil.errors import WeakstilError
 
 # Importing the command modules registers their commands, in the order `--help` lists them.
 from weakstil.cli import start, slides, train, review  # noqa: E402, F401, I001
+from weakstil.cli import pretrain  # noqa: E402, F401, I001
 
 __all__ = ["app", "main"]
 

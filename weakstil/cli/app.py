@@ -187,7 +187,8 @@ def _print_outcomes(outcomes, *, what: str, extra: str = "", files: dict | None 
         f"{what}: {n['done']} done, {n['skipped']} skipped, {n['failed']} failed{extra}", markup=False)
 
 
-EncoderOpt = Annotated[str, typer.Option(help="Encoder name (see `weakstil encoders`).")]
+EncoderOpt = Annotated[str, typer.Option(
+    help="Encoder name (see `weakstil encoders`), or a folder written by `weakstil pretrain`.")]
 WeightsOpt = Annotated[Optional[str], typer.Option(
     help="Weight source: file:/path/to/checkpoint or hf-hub:org/name (default: the encoder's own).")]
 BatchOpt = Annotated[Optional[int], typer.Option(

@@ -43,14 +43,17 @@ def synth(
 
 @app.command()
 def encoders(config: ConfigOpt = None) -> None:
-    """List the registered encoders: embedding size, input size, weight source and licence."""
+    """List the registered encoders (and the `weakstil pretrain` folders in models/encoders/)."""
+    from weakstil.embed.encoder_folders import list_encoder_folders
     from weakstil.embed.encoders import encoders_table, list_encoders
     from weakstil.textout import emit
 
     specs = list_encoders()
-    emit(encoders_table(specs))
-    typer.echo(f"encoders: {len(specs)} registered (plus any timm model as timm:<name>)")
-    typer.echo(checks.next_step("weakstil extract SLIDES --encoder NAME [--weights file:/path/to/checkpoint]"))
+    folders = [f.spec for f in list_encoder_folders()]
+    emit(encoders_table(specs + folders))
+    typer.echo(f"encoders: {len(specs)} registered, {len(folders)} pretrained folder(s) in models/encoders/ "
+               "(plus any timm model as timm:<name>)")
+    typer.echo(checks.next_step("weakstil extract SLIDES --encoder NAME|DIR [--weights file:/path/to/checkpoint]"))
 
 
 @app.command()

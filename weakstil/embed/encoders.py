@@ -128,8 +128,23 @@ def list_encoders() -> list[EncoderSpec]:
 
 
 def get_encoder_spec(name: str) -> EncoderSpec:
-    """The spec registered as ``name``, or that of timm model ``name`` given as ``timm:<name>``."""
+    """The spec registered as ``name``, or that of timm model ``name`` given as ``timm:<name>``,
+    or that of an encoder folder (``weakstil pretrain``'s output, :mod:`weakstil.embed.encoder_folders`)."""
+    folder = _encoder_folder(name)
+    if folder is not None:
+        from weakstil.embed.encoder_folders import read_encoder_folder
+
+        return read_encoder_folder(folder).spec
     return _lookup(name).spec
+
+
+def _encoder_folder(name: str, weights: str | None = None) -> Path | None:
+    """The encoder folder ``name`` means, if it is not a registered or timm: name."""
+    if name in _REGISTRY or name.startswith(TIMM_PREFIX):
+        return None
+    from weakstil.embed.encoder_folders import find_encoder_folder
+
+    return find_encoder_folder(name, weights)
 
 
 def _lookup(name: str) -> _Entry:
@@ -141,9 +156,13 @@ def _lookup(name: str) -> _Entry:
 
     close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
     hint = f"did you mean {', '.join(close)}?" if close else f"for timm's {name} write timm:{name}"
+    from weakstil.embed.encoder_folders import ENCODERS_DIR, list_encoder_folders
+
+    folders = [f.spec.name for f in list_encoder_folders()]
     raise UnknownEncoderError(
         f"unknown encoder {name!r} ({hint}); registered: {', '.join(_REGISTRY)}; "
-        f"or any timm model as timm:<name>")
+        + (f"folders in {ENCODERS_DIR}: {', '.join(folders)}; " if folders else "")
+        + "or any timm model as timm:<name>, or a folder written by `weakstil pretrain`")
 
 
 @functools.lru_cache(maxsize=32)
@@ -253,6 +272,11 @@ def create_encoder(name: str, weights: str | None = None, *, seed: int = 0):
     float batch (B, 3, H, W) to (B, embed_dim). ``seed`` fixes a random initialisation; the global
     RNG state is left as it was.
     """
+    folder = _encoder_folder(name, weights)
+    if folder is not None:  # a `weakstil pretrain` output: encoder.json + safetensors weights
+        from weakstil.embed.encoder_folders import create_folder_encoder, read_encoder_folder
+
+        return create_folder_encoder(read_encoder_folder(folder, weights), seed=seed)
     entry = _lookup(name)
     spec = entry.spec
     source = _resolve_source(entry, weights)

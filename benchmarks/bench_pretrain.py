@@ -1,0 +1,183 @@
+"""Pretrain case: does ``weakstil pretrain`` give the MIL regressor better features than random init?
+
+On a synthetic lattice cohort (:mod:`weakstil.synth.lattice`) in two settings:
+
+* **plain** — the cohort as ``weakstil synth`` writes it;
+* **stain-shifted** (the hard one) — the same slides, each re-stained: its hematoxylin and eosin
+  amounts scaled by U(0.65, 1.35) and shifted by U(±0.08) optical density, per slide, as between
+  labs and scanners (:func:`weakstil.ssl.augment.hed_jitter`). Labels are unchanged.
+
+For each setting: pretrain (SimCLR, ResNet-18; the budget below) on the cohort's own slides, extract
+the same tiles with the pretrained encoder and with ``resnet18-random`` (the offline baseline), and
+cross-validate the same MIL regressor (:func:`weakstil.mil.train.cross_validate`, default config)
+on both with the same folds and seeds (``CV_SEEDS``): OOF R² vs the synthetic truth, mean over seeds.
+Reported: R² of each, the gain (pretrained − random), pretraining steps, minutes and tiles/s.
+
+Sizes: ``full`` 40 slides, ≤ 15 min of pretraining per setting (the issue's CPU budget); ``quick``
+24 slides, 3 min; ``smoke`` 6 tiny slides, 3 steps. ``WEAKSTIL_BENCH_PRETRAIN_MINUTES``,
+``…_STEPS``, ``…_METHOD``, ``…_BATCH`` and ``…_VIEW_PX`` override the budget and recipe (to measure
+what would reach the goal); ``…_SETTINGS`` (e.g. ``stain``) runs one setting only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .common import Row, bench_dir
+
+CV_SEEDS = (0, 1, 2)
+GOAL = 0.05  # R² over random init (issue 16)
+TOLERANCE = 0.02  # never worse than random init by more than this
+
+
+@dataclass(frozen=True)
+class Size:
+    n: int
+    size_um: float
+    minutes: float | None
+    steps: int | None
+    batch: int
+    view_px: int
+    cv_epochs: int | None
+
+
+SIZES = {
+    "full": Size(40, 1600.0, 15.0, None, 64, 112, None),
+    "quick": Size(24, 1200.0, 3.0, None, 48, 112, None),
+    "smoke": Size(6, 400.0, None, 3, 8, 64, 2),
+}
+
+
+def _env(name: str, cast, default):
+    value = os.environ.get(f"WEAKSTIL_BENCH_PRETRAIN_{name}")
+    return cast(value) if value else default
+
+
+def stain_shifted(src: Path, dst: Path, *, seed: int = 0) -> Path:
+    """Copy cohort ``src`` to ``dst`` with every slide re-stained by its own random HED change."""
+    import tifffile
+    import torch
+
+    from weakstil.ssl.augment import hed_jitter
+    from weakstil.wsi.slide import open_slide
+    from weakstil.wsi.writer import write_aperio_tiff
+
+    (dst / "slides").mkdir(parents=True, exist_ok=True)
+    shutil.copy(src / "labels.csv", dst / "labels.csv")
+    rng = np.random.default_rng(seed)
+    for path in sorted((src / "slides").glob("*.svs")):
+        scale = np.r_[rng.uniform(0.65, 1.35, 2), 1.0]
+        shift = np.r_[rng.uniform(-0.08, 0.08, 2), 0.0]
+        out = dst / "slides" / path.name
+        if out.exists():
+            continue
+        with open_slide(path) as slide:
+            mpp = slide.mpp
+        rgb = torch.from_numpy(tifffile.imread(path, key=0)).permute(2, 0, 1)[None].float() / 255
+        rgb = hed_jitter(rgb, torch.tensor(scale[None], dtype=torch.float32),
+                         torch.tensor(shift[None], dtype=torch.float32))
+        level0 = (rgb[0].permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+        write_aperio_tiff(out, level0, mpp)
+    return dst
+
+
+def cohorts(size: Size, settings: tuple[str, ...]) -> dict[str, Path]:
+    from weakstil.synth.lattice import synth_cohort
+
+    root = bench_dir() / f"pretrain-n{size.n}-{size.size_um:g}um"
+    plain = synth_cohort(root / "plain", n=size.n, seed=7, size_um=size.size_um, progress=False)
+    out = {}
+    if "plain" in settings:
+        out["plain"] = plain
+    if "stain" in settings:
+        out["stain"] = stain_shifted(plain, root / "stain")
+    return out
+
+
+def features_r2(cohort: Path, encoder, work: Path, cv_epochs: int | None) -> dict:
+    """Extract ``cohort`` with ``encoder`` → OOF R² of the default MIL CV, per seed and mean."""
+    from weakstil.embed.extract import ExtractOptions, slide_sources
+    from weakstil.mil.cv import cross_validate
+    from weakstil.mil.fit import TrainConfig, load_bags
+    from weakstil.mil.labels import read_labels
+    from weakstil.runs.batch import extract_slides
+    from weakstil.wsi.slide import find_slides
+    from weakstil.wsi.tiling import TileSpec
+    from weakstil.wsi.tissue import TissueParams
+
+    sources = slide_sources(find_slides(cohort / "slides"))
+    result = extract_slides(sources, work, encoder=encoder, spec=TileSpec(), tissue=TissueParams(),
+                            opts=ExtractOptions(progress=False), qc=False, lock=False)
+    if result.failed:
+        raise RuntimeError(f"extraction failed: {result.failed[0].error}")
+    table = read_labels(cohort / "labels.csv", cached_ids=result.cache.complete_ids())
+    bags = load_bags(result.cache, table.slide_ids)
+    epochs = {"max_epochs": cv_epochs, "patience": cv_epochs} if cv_epochs else {}
+    r2 = []
+    for seed in CV_SEEDS:
+        cv = cross_validate(bags, table, TrainConfig(seed=seed, n_boot=50, accelerator="cpu", **epochs),
+                            progress=False)
+        r2.append(float(cv.pooled["r2"]))
+    return {"r2": float(np.mean(r2)), "r2_seeds": r2, "n_tiles": int(sum(len(b) for b in bags.values()))}
+
+
+def pretrain_on(cohort: Path, out: Path, size: Size, device: str) -> dict:
+    from weakstil.embed.extract import slide_sources
+    from weakstil.ssl.module import SSLConfig
+    from weakstil.ssl.pretrain import PretrainOptions, pretrain
+    from weakstil.wsi.slide import find_slides
+
+    minutes, steps = _env("MINUTES", float, size.minutes), _env("STEPS", int, size.steps)
+    view_px = _env("VIEW_PX", int, size.view_px)
+    # crops of about native magnification at view_px (a 112-px view of a 224-px tile: ~1/4 of its area)
+    scale = (0.15, 0.4) if view_px <= 128 else (0.4, 1.0)
+    config = SSLConfig(method=_env("METHOD", str, "simclr"), batch_size=_env("BATCH", int, size.batch),
+                       view_px=view_px, crop_scale=scale, warmup_steps=min(50, (steps or 1000) // 5),
+                       dino_out_dim=1024)
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    doc = pretrain(slide_sources(find_slides(cohort / "slides")), out, config=config,
+                   opts=PretrainOptions(max_steps=steps, max_minutes=minutes, device=device,
+                                        checkpoint_every=10**6, progress=False))
+    seconds = time.perf_counter() - t0
+    rates = [float(line.split(",")[2]) for line in (out / "loss.csv").read_text().splitlines()[2:]]
+    return {"steps": doc["trained"]["steps"], "seconds": seconds, "tiles_per_s": float(np.median(rates)) if rates else 0.0,
+            "method": config.method, "batch": config.batch_size, "view_px": config.view_px,
+            "final_loss": doc["trained"]["final_loss"]}
+
+
+def run(mode, device: str = "cpu") -> list[Row]:
+    from weakstil.embed.encoders import create_encoder
+
+    size = SIZES[mode.name]
+    settings = tuple(_env("SETTINGS", lambda v: tuple(v.split(",")), ("plain", "stain")))
+    work = bench_dir() / f"pretrain-work-{mode.name}"
+    rows = []
+    for setting, cohort in cohorts(size, settings).items():
+        shutil.rmtree(work / setting, ignore_errors=True)
+        info = pretrain_on(cohort, work / setting / "encoder", size, device)
+        random = features_r2(cohort, create_encoder("resnet18-random"), work / setting / "f-random", size.cv_epochs)
+        ssl = features_r2(cohort, create_encoder(str(work / setting / "encoder")), work / setting / "f-ssl",
+                          size.cv_epochs)
+        gain = ssl["r2"] - random["r2"]
+        recipe = f"{info['method']}, {info['steps']} steps × {info['batch']}, {info['view_px']} px views"
+        extra = {"random": random, "pretrained": ssl, "pretrain": info, "n_slides": size.n}
+        rows += [
+            Row("pretrain", f"OOF R², random init ({setting})", random["r2"], "R²", note=f"{size.n} slides",
+                extra=extra),
+            Row("pretrain", f"OOF R², pretrained ({setting})", ssl["r2"], "R²", reference="random init",
+                ref_value=random["r2"], note=recipe, target=f"≥ random − {TOLERANCE}",
+                met=gain >= -TOLERANCE),
+            Row("pretrain", f"R² gain over random init ({setting})", gain, "R²", target=f"≥ +{GOAL}",
+                met=gain >= GOAL, note=f"mean of {len(CV_SEEDS)} CV seeds"),
+            Row("pretrain", f"pretraining ({setting})", info["seconds"] / 60, "min", note=recipe),
+            Row("pretrain", f"pretraining rate ({setting})", info["tiles_per_s"], "tiles/s",
+                note=f"{device}; each tile → 2 views"),
+        ]
+    return rows
