@@ -186,8 +186,8 @@ class TileEmbedder:
             return feats.float().cpu().numpy().astype(np.float16)
 
 
-def _thread_reader(dataset: BlockDataset, depth: int = 4) -> Iterator[tuple[int, object]]:
-    """Blocks in order, read by one background thread ``depth`` blocks ahead of the consumer.
+def _thread_reader(read, n: int, depth: int = 4) -> Iterator[tuple[int, object]]:
+    """``read(i)`` for i in 0..n-1 in order, run by one background thread ``depth`` items ahead.
 
     JPEG decoding releases the GIL, so the thread reads while the encoder runs; unlike a reader
     process it needs no inter-process copies, and on a small CPU it disturbs the encoder's OpenMP
@@ -197,12 +197,12 @@ def _thread_reader(dataset: BlockDataset, depth: int = 4) -> Iterator[tuple[int,
 
     pool = ThreadPoolExecutor(1, thread_name_prefix="weakstil-reader")
     try:
-        futures = [pool.submit(dataset.__getitem__, i) for i in range(min(depth, len(dataset)))]
+        futures = [pool.submit(read, i) for i in range(min(depth, n))]
         nxt = len(futures)
         while futures:
             item = futures.pop(0).result()
-            if nxt < len(dataset):
-                futures.append(pool.submit(dataset.__getitem__, nxt))
+            if nxt < n:
+                futures.append(pool.submit(read, nxt))
                 nxt += 1
             yield item
     finally:
@@ -213,15 +213,17 @@ def iter_batches(dataset: BlockDataset, opts: ExtractOptions, device: str, *,
                  pool=None) -> Iterator[tuple[int, object]]:
     """Yield (first row, uint8 tile tensor (B, H, W, 3)) batches of about ``batch_size`` tiles, in row order.
 
-    ``pool`` (a :class:`weakstil.embed.loader.RingPool` that fits): its reader processes, kept across
-    slides. Else ``workers`` > 0: that many reader processes for this slide. Either way each batch is
-    a view into a shared-memory ring, valid until the next is asked for. 0: one reader thread in this
-    process.
+    Decoding on the GPU (``opts.decode``, a CUDA device, a slide with JPEG tiles): compressed tiles
+    read by a thread, decoded on ``device`` (:mod:`weakstil.embed.gpu_decode`). Else ``pool`` (a
+    :class:`weakstil.embed.loader.RingPool`): its reader processes, kept across slides; ``workers``
+    > 0: that many reader processes for this slide; either way each batch is a view into a
+    shared-memory ring, valid until the next is asked for. 0: one reader thread in this process.
     """
     import contextlib
 
     import torch
 
+    from weakstil.embed.gpu_decode import gpu_batches, has_raw_path, resolve_decode
     from weakstil.embed.loader import RingLoader, block_payloads, plan_batches
 
     workers = opts.workers if opts.workers is not None else default_workers(device)
@@ -229,6 +231,10 @@ def iter_batches(dataset: BlockDataset, opts: ExtractOptions, device: str, *,
     batch_size = opts.batch_size or default_batch_size(device)
     sizes = [len(b.index) for b in dataset.blocks]
     first_rows = [int(b.index[0]) for b in dataset.blocks]
+    if resolve_decode(opts.decode, device) == "gpu" and has_raw_path(dataset._handle(), dataset.size_l0,
+                                                                     dataset.tile_px):
+        yield from gpu_batches(dataset, batch_size, device, _thread_reader)
+        return
     if pool is not None and workers > 0:
         payloads = block_payloads(dataset.path, dataset.open_kwargs, dataset.blocks, dataset.coords_l0,
                                   dataset.size_l0, dataset.tile_px)
@@ -238,7 +244,7 @@ def iter_batches(dataset: BlockDataset, opts: ExtractOptions, device: str, *,
         yield from RingLoader(dataset.__getitem__, sizes, first_rows, dataset.tile_px, batch_size=batch_size,
                               workers=workers, pin=device.startswith("cuda"))
         return
-    with contextlib.closing(_thread_reader(dataset)) as blocks:  # closing it stops the thread
+    with contextlib.closing(_thread_reader(dataset.__getitem__, len(dataset))) as blocks:  # closing stops it
         for batch in plan_batches(sizes, batch_size):  # the same grouping as the reader processes'
             items = [next(blocks) for _ in batch]
             yield items[0][0], torch.cat([t for _, t in items]) if len(items) > 1 else items[0][1]
@@ -369,6 +375,17 @@ class SlideExtractor:
             self._finalizer = weakref.finalize(self, self._pool.close)
         return self._pool
 
+    def _decode_for(self, slide, size_l0: float) -> str:
+        """``gpu`` when JPEG tiles are decoded on the GPU for this slide (``--decode``, CUDA, JPEG tiles)."""
+        from weakstil.embed.gpu_decode import has_raw_path, resolve_decode
+
+        if resolve_decode(self.opts.decode, str(self.embedder.device)) == "cpu":
+            return "cpu"
+        if has_raw_path(slide, size_l0, self.spec.tile_px):
+            return "gpu"
+        log.info("%s has no JPEG tiles to decode on the GPU: decoding on the CPU", slide.slide_id)
+        return "cpu"
+
     def _qc_later(self, grid, path: Path):
         """Write the QC picture in a background thread (PNG encoding releases the GIL)."""
         from concurrent.futures import ThreadPoolExecutor
@@ -429,8 +446,10 @@ class SlideExtractor:
                                else source.open_kwargs.get("backend", "auto"))
             order, blocks = plan_blocks(grid.coords_l0, grid.size_l0, block=block)
             coords = grid.coords_l0[order]
-            opts = ExtractOptions(**{**self.opts.__dict__, "open_kwargs": open_kwargs})
-            pool = self.reader_pool(self.spec.tile_px, block)
+            decode = self._decode_for(slide, grid.size_l0)
+            opts = ExtractOptions(**{**self.opts.__dict__, "open_kwargs": open_kwargs, "decode": decode})
+            pool = self.reader_pool(self.spec.tile_px, block) if decode == "cpu" else None
+            attrs["decode"] = decode
             lap("blocks")
             try:
                 with self.cache.slide_writer(source.slide_id, coords, self.embedder.embed_dim, attrs,
