@@ -115,3 +115,44 @@ def test_on_cuda_gpu_decoded_tiles_match_the_cpu_reader(he_slides):
     for mpp in (0.25, 0.5):
         cpu, gpu = tiles_both_ways(he_slides[mpp], TileSpec(tile_px=224, mpp=0.5), device="cuda")
         assert gpu.shape == cpu.shape and mean_abs_diff(cpu, gpu) <= MAX_MEAN_DIFF
+
+
+# --- several GPUs: one worker per device ----------------------------------------------------------
+def test_one_worker_per_device_each_seeing_only_its_gpu():
+    from weakstil.runs.executors import device_worker_specs
+
+    device, specs = device_worker_specs(["cuda:0", "cuda:3"])
+    assert device == "cuda" and len(specs) == 2
+    assert [s["options"]["env"]["CUDA_VISIBLE_DEVICES"] for s in specs.values()] == ["0", "3"]
+    assert all(s["options"]["nthreads"] == 1 for s in specs.values())
+    device, specs = device_worker_specs(["cpu", "cpu"])
+    assert device == "cpu" and [s["options"]["env"]["CUDA_VISIBLE_DEVICES"] for s in specs.values()] == ["", ""]
+    for bad in (["cuda:0", "cpu"], ["cuda:1", "cuda:1"], ["gpu1"], []):
+        with pytest.raises(ConfigError, match="--devices"):
+            device_worker_specs(bad)
+
+
+@pytest.mark.slow
+def test_two_fake_devices_extract_a_folder_with_the_batch_runners_locks(slide_folder, tmp_path):
+    """``--devices cpu,cpu``: two worker processes, each with its own slot; every slide done once."""
+    import os
+
+    from distributed import Client
+
+    from weakstil.embed.extract import ExtractOptions, slide_sources
+    from weakstil.runs.executors import device_cluster, run_on_devices
+    from weakstil.wsi.tiling import TileSpec
+    from weakstil.wsi.tissue import TissueParams
+
+    with device_cluster(["cpu", "cpu"]) as cluster, Client(cluster) as client:
+        slots = client.run(lambda: os.environ.get("WEAKSTIL_DEVICE_SLOT"))  # pickled by value: runs there
+        assert sorted(slots.values()) == ["0", "1"]
+    sources = slide_sources([slide_folder / "a.svs", slide_folder / "sub" / "b.svs"])
+    job_args = {"features": tmp_path / "features", "encoder": "resnet18-random", "weights": None,
+                "spec": TileSpec(tile_px=112, mpp=1.0), "tissue": TissueParams(),
+                "opts": ExtractOptions(device="auto", batch_size=8, workers=0, progress=False), "roi_dir": None,
+                "lock": True}
+    outcomes = run_on_devices("extract", sources, job_args, ["cpu", "cpu"], progress=False)
+    assert [o.status for o in outcomes] == ["done", "done"], outcomes
+    again = run_on_devices("extract", sources, job_args, ["cpu", "cpu"], progress=False)
+    assert [o.status for o in again] == ["skipped", "skipped"]

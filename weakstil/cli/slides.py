@@ -38,6 +38,16 @@ from weakstil.cli.app import (
 )
 from weakstil.errors import WeakstilError
 
+# extraction speed options (docs/performance.md)
+PrecisionOpt = Annotated[str, typer.Option(
+    "--precision", help="Encoder arithmetic: auto (fp16 on a GPU, bf16 on a CPU with AMX, else fp32), fp32, bf16, fp16.")]
+CompileOpt = Annotated[bool, typer.Option(
+    "--compile/--no-compile", help="torch.compile the encoder (slower start, faster on big runs).")]
+DecodeOpt = Annotated[str, typer.Option(
+    "--decode", help="Where JPEG tiles are decoded: auto (the GPU with CUDA and JPEG tiles), cpu, gpu.")]
+DevicesOpt = Annotated[Optional[str], typer.Option(
+    "--devices", help="One worker per device, e.g. cuda:0,cuda:1 (each sees only its GPU).")]
+
 
 @app.command()
 def check(
@@ -70,14 +80,23 @@ def check(
         raise typer.Exit(1)
 
 
-def _extract_options(device, batch_size, read_workers, quiet):
-    from weakstil.embed.extract import ExtractOptions
+def _extract_options(device, batch_size, read_workers, quiet, precision="auto", compile=False, decode="auto"):
+    from weakstil.embed.extract import ExtractOptions, resolve_precision
+    from weakstil.embed.gpu_decode import resolve_decode
 
-    return ExtractOptions(device=device, batch_size=batch_size, workers=read_workers, progress=not quiet)
+    resolve_precision(precision, "cuda")  # refuses unknown names before any slide is opened
+    resolve_decode(decode, "cuda")
+    return ExtractOptions(device=device, batch_size=batch_size, workers=read_workers, progress=not quiet,
+                          precision=precision, compile=compile, decode=decode)
 
 
-def _run_slides(kind: str, sources, make_job_args: dict, workers, scheduler, local):
-    """In-process (``local()``) or on Dask when --workers N>1 or --scheduler is given."""
+def _run_slides(kind: str, sources, make_job_args: dict, workers, scheduler, local, devices=None):
+    """In-process (``local()``), on one Dask worker per device (--devices), or on Dask when
+    --workers N>1 or --scheduler is given."""
+    if devices:
+        from weakstil.runs.executors import run_on_devices
+
+        return run_on_devices(kind, sources, make_job_args, devices.split(","))
     if (workers is None or workers <= 1) and not scheduler:
         return local()
     from weakstil.runs.executors import run_on_dask
@@ -109,6 +128,10 @@ def extract(
     lock: LockOpt = True,
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
+    precision: PrecisionOpt = "auto",
+    compile: CompileOpt = False,
+    decode: DecodeOpt = "auto",
+    devices: DevicesOpt = None,
 ) -> None:
     """Tissue → tiles → embeddings → the Zarr feature cache. Resumable: finished slides are skipped."""
     values = dict(locals())  # the options only: taken before the imports below add names
@@ -123,7 +146,7 @@ def extract(
         spec = TileSpec(tile_px=tile_px, mpp=tile_mpp, overlap=overlap, min_tissue=min_tissue)
         tissue = TissueParams()
         sources = slide_sources(find_slides(slides), **_open_kwargs(backend, mpp, force_mpp, mpp_csv))
-        opts = _extract_options(device, batch_size, read_workers, quiet)
+        opts = _extract_options(device, batch_size, read_workers, quiet, precision, compile, decode)
         enc = create_encoder(encoder, weights)
 
         def local():
@@ -132,7 +155,7 @@ def extract(
 
         job_args = {"features": features, "encoder": encoder, "weights": weights, "spec": spec, "tissue": tissue,
                     "opts": opts, "roi_dir": roi, "lock": lock}
-        outcomes = _run_slides("extract", sources, job_args, workers, scheduler, local)
+        outcomes = _run_slides("extract", sources, job_args, workers, scheduler, local, devices)
     except WeakstilError as exc:
         _fail(exc)
     from weakstil.embed.extract import open_cache
@@ -170,6 +193,10 @@ def score(
         help="Per-slide files, comma-separated from csv,png,tif,geojson,top.")] = "csv,png,tif,geojson,top",
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
+    precision: PrecisionOpt = "auto",
+    compile: CompileOpt = False,
+    decode: DecodeOpt = "auto",
+    devices: DevicesOpt = None,
 ) -> None:
     """Score slides with a trained model: extracts what is missing, writes results/ (scores + heatmaps)."""
     values = dict(locals())  # the options only: taken before the imports below add names
@@ -181,7 +208,7 @@ def score(
     formats = tuple(f.strip() for f in outputs.split(",") if f.strip())
     try:
         sources = slide_sources(find_slides(slides), **_open_kwargs(backend, mpp, force_mpp, mpp_csv))
-        opts = _extract_options(device, batch_size, read_workers, quiet)
+        opts = _extract_options(device, batch_size, read_workers, quiet, precision, compile, decode)
         job_args = {"model": model, "features": features, "out": out, "weights": weights, "opts": opts,
                     "roi_dir": roi, "formats": formats, "lock": lock}
 
@@ -189,7 +216,7 @@ def score(
             return score_slides(sources, model, features_dir=features, out_dir=out, weights=weights, opts=opts,
                                 roi_dir=roi, formats=formats, lock=lock).outcomes
 
-        outcomes = _run_slides("score", sources, job_args, workers, scheduler, local)
+        outcomes = _run_slides("score", sources, job_args, workers, scheduler, local, devices)
     except WeakstilError as exc:
         _fail(exc)
     _save_run_config(ctx, out / "config.yaml", values)
