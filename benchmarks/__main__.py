@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .common import MODES, gpu_name, machine, markdown_table
 
-CASES = ("read", "extract", "cache", "train", "score", "memory")
+CASES = ("read", "extract", "whole", "cache", "train", "score", "memory")
 
 
 def _runner(case: str):
@@ -25,6 +25,8 @@ def _runner(case: str):
         from .bench_read import run
     elif case == "extract":
         from .bench_extract import run
+    elif case == "whole":
+        from .bench_whole import run
     elif case == "cache":
         from .bench_cache import run
     elif case == "train":
