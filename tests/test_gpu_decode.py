@@ -6,7 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from weakstil.embed.gpu_decode import MAX_MEAN_DIFF, decode_raw_blocks, has_raw_path, resolve_decode
+from weakstil.embed.gpu_decode import (
+    MAX_MEAN_DIFF,
+    decode_raw_blocks,
+    has_raw_path,
+    resolve_decode,
+)
 from weakstil.errors import ConfigError, WeakstilError
 from weakstil.wsi.reader import plan_blocks, read_block_tiles, read_raw_tiles
 from weakstil.wsi.slide import open_slide
@@ -92,7 +97,12 @@ def test_a_slide_without_jpeg_tiles_has_no_raw_path(tiny_png):
 
 
 def test_gpu_batches_on_the_cpu_keep_row_order_and_batch_sizes(he_slides):
-    from weakstil.embed.extract import BlockDataset, ExtractOptions, _thread_reader, iter_batches
+    from weakstil.embed.extract import (
+        BlockDataset,
+        ExtractOptions,
+        _thread_reader,
+        iter_batches,
+    )
     from weakstil.embed.gpu_decode import gpu_batches
 
     path, spec = he_slides[0.25], TileSpec(tile_px=224, mpp=0.5)

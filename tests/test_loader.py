@@ -162,8 +162,14 @@ def test_slide_extractor_keeps_one_reader_pool_for_every_slide(slide_folder, tmp
     """Reader processes start once per run (not per slide) and give the features the in-process
     reader thread gives; each slide's stage timings and QC picture are there."""
     from weakstil.embed.encoders import create_encoder
-    from weakstil.embed.extract import (ExtractOptions, SlideExtractor, TileEmbedder, open_cache, qc_dir_for,
-                                        slide_sources)
+    from weakstil.embed.extract import (
+        ExtractOptions,
+        SlideExtractor,
+        TileEmbedder,
+        open_cache,
+        qc_dir_for,
+        slide_sources,
+    )
     from weakstil.wsi.tiling import TileSpec
     from weakstil.wsi.tissue import TissueParams
 

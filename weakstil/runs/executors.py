@@ -365,9 +365,9 @@ def device_cluster(devices: list[str]) -> Iterator[Any]:
 
     _, workers = device_worker_specs(devices)
     scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}}
-    with dask.config.set({"distributed.worker.daemon": False}):  # workers may start reader processes
-        with SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR) as cluster:
-            yield cluster
+    with (dask.config.set({"distributed.worker.daemon": False}),  # workers may start reader processes
+          SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR) as cluster):
+        yield cluster
 
 
 def run_on_devices(kind: str, sources: list, job_args: dict, devices: list[str], **kwargs) -> list[Outcome]:
