@@ -81,11 +81,13 @@ def check(
 
 
 def _extract_options(device, batch_size, read_workers, quiet, precision="auto", compile=False, decode="auto"):
-    from weakstil.embed.extract import ExtractOptions, resolve_precision
+    from weakstil.embed.extract import ExtractOptions, resolve_device, resolve_precision
     from weakstil.embed.gpu_decode import resolve_decode
 
-    resolve_precision(precision, "cuda")  # refuses unknown names before any slide is opened
-    resolve_decode(decode, "cuda")
+    # refused before any slide is opened: unknown names, fp16 or GPU decoding without a GPU
+    where = resolve_device(device) if precision == "fp16" or decode == "gpu" else "cuda"
+    resolve_precision(precision, where)
+    resolve_decode(decode, where)
     return ExtractOptions(device=device, batch_size=batch_size, workers=read_workers, progress=not quiet,
                           precision=precision, compile=compile, decode=decode)
 
