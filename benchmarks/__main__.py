@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .common import MODES, gpu_name, machine, markdown_table
 
-CASES = ("read", "extract", "cache", "train", "score", "memory")
+CASES = ("read", "extract", "whole", "precision", "cache", "train", "score", "memory")
 OPT_IN = ("warmstart", "pretrain")  # long (minutes of synthesis, training, pretraining): only when named with --only
 
 
@@ -26,6 +26,10 @@ def _runner(case: str):
         from .bench_read import run
     elif case == "extract":
         from .bench_extract import run
+    elif case == "whole":
+        from .bench_whole import run
+    elif case == "precision":
+        from .bench_precision import run
     elif case == "cache":
         from .bench_cache import run
     elif case == "train":

@@ -36,8 +36,9 @@ def slide_tiles(path):
     return grid.coords_l0[order], grid.size_l0, blocks
 
 
-def naive_loop(path, coords_l0: np.ndarray, size_l0: float, tile_px: int = TILE_PX) -> int:
-    """One ``read_region`` per tile (OpenSlide), RGBA → RGB, resize when the level needs it."""
+def naive_tiles(path, coords_l0: np.ndarray, size_l0: float, tile_px: int = TILE_PX):
+    """Tiles as CLAM/TRIDENT read them: one ``read_region`` per tile (OpenSlide), RGBA → RGB, resize
+    when the level needs it; yields (tile_px, tile_px, 3) uint8 arrays."""
     import openslide
     from PIL import Image
 
@@ -45,15 +46,18 @@ def naive_loop(path, coords_l0: np.ndarray, size_l0: float, tile_px: int = TILE_
     try:
         level = osr.get_best_level_for_downsample(size_l0 / tile_px)
         read_px = int(round(size_l0 / osr.level_downsamples[level]))
-        n = 0
         for x, y in coords_l0:
             image = osr.read_region((int(x), int(y)), level, (read_px, read_px)).convert("RGB")
             if read_px != tile_px:
                 image = image.resize((tile_px, tile_px), Image.Resampling.BILINEAR)
-            n += np.asarray(image).shape[0] > 0
-        return n
+            yield np.asarray(image)
     finally:
         osr.close()
+
+
+def naive_loop(path, coords_l0: np.ndarray, size_l0: float, tile_px: int = TILE_PX) -> int:
+    """One ``read_region`` per tile (OpenSlide), RGBA → RGB, resize when the level needs it."""
+    return sum(tile.shape[0] > 0 for tile in naive_tiles(path, coords_l0, size_l0, tile_px))
 
 
 def weakstil_reader(path, coords_l0: np.ndarray, size_l0: float, blocks, *, direct: bool = True,

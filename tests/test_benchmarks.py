@@ -24,7 +24,7 @@ def test_benchmark_entry_point_smoke(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["failures"] == {}
     cases = {row["case"] for row in doc["rows"]}
-    assert cases == {"read", "extract", "cache", "train", "score", "memory"}
+    assert cases == {"read", "extract", "whole", "precision", "cache", "train", "score", "memory"}
     for row in doc["rows"]:
         assert row["value"] is not None and row["value"] > 0, row
         if row["ref_value"] is not None:

@@ -307,3 +307,23 @@ def test_reader_thread_errors_reach_the_caller_and_the_thread_stops(he_slides, m
     dataset.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("weakstil-reader")]
     assert max(calls) < 2 + 4 + 1  # read ahead by at most the prefetch depth
+
+
+def test_a_reader_pool_kept_across_slides_gives_each_slide_its_own_tiles(he_slides):
+    """One RingPool reads two slides (payloads carry the path; each process keeps its handles):
+    the same tiles as the reader thread, slide after slide, without new processes."""
+    from weakstil.embed.extract import BlockDataset, ExtractOptions, iter_batches
+    from weakstil.embed.loader import RingPool, read_block_payload, ring_rows
+
+    opts = ExtractOptions(device="cpu", batch_size=8, workers=2)
+    with RingPool(read_block_payload, 112, rows=ring_rows(8, 16), workers=2) as pool:
+        pids = [p.pid for p in pool.procs]
+        for mpp in (0.25, 0.5, 0.25):
+            path = he_slides[mpp]
+            with open_slide(path) as slide:
+                coords, size_l0, blocks = all_tiles(slide, TileSpec(tile_px=112, mpp=0.5))
+                want = read_all(slide, coords, size_l0, blocks, 112)
+            dataset = BlockDataset(path, coords, blocks, size_l0, 112, {})
+            got = np.concatenate([t.numpy().copy() for _, t in iter_batches(dataset, opts, "cpu", pool=pool)])
+            np.testing.assert_array_equal(got, want)
+        assert [p.pid for p in pool.procs] == pids

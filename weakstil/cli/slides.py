@@ -41,6 +41,16 @@ from weakstil.cli.app import (
 from weakstil.cli import checks
 from weakstil.errors import ConfigError, WeakstilError
 
+# extraction speed options (docs/performance.md)
+PrecisionOpt = Annotated[str, typer.Option(
+    "--precision", help="Encoder arithmetic: auto (fp16 on a GPU, bf16 on a CPU with AMX, else fp32), fp32, bf16, fp16.")]
+CompileOpt = Annotated[bool, typer.Option(
+    "--compile/--no-compile", help="torch.compile the encoder (slower start, faster on big runs).")]
+DecodeOpt = Annotated[str, typer.Option(
+    "--decode", help="Where JPEG tiles are decoded: auto (the GPU with CUDA and JPEG tiles), cpu, gpu.")]
+DevicesOpt = Annotated[Optional[str], typer.Option(
+    "--devices", help="One worker per device, e.g. cuda:0,cuda:1 (each sees only its GPU).")]
+
 
 @app.command()
 def check(
@@ -78,14 +88,26 @@ def check(
     typer.echo(checks.next_step(f"weakstil extract {slides} --features features"))
 
 
-def _extract_options(device, batch_size, read_workers, quiet):
-    from weakstil.embed.extract import ExtractOptions
+def _extract_options(device, batch_size, read_workers, quiet, precision="auto", compile=False, decode="auto"):
+    from weakstil.embed.extract import ExtractOptions, resolve_device, resolve_precision
+    from weakstil.embed.gpu_decode import resolve_decode
 
-    return ExtractOptions(device=device, batch_size=batch_size, workers=read_workers, progress=not quiet)
+    # refused before any slide is opened: unknown names, fp16 or GPU decoding without a GPU
+    where = resolve_device(device) if precision == "fp16" or decode == "gpu" else "cuda"
+    resolve_precision(precision, where)
+    resolve_decode(decode, where)
+    return ExtractOptions(device=device, batch_size=batch_size, workers=read_workers, progress=not quiet,
+                          precision=precision, compile=compile, decode=decode)
 
 
-def _run_slides(kind: str, sources, make_job_args: dict, workers, scheduler, local, wait: bool = False):
-    """In-process (``local()``) or on Dask when --workers N>1 or --scheduler is given."""
+def _run_slides(kind: str, sources, make_job_args: dict, workers, scheduler, local, wait: bool = False,
+                devices=None):
+    """In-process (``local()``), on one Dask worker per device (--devices), or on Dask when
+    --workers N>1 or --scheduler is given."""
+    if devices:
+        from weakstil.runs.executors import run_on_devices
+
+        return run_on_devices(kind, sources, make_job_args, devices.split(","), wait=wait)
     if (workers is None or workers <= 1) and not scheduler:
         return local()
     from weakstil.runs.executors import run_on_dask
@@ -118,6 +140,10 @@ def extract(
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
     wait: WaitOpt = False,
+    precision: PrecisionOpt = "auto",
+    compile: CompileOpt = False,
+    decode: DecodeOpt = "auto",
+    devices: DevicesOpt = None,
 ) -> None:
     """Tissue → tiles → embeddings → the Zarr feature cache. Resumable: finished slides are skipped."""
     values = dict(locals())  # the options only: taken before the imports below add names
@@ -136,7 +162,7 @@ def extract(
         sources = slide_sources(find_slides(slides), **_open_kwargs(backend, mpp, force_mpp, mpp_csv))
         checks.writable_dir(features, "--features")
         checks.encoder(encoder, weights)
-        opts = _extract_options(device, batch_size, read_workers, quiet)
+        opts = _extract_options(device, batch_size, read_workers, quiet, precision, compile, decode)
         enc = create_encoder(encoder, weights)
 
         def local():
@@ -145,7 +171,7 @@ def extract(
 
         job_args = {"features": features, "encoder": encoder, "weights": weights, "spec": spec, "tissue": tissue,
                     "opts": opts, "roi_dir": roi, "lock": lock}
-        outcomes = _run_slides("extract", sources, job_args, workers, scheduler, local, wait)
+        outcomes = _run_slides("extract", sources, job_args, workers, scheduler, local, wait, devices)
     except WeakstilError as exc:
         _fail(exc)
     from weakstil.embed.extract import open_cache
@@ -186,6 +212,10 @@ def score(
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
     wait: WaitOpt = False,
+    precision: PrecisionOpt = "auto",
+    compile: CompileOpt = False,
+    decode: DecodeOpt = "auto",
+    devices: DevicesOpt = None,
 ) -> None:
     """Score slides with a trained model: extracts what is missing, writes results/ (scores + heatmaps)."""
     values = dict(locals())  # the options only: taken before the imports below add names
@@ -202,7 +232,7 @@ def score(
         checks.writable_dir(out, "--out")
         checks.writable_dir(features, "--features")
         checks.weights_source(weights)
-        opts = _extract_options(device, batch_size, read_workers, quiet)
+        opts = _extract_options(device, batch_size, read_workers, quiet, precision, compile, decode)
         job_args = {"model": model, "features": features, "out": out, "weights": weights, "opts": opts,
                     "roi_dir": roi, "formats": formats, "lock": lock}
 
@@ -210,7 +240,7 @@ def score(
             return score_slides(sources, model, features_dir=features, out_dir=out, weights=weights, opts=opts,
                                 roi_dir=roi, formats=formats, lock=lock, wait=wait).outcomes
 
-        outcomes = _run_slides("score", sources, job_args, workers, scheduler, local, wait)
+        outcomes = _run_slides("score", sources, job_args, workers, scheduler, local, wait, devices)
     except WeakstilError as exc:
         _fail(exc)
     _save_run_config(ctx, out / "config.yaml", values)

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
-from weakstil.errors import WeakstilError
+from weakstil.errors import ConfigError, WeakstilError
 from weakstil.wsi.reader import (
     Block,
     aligned_block,
@@ -36,15 +36,16 @@ class BlockDataset:
     """
 
     def __init__(self, path: Path, coords_l0: np.ndarray, blocks: list[Block], size_l0: float, tile_px: int,
-                 open_kwargs: dict):
+                 open_kwargs: dict, *, slide=None):
         self.path = Path(path)
         self.coords_l0 = coords_l0
         self.blocks = blocks
         self.size_l0 = size_l0
         self.tile_px = tile_px
         self.open_kwargs = open_kwargs
-        self._slide = None
-        self._pid: int | None = None
+        self._slide = slide  # a handle the caller opened (and closes): used in this process only
+        self._pid: int | None = os.getpid() if slide is not None else None
+        self._owned = slide is None
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -55,6 +56,7 @@ class BlockDataset:
 
             self._slide = open_slide(self.path, **self.open_kwargs)
             self._pid = os.getpid()
+            self._owned = True
         return self._slide
 
     def __getitem__(self, i: int):
@@ -65,7 +67,7 @@ class BlockDataset:
         return int(block.index[0]), torch.from_numpy(tiles)
 
     def close(self) -> None:
-        if self._slide is not None and self._pid == os.getpid():
+        if self._slide is not None and self._pid == os.getpid() and self._owned:
             self._slide.close()
         self._slide = None
 
@@ -80,6 +82,9 @@ class ExtractOptions:
     block: int = 4
     progress: bool = True
     open_kwargs: dict = field(default_factory=dict)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16: see resolve_precision
+    compile: bool = False  # torch.compile the encoder (first batches slower; see docs/performance.md)
+    decode: str = "auto"  # auto | cpu | gpu: where JPEG tiles are decoded (see resolve_decode)
 
 
 def resolve_device(device: str) -> str:
@@ -112,30 +117,76 @@ def default_workers(device: str) -> int:
     return 0 if cpus <= 4 else min(4, cpus // 4)
 
 
-class TileEmbedder:
-    """An encoder on a device with its own preprocessing; uint8 tile batches → float16 features."""
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
-    def __init__(self, encoder, device: str):
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``; empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """The autocast dtype name for the encoder: ``fp32`` (none), ``bf16`` or ``fp16``.
+
+    ``auto``: fp16 on a GPU; bf16 on a CPU with AMX (``amx_bf16``: Sapphire Rapids and later, where
+    bf16 matrix units make it several times faster); fp32 on other CPUs, where bf16 is emulated or
+    only AVX512-BF16 dot products help (measured in docs/performance.md). fp16 is refused on a CPU.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}", fix=f"use --precision {' | '.join(PRECISIONS)}")
+    cuda = str(device).startswith("cuda")
+    if precision == "auto":
+        return "fp16" if cuda else ("bf16" if "amx_bf16" in cpu_flags() else "fp32")
+    if precision == "fp16" and not cuda:
+        raise ConfigError("--precision fp16 needs a GPU", fix="use --precision bf16 or fp32 on a CPU")
+    return precision
+
+
+class TileEmbedder:
+    """An encoder on a device with its own preprocessing; uint8 tile batches → float16 features.
+
+    ``precision``: autocast dtype (:func:`resolve_precision`); ``compile``: ``torch.compile`` the
+    encoder on first use (dynamic shapes off: the last, smaller batch compiles once more).
+    """
+
+    def __init__(self, encoder, device: str, *, precision: str = "auto", compile: bool = False):
         import torch
 
         self.device = torch.device(device)
         self.encoder = encoder.to(self.device).eval().to(memory_format=torch.channels_last)
         self.embed_dim = encoder.spec.embed_dim
+        self.precision, self.compile, self._forward = "fp32", False, self.encoder
+        self.set_options(precision=precision, compile=compile)
+
+    def set_options(self, *, precision: str = "auto", compile: bool = False) -> None:
+        import torch
+
+        self.precision = resolve_precision(precision, str(self.device))
+        if compile != self.compile:
+            self._forward = torch.compile(self.encoder) if compile else self.encoder
+            self.compile = compile
 
     def __call__(self, tiles_uint8) -> np.ndarray:
         """(B, H, W, 3) uint8 tensor → (B, D) float16 numpy (resize + normalise from the encoder spec)."""
         import torch
 
-        cuda = self.device.type == "cuda"
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         with torch.inference_mode():
             x = self.encoder.preprocess(tiles_uint8)
-            with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
-                feats = self.encoder(x)
+            with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                feats = self._forward(x)
             return feats.float().cpu().numpy().astype(np.float16)
 
 
-def _thread_reader(dataset: BlockDataset, depth: int = 4) -> Iterator[tuple[int, object]]:
-    """Blocks in order, read by one background thread ``depth`` blocks ahead of the consumer.
+def _thread_reader(read, n: int, depth: int = 4) -> Iterator[tuple[int, object]]:
+    """``read(i)`` for i in 0..n-1 in order, run by one background thread ``depth`` items ahead.
 
     JPEG decoding releases the GIL, so the thread reads while the encoder runs; unlike a reader
     process it needs no inter-process copies, and on a small CPU it disturbs the encoder's OpenMP
@@ -145,63 +196,89 @@ def _thread_reader(dataset: BlockDataset, depth: int = 4) -> Iterator[tuple[int,
 
     pool = ThreadPoolExecutor(1, thread_name_prefix="weakstil-reader")
     try:
-        futures = [pool.submit(dataset.__getitem__, i) for i in range(min(depth, len(dataset)))]
+        futures = [pool.submit(read, i) for i in range(min(depth, n))]
         nxt = len(futures)
         while futures:
             item = futures.pop(0).result()
-            if nxt < len(dataset):
-                futures.append(pool.submit(dataset.__getitem__, nxt))
+            if nxt < n:
+                futures.append(pool.submit(read, nxt))
                 nxt += 1
             yield item
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def iter_batches(dataset: BlockDataset, opts: ExtractOptions, device: str) -> Iterator[tuple[int, object]]:
+def iter_batches(dataset: BlockDataset, opts: ExtractOptions, device: str, *,
+                 pool=None) -> Iterator[tuple[int, object]]:
     """Yield (first row, uint8 tile tensor (B, H, W, 3)) batches of about ``batch_size`` tiles, in row order.
 
-    ``workers`` > 0: that many reader processes writing into a shared-memory ring
-    (:class:`weakstil.embed.loader.RingLoader`); each batch is then a view, valid until the next is asked
-    for. 0: one reader thread in this process.
+    Decoding on the GPU (``opts.decode``, a CUDA device, a slide with JPEG tiles): compressed tiles
+    read by a thread, decoded on ``device`` (:mod:`weakstil.embed.gpu_decode`). Else ``pool`` (a
+    :class:`weakstil.embed.loader.RingPool`): its reader processes, kept across slides; ``workers``
+    > 0: that many reader processes for this slide; either way each batch is a view into a
+    shared-memory ring, valid until the next is asked for. 0: one reader thread in this process.
     """
     import contextlib
 
     import torch
 
-    from weakstil.embed.loader import RingLoader, plan_batches
+    from weakstil.embed.gpu_decode import gpu_batches, has_raw_path, resolve_decode
+    from weakstil.embed.loader import RingLoader, block_payloads, plan_batches
 
     workers = opts.workers if opts.workers is not None else default_workers(device)
     workers = min(workers, len(dataset))
     batch_size = opts.batch_size or default_batch_size(device)
     sizes = [len(b.index) for b in dataset.blocks]
-    if workers > 0:
-        yield from RingLoader(dataset.__getitem__, sizes, [int(b.index[0]) for b in dataset.blocks],
-                              dataset.tile_px, batch_size=batch_size, workers=workers,
-                              pin=device.startswith("cuda"))
+    first_rows = [int(b.index[0]) for b in dataset.blocks]
+    if resolve_decode(opts.decode, device) == "gpu" and has_raw_path(dataset._handle(), dataset.size_l0,
+                                                                     dataset.tile_px):
+        yield from gpu_batches(dataset, batch_size, device, _thread_reader)
         return
-    with contextlib.closing(_thread_reader(dataset)) as blocks:  # closing it stops the thread
+    if pool is not None and workers > 0:
+        payloads = block_payloads(dataset.path, dataset.open_kwargs, dataset.blocks, dataset.coords_l0,
+                                  dataset.size_l0, dataset.tile_px)
+        yield from pool.run(payloads, plan_batches(sizes, batch_size), sizes, first_rows)
+        return
+    if workers > 0:
+        yield from RingLoader(dataset.__getitem__, sizes, first_rows, dataset.tile_px, batch_size=batch_size,
+                              workers=workers, pin=device.startswith("cuda"))
+        return
+    with contextlib.closing(_thread_reader(dataset.__getitem__, len(dataset))) as blocks:  # closing stops it
         for batch in plan_batches(sizes, batch_size):  # the same grouping as the reader processes'
             items = [next(blocks) for _ in batch]
             yield items[0][0], torch.cat([t for _, t in items]) if len(items) > 1 else items[0][1]
 
 
 def embed_tiles(path: Path, coords_l0: np.ndarray, blocks: list[Block], size_l0: float, tile_px: int,
-                embedder: TileEmbedder, write, opts: ExtractOptions, *, advance=None) -> int:
-    """Embed every tile (coords in block order) and hand ``write(start_row, feats_f16)`` each batch."""
-    dataset = BlockDataset(path, coords_l0, blocks, size_l0, tile_px, opts.open_kwargs)
-    batches = iter_batches(dataset, opts, str(embedder.device))
+                embedder: TileEmbedder, write, opts: ExtractOptions, *, advance=None, slide=None,
+                pool=None, timings: dict | None = None) -> int:
+    """Embed every tile (coords in block order) and hand ``write(start_row, feats_f16)`` each batch.
+
+    ``slide``: a handle already open on ``path`` for the reader thread (saves opening it again);
+    ``pool``: reader processes kept across slides (:class:`weakstil.embed.loader.RingPool`);
+    ``timings``: filled with the seconds to the first batch's features and after it.
+    """
+    import time
+
+    dataset = BlockDataset(path, coords_l0, blocks, size_l0, tile_px, opts.open_kwargs, slide=slide)
+    batches = iter_batches(dataset, opts, str(embedder.device), pool=pool)
+    started = time.perf_counter()
     try:
         done = 0
         for start, tiles in batches:
             if start != done:
                 raise RuntimeError(f"tile batches out of order: expected row {done}, got {start}")
             write(start, embedder(tiles))
+            if done == 0 and timings is not None:
+                timings["first_batch"] = time.perf_counter() - started
             done += len(tiles)
             if advance is not None:
                 advance(len(tiles))
     finally:
         batches.close()  # stops the reader (thread or processes) before its slide handle closes
         dataset.close()
+    if timings is not None:
+        timings["steady"] = time.perf_counter() - started - timings.get("first_batch", 0.0)
     return done
 
 
@@ -253,12 +330,24 @@ def _slide_mpp(source: SlideSource) -> float:
 
 
 class SlideExtractor:
-    """Everything one slide needs, built once per process: encoder on its device, cache, tiling."""
+    """Everything one slide needs, built once per process: encoder on its device, cache, tiling,
+    and what is kept from slide to slide (reader processes, the QC-picture thread).
+
+    ``timings`` holds the last slide's seconds per stage: open, mask (thumbnail, tissue mask, grid),
+    blocks, cache (the slide group), first_batch, steady (the rest of the tiles), write (inside
+    steady: feature writes), commit (the group renamed into place), qc_wait (QC picture not yet
+    written when the features were).
+    """
 
     def __init__(self, cache, embedder: TileEmbedder, spec, tissue, opts: ExtractOptions, *,
                  roi_dir: Path | None = None, qc: bool = True, tiles_task=None):
         self.cache, self.embedder, self.spec, self.tissue, self.opts = cache, embedder, spec, tissue, opts
         self.roi_dir, self.qc, self.tiles_task = roi_dir, qc, tiles_task
+        embedder.set_options(precision=opts.precision, compile=opts.compile)
+        self.timings: dict[str, float] = {}
+        self._pool = None  # RingPool, made on the first slide that reads with processes
+        self._qc_thread = None
+        self._finalizer = None
 
     def is_done(self, source: SlideSource) -> bool:
         """Whether the cache holds this slide, made from this very file, for this request: the
@@ -276,40 +365,136 @@ class SlideExtractor:
                         source.slide_id, "; ".join(diffs))
         return not diffs
 
+    def reader_pool(self, tile_px: int, block: int):
+        """Reader processes kept for the whole run (None when this process reads in a thread)."""
+        import weakref
+
+        from weakstil.embed.loader import RingPool, read_block_payload, ring_rows
+
+        device = str(self.embedder.device)
+        workers = self.opts.workers if self.opts.workers is not None else default_workers(device)
+        if workers <= 0:
+            return None
+        rows = ring_rows(self.opts.batch_size or default_batch_size(device), block * block)
+        if self._pool is None or not self._pool.fits(tile_px, rows):
+            self.close()
+            self._pool = RingPool(read_block_payload, tile_px, rows=rows, workers=workers,
+                                  pin=device.startswith("cuda"))
+            self._finalizer = weakref.finalize(self, self._pool.close)
+        return self._pool
+
+    def _decode_for(self, slide, size_l0: float) -> str:
+        """``gpu`` when JPEG tiles are decoded on the GPU for this slide (``--decode``, CUDA, JPEG tiles)."""
+        from weakstil.embed.gpu_decode import has_raw_path, resolve_decode
+
+        if resolve_decode(self.opts.decode, str(self.embedder.device)) == "cpu":
+            return "cpu"
+        if has_raw_path(slide, size_l0, self.spec.tile_px):
+            return "gpu"
+        log.info("%s has no JPEG tiles to decode on the GPU: decoding on the CPU", slide.slide_id)
+        return "cpu"
+
+    def _qc_later(self, grid, path: Path, **labels):
+        """Write the QC picture (mask outline, tile grid, slide id, scale bar: ``labels`` are
+        :func:`~weakstil.wsi.tissue.save_mask_qc`'s ``slide_id`` and ``mpp_thumb``) in a background
+        thread (PNG encoding releases the GIL)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from weakstil.wsi.tissue import save_mask_qc
+
+        if self._qc_thread is None:
+            self._qc_thread = ThreadPoolExecutor(1, thread_name_prefix="weakstil-qc")
+        return self._qc_thread.submit(save_mask_qc, grid.thumb, grid.mask, path, roi=grid.roi, grid=grid, **labels)
+
+    def close(self) -> None:
+        """Stop the reader processes and the QC thread (also done when this object is collected)."""
+        if self._finalizer is not None:
+            self._finalizer()
+            self._finalizer, self._pool = None, None
+        if self._qc_thread is not None:
+            self._qc_thread.shutdown(wait=True)
+            self._qc_thread = None
+
     def __call__(self, source: SlideSource) -> int:
         """Tiles → features for one slide into the cache; returns the number of tiles."""
+        import time
+
         from weakstil.errors import NoTissueError
         from weakstil.fingerprint import file_sha256
         from weakstil.wsi.slide import open_slide
         from weakstil.wsi.tiling import plan_tiles
         from weakstil.wsi.tissue import save_mask_qc
 
+        t = self.timings = {}
+        clock = [time.perf_counter()]
+
+        def lap(stage: str) -> None:
+            now = time.perf_counter()
+            t[stage] = t.get(stage, 0.0) + now - clock[0]
+            clock[0] = now
+
         roi = roi_for(self.roi_dir, source.slide_id)
+        qc_done = None
         with open_slide(source.path, **source.open_kwargs) as slide:
+            lap("open")
+            qc_path = qc_dir_for(self.cache.path) / f"{slide.slide_id}.png"
             try:
                 grid = plan_tiles(slide, self.spec, tissue=self.tissue, roi=roi)
             except NoTissueError as exc:
                 if self.qc and getattr(exc, "grid", None) is not None:
-                    save_mask_qc(exc.grid.thumb, exc.grid.mask, qc_dir_for(self.cache.path) / f"{slide.slide_id}.png")
+                    save_mask_qc(exc.grid.thumb, exc.grid.mask, qc_path, slide_id=slide.slide_id,
+                                 mpp_thumb=slide.mpp * exc.grid.mask_downsample)
                 raise
+            lap("mask")
             if self.qc:
-                save_mask_qc(grid.thumb, grid.mask, qc_dir_for(self.cache.path) / f"{slide.slide_id}.png",
-                             roi=grid.roi)
+                qc_done = self._qc_later(grid, qc_path, slide_id=slide.slide_id,
+                                         mpp_thumb=slide.mpp * grid.mask_downsample)
             attrs = {"slide_mpp": slide.mpp, "mpp_source": slide.mpp_source, "tile_size_l0": grid.size_l0,
                      "tile_px": self.spec.tile_px, "dimensions": list(slide.dimensions),
-                     "backend": slide.backend, "vendor": slide.vendor,
+                     "backend": slide.backend, "vendor": slide.vendor, "precision": self.embedder.precision,
                      "roi_sha256": file_sha256(roi) if roi else None}
             block = aligned_block(slide, grid.size_l0, self.spec.tile_px, block=self.opts.block)
             open_kwargs = dict(source.open_kwargs, backend=slide.backend if slide.backend != "image"
                                else source.open_kwargs.get("backend", "auto"))
-        order, blocks = plan_blocks(grid.coords_l0, grid.size_l0, block=block)
-        coords = grid.coords_l0[order]
-        opts = ExtractOptions(**{**self.opts.__dict__, "open_kwargs": open_kwargs})
-        with self.cache.slide_writer(source.slide_id, coords, self.embedder.embed_dim, attrs,
-                                     source=source.path) as writer:
-            embed_tiles(source.path, coords, blocks, grid.size_l0, self.spec.tile_px, self.embedder,
-                        writer.write, opts, advance=self.tiles_task)
+            order, blocks = plan_blocks(grid.coords_l0, grid.size_l0, block=block)
+            coords = grid.coords_l0[order]
+            decode = self._decode_for(slide, grid.size_l0)
+            opts = ExtractOptions(**{**self.opts.__dict__, "open_kwargs": open_kwargs, "decode": decode})
+            pool = self.reader_pool(self.spec.tile_px, block) if decode == "cpu" else None
+            attrs["decode"] = decode
+            lap("blocks")
+            try:
+                with self.cache.slide_writer(source.slide_id, coords, self.embedder.embed_dim, attrs,
+                                             source=source.path) as writer:
+                    lap("cache")
+                    write = _timed_calls(writer.write, t, "write")
+                    embed_tiles(source.path, coords, blocks, grid.size_l0, self.spec.tile_px, self.embedder,
+                                write, opts, advance=self.tiles_task, slide=slide if pool is None else None,
+                                pool=pool, timings=t)
+                    clock[0] = time.perf_counter()
+                lap("commit")
+            except BaseException:
+                if qc_done is not None:
+                    qc_done.exception()  # wait for the picture; this slide's own error goes on
+                raise
+            if qc_done is not None:
+                qc_done.result()  # its error (disk full …) fails the slide like any other
+                lap("qc_wait")
         return len(coords)
+
+
+def _timed_calls(fn, timings: dict, key: str):
+    """``fn`` that adds the seconds spent in it to ``timings[key]``."""
+    import time
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+
+    return timed
 
 
 def slide_sources(paths, *, backend: str = "auto", mpp: float | None = None, mpp_override: bool = False,

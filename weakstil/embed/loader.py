@@ -51,8 +51,8 @@ class ReaderDied(WeakstilError, RuntimeError):
            "smaller --batch-size; run the command again, finished slides are kept")
 
 
-def _worker_loop(read: Callable[[int], tuple[int, np.ndarray]], ring, tasks, results) -> None:
-    """Take ``(batch, slot, block, row)`` tasks, write the block's tiles at ``ring[slot, row:]``."""
+def _worker_loop(read: Callable, ring, tasks, results) -> None:
+    """Take ``(run, batch, slot, payload, row)`` tasks, write the payload's tiles at ``ring[slot, row:]``."""
     import torch
 
     torch.set_num_threads(1)
@@ -60,12 +60,12 @@ def _worker_loop(read: Callable[[int], tuple[int, np.ndarray]], ring, tasks, res
         task = tasks.get()
         if task is None:
             return
-        batch, slot, block, row = task
+        gen, batch, slot, payload, row = task
         try:
-            _, tiles = read(block)
+            _, tiles = read(payload)
             tiles = np.asarray(tiles)
             ring[slot, row : row + len(tiles)].numpy()[...] = tiles
-            results.put((batch, block, None))
+            results.put((gen, batch, None))
         except BaseException as exc:  # noqa: BLE001 - sent to the main process, raised there
             text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
             try:
@@ -75,12 +75,186 @@ def _worker_loop(read: Callable[[int], tuple[int, np.ndarray]], ring, tasks, res
                 payload = (exc, text)
             except Exception:  # noqa: BLE001 - an exception that cannot travel travels as text
                 payload = (RuntimeError(f"{type(exc).__name__}: {exc}"), text)
-            results.put((batch, block, payload))
+            results.put((gen, batch, payload))
+
+
+class RingPool:
+    """Reader processes and a shared-memory ring of ``slots`` batches of up to ``rows`` tiles, started
+    once and used for any number of runs (:meth:`run`): a folder of small slides pays the start-up
+    (fork, ring allocation, page-locking) once, not per slide.
+
+    ``read(payload)`` returns ``(first row, tiles (k, px, px, 3))`` and runs in the forked processes;
+    a run hands it one payload per block. :func:`read_block_payload` with :func:`block_payloads` reads
+    any slide's blocks, each process keeping its own slide handles.
+    """
+
+    def __init__(self, read: Callable, tile_px: int, *, rows: int, workers: int, slots: int = 4,
+                 poll_s: float = 1.0, pin: bool = False):
+        import multiprocessing as mp
+
+        import torch
+
+        if workers < 1:
+            raise ValueError("RingPool needs at least one worker")
+        self.tile_px, self.rows, self.slots, self.workers, self.poll_s = tile_px, rows, max(2, slots), workers, poll_s
+        self.ring = torch.empty((self.slots, rows, tile_px, tile_px, 3), dtype=torch.uint8).share_memory_()
+        ctx = mp.get_context("fork" if os.name == "posix" else "spawn")
+        self.tasks, self.results = ctx.Queue(), ctx.Queue()
+        self.procs = [ctx.Process(target=_worker_loop, args=(read, self.ring, self.tasks, self.results), daemon=True,
+                                  name=f"weakstil-reader-{k}") for k in range(workers)]
+        for p in self.procs:
+            p.start()
+        self.pinned = pin and _pin(self.ring)  # page-locked: copies to the GPU run at full speed, async
+        self._run = 0  # generation: results of an abandoned run are told apart and dropped
+        self._in_flight = 0
+
+    def fits(self, tile_px: int, rows: int) -> bool:
+        return not self.closed and tile_px == self.tile_px and rows <= self.rows
+
+    @property
+    def closed(self) -> bool:
+        return self.procs is None
+
+    def run(self, payloads: list, batches: list[list[int]], block_sizes: list[int],
+            first_rows: list[int]) -> Iterator[tuple[int, object]]:
+        """``(first row, ring view)`` per batch (blocks ``batches[b]``), in order; each view is valid
+        until the next batch is asked for."""
+        if self.closed:
+            raise RuntimeError("this RingPool is closed")
+        self._run += 1
+        gen, slots = self._run, min(self.slots, len(batches))
+        offsets = {}  # row offset of each block inside its batch
+        for batch in batches:
+            row = 0
+            for i in batch:
+                offsets[i] = row
+                row += block_sizes[i]
+        if max((offsets[b[-1]] + block_sizes[b[-1]] for b in batches), default=0) > self.rows:
+            raise ValueError(f"a batch holds more than the ring's {self.rows} rows")
+
+        def submit(b: int) -> None:
+            for i in batches[b]:
+                self.tasks.put((gen, b, b % self.slots, payloads[i], offsets[i]))
+                self._in_flight += 1
+
+        try:
+            for b in range(slots):
+                submit(b)
+            pending = {b: len(batch) for b, batch in enumerate(batches)}
+            for b, batch in enumerate(batches):
+                while pending[b] > 0:
+                    done_gen, done_b, error = self._result()
+                    if done_gen != gen:
+                        continue
+                    if error is not None:
+                        exc, text = error
+                        log.debug("reader error in batch %d:\n%s", done_b, text)
+                        raise exc
+                    pending[done_b] -= 1
+                n = sum(block_sizes[i] for i in batch)
+                yield first_rows[batch[0]], self.ring[b % self.slots, :n]
+                if b + slots < len(batches):  # the caller is done with this slot: refill it
+                    submit(b + slots)
+        finally:
+            self._settle()
+
+    def _result(self):
+        """The next ``(run, batch, error)`` from a reader; ReaderDied when one ended without reporting."""
+        while True:
+            try:
+                gen, batch, error = self.results.get(timeout=self.poll_s)
+            except queue.Empty:
+                dead = [p for p in self.procs if not p.is_alive()]
+                if dead:
+                    self.close()
+                    raise ReaderDied(
+                        f"tile reader {dead[0].name} stopped (exit code {dead[0].exitcode}) before it "
+                        "finished its blocks; this slide's features were not written") from None
+                continue
+            self._in_flight -= 1
+            return gen, batch, error
+
+    def _settle(self) -> None:
+        """After a run (finished or abandoned): drop the tasks not started, wait for those being
+        read, so no reader still writes into the ring when the next run starts."""
+        if self.closed:
+            return
+        try:
+            while True:
+                self.tasks.get_nowait()
+                self._in_flight -= 1
+        except (queue.Empty, OSError, ValueError):
+            pass
+        try:
+            while self._in_flight > 0:
+                self._result()
+        except ReaderDied:
+            pass
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        procs, self.procs = self.procs, None
+        try:
+            while True:
+                self.tasks.get_nowait()
+        except (queue.Empty, OSError, ValueError):
+            pass
+        for _ in procs:
+            self.tasks.put(None)
+        for p in procs:
+            p.join(timeout=5)
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+        for q in (self.tasks, self.results):
+            q.cancel_join_thread()
+            q.close()
+        if self.pinned:
+            _unpin(self.ring)
+            self.pinned = False
+
+    def __enter__(self) -> RingPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def ring_rows(batch_size: int, max_block_tiles: int) -> int:
+    """Rows a ring slot needs: a batch closes at the block that reaches ``batch_size`` tiles."""
+    return batch_size + max(0, max_block_tiles - 1)
+
+
+def block_payloads(path, open_kwargs: dict, blocks, coords_l0: np.ndarray, size_l0: float, tile_px: int) -> list:
+    """One self-contained task per block for :func:`read_block_payload` (its tiles' coordinates only)."""
+    return [(str(path), tuple(sorted(open_kwargs.items())), int(b.index[0]), coords_l0[b.index], b.xy_l0,
+             b.size_l0, size_l0, tile_px) for b in blocks]
+
+
+_HANDLES: dict = {}  # reader process: (path, open kwargs) -> open slide handle (the latest few)
+
+
+def read_block_payload(payload) -> tuple[int, np.ndarray]:
+    """Read one :func:`block_payloads` task with this process's handle on that slide."""
+    from weakstil.wsi.reader import Block, read_block_tiles
+    from weakstil.wsi.slide import open_slide
+
+    path, kwargs, first_row, coords, xy_l0, block_size_l0, size_l0, tile_px = payload
+    key = (path, kwargs)
+    slide = _HANDLES.get(key)
+    if slide is None:
+        while len(_HANDLES) >= 2:  # a run moves from slide to slide: keep the current and the next
+            _HANDLES.pop(next(iter(_HANDLES))).close()
+        slide = _HANDLES[key] = open_slide(path, **dict(kwargs))
+    block = Block(np.arange(len(coords)), xy_l0, block_size_l0)
+    return first_row, read_block_tiles(slide, block, coords, size_l0=size_l0, tile_px=tile_px)
 
 
 class RingLoader:
     """``(first row, uint8 tensor (B, px, px, 3))`` batches of a block dataset, read by ``workers``
-    processes into a shared-memory ring of ``slots`` batches.
+    processes into a shared-memory ring of ``slots`` batches: a :class:`RingPool` for one run.
 
     ``read(i)`` returns ``(first row, tiles (k_i, px, px, 3))`` for block ``i`` and must work in a
     forked process (:class:`weakstil.embed.extract.BlockDataset` opens one slide handle per process).
@@ -105,74 +279,12 @@ class RingLoader:
         return len(self.batches)
 
     def __iter__(self) -> Iterator[tuple[int, object]]:
-        import multiprocessing as mp
-
-        import torch
-
         if not self.batches:
             return
-        ring = torch.empty((self.slots, self.rows, self.tile_px, self.tile_px, 3), dtype=torch.uint8).share_memory_()
-        ctx = mp.get_context("fork" if os.name == "posix" else "spawn")
-        tasks, results = ctx.Queue(), ctx.Queue()
-        procs = [ctx.Process(target=_worker_loop, args=(self.read, ring, tasks, results), daemon=True,
-                             name=f"weakstil-reader-{k}") for k in range(self.workers)]
-        for p in procs:
-            p.start()
-        pinned = self.pin and _pin(ring)  # page-locked: copies to the GPU run at full speed, async
-        offsets = []  # row offset of each block inside its batch
-        for batch in self.batches:
-            row = 0
-            for i in batch:
-                offsets.append(row)
-                row += self.block_sizes[i]
-        try:
-            def submit(b: int) -> None:
-                for i in self.batches[b]:
-                    tasks.put((b, b % self.slots, i, offsets[i]))
-
-            for b in range(min(self.slots, len(self.batches))):
-                submit(b)
-            pending = {b: len(batch) for b, batch in enumerate(self.batches)}
-            for b, batch in enumerate(self.batches):
-                while pending[b] > 0:
-                    try:
-                        done_b, block, error = results.get(timeout=self.poll_s)
-                    except queue.Empty:
-                        dead = [p for p in procs if not p.is_alive()]
-                        if dead:
-                            raise ReaderDied(
-                                f"tile reader {dead[0].name} stopped (exit code {dead[0].exitcode}) before "
-                                "it finished its blocks; this slide's features were not written"
-                            ) from None
-                        continue
-                    if error is not None:
-                        exc, text = error
-                        log.debug("reader error in block %d:\n%s", block, text)
-                        raise exc
-                    pending[done_b] -= 1
-                n = sum(self.block_sizes[i] for i in batch)
-                yield self.first_rows[batch[0]], ring[b % self.slots, :n]
-                if b + self.slots < len(self.batches):  # the caller is done with this slot: refill it
-                    submit(b + self.slots)
-        finally:
-            try:  # stopped early (an error, or the caller closed us): drop the blocks not started yet
-                while True:
-                    tasks.get_nowait()
-            except (queue.Empty, OSError, ValueError):
-                pass
-            for _ in procs:
-                tasks.put(None)
-            for p in procs:
-                p.join(timeout=5)
-            for p in procs:
-                if p.is_alive():
-                    p.terminate()
-                    p.join(timeout=5)
-            for q in (tasks, results):
-                q.cancel_join_thread()
-                q.close()
-            if pinned:
-                _unpin(ring)
+        with RingPool(self.read, self.tile_px, rows=self.rows, workers=self.workers, slots=self.slots,
+                      poll_s=self.poll_s, pin=self.pin) as pool:
+            yield from pool.run(list(range(len(self.block_sizes))), self.batches, self.block_sizes,
+                                self.first_rows)
 
 
 def _pin(ring) -> bool:

@@ -32,7 +32,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from weakstil.errors import WeakstilError
+from weakstil.errors import ConfigError, WeakstilError
 from weakstil.runs.runner import (
     FAILED,
     Outcome,
@@ -266,3 +266,49 @@ def run_on_dask(kind: str, sources: list, job_args: dict, *, workers: int | None
                             formats=a.get("formats", ("csv", "png", "tif", "geojson", "top")),
                             **({"cutoff": a["cutoff"]} if "cutoff" in a else {}), lock=a.get("lock", True),
                             executor=executor, on_outcome=on_outcome, wait=wait, run_info=where).outcomes
+# --- one worker per GPU -------------------------------------------------------------------------
+def device_worker_specs(devices: list[str]) -> tuple[str, dict]:
+    """``(device for the encoder, {worker name: Nanny spec})``: one single-threaded worker process per
+    entry of ``devices`` (``cuda:0,cuda:1`` or ``cpu,cpu``), each seeing only its own GPU through
+    ``CUDA_VISIBLE_DEVICES`` (so ``cuda`` inside it is that GPU). Pure."""
+    from distributed import Nanny
+
+    devices = [d.strip() for d in devices if d.strip()]
+    kinds = {"cpu" if d == "cpu" else "cuda" if d == "cuda" or d.startswith("cuda:") else None for d in devices}
+    if not devices or None in kinds or len(kinds) > 1:
+        raise ConfigError(f"--devices {','.join(devices) or '(empty)'}: expected a list of cuda:N, or of cpu",
+                          fix="e.g. --devices cuda:0,cuda:1 (one worker per GPU)")
+    indices = [d.split(":", 1)[1] if ":" in d else "0" for d in devices]
+    if "cuda" in kinds and (len(set(indices)) != len(indices) or not all(i.isdigit() for i in indices)):
+        raise ConfigError(f"--devices {','.join(devices)}: each GPU once, as cuda:N",
+                          fix="e.g. --devices cuda:0,cuda:1")
+    specs = {}
+    for k, index in enumerate(indices):
+        env = {"CUDA_VISIBLE_DEVICES": index if "cuda" in kinds else "", "WEAKSTIL_DEVICE_SLOT": str(k)}
+        specs[f"device-{k}"] = {"cls": Nanny, "options": {"nthreads": 1, "host": "127.0.0.1", "name": k,
+                                                          "env": env, "silence_logs": logging.ERROR}}
+    return kinds.pop(), specs
+
+
+@contextmanager
+def device_cluster(devices: list[str]) -> Iterator[Any]:
+    """A local Dask cluster with one worker per device (:func:`device_worker_specs`); yields it."""
+    import dask
+    from distributed import Scheduler, SpecCluster
+
+    _, workers = device_worker_specs(devices)
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}}
+    with (dask.config.set({"distributed.worker.daemon": False}),  # workers may start reader processes
+          SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR) as cluster):
+        yield cluster
+
+
+def run_on_devices(kind: str, sources: list, job_args: dict, devices: list[str], **kwargs) -> list[Outcome]:
+    """:func:`run_on_dask` on a cluster of one worker per device (``--devices cuda:0,cuda:1``): the same
+    per-slide locks, skips and outcomes; each worker runs its encoder on its own GPU."""
+    device, _ = device_worker_specs(devices)
+    opts = job_args.get("opts")
+    if opts is not None:
+        job_args = {**job_args, "opts": dataclasses.replace(opts, device=device)}
+    with device_cluster(devices) as cluster:
+        return run_on_dask(kind, sources, job_args, scheduler=cluster.scheduler_address, **kwargs)

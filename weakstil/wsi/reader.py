@@ -154,6 +154,57 @@ def read_tiles_direct(slide, coords_l0: np.ndarray, *, size_l0: float, tile_px: 
     return source.read_tiles(slide, np.asarray(coords_l0), size_l0=size_l0, tile_px=tile_px)
 
 
+@dataclass(frozen=True)
+class RawTiles:
+    """A block's tiles as the slide's own compressed JPEG tiles, not decoded (for a GPU decoder).
+
+    ``jpegs[i]`` is a complete JPEG stream (tables merged) of the level's tile ``touched[i]`` =
+    ``(row, col)``, or None where the file holds no tile (white). Tiles to cut: ``origins`` (k, 2)
+    top-left (x, y) in level px (floats), edge ``span`` level px, output ``tile_px``; the level is
+    ``width`` × ``height`` px in tiles of ``tile_w`` × ``tile_h``.
+    """
+
+    jpegs: list
+    touched: list
+    origins: np.ndarray
+    span: float
+    tile_px: int
+    tile_w: int
+    tile_h: int
+    width: int
+    height: int
+
+
+def read_raw_tiles(slide, coords_l0: np.ndarray, *, size_l0: float, tile_px: int) -> RawTiles | None:
+    """The compressed JPEG tiles (read with ``os.pread``, not decoded) that the tiles at ``coords_l0``
+    touch, at the level the direct path reads; None when the slide or level has no JPEG direct path
+    (whose full-size decode has passed the same check against ``read_region``)."""
+    source = direct_source(slide)
+    if source is None:
+        return None
+    plan = source.plan(slide, size_l0, tile_px)
+    if plan is None:
+        return None
+    level = plan[0]
+    info = source.levels[level]
+    if info.compression != JPEG or not source._verified(slide, level, 1):
+        return None
+    coords_l0 = np.asarray(coords_l0)
+    unit = slide.level_downsamples[level]  # level-0 px per level px
+    span = size_l0 / unit
+    origins = np.stack([coords_l0[:, 0] / unit, coords_l0[:, 1] / unit], axis=1).astype(np.float64)
+    touched = _tiles_touched(origins[:, 0], origins[:, 1], span, info.tile_w, info.tile_h, info.across, info.down)
+    jpegs = []
+    for row, col in touched:
+        index = row * info.across + col
+        if info.counts[index] == 0:
+            jpegs.append(None)
+            continue
+        data = source._bytes(info, index)
+        jpegs.append(merge_jpeg_tables(info.jpegtables, data) if info.jpegtables else data)
+    return RawTiles(jpegs, touched, origins, span, tile_px, info.tile_w, info.tile_h, info.width, info.height)
+
+
 # --- helpers shared by both paths ---------------------------------------------------------------
 def _resize(region: np.ndarray, width: int, height: int) -> np.ndarray:
     from PIL import Image
