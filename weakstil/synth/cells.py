@@ -344,7 +344,7 @@ def pathologist_label(rng, stil: float) -> float:
     """A visual estimate: error SD 1 + 0.12·sTIL%, rounded to 1 below 10, else to 5 or 10."""
     value = stil + rng.normal(0, 1.0 + 0.12 * stil)
     step = 1 if value < 10 else (5 if rng.random() < 0.6 else 10)
-    return float(np.clip(step * np.round(value / step), 0, 100))
+    return float(np.clip(step * np.round(value / step), 0, 100)) + 0.0  # no "-0"
 
 
 # --- slides and cohorts ---------------------------------------------------------------------------

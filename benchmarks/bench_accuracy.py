@@ -1,0 +1,222 @@
+"""Accuracy case: how well the default recipe generalises, judged on both synthetic families.
+
+For each family (``lattice``, ``cells``) × setting (``standard``, ``hard``) a cohort is written and
+its features extracted ONCE (random-init ResNet-18, the demo's tiling) into ``<cohort>/features``;
+every recipe is then cross-validated on the cached bags (seconds). Reported per cohort and for the
+mix of the two families: out-of-fold R² vs labels and vs truth, AUC@10/30/50 (vs truth), calibration
+slope/intercept (truth on prediction), prediction SD vs label SD, tile Pearson r vs truth on tiles
+≥ 25 % stroma, the stroma fraction of each slide's top tiles, and the linear probe on the same folds.
+Transfer: train on one family and score the other (cross-family), and train on a cohort and score a
+fresh 12-slide cohort of the same family and setting (new seed).
+
+``WEAKSTIL_BENCH_DIR`` keeps the cohorts and features between runs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .common import Row, bench_dir
+
+MIN_STROMA = 0.25
+TOP_K = 8
+
+
+@dataclass(frozen=True)
+class Plan:
+    n: int
+    n_new: int
+    size_um: float | None  # canvas width; None: the default 2000 µm
+    n_folds: int
+    max_epochs: int | None
+
+
+PLANS = {"full": Plan(40, 12, None, 5, None), "quick": Plan(24, 12, 1200.0, 5, None),
+         "smoke": Plan(6, 3, 480.0, 2, 3)}
+FAMILIES = ("lattice", "cells")
+SETTINGS = ("standard", "hard")
+
+
+def cohort_dir(root: Path, family: str, setting: str, new: bool = False) -> Path:
+    return root / f"{family}-{setting}{'-new' if new else ''}"
+
+
+def prepare(root: Path, plan: Plan, *, progress: bool = False) -> dict[str, Path]:
+    """Write every cohort and extract its features (both skipped when already there)."""
+    from weakstil.synth import DEFAULT_PREFIX, write_cohort
+
+    made = {}
+    for family in FAMILIES:
+        for setting in SETTINGS:
+            for new in (False, True):
+                out = cohort_dir(root, family, setting, new)
+                prefix = DEFAULT_PREFIX[family] + ("N" if new else "")
+                write_cohort(out, family=family, n=plan.n_new if new else plan.n, seed=2 if new else 1,
+                             setting=setting, prefix=prefix, progress=progress, size_um=plan.size_um)
+                extract(out, progress=progress)
+                made[out.name] = out
+    return made
+
+
+def extract(cohort: Path, *, progress: bool = False):
+    """The cohort's feature cache (``cohort/features``), extracted once."""
+    from weakstil.embed.encoders import create_encoder
+    from weakstil.embed.extract import ExtractOptions, extract_slides, slide_sources
+    from weakstil.wsi.slide import find_slides
+    from weakstil.wsi.tiling import TileSpec
+    from weakstil.wsi.tissue import TissueParams
+
+    sources = slide_sources(find_slides(cohort / "slides"))
+    result = extract_slides(sources, cohort / "features", encoder=create_encoder("resnet18-random"),
+                            spec=TileSpec(), tissue=TissueParams(),
+                            opts=ExtractOptions(device="cpu", progress=progress), qc=False)
+    if result.failed:
+        raise RuntimeError(f"{len(result.failed)} slide(s) of {cohort.name} failed to extract")
+    return result.cache
+
+
+# --- a cohort in memory -------------------------------------------------------------------------------
+@dataclass
+class Cohort:
+    """One cohort's cached bags with labels, per-slide truth and per-tile truth."""
+
+    name: str
+    table: object  # DataFrame slide_id, patient_id, stil (the labels)
+    bags: dict
+    truth: np.ndarray  # true slide sTIL% in table order
+    tile_stroma: dict  # slide_id -> (N,) stroma fraction of each tile
+    tile_truth: dict  # slide_id -> (N,) true tile sTIL% (NaN without stroma)
+
+
+def load_cohort(path: Path) -> Cohort:
+    from weakstil.embed.cache import FeatureCache
+    from weakstil.mil.labels import read_labels
+    from weakstil.synth.truth import load_truth, tile_truth
+
+    cache = FeatureCache.find(path / "features")
+    table = read_labels(path / "labels.csv", cached_ids=cache.complete_ids()).df
+    bags, truth, stroma, tiles = {}, [], {}, {}
+    for sid in table["slide_id"]:
+        cached = cache.read(sid)
+        bags[sid] = np.asarray(cached.features)
+        maps = load_truth(path / "truth" / f"{sid}.npz")
+        truth.append(float(maps["stil"]))
+        t = tile_truth(maps, cached.coords_l0, float(cached.attrs["tile_size_l0"]),
+                       float(cached.attrs["slide_mpp"]))
+        stroma[sid], tiles[sid] = t["stroma_fraction"], t["stil"]
+    return Cohort(path.name, table, bags, np.array(truth), stroma, tiles)
+
+
+def merge(name: str, cohorts: list[Cohort]) -> Cohort:
+    import pandas as pd
+
+    return Cohort(name, pd.concat([c.table for c in cohorts], ignore_index=True),
+                  {k: v for c in cohorts for k, v in c.bags.items()},
+                  np.concatenate([c.truth for c in cohorts]),
+                  {k: v for c in cohorts for k, v in c.tile_stroma.items()},
+                  {k: v for c in cohorts for k, v in c.tile_truth.items()})
+
+
+# --- metrics ----------------------------------------------------------------------------------------
+def calibration(truth: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
+    """(slope, intercept) of truth regressed on prediction: 1 and 0 when calibrated."""
+    if np.ptp(pred) == 0:
+        return float("nan"), float("nan")
+    slope, intercept = np.polyfit(pred, truth, 1)
+    return float(slope), float(intercept)
+
+
+def slide_figures(labels, truth, pred) -> dict:
+    from weakstil.mil.metrics import regression_metrics
+
+    vs_truth = regression_metrics(truth, pred, cutoffs=(10, 30, 50))
+    vs_labels = regression_metrics(labels, pred, cutoffs=(10, 30, 50))
+    slope, intercept = calibration(truth, pred)
+    return {"r2_labels": vs_labels["r2"], "r2_truth": vs_truth["r2"], "mae_truth": vs_truth["mae"],
+            **{f"auc@{c}": vs_truth[f"auc@{c}"] for c in (10, 30, 50)},
+            "cal_slope": slope, "cal_intercept": intercept, "pred_sd": float(np.std(pred)),
+            "label_sd": float(np.std(labels)), "truth_sd": float(np.std(truth)),
+            "pred_mean": float(np.mean(pred)), "truth_mean": float(np.mean(truth))}
+
+
+def tile_figures(cohort: Cohort, tile_preds: dict) -> dict:
+    """Tile Pearson r vs truth on tiles ≥ 25 % stroma; stroma fraction of each slide's top tiles."""
+    from scipy.stats import pearsonr
+
+    p, t, top = [], [], []
+    for sid, pred in tile_preds.items():
+        stroma, truth = cohort.tile_stroma[sid], cohort.tile_truth[sid]
+        keep = (stroma >= MIN_STROMA) & np.isfinite(truth)
+        p.append(pred[keep])
+        t.append(truth[keep])
+        order = np.argsort(-pred, kind="stable")[:TOP_K]
+        top.append(float(np.mean(stroma[order])))
+    p, t = np.concatenate(p), np.concatenate(t)
+    r = float(pearsonr(p, t)[0]) if len(p) > 2 and np.ptp(p) > 0 else float("nan")
+    return {"tile_r": r, "tile_n": int(len(p)), "top_stroma_min": float(np.min(top)),
+            "top_stroma_mean": float(np.mean(top))}
+
+
+# --- recipes ----------------------------------------------------------------------------------------
+def run_recipe(cohort: Cohort, recipe: dict, plan: Plan) -> dict:
+    """Cross-validate one recipe (TrainConfig keywords) on the cohort; the probe on the same folds."""
+    from weakstil.mil.model import TrainedModel
+    from weakstil.mil.probe import probe_oof, slide_means
+    from weakstil.mil.train import TrainConfig, cross_validate
+
+    extra = {"max_epochs": plan.max_epochs, "patience": plan.max_epochs} if plan.max_epochs else {}
+    cfg = TrainConfig(**{"n_folds": plan.n_folds, "n_boot": 10, "fold_processes": 1, **extra, **recipe})
+    t0 = time.perf_counter()
+    cv = cross_validate(cohort.bags, cohort.table, cfg, progress=False)
+    labels = cv.labels
+    out = {"recipe": recipe, "seconds": round(time.perf_counter() - t0, 1),
+           "mil": slide_figures(labels, cohort.truth, cv.predictions)}
+    calibrated = getattr(cv, "calibrated", None)
+    if calibrated is not None:
+        out["mil_calibrated"] = slide_figures(labels, cohort.truth, calibrated)
+    tiles = {}
+    for k, module in enumerate(cv.models):
+        member = TrainedModel([module], fingerprint={})
+        for i in np.flatnonzero(cv.folds == k):
+            sid = cv.slide_ids[i]
+            tiles[sid] = member.predict(cohort.bags[sid]).tile_pred
+    out["mil"].update(tile_figures(cohort, tiles))
+    probe, _ = probe_oof(slide_means(cohort.bags, cv.slide_ids), labels, cv.folds)
+    out["probe"] = slide_figures(labels, cohort.truth, probe)
+    out["_cv"] = cv
+    return out
+
+
+def transfer(train: dict, source: Cohort, target: Cohort) -> dict:
+    """The source CV's fold ensemble (and the probe fitted on all source slides) on the target."""
+    from weakstil.mil.model import TrainedModel
+    from weakstil.mil.probe import LinearProbe, slide_means
+
+    cv = train["_cv"]
+    model = TrainedModel(cv.models, fingerprint={}, config=getattr(cv, "deploy_config", None))
+    ids = list(target.table["slide_id"])
+    labels = target.table["stil"].to_numpy(float)
+    pred = np.array([_score(model, cv, target.bags[s]) for s in ids])
+    probe = LinearProbe().fit(slide_means(source.bags, cv.slide_ids), cv.labels)
+    return {"mil": slide_figures(labels, target.truth, pred),
+            "probe": slide_figures(labels, target.truth, probe.predict(slide_means(target.bags, ids)))}
+
+
+def _score(model, cv, features) -> float:
+    score = model.predict(features).score
+    calibrate = getattr(cv, "calibrate", None)
+    return float(calibrate(score)) if calibrate is not None else score
+
+
+if __name__ == "__main__":  # python -m benchmarks.bench_accuracy prepare [full|quick|smoke]
+    import sys
+
+    mode = sys.argv[2] if len(sys.argv) > 2 else "full"
+    t0 = time.perf_counter()
+    print(prepare(bench_dir() / f"accuracy-{mode}", PLANS[mode], progress=True))
+    print(f"{time.perf_counter() - t0:.0f} s")
