@@ -51,9 +51,9 @@ def prepare(root: Path, plan: Plan, *, progress: bool = False) -> dict[str, Path
     from weakstil.synth import DEFAULT_PREFIX, write_cohort
 
     made = {}
-    for family in FAMILIES:
+    for new in (False, True):
         for setting in SETTINGS:
-            for new in (False, True):
+            for family in FAMILIES:
                 out = cohort_dir(root, family, setting, new)
                 prefix = DEFAULT_PREFIX[family] + ("N" if new else "")
                 write_cohort(out, family=family, n=plan.n_new if new else plan.n, seed=2 if new else 1,
@@ -211,6 +211,99 @@ def _score(model, cv, features) -> float:
     score = model.predict(features).score
     calibrate = getattr(cv, "calibrate", None)
     return float(calibrate(score)) if calibrate is not None else score
+
+
+# --- the case -----------------------------------------------------------------------------------------
+RECIPES = {  # name -> TrainConfig keywords; "default" is whatever TrainConfig() is today
+    "default": {},
+    "attention-2026-11": {"aggregation": "attention", "background_penalty": 0.0, "calibrate": False},
+}
+ACCEPT = {  # (figure, cohort kind) -> (test, text) from issue #14
+    "r2_truth/standard": (lambda v, probe: v >= 0.9 and v >= probe + 0.02, "≥ 0.9 and ≥ probe + 0.02"),
+    "auc@30/standard": (lambda v, probe: v >= 0.97, "≥ 0.97"),
+    "cal_slope/standard": (lambda v, probe: 0.9 <= v <= 1.1, "0.9–1.1"),
+    "tile_r/standard": (lambda v, probe: v >= 0.85, "≥ 0.85"),
+    "top_stroma_min/standard": (lambda v, probe: v >= 0.5, "≥ 0.5"),
+    "r2_truth/hard": (lambda v, probe: v >= 0.7, "≥ 0.7"),
+    "auc@30/hard": (lambda v, probe: v >= 0.95, "≥ 0.95"),
+}
+SHOWN = ("r2_truth", "r2_labels", "auc@10", "auc@30", "auc@50", "cal_slope", "cal_intercept", "pred_sd",
+         "label_sd", "tile_r", "top_stroma_min")
+
+
+def _rows(case_name: str, figures: dict, probe: dict, kind: str, note: str) -> list[Row]:
+    rows = []
+    for name in SHOWN:
+        value = figures.get(name)
+        if value is None:
+            continue
+        ref = probe.get(name) if name not in ("tile_r", "top_stroma_min", "label_sd") else None
+        test, text = ACCEPT.get(f"{name}/{kind}", (None, ""))
+        met = None if test is None or value != value else bool(test(value, ref if ref is not None else -1))
+        rows.append(Row("accuracy", f"{case_name} {name}", float(value), "", "probe" if ref is not None else "",
+                        ref, None, text, met, note))
+    return rows
+
+
+def run(mode, device: str) -> list[Row]:
+    """Every cohort, the mixes and the transfers; detailed JSON and a markdown table under docs/."""
+    plan = PLANS[mode.name]
+    root = bench_dir() / f"accuracy-{mode.name}"
+    paths = prepare(root, plan)
+    cohorts = {name: load_cohort(path) for name, path in paths.items()}
+    for setting in SETTINGS:
+        cohorts[f"mix-{setting}"] = merge(f"mix-{setting}", [cohorts[f"{f}-{setting}"] for f in FAMILIES])
+    recipes = RECIPES if mode.name == "full" else {"default": {}}
+    doc, rows = {"plan": plan.__dict__, "recipes": recipes, "cv": {}, "transfer": {}}, []
+    for rname, recipe in recipes.items():
+        trained = {}
+        for name, cohort in cohorts.items():
+            if name.endswith("-new"):
+                continue
+            trained[name] = run_recipe(cohort, recipe, plan)
+            result = {k: v for k, v in trained[name].items() if k != "_cv"}
+            doc["cv"].setdefault(rname, {})[name] = result
+            kind = "hard" if "hard" in name else "standard"
+            if rname == "default" and not name.startswith("mix"):
+                rows += _rows(f"{name} CV", result.get("mil_calibrated", result["mil"]) | {
+                    k: result["mil"][k] for k in ("tile_r", "top_stroma_min")}, result["probe"], kind,
+                    "calibrated" if "mil_calibrated" in result else "")
+        for setting in SETTINGS:
+            for a, b in ((FAMILIES[0], FAMILIES[1]), (FAMILIES[1], FAMILIES[0]), (FAMILIES[0], FAMILIES[0]),
+                         (FAMILIES[1], FAMILIES[1])):
+                src = f"{a}-{setting}"
+                dst = f"{b}-{setting}" + ("-new" if a == b else "")
+                res = transfer(trained[src], cohorts[src], cohorts[dst])
+                doc["transfer"].setdefault(rname, {})[f"{src} → {dst}"] = res
+                if rname == "default":
+                    m, p = res["mil"], res["probe"]
+                    target = "≥ 0.8" if a != b else f"≥ CV − 0.1"
+                    cv_r2 = trained[src].get("mil_calibrated", trained[src]["mil"])["r2_truth"]
+                    ok = m["r2_truth"] >= 0.8 if a != b else (m["r2_truth"] >= cv_r2 - 0.1 and abs(
+                        m["pred_mean"] - m["truth_mean"]) <= 3)
+                    rows.append(Row("accuracy", f"{src} → {dst} r2_truth", m["r2_truth"], "", "probe",
+                                    p["r2_truth"], None, target, bool(ok),
+                                    f"mean pred {m['pred_mean']:.1f} vs truth {m['truth_mean']:.1f}"))
+    if mode.name != "smoke":
+        write_report(doc, rows)
+    return rows
+
+
+def write_report(doc: dict, rows: list[Row]) -> Path:
+    """docs/benchmarks/<date>-accuracy.json (every figure of every recipe)."""
+    import datetime as dt
+
+    from .__main__ import _json_safe
+    from .common import machine, markdown_table
+
+    out = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{dt.date.today().isoformat()}-accuracy.json"
+    doc = dict(doc, machine=machine(), table=markdown_table(rows))
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(_json_safe(doc), indent=1, allow_nan=False) + "\n")
+    tmp.replace(path)
+    return path
 
 
 if __name__ == "__main__":  # python -m benchmarks.bench_accuracy prepare [full|quick|smoke]
