@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import weakstil.fs
 from weakstil import __version__
 from weakstil.embed import cache as cache_module
 from weakstil.embed.cache import (
@@ -260,7 +261,7 @@ def test_bad_writer_arguments_are_refused(cache):
 @pytest.mark.parametrize("exchange", ["renameat2", "two-step"])
 def test_replacing_a_slide_swaps_the_whole_group(cache, monkeypatch, exchange):
     if exchange == "two-step":  # filesystems without RENAME_EXCHANGE (NFS), other OSes
-        monkeypatch.setattr(cache_module, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(cache_module, "exchange_paths", lambda a, b: False)
     write_slide(cache, "S1", n=20, seed=1)
     values = write_slide(cache, "S1", n=7, seed=2)
     got = cache.read("S1")
@@ -268,7 +269,7 @@ def test_replacing_a_slide_swaps_the_whole_group(cache, monkeypatch, exchange):
     np.testing.assert_allclose(got.features, values, atol=2e-3, rtol=1e-3)
     assert cache.complete_ids() == ["S1"] and staging_debris(cache) == []
     if exchange == "renameat2" and sys.platform == "linux":
-        assert cache_module._RENAMEAT2 not in (None, False)
+        assert weakstil.fs._RENAMEAT2 not in (None, False)
 
 
 def test_remove(cache):

@@ -61,11 +61,11 @@ def run_demo(out: Path, *, n: int = 40, n_test: int = 10, seed: int = 0, device:
 
     from weakstil.embed.encoders import create_encoder
     from weakstil.embed.extract import ExtractOptions, extract_slides, slide_sources
-    from weakstil.mil.model import load_model
     from weakstil.mil.cohort import metrics_table, train_from_cache
+    from weakstil.mil.model import load_model
     from weakstil.outputs.score import score_slides
-    from weakstil.wsi.slide import find_slides
     from weakstil.synth.lattice import synth_cohort
+    from weakstil.wsi.slide import find_slides
     from weakstil.wsi.tiling import TileSpec
     from weakstil.wsi.tissue import TissueParams
 

@@ -30,12 +30,16 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from weakstil.embed.cache_writer import (  # noqa: F401
+    SlideWriter,
+    _as_coords,
+    _utc_now,  # noqa: F401
+)
 from weakstil.errors import (
     AmbiguousCacheError,
     CacheCorruptError,
@@ -43,6 +47,14 @@ from weakstil.errors import (
     CacheNotFoundError,
     CacheWriteError,
 )
+from weakstil.fingerprint import (  # noqa: F401
+    _canonical_numbers,
+    _flatten,
+    fingerprint_differences,
+    identity,
+    plain_json,
+)
+from weakstil.fs import exchange_paths
 
 SCHEMA_VERSION = 1
 FEATURE_CHUNK_ROWS = 4096
@@ -53,7 +65,6 @@ RESERVED_SLIDE_ATTRS = frozenset({"complete", "n_tiles", "embed_dim"})
 
 _HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
 _ACTIVE_STAGING: set[str] = set()  # staging dir names this process is writing right now
-_RENAMEAT2: Any = None  # libc renameat2, False where there is none
 
 
 class CacheWarning(UserWarning):
@@ -73,48 +84,6 @@ class SlideFeatures:
         return int(self.features.shape[0])
 
 
-# --- fingerprints -----------------------------------------------------------------------------
-def plain_json(value: Any) -> Any:
-    """``value`` as plain JSON types (numpy scalars/arrays, tuples, Paths converted)."""
-    if isinstance(value, dict):
-        return {str(k): plain_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain_json(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return plain_json(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    if value is None or isinstance(value, (str, bool, int, float)):
-        return value
-    raise TypeError(f"cannot store {type(value).__name__} in cache attributes: {value!r}")
-
-
-def _canonical_numbers(value: Any) -> Any:
-    """Integral floats become ints, so ``mpp=1`` and ``mpp=1.0`` name the same cache."""
-    if isinstance(value, dict):
-        return {k: _canonical_numbers(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_canonical_numbers(v) for v in value]
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
-def identity(encoder_fp: dict, tiling_fp: dict) -> dict:
-    """The part of the fingerprints that decides whether features are interchangeable.
-
-    The weights *source* (``weights``, e.g. ``file:/path``) is left out when the weights' sha256
-    is known: the same checkpoint moved to another path gives the same features. Without a hash
-    (a random or built-in encoder) the source is all there is, so it stays.
-    """
-    encoder = _canonical_numbers(plain_json(encoder_fp))
-    if encoder.get("weights_sha256"):
-        encoder.pop("weights", None)
-    return {"encoder": encoder, "tiling": _canonical_numbers(plain_json(tiling_fp))}
-
-
 def _sanitise(name: str) -> str:
     safe = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in name)
     return safe.strip("._-")[:48] or "encoder"
@@ -130,29 +99,6 @@ def store_name(encoder_fp: dict, tiling_fp: dict) -> str:
                       allow_nan=False)
     digest = hashlib.sha256(text.encode()).hexdigest()[:10]
     return f"{_sanitise(str(encoder_fp.get('name', 'encoder')))}-{digest}.zarr"
-
-
-def _flatten(value: Any, prefix: str) -> dict[str, Any]:
-    if isinstance(value, dict) and value:
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else k))
-        return out
-    return {prefix: value}
-
-
-def fingerprint_differences(cached: dict, wanted: dict) -> list[str]:
-    """Lines ``field: cache has A, requested B`` for every identity field that differs."""
-    a, b = _flatten(cached, ""), _flatten(wanted, "")
-    missing = object()
-    lines = []
-    for field in sorted(a.keys() | b.keys()):
-        va, vb = a.get(field, missing), b.get(field, missing)
-        if va != vb:
-            sa = "(absent)" if va is missing else json.dumps(va)
-            sb = "(absent)" if vb is missing else json.dumps(vb)
-            lines.append(f"{field}: cache has {sa}, requested {sb}")
-    return lines
 
 
 def source_attrs(path: str | Path) -> dict[str, Any]:
@@ -212,44 +158,12 @@ def _check_slide_id(slide_id: str) -> None:
                               fix="slide ids are file stems: no '/', '\\', and no leading '.'")
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
-    global _RENAMEAT2
-    if _RENAMEAT2 is None:
-        try:
-            import ctypes
-
-            func = ctypes.CDLL(None, use_errno=True).renameat2
-            func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
-                             ctypes.c_uint]
-            _RENAMEAT2 = func
-        except (OSError, AttributeError):
-            _RENAMEAT2 = False
-    if _RENAMEAT2 is False:
-        return False
-    import ctypes
-
-    at_fdcwd, rename_exchange = -100, 2
-    if _RENAMEAT2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
-        return False  # kernel or filesystem (NFS, some FUSE) without it: two-step swap instead
-    if err == errno.ENOENT:
-        return False  # ``b`` vanished meanwhile: a plain rename will do
-    raise OSError(err, os.strerror(err), str(b))
-
-
 def _group_stamp(path: Path) -> tuple[int, int] | None:
     """Identity of a group's current version: folder inode + zarr.json mtime."""
     try:
         return os.stat(path).st_ino, os.stat(path / "zarr.json").st_mtime_ns
     except OSError:
         return None
-
-
-def _utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 # --- the cache --------------------------------------------------------------------------------
@@ -487,7 +401,7 @@ class FeatureCache:
                 except OSError as exc:
                     if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                         raise
-                if _exchange(staged, final):  # the old group now sits at ``staged``
+                if exchange_paths(staged, final):  # the old group now sits at ``staged``
                     olds.append(staged)
                     return
                 # renaming onto a non-empty folder fails: move the old group out, then retry
@@ -602,99 +516,6 @@ class FeatureCache:
         if problems:
             raise CacheCorruptError("; ".join(problems), path=group_path)
         return SlideFeatures(features=features, coords_l0=coords, attrs=attrs)
-
-
-class SlideWriter:
-    """Rows of one slide's features, buffered per chunk so each chunk is compressed once."""
-
-    def __init__(self, path: Path, coords_l0: np.ndarray, embed_dim: int, attrs: dict,
-                 chunk_rows: int):
-        import zarr
-        from zarr.storage import LocalStore
-
-        self.path = path
-        self.n_tiles = int(coords_l0.shape[0])
-        self.embed_dim = embed_dim
-        self._attrs = attrs
-        self._chunk_rows = max(1, min(int(chunk_rows), self.n_tiles or 1))
-        self._group = zarr.open_group(LocalStore(path), mode="w-", attributes=attrs)
-        coords = self._group.create_array("coords", shape=coords_l0.shape, dtype="int32",
-                                          chunks=(max(1, self.n_tiles), 2), fill_value=0)
-        if self.n_tiles:
-            coords[...] = coords_l0
-        self._features = self._group.create_array(
-            "features", shape=(self.n_tiles, embed_dim), dtype="float16",
-            chunks=(self._chunk_rows, embed_dim), fill_value=np.nan)  # unwritten rows read NaN
-        self._written = np.zeros(self.n_tiles, dtype=bool)
-        self._pending: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._flushed: set[int] = set()
-
-    @property
-    def rows_written(self) -> int:
-        return int(self._written.sum())
-
-    def write(self, start_row: int, feats: Any) -> None:
-        """Store ``feats`` (k, D) as rows ``start_row .. start_row + k`` (any order, any size)."""
-        values = np.asarray(feats)
-        if values.ndim != 2 or values.shape[1] != self.embed_dim:
-            raise CacheWriteError(f"features of shape {values.shape}; "
-                                  f"expected (k, {self.embed_dim})")
-        start, stop = int(start_row), int(start_row) + values.shape[0]
-        if start < 0 or stop > self.n_tiles:
-            raise CacheWriteError(f"rows {start}:{stop} outside the slide's {self.n_tiles} tiles")
-        with np.errstate(over="ignore", invalid="ignore"):
-            values = values.astype(np.float16)
-        if not np.isfinite(values).all():
-            raise CacheWriteError("features contain NaN or inf (or exceed float16's ±65504)",
-                                  fix="check the encoder weights and input normalisation")
-        row = start
-        while row < stop:
-            chunk = row // self._chunk_rows
-            c0 = chunk * self._chunk_rows
-            c1 = min(c0 + self._chunk_rows, self.n_tiles)
-            end = min(stop, c1)
-            part = values[row - start:end - start]
-            if chunk in self._flushed:  # a rewrite of rows already on disk
-                self._features[row:end] = part
-            else:
-                if chunk not in self._pending:
-                    self._pending[chunk] = (np.empty((c1 - c0, self.embed_dim), np.float16),
-                                            np.zeros(c1 - c0, bool))
-                buf, mask = self._pending[chunk]
-                buf[row - c0:end - c0] = part
-                mask[row - c0:end - c0] = True
-                if mask.all():
-                    self._features[c0:c1] = buf
-                    del self._pending[chunk]
-                    self._flushed.add(chunk)
-            row = end
-        self._written[start:stop] = True
-
-    def finish(self, *, seconds: float) -> None:
-        """Check every row is written, then set the attrs, ``complete=True`` last."""
-        if not self._written.all():
-            missing = np.flatnonzero(~self._written)
-            raise CacheWriteError(f"only {self.rows_written} of {self.n_tiles} rows were written "
-                                  f"(first missing row {missing[0]})",
-                                  fix="a bug in the caller: every tile needs its features")
-        self._group.update_attributes({**self._attrs, "n_tiles": self.n_tiles,
-                                       "embed_dim": self.embed_dim,
-                                       "seconds": round(float(self._attrs.get("seconds",
-                                                                              seconds)), 3),
-                                       "written": _utc_now()})
-        self._group.update_attributes({"complete": True})
-
-
-# --- module helpers ---------------------------------------------------------------------------
-def _as_coords(coords_l0: Any) -> np.ndarray:
-    coords = np.asarray(coords_l0)
-    if coords.ndim != 2 or coords.shape[1] != 2:
-        raise CacheWriteError(f"coords_l0 of shape {coords.shape}; expected (N, 2) level-0 (x, y)")
-    if coords.size and (not np.issubdtype(coords.dtype, np.number)
-                        or not np.array_equal(coords, np.round(coords))
-                        or coords.min() < 0 or coords.max() > np.iinfo(np.int32).max):
-        raise CacheWriteError("coords_l0 must be non-negative integers that fit int32")
-    return coords.astype(np.int32)
 
 
 def _read_arrays(group_path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -19,7 +19,13 @@ from typing import Iterator
 import numpy as np
 
 from weakstil.errors import WeakstilError
-from weakstil.wsi.reader import Block, aligned_block, plan_blocks, read_block_tiles, tile_offsets  # noqa: F401
+from weakstil.wsi.reader import (  # noqa: F401
+    Block,
+    aligned_block,
+    plan_blocks,
+    read_block_tiles,
+    tile_offsets,
+)
 
 log = logging.getLogger(__name__)
 
@@ -268,8 +274,8 @@ class SlideExtractor:
 
         from weakstil.errors import NoTissueError
         from weakstil.wsi.slide import open_slide
-        from weakstil.wsi.tissue import save_mask_qc
         from weakstil.wsi.tiling import plan_tiles
+        from weakstil.wsi.tissue import save_mask_qc
 
         roi = roi_for(self.roi_dir, source.slide_id)
         with open_slide(source.path, **source.open_kwargs) as slide:
@@ -345,7 +351,14 @@ def extract_slides(sources: list[SlideSource], features_dir: Path, *, encoder, s
 def _progress(enabled: bool):
     """A rich progress display with one line per task: count, rate in its unit, elapsed time."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
     from rich.text import Text
 
     class RateColumn(ProgressColumn):

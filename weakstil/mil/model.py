@@ -22,7 +22,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -33,8 +32,9 @@ from weakstil.errors import EmptyBagError, ModelMismatchError, ModelNotFoundErro
 AGGREGATIONS = ("mean", "attention")
 
 
-class MILRegressor(pl.LightningModule):
-    """Tile head + mean or gated-attention pooling; trained with MSE on sTIL%/100.
+class MILRegressor(nn.Module):
+    """Tile head + mean or gated-attention pooling; a plain ``nn.Module`` (scoring needs no
+    Lightning). :class:`weakstil.mil.module.MILModule` trains it with MSE on sTIL%/100.
 
     ``forward(features, mask=None) -> (score (B,), tile_pred (B, N), attention (B, N))``, all in
     0-1; ``features`` is (N, D) for one bag or (B, N, D) for a padded batch. The attention rows sum
@@ -49,14 +49,15 @@ class MILRegressor(pl.LightningModule):
         hidden: int = 128,
         dropout: float = 0.25,
         aggregation: str = "attention",
-        lr: float = 1e-3,
-        weight_decay: float = 1e-2,
-        max_tiles: int = 512,
+        **recorded,
     ):
+        """``recorded``: training settings kept with the model's config (lr, weight_decay,
+        max_tiles …) so that a checkpoint says how it was trained; they do not change the network."""
         super().__init__()
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, not {aggregation!r}")
-        self.save_hyperparameters()
+        self.config = {"embed_dim": int(embed_dim), "hidden": int(hidden), "dropout": float(dropout),
+                       "aggregation": aggregation, **recorded}
         # LayerNorm first: embeddings from random or foreign encoders have arbitrary scales.
         self.embed = nn.Sequential(
             nn.LayerNorm(embed_dim),
@@ -69,8 +70,6 @@ class MILRegressor(pl.LightningModule):
             self.att_v = nn.Linear(hidden, hidden)
             self.att_u = nn.Linear(hidden, hidden)
             self.att_w = nn.Linear(hidden, 1)
-        self._val_scores: list[Tensor] = []
-        self._val_labels: list[Tensor] = []
 
     # --- model ------------------------------------------------------------------------------------
     def init_output_bias(self, fraction: float) -> None:
@@ -83,7 +82,7 @@ class MILRegressor(pl.LightningModule):
         """Per-tile prediction in 0-1 and attention logit (None for mean pooling), both (..., N)."""
         h = self.embed(features)
         tile_pred = torch.sigmoid(self.tile_head(h)).squeeze(-1)
-        if self.hparams.aggregation != "attention":
+        if self.config["aggregation"] != "attention":
             return tile_pred, None
         gate = torch.tanh(self.att_v(h)) * torch.sigmoid(self.att_u(h))
         return tile_pred, self.att_w(gate).squeeze(-1)
@@ -135,39 +134,6 @@ class MILRegressor(pl.LightningModule):
         finally:
             self.train(was_training)
 
-    # --- Lightning --------------------------------------------------------------------------------
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        score, _, _ = self(batch["features"], batch["mask"])
-        loss = nn.functional.mse_loss(score, batch["label"])
-        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=score.shape[0])
-        return loss
-
-    def on_validation_epoch_start(self) -> None:
-        self._val_scores, self._val_labels = [], []
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        score, _, _ = self(batch["features"], batch["mask"])
-        self._val_scores.append(score.detach())
-        self._val_labels.append(batch["label"])
-
-    def on_validation_epoch_end(self) -> None:
-        """R² over the whole validation set's full bags (not a mean of per-batch values)."""
-        if not self._val_scores:
-            return
-        pred = torch.cat(self._val_scores).double()
-        label = torch.cat(self._val_labels).double()
-        mse = torch.mean((pred - label) ** 2)
-        ss_tot = torch.sum((label - label.mean()) ** 2)
-        # With constant validation labels R² is undefined; -MSE keeps "higher is better".
-        r2 = 1.0 - torch.sum((pred - label) ** 2) / ss_tot if ss_tot > 0 else -mse
-        self.log("val_r2", r2.float(), prog_bar=True)
-        self.log("val_mse", mse.float())
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(
-            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
-        )
-
 
 # --- the deployed model: one or more fold members, saved in models/<name>/model.ckpt -------------
 CHECKPOINT_FORMAT = "weakstil.mil.model"
@@ -207,15 +173,15 @@ class TrainedModel:
 
     @property
     def model_config(self) -> dict:
-        return dict(self.members[0].hparams)
+        return dict(self.members[0].config)
 
     @property
     def embed_dim(self) -> int:
-        return int(self.members[0].hparams.embed_dim)
+        return int(self.members[0].config["embed_dim"])
 
     @property
     def aggregation(self) -> str:
-        return str(self.members[0].hparams.aggregation)
+        return str(self.members[0].config["aggregation"])
 
     def predict(self, features: np.ndarray) -> SlidePrediction:
         """Score one slide's tile features (N, D), any float dtype."""

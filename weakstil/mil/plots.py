@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
-from weakstil.mil.metrics import DEFAULT_CUTOFFS, auc_key, check_pair, regression_metrics
+from weakstil.mil.metrics import (
+    DEFAULT_CUTOFFS,
+    auc_key,
+    check_pair,
+    regression_metrics,
+)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -25,7 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from weakstil.errors import HeatmapInputError, SlideNotFoundError, WeakstilError
-from weakstil.outputs.heatmap import DEFAULT_CMAP, FILENAMES, TILE_COLUMNS, write_slide_outputs
+from weakstil.outputs.heatmap import (
+    DEFAULT_CMAP,
+    FILENAMES,
+    TILE_COLUMNS,
+    write_slide_outputs,
+)
 
 REGENERATE_FORMATS = ("png", "tif", "geojson", "top")
 DEFAULT_CUTOFF = 30.0
@@ -220,8 +225,8 @@ def regenerate(results_dir: str | Path, slides_dir: str | Path | None = None, *,
     score and this never write one slide at once. Returns one ``weakstil.runs.runner.Outcome`` per slide
     (``result`` = {format: path} when done); a slide that fails is recorded and the others go on.
     """
-    from weakstil.runs.runner import run_batch
     from weakstil.errors import ConfigError
+    from weakstil.runs.runner import run_batch
     from weakstil.wsi.slide import find_slides, slide_id_from_path
 
     formats = tuple(formats)

@@ -10,7 +10,6 @@ skips every slide already scored by the same model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,20 +18,22 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from weakstil.runs.runner import staging_name
+from weakstil.embed.extract import (
+    ExtractOptions,
+    SlideExtractor,
+    SlideSource,
+    TileEmbedder,
+    open_cache,
+    resolve_device,
+)
 from weakstil.errors import CacheMismatchError, ModelMismatchError, OutputWriteError
-from weakstil.embed.extract import ExtractOptions, SlideExtractor, SlideSource, TileEmbedder, open_cache, resolve_device
+from weakstil.fingerprint import file_sha256
+from weakstil.runs.runner import staging_name
 
 SCORE_COLUMNS = ("slide_id", "score", "n_tiles", "status", "error")
 SCORE_JSON = "score.json"
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def tiling_from_fingerprint(tiling_fp: dict):
@@ -291,8 +292,8 @@ def score_slides(sources: list[SlideSource], model_dir: Path, *, features_dir: P
                  formats=("csv", "png", "tif", "geojson", "top"), cutoff: float = 30.0,
                  lock: bool = True) -> ScoreResult:
     """Score every slide (extracting what is missing); one bad slide never stops the others."""
-    from weakstil.runs.runner import run_batch, sweep_partials
     from weakstil.embed.extract import _progress
+    from weakstil.runs.runner import run_batch, sweep_partials
 
     opts = opts or ExtractOptions()
     out_dir = Path(out_dir)

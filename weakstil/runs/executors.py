@@ -30,9 +30,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from weakstil.runs.runner import (DONE, FAILED, SKIPPED, Outcome, _failed, _make_progress, _rate_text, counts,
-                    limit_heap_fragmentation, run_one, sigterm_raises, stopped_outcome, sweep_partials)
 from weakstil.errors import DuplicateSlideIdError, WeakstilError
+from weakstil.runs.runner import (
+    DONE,
+    FAILED,
+    SKIPPED,
+    Outcome,
+    _failed,
+    _make_progress,
+    _rate_text,
+    counts,
+    limit_heap_fragmentation,
+    run_one,
+    sigterm_raises,
+    stopped_outcome,
+    sweep_partials,
+)
 
 log = logging.getLogger(__name__)
 

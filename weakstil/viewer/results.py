@@ -23,8 +23,8 @@ import numpy as np
 
 from weakstil.errors import AnisotropicMppError, MissingMppError
 from weakstil.outputs.heatmap import FILENAMES, TILE_COLUMNS, colormap_lut, layer_scale
-from weakstil.wsi.slide import find_slides, open_kwargs_for, open_slide
 from weakstil.viewer.deepzoom import TileLayer
+from weakstil.wsi.slide import find_slides, open_kwargs_for, open_slide
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,12 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from weakstil.errors import CorruptSlideError, NotASlideError, TruncatedSlideError, UnsupportedFormatError
+from weakstil.errors import (
+    CorruptSlideError,
+    NotASlideError,
+    TruncatedSlideError,
+    UnsupportedFormatError,
+)
 
 TAG_MPP_RANGE = (0.01, 20.0)  # µm/px from TIFF resolution tags outside this are display dpi, not a scan
 

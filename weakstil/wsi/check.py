@@ -14,7 +14,12 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from weakstil.errors import ConfigError, WeakstilError
-from weakstil.wsi.slide import open_kwargs_for, open_slide, read_mpp_csv, slide_id_from_path
+from weakstil.wsi.slide import (
+    open_kwargs_for,
+    open_slide,
+    read_mpp_csv,
+    slide_id_from_path,
+)
 from weakstil.wsi.tiling import tissue_thumbnail
 from weakstil.wsi.tissue import TissueParams, save_mask_qc, tissue_mask
 

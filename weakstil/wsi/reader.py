@@ -131,8 +131,6 @@ def read_block_tiles(slide, block: Block, coords_l0: np.ndarray, *, size_l0: flo
 
 def read_block_region(slide, block: Block, coords_l0: np.ndarray, *, size_l0: float, tile_px: int) -> np.ndarray:
     """The region path: one ``read_region`` of the block's box at the best level, resized once, cut."""
-    from PIL import Image
-
     out_per_l0 = tile_px / size_l0
     level = slide.best_level_for_downsample(1.0 / out_per_l0)
     ds = slide.level_downsamples[level]

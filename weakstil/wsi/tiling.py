@@ -16,7 +16,13 @@ from typing import Sequence
 import numpy as np
 
 from weakstil.errors import ConfigError, NoTissueError
-from weakstil.wsi.tissue import RoiPolygon, TissueParams, load_roi, roi_mask, tissue_mask
+from weakstil.wsi.tissue import (
+    RoiPolygon,
+    TissueParams,
+    load_roi,
+    roi_mask,
+    tissue_mask,
+)
 
 TILING_VERSION = 1  # bump when the grid or the tissue filter changes meaning (part of the fingerprint)
 

@@ -1,0 +1,199 @@
+"""Commands that work on a folder of slides: check, extract, score."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from weakstil.cli.app import (
+    Backend,
+    BackendOpt,
+    BatchOpt,
+    ConfigOpt,
+    DeviceOpt,
+    EncoderOpt,
+    FeaturesOpt,
+    ForceMppOpt,
+    LockOpt,
+    MinTissueOpt,
+    MppCsvOpt,
+    MppOpt,
+    OverlapOpt,
+    QuietOpt,
+    ReadWorkersOpt,
+    RoiOpt,
+    SchedulerOpt,
+    TileMppOpt,
+    TilePxOpt,
+    WeightsOpt,
+    WorkersOpt,
+    _fail,
+    _file_names,
+    _open_kwargs,
+    _print_outcomes,
+    _save_run_config,
+    app,
+)
+from weakstil.errors import WeakstilError
+
+
+@app.command()
+def check(
+    slides: Annotated[Path, typer.Argument(help="A folder of slides or one slide file.")] = Path("slides"),
+    out: Annotated[Path, typer.Option("--out", help="Where to write the table as CSV.")] = Path("check.csv"),
+    qc_dir: Annotated[Optional[Path], typer.Option(help="Write a tissue-mask QC picture per slide here.")] = None,
+    backend: BackendOpt = Backend.auto,
+    mpp: MppOpt = None,
+    force_mpp: ForceMppOpt = False,
+    mpp_csv: MppCsvOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Preflight: which slides open, their vendor, mpp, size, levels and tissue; what is wrong with the rest."""
+    from rich.console import Console
+
+    from weakstil.wsi.check import check_slides, check_table, write_check_csv
+    from weakstil.wsi.slide import find_slides
+
+    try:
+        paths = find_slides(slides)
+        rows = check_slides(paths, qc_dir=qc_dir, **_open_kwargs(backend, mpp, force_mpp, mpp_csv))
+        write_check_csv(rows, out)
+    except WeakstilError as exc:
+        _fail(exc)
+    console = Console()
+    console.print(check_table(rows))
+    failed = [r for r in rows if r.status != "ok"]
+    console.print(f"{len(rows) - len(failed)} ok, {len(failed)} failed — table written to {out}")
+    if failed:
+        raise typer.Exit(1)
+
+
+def _extract_options(device, batch_size, read_workers, quiet):
+    from weakstil.embed.extract import ExtractOptions
+
+    return ExtractOptions(device=device, batch_size=batch_size, workers=read_workers, progress=not quiet)
+
+
+def _run_slides(kind: str, sources, make_job_args: dict, workers, scheduler, local):
+    """In-process (``local()``) or on Dask when --workers N>1 or --scheduler is given."""
+    if (workers is None or workers <= 1) and not scheduler:
+        return local()
+    from weakstil.runs.executors import run_on_dask
+
+    return run_on_dask(kind, sources, make_job_args, workers=workers, scheduler=scheduler)
+
+
+@app.command()
+def extract(
+    ctx: typer.Context,
+    slides: Annotated[Path, typer.Argument(help="A folder of slides or one slide file.")] = Path("slides"),
+    features: FeaturesOpt = Path("features"),
+    encoder: EncoderOpt = "resnet18-random",
+    weights: WeightsOpt = None,
+    tile_px: TilePxOpt = 224,
+    tile_mpp: TileMppOpt = 0.5,
+    overlap: OverlapOpt = 0,
+    min_tissue: MinTissueOpt = 0.5,
+    roi: RoiOpt = None,
+    backend: BackendOpt = Backend.auto,
+    mpp: MppOpt = None,
+    force_mpp: ForceMppOpt = False,
+    mpp_csv: MppCsvOpt = None,
+    device: DeviceOpt = "auto",
+    batch_size: BatchOpt = None,
+    read_workers: ReadWorkersOpt = None,
+    workers: WorkersOpt = None,
+    scheduler: SchedulerOpt = None,
+    lock: LockOpt = True,
+    quiet: QuietOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Tissue → tiles → embeddings → the Zarr feature cache. Resumable: finished slides are skipped."""
+    values = dict(locals())  # the options only: taken before the imports below add names
+    values.pop("ctx")
+    from weakstil.embed.encoders import create_encoder
+    from weakstil.embed.extract import extract_slides, slide_sources
+    from weakstil.wsi.slide import find_slides
+    from weakstil.wsi.tiling import TileSpec
+    from weakstil.wsi.tissue import TissueParams
+
+    try:
+        spec = TileSpec(tile_px=tile_px, mpp=tile_mpp, overlap=overlap, min_tissue=min_tissue)
+        tissue = TissueParams()
+        sources = slide_sources(find_slides(slides), **_open_kwargs(backend, mpp, force_mpp, mpp_csv))
+        opts = _extract_options(device, batch_size, read_workers, quiet)
+        enc = create_encoder(encoder, weights)
+
+        def local():
+            return extract_slides(sources, features, encoder=enc, spec=spec, tissue=tissue, opts=opts,
+                                  roi_dir=roi, lock=lock).outcomes
+
+        job_args = {"features": features, "encoder": encoder, "weights": weights, "spec": spec, "tissue": tissue,
+                    "opts": opts, "roi_dir": roi, "lock": lock}
+        outcomes = _run_slides("extract", sources, job_args, workers, scheduler, local)
+    except WeakstilError as exc:
+        _fail(exc)
+    from weakstil.embed.extract import open_cache
+
+    cache = open_cache(features, enc, spec, tissue)
+    _save_run_config(ctx, cache.path.parent / "runs" / f"{cache.path.stem}.extract.yaml", values)
+    n_tiles = sum(int(o.result or 0) for o in outcomes if o.status == "done")
+    _print_outcomes(outcomes, what="extract", extra=f"; {n_tiles} new tiles; cache {cache.path}",
+                    files=_file_names(sources, slides))
+    if any(o.status == "failed" for o in outcomes):
+        raise typer.Exit(1)
+
+
+@app.command()
+def score(
+    ctx: typer.Context,
+    slides: Annotated[Path, typer.Argument(help="A folder of slides or one slide file.")] = Path("slides"),
+    model: Annotated[Path, typer.Option("--model", help="A model folder written by `weakstil train`.")] = Path(
+        "models/stil"),
+    features: FeaturesOpt = Path("features"),
+    out: Annotated[Path, typer.Option("--out", help="Results folder.")] = Path("results"),
+    weights: WeightsOpt = None,
+    roi: RoiOpt = None,
+    backend: BackendOpt = Backend.auto,
+    mpp: MppOpt = None,
+    force_mpp: ForceMppOpt = False,
+    mpp_csv: MppCsvOpt = None,
+    device: DeviceOpt = "auto",
+    batch_size: BatchOpt = None,
+    read_workers: ReadWorkersOpt = None,
+    workers: WorkersOpt = None,
+    scheduler: SchedulerOpt = None,
+    lock: LockOpt = True,
+    outputs: Annotated[str, typer.Option(
+        help="Per-slide files, comma-separated from csv,png,tif,geojson,top.")] = "csv,png,tif,geojson,top",
+    quiet: QuietOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Score slides with a trained model: extracts what is missing, writes results/ (scores + heatmaps)."""
+    values = dict(locals())  # the options only: taken before the imports below add names
+    values.pop("ctx")
+    from weakstil.embed.extract import slide_sources
+    from weakstil.outputs.score import score_slides
+    from weakstil.wsi.slide import find_slides
+
+    formats = tuple(f.strip() for f in outputs.split(",") if f.strip())
+    try:
+        sources = slide_sources(find_slides(slides), **_open_kwargs(backend, mpp, force_mpp, mpp_csv))
+        opts = _extract_options(device, batch_size, read_workers, quiet)
+        job_args = {"model": model, "features": features, "out": out, "weights": weights, "opts": opts,
+                    "roi_dir": roi, "formats": formats, "lock": lock}
+
+        def local():
+            return score_slides(sources, model, features_dir=features, out_dir=out, weights=weights, opts=opts,
+                                roi_dir=roi, formats=formats, lock=lock).outcomes
+
+        outcomes = _run_slides("score", sources, job_args, workers, scheduler, local)
+    except WeakstilError as exc:
+        _fail(exc)
+    _save_run_config(ctx, out / "config.yaml", values)
+    _print_outcomes(outcomes, what="score", extra=f"; scores in {out / 'scores.csv'}",
+                    files=_file_names(sources, slides))
+    if any(o.status == "failed" for o in outcomes):
+        raise typer.Exit(1)

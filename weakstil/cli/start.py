@@ -1,0 +1,71 @@
+"""Getting started: demo, synth (a synthetic cohort), encoders (what can embed tiles)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from weakstil.cli.app import (
+    ConfigOpt,
+    DeviceOpt,
+    QuietOpt,
+    _fail,
+    app,
+)
+from weakstil.errors import WeakstilError
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Argument(help="Folder to write slides/, labels.csv and truth/ into.")],
+    n: Annotated[int, typer.Option("--n", help="Number of slides.")] = 40,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same cohort).")] = 0,
+    size_um: Annotated[Optional[float], typer.Option(
+        help="Canvas width in µm (height is 4/5 of it; default 2000).")] = None,
+    workers: Annotated[int, typer.Option(help="Processes used to render slides.")] = 2,
+    prefix: Annotated[str, typer.Option(help="Slide ids are PREFIX-000, PREFIX-001, …")] = "SYN",
+    config: ConfigOpt = None,
+) -> None:
+    """Write a synthetic cohort: Aperio-like pyramidal TIFFs with known sTIL%, labels.csv and truth maps."""
+    from weakstil.synth.lattice import synth_cohort
+
+    try:
+        kwargs = {"size_um": size_um} if size_um else {}
+        root = synth_cohort(out, n=n, seed=seed, workers=workers, prefix=prefix, **kwargs)
+    except WeakstilError as exc:
+        _fail(exc)
+    typer.echo(f"wrote {n} slides to {root / 'slides'} and labels to {root / 'labels.csv'}")
+
+
+@app.command()
+def encoders(config: ConfigOpt = None) -> None:
+    """List the registered encoders: embedding size, input size, weight source and licence."""
+    from rich.console import Console
+
+    from weakstil.embed.encoders import encoders_table, list_encoders
+
+    Console().print(encoders_table(list_encoders()))
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Working folder for the demo's slides, cache, models, results.")] = Path(
+        "demo"),
+    n: Annotated[int, typer.Option("--n", help="Training slides (cross-validated).")] = 40,
+    n_test: Annotated[int, typer.Option("--n-test", help="Held-out test slides, scored at the end.")] = 10,
+    seed: Annotated[int, typer.Option(help="Random seed of the synthetic cohort.")] = 0,
+    size_um: Annotated[Optional[float], typer.Option(
+        help="Slide canvas width in µm (default 2000); smaller is quicker, with fewer tiles.")] = None,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """The whole pipeline on a synthetic cohort, offline: synth → extract → train (CV) → score → metrics."""
+    from weakstil.demo import run_demo
+
+    try:
+        run_demo(out, n=n, n_test=n_test, seed=seed, device=device, progress=not quiet, size_um=size_um)
+    except WeakstilError as exc:
+        _fail(exc)

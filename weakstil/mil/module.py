@@ -1,0 +1,62 @@
+"""The LightningModule that trains a :class:`~weakstil.mil.model.MILRegressor` on slide labels.
+
+Kept apart from the model so that scoring (``weakstil.outputs``) loads and runs models without
+importing Lightning. The loss is MSE between the slide score and sTIL%/100; validation reports R²
+over the full validation bags.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from weakstil.mil.model import MILRegressor
+
+
+class MILModule(pl.LightningModule):
+    """Trains ``self.model`` (a :class:`MILRegressor`); ``lr`` and ``weight_decay`` set AdamW."""
+
+    def __init__(self, embed_dim: int, *, lr: float = 1e-3, weight_decay: float = 1e-2, **model_kwargs):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = MILRegressor(embed_dim, lr=lr, weight_decay=weight_decay, **model_kwargs)
+        self._val_scores: list[Tensor] = []
+        self._val_labels: list[Tensor] = []
+
+    def forward(self, features: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        return self.model(features, mask)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        score, _, _ = self(batch["features"], batch["mask"])
+        loss = nn.functional.mse_loss(score, batch["label"])
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=score.shape[0])
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_scores, self._val_labels = [], []
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        score, _, _ = self(batch["features"], batch["mask"])
+        self._val_scores.append(score.detach())
+        self._val_labels.append(batch["label"])
+
+    def on_validation_epoch_end(self) -> None:
+        """R² over the whole validation set's full bags (not a mean of per-batch values)."""
+        if not self._val_scores:
+            return
+        pred = torch.cat(self._val_scores).double()
+        label = torch.cat(self._val_labels).double()
+        mse = torch.mean((pred - label) ** 2)
+        ss_tot = torch.sum((label - label.mean()) ** 2)
+        # With constant validation labels R² is undefined; -MSE keeps "higher is better".
+        r2 = 1.0 - torch.sum((pred - label) ** 2) / ss_tot if ss_tot > 0 else -mse
+        self.log("val_r2", r2.float(), prog_bar=True)
+        self.log("val_mse", mse.float())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(
+            self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+
+

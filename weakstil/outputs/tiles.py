@@ -1,0 +1,130 @@
+"""tiles.csv (one row a tile) and top_tiles.png (the highest- and lowest-scoring tiles at review resolution).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from weakstil.errors import HeatmapInputError
+from weakstil.fs import atomic_path
+from weakstil.outputs.colors import DEFAULT_CMAP, check_tiles, stil_rgb
+
+REVIEW_MPP = 0.5
+_PAD, _LABEL, _HEAD = 8, 20, 36  # top_tiles.png: gap, label band above a tile, title band (px)
+
+
+TILE_COLUMNS = ("x", "y", "width", "height", "prediction", "attention", "contribution")
+
+
+# --- tiles.csv --------------------------------------------------------------------------------
+def tiles_frame(coords_l0, size_l0, prediction, attention=None, contribution=None):
+    """tiles.csv as a DataFrame: x, y, width, height (level-0 px, int), prediction (0–100), attention,
+    contribution (NaN where not given)."""
+    import pandas as pd
+
+    coords, size, pred, extra = check_tiles(
+        coords_l0, size_l0, prediction, attention=attention, contribution=contribution
+    )
+    n = len(coords)
+    width = np.full(n, int(round(size)), dtype=np.int64)
+    nan = np.full(n, np.nan)
+    return pd.DataFrame({
+        "x": coords[:, 0], "y": coords[:, 1], "width": width, "height": width.copy(),
+        "prediction": pred,
+        "attention": extra["attention"] if extra["attention"] is not None else nan,
+        "contribution": extra["contribution"] if extra["contribution"] is not None else nan.copy(),
+    }, columns=list(TILE_COLUMNS))
+
+
+def write_tiles_csv(path, coords_l0, size_l0, prediction, attention=None, contribution=None) -> Path:
+    """Write tiles.csv atomically (floats with 6 significant digits, NaN as an empty field)."""
+    frame = tiles_frame(coords_l0, size_l0, prediction, attention, contribution)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.6g")
+    return path
+
+
+# --- top_tiles.png ----------------------------------------------------------------------------
+def level_for_downsample(level_downsamples, downsample: float) -> int:
+    """The coarsest level whose downsample is ≤ ``downsample`` × 1.01 (as SlideHandle); 0 if none."""
+    ok = [i for i, ds in enumerate(level_downsamples) if ds <= downsample * 1.01]
+    return max(ok, key=lambda i: level_downsamples[i]) if ok else 0
+
+
+def review_tile_px(size_l0: float, slide_mpp: float | None, review_mpp: float = REVIEW_MPP) -> int:
+    """Edge in pixels of a tile shown at ``review_mpp`` µm/px (level-0 px if the mpp is unknown)."""
+    return max(1, round(size_l0 * (slide_mpp / review_mpp if slide_mpp else 1.0)))
+
+
+def read_tile_rgb(slide, xy_l0, size_l0: float, tile_px: int) -> np.ndarray:
+    """A tile read from the best level for ``tile_px`` output pixels, resized to (tile_px, tile_px, 3)."""
+    from PIL import Image
+
+    target_ds = size_l0 / tile_px
+    level = level_for_downsample(slide.level_downsamples, target_ds)
+    read_px = max(1, math.ceil(size_l0 / slide.level_downsamples[level]))
+    region = np.asarray(slide.read_region((int(xy_l0[0]), int(xy_l0[1])), level, (read_px, read_px)))[..., :3]
+    if region.shape[:2] != (tile_px, tile_px):
+        region = np.asarray(Image.fromarray(region).resize((tile_px, tile_px), Image.Resampling.LANCZOS))
+    return region
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ValueError, OSError):
+        return ImageFont.load_default()
+
+
+def top_tiles_png(slide, coords_l0, size_l0, prediction, path, *, k: int = 8, attention=None,
+                  cmap: str = DEFAULT_CMAP, review_mpp: float = REVIEW_MPP, max_tile_px: int = 256) -> Path:
+    """Grid of the k highest- (top row) and k lowest-scoring (bottom row) tiles at ~``review_mpp`` µm/px.
+
+    Each tile is labelled with its sTIL% over a swatch of its heatmap colour, and with its attention
+    relative to uniform if given ("attn 2.0x": twice the mean). Fewer than 2k predicted tiles are split
+    between the rows without repeats. The image is always ``top_tiles_size(k, tile_px)`` pixels.
+    """
+    from PIL import Image, ImageDraw
+
+    coords, size, pred, extra = check_tiles(coords_l0, size_l0, prediction, attention=attention)
+    valid = np.flatnonzero(np.isfinite(pred))
+    if valid.size == 0:
+        raise HeatmapInputError("no tile has a prediction; there is nothing to show in top_tiles.png")
+    order = valid[np.argsort(-pred[valid], kind="stable")]
+    n_top = min(k, math.ceil(len(order) / 2))
+    rows = [order[:n_top], order[n_top:][::-1][:k]]
+    tile_px = min(review_tile_px(size, getattr(slide, "mpp", None), review_mpp), max_tile_px)
+    width, height = top_tiles_size(k, tile_px)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    big, small = _font(18), _font(14)
+    draw.text((_PAD, 8), f"{slide.slide_id}: highest (top) and lowest (bottom) tile sTIL%", fill="black",
+              font=big)
+    att = extra["attention"]
+    for r, (row, title) in enumerate(zip(rows, ("highest", "lowest"))):
+        y0 = _HEAD + r * (tile_px + _LABEL + _PAD)
+        for c, i in enumerate(row):
+            x0 = _PAD + c * (tile_px + _PAD)
+            canvas.paste(Image.fromarray(read_tile_rgb(slide, coords[i], size, tile_px)), (x0, y0 + _LABEL))
+            draw.rectangle((x0, y0 + 2, x0 + 14, y0 + 16), fill=tuple(stil_rgb([pred[i]], cmap)[0].tolist()))
+            label = f"{pred[i]:.1f}%"
+            if att is not None and np.isfinite(att[i]):
+                label += f"  attn {att[i] * len(pred):.1f}x"
+            draw.text((x0 + 20, y0 + 1), label, fill="black", font=small)
+        if len(row) == 0:
+            draw.text((_PAD, y0 + _LABEL), f"no further tiles for the {title} row", fill="gray", font=small)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+    return path
+
+
+def top_tiles_size(k: int, tile_px: int) -> tuple[int, int]:
+    """(width, height) in pixels of the top-tiles image for ``k`` columns of ``tile_px`` tiles."""
+    return _PAD + k * (tile_px + _PAD), _HEAD + 2 * (tile_px + _LABEL + _PAD)
