@@ -36,7 +36,7 @@ class Plan:
     max_epochs: int | None
 
 
-PLANS = {"full": Plan(40, 12, None, 5, None), "quick": Plan(24, 12, 1200.0, 5, None),
+PLANS = {"full": Plan(40, 12, 1200.0, 5, None), "quick": Plan(24, 12, 800.0, 5, None),
          "smoke": Plan(6, 3, 480.0, 2, 3)}
 FAMILIES = ("lattice", "cells")
 SETTINGS = ("standard", "hard")
@@ -176,9 +176,11 @@ def run_recipe(cohort: Cohort, recipe: dict, plan: Plan) -> dict:
     labels = cv.labels
     out = {"recipe": recipe, "seconds": round(time.perf_counter() - t0, 1),
            "mil": slide_figures(labels, cohort.truth, cv.predictions)}
-    calibrated = getattr(cv, "calibrated", None)
-    if calibrated is not None:
-        out["mil_calibrated"] = slide_figures(labels, cohort.truth, calibrated)
+    if cfg.calibrate:
+        from weakstil.mil.calibration import crossfit, fit_line
+
+        out["mil_calibrated"] = slide_figures(labels, cohort.truth, crossfit(cv.predictions, labels, cv.folds))
+        out["line"] = fit_line(cv.predictions, labels)
     tiles = {}
     for k, module in enumerate(cv.models):
         member = TrainedModel([module], fingerprint={})
@@ -198,19 +200,13 @@ def transfer(train: dict, source: Cohort, target: Cohort) -> dict:
     from weakstil.mil.probe import LinearProbe, slide_means
 
     cv = train["_cv"]
-    model = TrainedModel(cv.models, fingerprint={}, config=getattr(cv, "deploy_config", None))
+    model = TrainedModel(cv.models, fingerprint={}, config={"calibration": train.get("line")})
     ids = list(target.table["slide_id"])
     labels = target.table["stil"].to_numpy(float)
-    pred = np.array([_score(model, cv, target.bags[s]) for s in ids])
+    pred = np.array([model.predict(target.bags[s]).score for s in ids])
     probe = LinearProbe().fit(slide_means(source.bags, cv.slide_ids), cv.labels)
     return {"mil": slide_figures(labels, target.truth, pred),
             "probe": slide_figures(labels, target.truth, probe.predict(slide_means(target.bags, ids)))}
-
-
-def _score(model, cv, features) -> float:
-    score = model.predict(features).score
-    calibrate = getattr(cv, "calibrate", None)
-    return float(calibrate(score)) if calibrate is not None else score
 
 
 # --- the case -----------------------------------------------------------------------------------------

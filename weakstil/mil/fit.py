@@ -59,6 +59,11 @@ class TrainConfig:
     # all folds at once on a CPU with >= 2 cores when the bags hold >= PARALLEL_FOLDS_MIN_TILES
     # tiles; 1: one fold after another.
     fold_processes: int | None = None
+    # issue #14: pull the predictions of tiles the pooling ignores toward 0 (see
+    # mil.module.background_penalty), and calibrate the deployed scores with a line fitted on the
+    # out-of-fold predictions (mil.calibration); both reported in metrics.json.
+    background_penalty: float = 0.0
+    calibrate: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -70,6 +75,7 @@ class TrainConfig:
             (self.max_epochs >= 1 and self.patience >= 1, "max_epochs and patience must be >= 1"),
             (self.max_tiles >= 1 and self.bags_per_step >= 1, "max_tiles, bags_per_step >= 1"),
             (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
+            (self.background_penalty >= 0.0, "background_penalty must be >= 0"),
             (self.fold_processes is None or self.fold_processes >= 1, "fold_processes must be >= 1"),
         ]
         bad = [text for ok, text in checks if not ok]
@@ -80,7 +86,8 @@ class TrainConfig:
 
     def model_kwargs(self) -> dict:
         return dict(aggregation=self.aggregation, hidden=self.hidden, dropout=self.dropout,
-                    lr=self.lr, weight_decay=self.weight_decay, max_tiles=self.max_tiles)
+                    lr=self.lr, weight_decay=self.weight_decay, max_tiles=self.max_tiles,
+                    background_penalty=self.background_penalty)
 
 
 # --- bags -----------------------------------------------------------------------------------------

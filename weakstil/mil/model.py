@@ -7,6 +7,9 @@ One module covers both published variants:
 * ``aggregation="attention"`` (ECTIL): gated attention (Ilse et al. 2018) gives each tile a weight
   ``softmax_i(w^T (tanh(V h_i) * sigmoid(U h_i)))`` and the slide score is the attention-weighted
   mean of the tile predictions. The weights can learn to ignore tiles without stroma.
+* ``aggregation="weighted"``: the same gated network, but each tile's weight is a sigmoid in
+  (0, 1) (how much of the tile counts, e.g. its stroma) and the score is the weighted mean of the
+  tile predictions; weights cannot concentrate on a few tiles the way a softmax does.
 
 Either way the tile prediction is a sigmoid fraction in [0, 1] (sTIL%/100), so the slide score is a
 convex combination of tile scores and the heatmap shows the same quantity as the slide label.
@@ -29,7 +32,8 @@ from torch import Tensor, nn
 from weakstil import __version__
 from weakstil.errors import EmptyBagError, ModelMismatchError, ModelNotFoundError
 
-AGGREGATIONS = ("mean", "attention")
+AGGREGATIONS = ("mean", "attention", "weighted")
+WEIGHTED = ("attention", "weighted")  # aggregations with a learned weight per tile
 
 
 class MILRegressor(nn.Module):
@@ -66,7 +70,7 @@ class MILRegressor(nn.Module):
             nn.Dropout(dropout),
         )
         self.tile_head = nn.Linear(hidden, 1)
-        if aggregation == "attention":
+        if aggregation in WEIGHTED:
             self.att_v = nn.Linear(hidden, hidden)
             self.att_u = nn.Linear(hidden, hidden)
             self.att_w = nn.Linear(hidden, 1)
@@ -82,10 +86,15 @@ class MILRegressor(nn.Module):
         """Per-tile prediction in 0-1 and attention logit (None for mean pooling), both (..., N)."""
         h = self.embed(features)
         tile_pred = torch.sigmoid(self.tile_head(h)).squeeze(-1)
-        if self.config["aggregation"] != "attention":
+        if self.config["aggregation"] not in WEIGHTED:
             return tile_pred, None
         gate = torch.tanh(self.att_v(h)) * torch.sigmoid(self.att_u(h))
-        return tile_pred, self.att_w(gate).squeeze(-1)
+        logit = self.att_w(gate).squeeze(-1)
+        if self.config["aggregation"] == "weighted":
+            # a weight in (0, 1) per tile (its "stroma-ness"); softmax of log-weights is their
+            # normalised share, so the score is the weighted mean without softmax's peakiness
+            logit = nn.functional.logsigmoid(logit)
+        return tile_pred, logit
 
     @staticmethod
     def pool(
@@ -204,12 +213,13 @@ class TrainedModel:
         contribution = (a * p).mean(0)
         safe = np.where(attention > 0, attention, 1.0)
         tile_pred = np.where(attention > 0, contribution / safe, p.mean(0))
-        return SlidePrediction(
+        raw = SlidePrediction(
             score=float(100.0 * contribution.sum()),
             tile_pred=100.0 * tile_pred,
             attention=attention,
             contribution=100.0 * contribution,
         )
+        return calibrated(raw, self.config.get("calibration"))
 
     def save(self, path: str | Path) -> None:
         """Write ``model.ckpt`` (plain dict of tensors and plain types; loads with weights_only)."""
@@ -226,6 +236,18 @@ class TrainedModel:
             "config": _plain(self.config),
         }
         torch.save(state, Path(path))
+
+
+def calibrated(pred: SlidePrediction, line: dict | None) -> SlidePrediction:
+    """The prediction with the model's post-hoc calibration line applied to every tile (see
+    :mod:`weakstil.mil.calibration`); the score is again the sum of the contributions."""
+    if not line:
+        return pred
+    from weakstil.mil.calibration import apply_line
+
+    tile_pred = apply_line(pred.tile_pred, line)
+    contribution = pred.attention * tile_pred
+    return SlidePrediction(float(contribution.sum()), tile_pred, pred.attention, contribution)
 
 
 def load_model(model_dir: str | Path) -> TrainedModel:
