@@ -40,6 +40,7 @@ PLANS = {"full": Plan(40, 12, 1200.0, 5, None), "quick": Plan(24, 12, 800.0, 5, 
          "smoke": Plan(6, 3, 480.0, 2, 3)}
 FAMILIES = ("lattice", "cells")
 SETTINGS = ("standard", "hard")
+NEW_SEED_SETTINGS = ("hard",)  # a fresh cohort per family to score a trained model on (issue #14)
 
 
 def cohort_dir(root: Path, family: str, setting: str, new: bool = False) -> Path:
@@ -52,7 +53,7 @@ def prepare(root: Path, plan: Plan, *, progress: bool = False) -> dict[str, Path
 
     made = {}
     for new in (False, True):
-        for setting in SETTINGS:
+        for setting in NEW_SEED_SETTINGS if new else SETTINGS:
             for family in FAMILIES:
                 out = cohort_dir(root, family, setting, new)
                 prefix = DEFAULT_PREFIX[family] + ("N" if new else "")
@@ -144,11 +145,12 @@ def slide_figures(labels, truth, pred) -> dict:
             "pred_mean": float(np.mean(pred)), "truth_mean": float(np.mean(truth))}
 
 
-def tile_figures(cohort: Cohort, tile_preds: dict) -> dict:
-    """Tile Pearson r vs truth on tiles ≥ 25 % stroma; stroma fraction of each slide's top tiles."""
-    from scipy.stats import pearsonr
+def tile_figures(cohort: Cohort, tile_preds: dict, weights: dict | None = None) -> dict:
+    """Tile Pearson r vs truth on tiles ≥ 25 % stroma; stroma fraction of each slide's top tiles;
+    Spearman ρ of the pooling weights (relative to each slide's largest) with the stroma fraction."""
+    from scipy.stats import pearsonr, spearmanr
 
-    p, t, top = [], [], []
+    p, t, top, w, s = [], [], [], [], []
     for sid, pred in tile_preds.items():
         stroma, truth = cohort.tile_stroma[sid], cohort.tile_truth[sid]
         keep = (stroma >= MIN_STROMA) & np.isfinite(truth)
@@ -156,10 +158,17 @@ def tile_figures(cohort: Cohort, tile_preds: dict) -> dict:
         t.append(truth[keep])
         order = np.argsort(-pred, kind="stable")[:TOP_K]
         top.append(float(np.mean(stroma[order])))
+        if weights is not None:
+            w.append(weights[sid] / max(weights[sid].max(), 1e-12))
+            s.append(stroma)
     p, t = np.concatenate(p), np.concatenate(t)
     r = float(pearsonr(p, t)[0]) if len(p) > 2 and np.ptp(p) > 0 else float("nan")
-    return {"tile_r": r, "tile_n": int(len(p)), "top_stroma_min": float(np.min(top)),
-            "top_stroma_mean": float(np.mean(top))}
+    out = {"tile_r": r, "tile_n": int(len(p)), "top_stroma_min": float(np.min(top)),
+           "top_stroma_mean": float(np.mean(top))}
+    if w:
+        w, s = np.concatenate(w), np.concatenate(s)
+        out["weight_stroma_rho"] = float(spearmanr(w, s)[0]) if np.ptp(w) > 0 else float("nan")
+    return out
 
 
 # --- recipes ----------------------------------------------------------------------------------------
@@ -181,13 +190,15 @@ def run_recipe(cohort: Cohort, recipe: dict, plan: Plan) -> dict:
 
         out["mil_calibrated"] = slide_figures(labels, cohort.truth, crossfit(cv.predictions, labels, cv.folds))
         out["line"] = fit_line(cv.predictions, labels)
-    tiles = {}
+    tiles, weights = {}, {}
+    line = out.get("line")
     for k, module in enumerate(cv.models):
-        member = TrainedModel([module], fingerprint={})
+        member = TrainedModel([module], fingerprint={}, config={"calibration": line})
         for i in np.flatnonzero(cv.folds == k):
             sid = cv.slide_ids[i]
-            tiles[sid] = member.predict(cohort.bags[sid]).tile_pred
-    out["mil"].update(tile_figures(cohort, tiles))
+            pred = member.predict(cohort.bags[sid])
+            tiles[sid], weights[sid] = pred.tile_pred, pred.attention
+    out["mil"].update(tile_figures(cohort, tiles, weights))
     probe, _ = probe_oof(slide_means(cohort.bags, cv.slide_ids), labels, cv.folds)
     out["probe"] = slide_figures(labels, cohort.truth, probe)
     out["_cv"] = cv
@@ -265,8 +276,10 @@ def run(mode, device: str) -> list[Row]:
                     k: result["mil"][k] for k in ("tile_r", "top_stroma_min")}, result["probe"], kind,
                     "calibrated" if "mil_calibrated" in result else "")
         for setting in SETTINGS:
-            for a, b in ((FAMILIES[0], FAMILIES[1]), (FAMILIES[1], FAMILIES[0]), (FAMILIES[0], FAMILIES[0]),
-                         (FAMILIES[1], FAMILIES[1])):
+            pairs = [(FAMILIES[0], FAMILIES[1]), (FAMILIES[1], FAMILIES[0])]
+            if setting in NEW_SEED_SETTINGS:
+                pairs += [(f, f) for f in FAMILIES]
+            for a, b in pairs:
                 src = f"{a}-{setting}"
                 dst = f"{b}-{setting}" + ("-new" if a == b else "")
                 res = transfer(trained[src], cohorts[src], cohorts[dst])

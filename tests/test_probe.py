@@ -55,6 +55,10 @@ def test_calibration_line_fixes_compression_and_is_cross_fitted():
     assert np.abs(honest - truth).mean() < np.abs(pred - truth).mean() / 2
     assert fit_line(pred[:3], truth[:3]) == {"slope": 1.0, "intercept": 0.0, "n": 3}  # too few
     assert fit_line(-pred, truth)["slope"] == 0.5  # kept in range
+    good = truth + rng.normal(0, 3, 50)  # calibrated already: left alone
+    assert fit_line(good, truth) == {"slope": 1.0, "intercept": 0.0, "n": 50}
+    biased = fit_line(good - 10, truth)
+    assert biased["slope"] == 1.0 and biased["intercept"] == pytest.approx(10, abs=1.5)
     assert np.array_equal(apply_line(pred, None), pred)
 
 

@@ -19,14 +19,26 @@ MIN_SLIDES = 8
 
 
 def fit_line(pred, labels) -> dict:
-    """``{"slope", "intercept", "n"}`` of labels regressed on predictions (both 0-100); the identity
-    when there are fewer than MIN_SLIDES slides or the predictions are constant. The slope is kept in
-    SLOPE_RANGE and the intercept refitted for it, so the line passes through the means."""
+    """``{"slope", "intercept", "n"}`` of labels regressed on predictions (both 0-100).
+
+    Only what the out-of-fold predictions show beyond their noise is corrected: a slope within two
+    standard errors of 1 is kept at 1, and a mean offset within two standard errors of 0 at 0, so a
+    well-calibrated model is left alone instead of being bent by noise. The slope is kept in
+    SLOPE_RANGE. The identity when there are fewer than MIN_SLIDES slides or constant predictions.
+    """
     p, y = np.asarray(pred, np.float64), np.asarray(labels, np.float64)
+    identity = {"slope": 1.0, "intercept": 0.0, "n": int(p.size)}
     if p.size < MIN_SLIDES or np.ptp(p) == 0:
-        return {"slope": 1.0, "intercept": 0.0, "n": int(p.size)}
-    slope = float(np.clip(np.cov(p, y, bias=True)[0, 1] / np.var(p), *SLOPE_RANGE))
-    return {"slope": slope, "intercept": float(y.mean() - slope * p.mean()), "n": int(p.size)}
+        return identity
+    slope = np.cov(p, y, bias=True)[0, 1] / np.var(p)
+    resid = y - y.mean() - slope * (p - p.mean())
+    se_slope = np.sqrt(resid.var() / (p.size - 2) / np.var(p))
+    slope = float(np.clip(slope, *SLOPE_RANGE)) if abs(slope - 1) > 2 * se_slope else 1.0
+    offset = y.mean() - slope * p.mean()
+    se_offset = np.std(y - slope * p) / np.sqrt(p.size - 1)
+    if slope == 1.0 and abs(offset) <= 2 * se_offset:
+        return identity
+    return {"slope": slope, "intercept": float(offset), "n": int(p.size)}
 
 
 def apply_line(values, line: dict | None) -> np.ndarray:

@@ -64,6 +64,7 @@ class TrainConfig:
     # out-of-fold predictions (mil.calibration); both reported in metrics.json.
     background_penalty: float = 0.0
     calibrate: bool = False
+    head: str = "mlp"  # the tile head: "mlp" (on the hidden layer) | "linear" (on the features)
 
     def __post_init__(self) -> None:
         checks = [
@@ -76,6 +77,7 @@ class TrainConfig:
             (self.max_tiles >= 1 and self.bags_per_step >= 1, "max_tiles, bags_per_step >= 1"),
             (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
             (self.background_penalty >= 0.0, "background_penalty must be >= 0"),
+            (self.head in ("mlp", "linear"), "head must be 'mlp' or 'linear'"),
             (self.fold_processes is None or self.fold_processes >= 1, "fold_processes must be >= 1"),
         ]
         bad = [text for ok, text in checks if not ok]
@@ -87,7 +89,7 @@ class TrainConfig:
     def model_kwargs(self) -> dict:
         return dict(aggregation=self.aggregation, hidden=self.hidden, dropout=self.dropout,
                     lr=self.lr, weight_decay=self.weight_decay, max_tiles=self.max_tiles,
-                    background_penalty=self.background_penalty)
+                    background_penalty=self.background_penalty, head=self.head)
 
 
 # --- bags -----------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from weakstil.errors import EmptyBagError, ModelMismatchError, ModelNotFoundErro
 
 AGGREGATIONS = ("mean", "attention", "weighted")
 WEIGHTED = ("attention", "weighted")  # aggregations with a learned weight per tile
+HEADS = ("mlp", "linear")  # the tile head: on the hidden layer, or linear on the normalised features
 
 
 class MILRegressor(nn.Module):
@@ -53,6 +54,7 @@ class MILRegressor(nn.Module):
         hidden: int = 128,
         dropout: float = 0.25,
         aggregation: str = "attention",
+        head: str = "mlp",
         **recorded,
     ):
         """``recorded``: training settings kept with the model's config (lr, weight_decay,
@@ -60,8 +62,10 @@ class MILRegressor(nn.Module):
         super().__init__()
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, not {aggregation!r}")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, not {head!r}")
         self.config = {"embed_dim": int(embed_dim), "hidden": int(hidden), "dropout": float(dropout),
-                       "aggregation": aggregation, **recorded}
+                       "aggregation": aggregation, "head": head, **recorded}
         # LayerNorm first: embeddings from random or foreign encoders have arbitrary scales.
         self.embed = nn.Sequential(
             nn.LayerNorm(embed_dim),
@@ -69,7 +73,9 @@ class MILRegressor(nn.Module):
             nn.GELU(),
             nn.Dropout(dropout),
         )
-        self.tile_head = nn.Linear(hidden, 1)
+        # head="linear": the tile prediction is a linear function of the normalised embedding (the
+        # probe's model class, per tile); the hidden layer then only feeds the tile weights.
+        self.tile_head = nn.Linear(embed_dim if head == "linear" else hidden, 1)
         if aggregation in WEIGHTED:
             self.att_v = nn.Linear(hidden, hidden)
             self.att_u = nn.Linear(hidden, hidden)
@@ -85,7 +91,8 @@ class MILRegressor(nn.Module):
     def tile_outputs(self, features: Tensor) -> tuple[Tensor, Tensor | None]:
         """Per-tile prediction in 0-1 and attention logit (None for mean pooling), both (..., N)."""
         h = self.embed(features)
-        tile_pred = torch.sigmoid(self.tile_head(h)).squeeze(-1)
+        head_in = self.embed[0](features) if self.config.get("head") == "linear" else h
+        tile_pred = torch.sigmoid(self.tile_head(head_in)).squeeze(-1)
         if self.config["aggregation"] not in WEIGHTED:
             return tile_pred, None
         gate = torch.tanh(self.att_v(h)) * torch.sigmoid(self.att_u(h))
