@@ -18,6 +18,7 @@ from pathlib import Path
 from .common import MODES, gpu_name, machine, markdown_table
 
 CASES = ("read", "extract", "cache", "train", "score", "memory")
+OPT_IN = ("accuracy",)  # not timed and slow (cohorts, extraction, many CVs): only with --only
 
 
 def _runner(case: str):
@@ -33,6 +34,8 @@ def _runner(case: str):
         from .bench_train import run_score as run
     elif case == "memory":
         from .bench_memory import run
+    elif case == "accuracy":
+        from .bench_accuracy import run
     else:
         raise ValueError(case)
     return run
@@ -114,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     size = r.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small sizes: under 5 minutes on 2 cores")
     size.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite (under a minute)")
-    r.add_argument("--only", nargs="+", choices=CASES, help="run only these cases")
+    r.add_argument("--only", nargs="+", choices=CASES + OPT_IN,
+                   help="run only these cases (accuracy runs only when named here)")
     r.add_argument("--out", default="benchmark-results.json", help="JSON file to write (default: %(default)s)")
     r.add_argument("--fail-fast", action="store_true", help="stop at the first failing case, with its traceback")
     t = sub.add_parser("table", help="print the markdown table of a JSON result file")

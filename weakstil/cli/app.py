@@ -50,6 +50,7 @@ class Backend(str, Enum):
 
 
 class Aggregation(str, Enum):
+    weighted = "weighted"
     attention = "attention"
     mean = "mean"
     both = "both"
