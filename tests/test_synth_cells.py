@@ -154,3 +154,16 @@ def test_tile_truth_is_shared_by_both_families(cohort):
     area = tiles["stroma_fraction"] * size_l0**2
     pooled = np.nansum(tiles["stil"] * area) / area.sum()
     assert pooled == pytest.approx(float(load_truth(path)["stil"]), abs=0.05)
+
+
+def test_cli_synth_family_and_setting(tmp_path):
+    from typer.testing import CliRunner
+
+    from weakstil.cli import app
+
+    result = CliRunner().invoke(app, ["synth", str(tmp_path / "c"), "--family", "cells", "--setting", "hard",
+                                      "--n", "1", "--size-um", "320", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "c" / "slides" / "CEL-000.svs").is_file()
+    bad = CliRunner().invoke(app, ["synth", str(tmp_path / "d"), "--family", "nope", "--n", "1"])
+    assert bad.exit_code != 0 and "lattice" in bad.output
