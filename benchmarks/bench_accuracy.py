@@ -259,7 +259,9 @@ def transfer(train: dict, source: Cohort, target: Cohort) -> dict:
 
 
 # --- the case -----------------------------------------------------------------------------------------
-RECIPES = {  # name -> TrainConfig keywords; "default" is whatever TrainConfig() is today
+# name -> TrainConfig keywords; "default" is whatever TrainConfig() is today. A run evaluates the
+# recipes named in $WEAKSTIL_ACCURACY_RECIPES (comma-separated; default: "default").
+RECIPES = {
     "default": {},
     "attention-2026-11": {"aggregation": "attention", "head": "mlp", "dropout": 0.25, "weight_decay": 1e-2,
                           "max_epochs": 60, "patience": 10, "calibrate": False},  # the previous default
@@ -295,7 +297,7 @@ def run(mode, device: str) -> list[Row]:
     """Every cohort, the mixes and the transfers; detailed JSON and a markdown table under docs/."""
     plan = PLANS[mode.name]
     root = bench_dir() / f"accuracy-{mode.name}"
-    recipes = RECIPES if mode.name == "full" else {"default": {}}
+    recipes = {k: RECIPES[k] for k in os.environ.get("WEAKSTIL_ACCURACY_RECIPES", "default").split(",")}
     doc, rows = {"plan": plan.__dict__, "recipes": recipes, "cv": {}, "transfer": {}}, []
     cohorts, trained_by = {}, {r: {} for r in recipes}
     for family, setting, new, n in cohort_plan(plan):  # each cohort's CV as soon as it is there
@@ -303,9 +305,13 @@ def run(mode, device: str) -> list[Row]:
         cohorts[path.name] = load_cohort(path)
         if not new:
             _cross_validate(path.name, cohorts[path.name], recipes, trained_by, doc, rows, plan)
+            if mode.name != "smoke":  # a partial report survives an interrupted run
+                write_report(doc, rows)
     for setting in SETTINGS:
         mix = merge(f"mix-{setting}", [cohorts[f"{f}-{setting}"] for f in FAMILIES])
         _cross_validate(mix.name, mix, {"default": recipes["default"]}, trained_by, doc, rows, plan)
+        if mode.name != "smoke":
+            write_report(doc, rows)
     for rname in recipes:
         trained = trained_by[rname]
         for setting in SETTINGS:
