@@ -221,7 +221,7 @@ def run_recipe(cohort: Cohort, recipe: dict, plan: Plan) -> dict:
     t0 = time.perf_counter()
     cv = cross_validate(cohort.bags, cohort.table, cfg, progress=False)
     labels = cv.labels
-    out = {"recipe": recipe, "seconds": round(time.perf_counter() - t0, 1),
+    out = {"recipe": recipe, "seconds": round(time.perf_counter() - t0, 1), "n_slides": len(labels),
            "mil": slide_figures(labels, cohort.truth, cv.predictions)}
     if cfg.calibrate:
         from weakstil.mil.calibration import crossfit, fit_line
@@ -354,6 +354,34 @@ def _cross_validate(name: str, cohort: Cohort, recipes: dict, trained_by: dict, 
                           "calibrated" if "mil_calibrated" in result else "")
 
 
+def results_markdown(doc: dict, recipe: str = "default") -> str:
+    """The cohort and transfer tables of a report, the probe beside every MIL figure."""
+    def f(v, d=2):
+        return "–" if v is None or v != v else f"{v:.{d}f}"
+
+    lines = ["| cohort | slides | R² vs truth: MIL (raw) [probe] | R² vs labels [probe] | AUC@10/30/50 [probe @30] "
+             "| cal. slope / intercept [probe] | pred SD / label SD [probe] | tile r | top-8 tiles' stroma: "
+             "worst / mean slide | weight–stroma ρ |", "|" + "---|" * 10]
+    for name, r in doc["cv"].get(recipe, {}).items():
+        m, p = r.get("mil_calibrated", r["mil"]), r["probe"]
+        raw = r["mil"]
+        lines.append(
+            f"| {name} | {r.get('n_slides', '')} | **{f(m['r2_truth'])}** ({f(raw['r2_truth'])}) [{f(p['r2_truth'])}] "
+            f"| {f(m['r2_labels'])} [{f(p['r2_labels'])}] "
+            f"| {f(m['auc@10'])}/{f(m['auc@30'])}/{f(m['auc@50'])} [{f(p['auc@30'])}] "
+            f"| {f(m['cal_slope'])} / {f(m['cal_intercept'], 1)} [{f(p['cal_slope'])} / {f(p['cal_intercept'], 1)}] "
+            f"| {f(m['pred_sd'], 1)} / {f(m['label_sd'], 1)} [{f(p['pred_sd'], 1)}] | {f(raw['tile_r'])} "
+            f"| {f(raw['top_stroma_min'])} / {f(raw['top_stroma_mean'])} | {f(raw.get('weight_stroma_rho'))} |")
+    lines += ["", "| transfer (train → score) | R² vs truth: MIL [probe] | AUC@30 [probe] | mean prediction vs truth "
+              "[probe] | pred SD / truth SD |", "|---|---|---|---|---|"]
+    for name, r in doc["transfer"].get(recipe, {}).items():
+        m, p = r["mil"], r["probe"]
+        lines.append(f"| {name} | **{f(m['r2_truth'])}** [{f(p['r2_truth'])}] | {f(m['auc@30'])} [{f(p['auc@30'])}] "
+                     f"| {f(m['pred_mean'], 1)} vs {f(m['truth_mean'], 1)} [{f(p['pred_mean'], 1)}] "
+                     f"| {f(m['pred_sd'], 1)} / {f(m['truth_sd'], 1)} |")
+    return "\n".join(lines)
+
+
 def write_report(doc: dict, rows: list[Row]) -> Path:
     """docs/benchmarks/<date>-accuracy.json (every figure of every recipe)."""
     import datetime as dt
@@ -365,6 +393,7 @@ def write_report(doc: dict, rows: list[Row]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{dt.date.today().isoformat()}-accuracy.json"
     doc = dict(doc, machine=machine(), table=markdown_table(rows))
+    doc["markdown"] = results_markdown(doc)
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(json.dumps(_json_safe(doc), indent=1, allow_nan=False) + "\n")
     tmp.replace(path)
