@@ -15,6 +15,7 @@ fresh 12-slide cohort of the same family and setting (new seed).
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -200,7 +201,7 @@ def tile_figures(cohort: Cohort, tile_preds: dict, weights: dict | None = None) 
         out["weight_stroma_rho"] = float(spearmanr(np.concatenate(w), np.concatenate(s))[0])
         for tau in (0.25, 0.5):  # top tiles among those with a relative weight ≥ tau
             tops, lost = [], []
-            for (sid, pred), rel, stroma in zip(tile_preds.items(), w, s):
+            for pred, rel, stroma in zip(tile_preds.values(), w, s, strict=True):
                 shown = np.flatnonzero(rel >= tau)
                 order = shown[np.argsort(-pred[shown], kind="stable")[:TOP_K]]
                 tops.append(float(np.mean(stroma[order])))
@@ -288,7 +289,7 @@ def _rows(case_name: str, figures: dict, probe: dict, kind: str, note: str) -> l
             continue
         ref = probe.get(name) if name not in ("tile_r", "top_stroma_min", "label_sd") else None
         test, text = ACCEPT.get(f"{name}/{kind}", (None, ""))
-        met = None if test is None or value != value else bool(test(value, ref if ref is not None else -1))
+        met = None if test is None or math.isnan(value) else bool(test(value, ref if ref is not None else -1))
         rows.append(Row("accuracy", f"{case_name} {name}", float(value), "", "probe" if ref is not None else "",
                         ref, None, text, met, note))
     return rows
@@ -327,7 +328,7 @@ def run(mode, device: str) -> list[Row]:
                 doc["transfer"].setdefault(rname, {})[f"{src} → {dst}"] = res
                 if rname == "default":
                     m, p = res["mil"], res["probe"]
-                    target = "≥ 0.8" if a != b else f"≥ CV − 0.1"
+                    target = "≥ 0.8" if a != b else "≥ CV − 0.1"
                     cv_r2 = trained[src].get("mil_calibrated", trained[src]["mil"])["r2_truth"]
                     ok = m["r2_truth"] >= 0.8 if a != b else (m["r2_truth"] >= cv_r2 - 0.1 and abs(
                         m["pred_mean"] - m["truth_mean"]) <= 3)
@@ -358,7 +359,7 @@ def _cross_validate(name: str, cohort: Cohort, recipes: dict, trained_by: dict, 
 def results_markdown(doc: dict, recipe: str = "default") -> str:
     """The cohort and transfer tables of a report, the probe beside every MIL figure."""
     def f(v, d=2):
-        return "–" if v is None or v != v else f"{v:.{d}f}"
+        return "–" if v is None or math.isnan(v) else f"{v:.{d}f}"
 
     lines = ["| cohort | slides | R² vs truth: MIL (raw) [probe] | R² vs labels [probe] | AUC@10/30/50 [probe @30] "
              "| cal. slope / intercept [probe] | pred SD / label SD [probe] | tile r | top-8 tiles' stroma: "

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from weakstil.mil.calibration import apply_line, crossfit, fit_line
-from weakstil.mil.model import MILRegressor, SlidePrediction, TrainedModel, calibrated
+from weakstil.mil.model import MILRegressor, SlidePrediction, calibrated
 from weakstil.mil.module import background_penalty
 from weakstil.mil.probe import LinearProbe, probe_oof, probe_report, slide_means
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train import FAST, FINGERPRINT, make_cohort  # noqa: E402
+from test_train import FAST, FINGERPRINT, make_cohort
 
 
 def test_probe_recovers_a_linear_signal_out_of_fold():

@@ -22,8 +22,8 @@ from PIL import Image
 from scipy import ndimage
 
 from weakstil.errors import ConfigError
-from weakstil.synth.truth import TRUTH_UM, atomic_open as _atomic
-from weakstil.synth.truth import load_truth, stil_from_truth, tile_truth  # noqa: F401 (re-exported)
+from weakstil.synth.truth import TRUTH_UM, load_truth, stil_from_truth, tile_truth  # noqa: F401 (re-exported)
+from weakstil.synth.truth import atomic_open as _atomic
 from weakstil.wsi.writer import write_aperio_tiff
 
 FINE_UM = 1.0  # µm per cell of the scene grid
