@@ -31,7 +31,7 @@ def _module(aggregation: str, seed: int = 0) -> MILRegressor:
     return module.eval()
 
 
-@pytest.fixture(params=["mean", "attention"])
+@pytest.fixture(params=["mean", "attention", "weighted"])
 def aggregation(request) -> str:
     return request.param
 

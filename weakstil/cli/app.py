@@ -97,6 +97,7 @@ class Backend(str, Enum):
 
 
 class Aggregation(str, Enum):
+    weighted = "weighted"
     attention = "attention"
     mean = "mean"
     both = "both"

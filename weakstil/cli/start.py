@@ -26,15 +26,22 @@ def synth(
     size_um: Annotated[Optional[float], typer.Option(
         help="Canvas width in µm (height is 4/5 of it; default 2000).")] = None,
     workers: Annotated[int, typer.Option(help="Processes used to render slides.")] = 2,
-    prefix: Annotated[str, typer.Option(help="Slide ids are PREFIX-000, PREFIX-001, …")] = "SYN",
+    prefix: Annotated[Optional[str], typer.Option(
+        help="Slide ids are PREFIX-000, PREFIX-001, … (default: SYN for lattice, CEL for cells).")] = None,
+    family: Annotated[str, typer.Option(
+        help="Generator: lattice (the original) or cells (cell-level, independent; see docs/synthetic.md).")
+    ] = "lattice",
+    setting: Annotated[str, typer.Option(
+        help="standard, or hard (tumour 10-85 %, intratumoral lymphocytes, 2x stain variation).")
+    ] = "standard",
     config: ConfigOpt = None,
 ) -> None:
     """Write a synthetic cohort: Aperio-like pyramidal TIFFs with known sTIL%, labels.csv and truth maps."""
-    from weakstil.synth.lattice import synth_cohort
+    from weakstil.synth import write_cohort
 
     try:
-        kwargs = {"size_um": size_um} if size_um else {}
-        root = synth_cohort(out, n=n, seed=seed, workers=workers, prefix=prefix, **kwargs)
+        root = write_cohort(out, family=family, n=n, seed=seed, setting=setting, workers=workers,
+                            prefix=prefix, size_um=size_um)
     except WeakstilError as exc:
         _fail(exc)
     typer.echo(f"synth: wrote {n} slides to {root / 'slides'} and their labels to {root / 'labels.csv'}")

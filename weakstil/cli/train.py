@@ -43,8 +43,9 @@ def train(
     name: Annotated[str, typer.Option("--name", help="Model name: written to MODELS/NAME/.")] = "stil",
     models: Annotated[Path, typer.Option("--models", help="Folder of models.")] = Path("models"),
     aggregation: Annotated[Aggregation, typer.Option(
-        help="How tile predictions become the slide score: attention (ECTIL), mean (WeakSTIL), "
-             "or both (two models NAME-attention and NAME-mean).")] = Aggregation.attention,
+        help="How tile predictions become the slide score: weighted (sigmoid tile weights, the "
+             "default), attention (ECTIL), mean (WeakSTIL), or both (two models NAME-attention and "
+             "NAME-mean).")] = Aggregation.weighted,
     folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds.")] = 5,
     folds_by: Annotated[FoldsBy, typer.Option(
         "--folds-by", help="Keep each patient (or each center) inside one fold.")] = FoldsBy.patient,
@@ -52,11 +53,15 @@ def train(
         help="Deployed model: the ensemble of the fold models, or one final fit on all slides.")] = Deploy.ensemble,
     max_tiles: Annotated[int, typer.Option("--max-tiles", help="Random tiles per bag per training step.")] = 512,
     max_epochs: Annotated[int, typer.Option(
-        "--max-epochs", help="Most passes over the training slides per fold (early stopping may end sooner).")] = 60,
-    patience: Annotated[int, typer.Option(help="Epochs without a better validation R² before stopping.")] = 10,
+        "--max-epochs", help="Most passes over the training slides per fold (early stopping may end sooner).")] = 100,
+    patience: Annotated[int, typer.Option(help="Epochs without a better validation R² before stopping.")] = 15,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
     weight_decay: Annotated[float, typer.Option(
-        "--weight-decay", help="AdamW weight decay (L2 penalty on the weights; 0 turns it off).")] = 1e-2,
+        "--weight-decay", help="AdamW weight decay (L2 penalty on the weights; 0 turns it off).")] = 0.1,
+    head: Annotated[str, typer.Option(
+        help="Tile head: linear (on the features, the default) or mlp (on a hidden layer).")] = "linear",
+    calibrate: Annotated[bool, typer.Option(
+        help="Post-hoc linear calibration fitted on the out-of-fold predictions.")] = True,
     high_cutoff: Annotated[float, typer.Option(
         "--high-cutoff", help="sTIL-high vs low cut-off (%) for the headline AUC.")] = 30.0,
     seed: Annotated[int, typer.Option(help="Random seed (folds, initialisation, tile sampling).")] = 0,
@@ -91,7 +96,8 @@ def train(
         results = train_from_cache(
             labels, features, encoder=encoder, models_dir=models, name=name, aggregations=aggregations,
             n_folds=folds, folds_by=folds_by.value, deploy=deploy.value, max_tiles=max_tiles,
-            max_epochs=max_epochs, patience=patience, lr=lr, weight_decay=weight_decay,
+            max_epochs=max_epochs, patience=patience, lr=lr, weight_decay=weight_decay, head=head,
+            calibrate=calibrate,
             high_cutoff=high_cutoff, seed=seed, accelerator=accelerator, overwrite=overwrite,
             progress=not quiet, run_info=plain_json(values), init=init, cv=cv.value)
     except WeakstilError as exc:

@@ -7,6 +7,9 @@ One module covers both published variants:
 * ``aggregation="attention"`` (ECTIL): gated attention (Ilse et al. 2018) gives each tile a weight
   ``softmax_i(w^T (tanh(V h_i) * sigmoid(U h_i)))`` and the slide score is the attention-weighted
   mean of the tile predictions. The weights can learn to ignore tiles without stroma.
+* ``aggregation="weighted"``: the same gated network, but each tile's weight is a sigmoid in
+  (0, 1) (how much of the tile counts, e.g. its stroma) and the score is the weighted mean of the
+  tile predictions; weights cannot concentrate on a few tiles the way a softmax does.
 
 Either way the tile prediction is a sigmoid fraction in [0, 1] (sTIL%/100), so the slide score is a
 convex combination of tile scores and the heatmap shows the same quantity as the slide label.
@@ -35,7 +38,9 @@ from weakstil.errors import (
 )
 from weakstil.fs import plain_json, write_bytes, write_text
 
-AGGREGATIONS = ("mean", "attention")
+AGGREGATIONS = ("mean", "attention", "weighted")
+WEIGHTED = ("attention", "weighted")  # aggregations with a learned weight per tile
+HEADS = ("mlp", "linear")  # the tile head: on the hidden layer, or linear on the normalised features
 
 
 class MILRegressor(nn.Module):
@@ -55,6 +60,7 @@ class MILRegressor(nn.Module):
         hidden: int = 128,
         dropout: float = 0.25,
         aggregation: str = "attention",
+        head: str = "mlp",
         **recorded,
     ):
         """``recorded``: training settings kept with the model's config (lr, weight_decay,
@@ -62,8 +68,10 @@ class MILRegressor(nn.Module):
         super().__init__()
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, not {aggregation!r}")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, not {head!r}")
         self.config = {"embed_dim": int(embed_dim), "hidden": int(hidden), "dropout": float(dropout),
-                       "aggregation": aggregation, **recorded}
+                       "aggregation": aggregation, "head": head, **recorded}
         # LayerNorm first: embeddings from random or foreign encoders have arbitrary scales.
         self.embed = nn.Sequential(
             nn.LayerNorm(embed_dim),
@@ -71,8 +79,10 @@ class MILRegressor(nn.Module):
             nn.GELU(),
             nn.Dropout(dropout),
         )
-        self.tile_head = nn.Linear(hidden, 1)
-        if aggregation == "attention":
+        # head="linear": the tile prediction is a linear function of the normalised embedding (the
+        # probe's model class, per tile); the hidden layer then only feeds the tile weights.
+        self.tile_head = nn.Linear(embed_dim if head == "linear" else hidden, 1)
+        if aggregation in WEIGHTED:
             self.att_v = nn.Linear(hidden, hidden)
             self.att_u = nn.Linear(hidden, hidden)
             self.att_w = nn.Linear(hidden, 1)
@@ -87,11 +97,17 @@ class MILRegressor(nn.Module):
     def tile_outputs(self, features: Tensor) -> tuple[Tensor, Tensor | None]:
         """Per-tile prediction in 0-1 and attention logit (None for mean pooling), both (..., N)."""
         h = self.embed(features)
-        tile_pred = torch.sigmoid(self.tile_head(h)).squeeze(-1)
-        if self.config["aggregation"] != "attention":
+        head_in = self.embed[0](features) if self.config.get("head") == "linear" else h
+        tile_pred = torch.sigmoid(self.tile_head(head_in)).squeeze(-1)
+        if self.config["aggregation"] not in WEIGHTED:
             return tile_pred, None
         gate = torch.tanh(self.att_v(h)) * torch.sigmoid(self.att_u(h))
-        return tile_pred, self.att_w(gate).squeeze(-1)
+        logit = self.att_w(gate).squeeze(-1)
+        if self.config["aggregation"] == "weighted":
+            # a weight in (0, 1) per tile (its "stroma-ness"); softmax of log-weights is their
+            # normalised share, so the score is the weighted mean without softmax's peakiness
+            logit = nn.functional.logsigmoid(logit)
+        return tile_pred, logit
 
     @staticmethod
     def pool(
@@ -212,12 +228,13 @@ class TrainedModel:
         contribution = (a * p).mean(0)
         safe = np.where(attention > 0, attention, 1.0)
         tile_pred = np.where(attention > 0, contribution / safe, p.mean(0))
-        return SlidePrediction(
+        raw = SlidePrediction(
             score=float(100.0 * contribution.sum()),
             tile_pred=100.0 * tile_pred,
             attention=attention,
             contribution=100.0 * contribution,
         )
+        return calibrated(raw, self.config.get("calibration"))
 
     def save(self, path: str | Path) -> None:
         """Write ``model.ckpt`` (plain dict of tensors and plain types; loads with weights_only)."""
@@ -278,6 +295,18 @@ def _check_finite(members: list[MILRegressor], ckpt: Path) -> None:
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise ModelCorruptError(f"the weights are corrupt: member {k}, {name} holds NaN or infinite values",
                                         path=ckpt)
+
+
+def calibrated(pred: SlidePrediction, line: dict | None) -> SlidePrediction:
+    """The prediction with the model's post-hoc calibration line applied to every tile (see
+    :mod:`weakstil.mil.calibration`); the score is again the sum of the contributions."""
+    if not line:
+        return pred
+    from weakstil.mil.calibration import apply_line
+
+    tile_pred = apply_line(pred.tile_pred, line)
+    contribution = pred.attention * tile_pred
+    return SlidePrediction(float(contribution.sum()), tile_pred, pred.attention, contribution)
 
 
 def load_model(model_dir: str | Path) -> TrainedModel:

@@ -28,8 +28,11 @@ class MILModule(pl.LightningModule):
         return self.model(features, mask)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        score, _, _ = self(batch["features"], batch["mask"])
+        score, tile_pred, attention = self(batch["features"], batch["mask"])
         loss = nn.functional.mse_loss(score, batch["label"])
+        penalty = float(self.hparams.get("background_penalty", 0.0) or 0.0)
+        if penalty > 0:
+            loss = loss + penalty * background_penalty(tile_pred, attention, batch["mask"])
         self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=score.shape[0])
         return loss
 
@@ -60,3 +63,16 @@ class MILModule(pl.LightningModule):
         )
 
 
+
+
+def background_penalty(tile_pred: Tensor, attention: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``(1 - w_i) · p_i²`` over the real tiles, ``w_i`` each tile's weight relative to the
+    bag's largest (held fixed: the penalty moves predictions, not weights).
+
+    Tiles the pooling ignores (tumour, fat: no stroma) get no gradient from the slide loss, so their
+    predictions are free and can rank above real stromal TIL tiles in a heatmap. This pulls them
+    toward 0 sTIL%; with ``mean`` pooling every weight is equal and the penalty vanishes.
+    """
+    weight = (attention / attention.amax(-1, keepdim=True).clamp_min(1e-12)).detach()
+    real = mask.to(tile_pred.dtype)
+    return ((1 - weight) * tile_pred.square() * real).sum() / real.sum().clamp_min(1.0)

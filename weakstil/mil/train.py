@@ -72,10 +72,11 @@ def train_model(bags: Mapping[str, np.ndarray], table, cfg: TrainConfig, *, out_
     t0 = time.perf_counter()
     cv = cross_validate(bags, table, cfg, progress=progress, init_state=init_state, folds=folds)
     members = cv.models if cfg.deploy == "ensemble" else [_final_fit(bags, table, cfg, cv)]
+    line = _calibration_line(cv, cfg)
     config = {
         "weakstil_version": __version__, "deploy": cfg.deploy, "n_members": len(members),
         "train": asdict(cfg), "model": dict(members[0].config), "fingerprint": dict(fingerprint),
-        "run": dict(run_info or {}),
+        "run": dict(run_info or {}), "calibration": line,
     }
     model = TrainedModel(members, fingerprint=dict(fingerprint), config=plain_json(config))
     with staging_dir(out_dir) as tmp:  # renamed into place whole; a full disk is a DiskFullError
@@ -84,10 +85,33 @@ def train_model(bags: Mapping[str, np.ndarray], table, cfg: TrainConfig, *, out_
         cv.to_frame().to_csv(tmp / "cv_predictions.csv", index=False, float_format="%.4f")
         _write_plots(tmp / "plots", cv, cfg)
         metrics = _metrics_doc(cv, cfg, seconds=time.perf_counter() - t0)
+        metrics.update(plain_json(_baselines(bags, cv, cfg, line), finite=True))
         if extras is not None:
             extras(tmp, cv, metrics, model)
         _write_text(tmp / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     return out_dir
+
+
+def _calibration_line(cv: CVResult, cfg: TrainConfig) -> dict | None:
+    """The post-hoc line the deployed model applies (None when ``cfg.calibrate`` is off)."""
+    from weakstil.mil.calibration import fit_line
+
+    return fit_line(cv.predictions, cv.labels) if cfg.calibrate else None
+
+
+def _baselines(bags, cv: CVResult, cfg: TrainConfig, line: dict | None) -> dict:
+    """metrics.json sections beside the MIL's: the linear probe on the same folds (issue #14) and,
+    when on, the calibration's line and cross-fitted estimate."""
+    from weakstil.mil.calibration import calibration_report
+    from weakstil.mil.probe import probe_report
+
+    probe = probe_report(bags, cv.slide_ids, cv.labels, cv.folds, cutoffs=cfg.cutoffs)
+    probe.pop("predictions")
+    out = {"linear_probe": probe}
+    if line is not None:
+        out["calibration"] = calibration_report(cv.predictions, cv.labels, cv.folds, line,
+                                                cutoffs=cfg.cutoffs)
+    return out
 
 
 def _final_fit(bags, table, cfg: TrainConfig, cv: CVResult) -> MILRegressor:

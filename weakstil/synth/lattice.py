@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -22,10 +22,11 @@ from scipy import ndimage
 
 from weakstil.errors import ConfigError
 from weakstil.progress import progress as progress_display
+from weakstil.synth.truth import TRUTH_UM, load_truth, stil_from_truth, tile_truth  # noqa: F401 (re-exported)
+from weakstil.synth.truth import atomic_open as _atomic
 from weakstil.wsi.writer import write_aperio_tiff
 
 FINE_UM = 1.0  # µm per cell of the scene grid
-TRUTH_UM = 16.0  # µm per pixel of the ground-truth maps
 DEFAULT_SIZE_UM = (2000.0, 1600.0)  # canvas (width, height): ~4000 x 3200 px at 0.5 µm/px
 _H_OD = np.array([0.65, 0.70, 0.29])  # hematoxylin optical density per RGB channel (Ruifrok)
 _E_OD = np.array([0.10, 0.95, 0.30])  # eosin
@@ -39,6 +40,10 @@ class SlideParams:
     seed: int
     stil_target: float = 20.0  # slide sTIL% aimed at (0-100); the label is measured from the scene
     size_um: tuple[float, float] = DEFAULT_SIZE_UM  # canvas (width, height), rounded to 16 µm
+    # The "hard" setting (None / 1.0: the standard slide, drawn exactly as before these existed):
+    tumour_share: float | None = None  # share of the tissue that is tumour (standard: 0.2-0.45)
+    intratumoral: float | None = None  # lymphocyte cover inside tumour, independent of sTIL
+    stain_scale: float = 1.0  # multiplies the per-slide deviation of the stain colours
 
 
 @dataclass(frozen=True)
@@ -207,7 +212,8 @@ def _tissue(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
     return fine > 0
 
 
-def _compartments(rng, tissue: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _compartments(rng, tissue: np.ndarray, tumour_share: float | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Tumour nests, fat lobules and stroma (the rest of the tissue)."""
     nests = _noise(rng, tissue.shape, rng.uniform(90, 160))
     fat_field = _noise(rng, tissue.shape, rng.uniform(250, 400))
@@ -216,7 +222,9 @@ def _compartments(rng, tissue: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
     if not in_tissue.any():
         empty = np.zeros_like(tissue)
         return empty, empty, empty
-    tumour = tissue & (nests > np.quantile(nests[sample][in_tissue], 1 - rng.uniform(0.2, 0.45)))
+    share = rng.uniform(0.2, 0.45)
+    share = share if tumour_share is None else tumour_share
+    tumour = tissue & (nests > np.quantile(nests[sample][in_tissue], 1 - share))
     fat_share = rng.uniform(0.0, 0.2)
     fat = tissue & ~tumour & (fat_field > np.quantile(fat_field[sample][in_tissue], 1 - fat_share))
     return tumour, fat, tissue & ~tumour & ~fat
@@ -306,7 +314,7 @@ def make_scene(params: SlideParams) -> Scene:
     w_um, h_um = canvas_um(params.size_um)
     shape = (round(h_um / FINE_UM), round(w_um / FINE_UM))
     tissue = _tissue(rng, shape)
-    tumour, fat, stroma = _compartments(rng, tissue)
+    tumour, fat, stroma = _compartments(rng, tissue, params.tumour_share)
     fibres, fibre_angle = _stroma_eosin(rng, shape)
     borders = _fat_borders(rng, fat)
     e_base = np.where(stroma, fibres, np.float32(0.32) * tumour + np.float32(0.02) * fat)
@@ -322,12 +330,44 @@ def make_scene(params: SlideParams) -> Scene:
         "fibro": _nuclei(rng, "fibro", fib_xy, (0.9, 1.3), fib_variant),
         "lymph": _nuclei(rng, "lymph", _lymph_centres(rng, maps, params.stil_target), (1.5, 1.9)),
     }
-    stain = np.stack([
-        np.clip(246 + rng.uniform(-4, 4) + rng.uniform(-2, 2, 3), 0, 255),
-        np.clip(_H_OD + rng.normal(0, 0.05, 3), 0.05, None) * rng.uniform(0.8, 1.2),
-        np.clip(_E_OD + rng.normal(0, 0.05, 3), 0.03, None) * rng.uniform(0.7, 1.25),
-    ])
+    stain = _stain(rng, params.stain_scale)
+    if params.intratumoral:
+        extra = _intratumoral_centres(np.random.default_rng([params.seed, 1]), tumour, params.intratumoral)
+        lymph = nuclei["lymph"]
+        more = _nuclei(np.random.default_rng([params.seed, 2]), "lymph", extra, (1.5, 1.9))
+        nuclei["lymph"] = Nuclei(np.concatenate([lymph.xy_um, more.xy_um]),
+                                 np.concatenate([lymph.variant, more.variant]),
+                                 np.concatenate([lymph.strength, more.strength]))
     return Scene(params, tissue, tumour, fat, stroma, h_base, e_base.astype(np.float32), nuclei, stain)
+
+
+def _stain(rng, scale: float = 1.0) -> np.ndarray:
+    """Light and hematoxylin/eosin OD of a slide; ``scale`` multiplies every deviation from the mean
+    (1.0 draws the same colours as before the hard setting existed)."""
+    light = 246 + scale * (rng.uniform(-4, 4) + rng.uniform(-2, 2, 3))
+    h_dev, h_gain = rng.normal(0, 0.05, 3), rng.uniform(0.8, 1.2)
+    e_dev, e_gain = rng.normal(0, 0.05, 3), rng.uniform(0.7, 1.25)
+    return np.stack([
+        np.clip(light, 0, 255),
+        np.clip(_H_OD + scale * h_dev, 0.05, None) * max(1 + scale * (h_gain - 1), 0.3),
+        np.clip(_E_OD + scale * e_dev, 0.03, None) * max(1 + scale * (e_gain - 1), 0.3),
+    ])
+
+
+def _intratumoral_centres(rng, tumour: np.ndarray, cover: float) -> np.ndarray:
+    """Lymphocytes inside tumour nests (the hard setting's confounder): a clustered Poisson process
+    with mean area cover ``cover`` over the tumour, independent of the slide's sTIL%."""
+    cell = 8
+    h, w = tumour.shape[0] // cell, tumour.shape[1] // cell
+    weight = _block_mean(tumour[: h * cell, : w * cell], cell)
+    mod = np.exp(0.8 * _noise(rng, (h, w), 300 / cell))
+    rate = -np.log1p(-min(cover, 0.9)) / (np.pi * 3.5**2) * mod / mod.mean()
+    counts = rng.poisson(rate * weight * (cell * FINE_UM) ** 2)
+    iy, ix = np.nonzero(counts)
+    reps = counts[iy, ix]
+    xy = np.stack([ix, iy], 1).repeat(reps, axis=0) * cell * FINE_UM
+    xy = xy + rng.uniform(0, cell * FINE_UM, (reps.sum(), 2))
+    return xy[_at(tumour, xy)]
 
 
 # --- rendering and truth --------------------------------------------------------------------------
@@ -392,48 +432,6 @@ def scene_truth(scene: Scene) -> dict:
     return truth
 
 
-def stil_from_truth(truth: dict) -> float:
-    """Slide sTIL% = lymphocyte area in stroma / stroma area x 100 (0 without stroma)."""
-    stroma = float(np.sum(truth["stroma"], dtype=np.float64))
-    return 100.0 * float(np.sum(truth["lymph_in_stroma"], dtype=np.float64)) / stroma if stroma else 0.0
-
-
-def load_truth(path: str | Path) -> dict:
-    """Read ``truth/<slide_id>.npz`` into a dict of arrays."""
-    with np.load(path) as data:
-        return {key: data[key] for key in data.files}
-
-
-def _integral_at(table: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Integral of a map from (0, 0) to (x, y) in map pixels, bilinear in its summed-area table (exact)."""
-    x, y = np.clip(x, 0, table.shape[1] - 1), np.clip(y, 0, table.shape[0] - 1)
-    ix, iy = np.minimum(x.astype(int), table.shape[1] - 2), np.minimum(y.astype(int), table.shape[0] - 2)
-    fx, fy = x - ix, y - iy
-    top = table[iy, ix] * (1 - fx) + table[iy, ix + 1] * fx
-    return top * (1 - fy) + (table[iy + 1, ix] * (1 - fx) + table[iy + 1, ix + 1] * fx) * fy
-
-
-def tile_truth(truth: str | Path | dict, coords_l0, size_l0: float, slide_mpp: float) -> dict:
-    """Per-tile ground truth for square tiles at level-0 ``coords_l0`` (N, 2) of side ``size_l0``.
-
-    Returns ``stroma_fraction`` (N,) in 0-1 and ``stil`` (N,) in 0-100 (NaN for a tile without stroma).
-    """
-    maps = truth if isinstance(truth, dict) else load_truth(truth)
-    um_per_px = float(maps["um_per_px"])
-    xy = np.asarray(coords_l0, dtype=np.float64).reshape(-1, 2) * slide_mpp / um_per_px
-    side = size_l0 * slide_mpp / um_per_px
-    x0, y0, x1, y1 = xy[:, 0], xy[:, 1], xy[:, 0] + side, xy[:, 1] + side
-    sums = {}
-    for key in ("stroma", "lymph_in_stroma"):
-        table = np.pad(maps[key].astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-        sums[key] = (_integral_at(table, x1, y1) - _integral_at(table, x0, y1)
-                     - _integral_at(table, x1, y0) + _integral_at(table, x0, y0))
-    stroma = sums["stroma"]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        stil = np.where(stroma > 1e-6 * side * side, 100 * sums["lymph_in_stroma"] / stroma, np.nan)
-    return {"stroma_fraction": stroma / (side * side), "stil": np.clip(stil, 0, 100)}
-
-
 # --- slides and cohorts ---------------------------------------------------------------------------
 def _as_params(params_or_seed: SlideParams | int) -> SlideParams:
     return params_or_seed if isinstance(params_or_seed, SlideParams) else SlideParams(int(params_or_seed))
@@ -442,15 +440,6 @@ def _as_params(params_or_seed: SlideParams | int) -> SlideParams:
 def render_slide(params_or_seed: SlideParams | int, mpp: float) -> np.ndarray:
     """The RGB level 0 (H, W, 3) uint8 of a synthetic slide at ``mpp`` µm/px."""
     return render_scene(make_scene(_as_params(params_or_seed)), mpp)
-
-
-@contextmanager
-def _atomic(path: Path, mode: str):
-    """Open a temp sibling of ``path`` for writing and rename it into place once written."""
-    from weakstil.fs import atomic_path
-
-    with atomic_path(path) as tmp, open(tmp, mode, **({"newline": ""} if "b" not in mode else {})) as fh:
-        yield fh
 
 
 def write_slide(path: str | Path, params_or_seed: SlideParams | int, mpp: float, *,
@@ -467,14 +456,20 @@ def write_slide(path: str | Path, params_or_seed: SlideParams | int, mpp: float,
 
 
 def plan_cohort(n: int, seed: int = 0, *, mpps=(0.25, 0.5),
-                size_um: float | tuple[float, float] = DEFAULT_SIZE_UM, prefix: str = "SYN") -> list[SlideSpec]:
+                size_um: float | tuple[float, float] = DEFAULT_SIZE_UM, prefix: str = "SYN",
+                setting: str = "standard") -> list[SlideSpec]:
     """Slides, patients (~30% with two slides), scan resolutions and target sTIL% of a cohort.
 
     Targets are 1 + 89·u^2.2 over stratified u per patient (many low, ~40% at 30 or more); a
     patient's two slides share a target up to a little jitter. ``size_um`` is (width, height) or
     one number, the width (the height is then 4/5 of it, as in the default). Slide ids are
     ``<prefix>-000``…; patients ``PAT-000``… (``<prefix>-PAT-000``… for another prefix).
+    ``setting="hard"``: tumour 10-85 % of the tissue, intratumoral lymphocytes (5-35 % cover of the
+    tumour, independent of sTIL%) and twice the stain variation; the standard plan is unchanged.
     """
+    from weakstil.synth import check_setting
+
+    check_setting(setting)
     try:
         width, height = (size_um, 0.8 * size_um) if np.ndim(size_um) == 0 else size_um
         size_um = (float(width), float(height))
@@ -499,7 +494,17 @@ def plan_cohort(n: int, seed: int = 0, *, mpps=(0.25, 0.5),
             patient = f"PAT-{p:03d}" if prefix == "SYN" else f"{prefix}-PAT-{p:03d}"
             specs.append(SlideSpec(f"{prefix}-{len(specs):03d}", patient, float(mpp_list[len(specs)]),
                                    params))
-    return specs
+    return _harden(specs, seed) if setting == "hard" else specs
+
+
+def _harden(specs: list[SlideSpec], seed: int) -> list[SlideSpec]:
+    """The hard setting's slide parameters, drawn from their own stream (targets stay as planned)."""
+    from dataclasses import replace
+
+    rng = np.random.default_rng([seed, 7])
+    return [replace(s, params=replace(s.params, tumour_share=round(float(rng.uniform(0.10, 0.85)), 3),
+                                      intratumoral=round(float(rng.uniform(0.05, 0.35)), 3),
+                                      stain_scale=2.0)) for s in specs]
 
 
 def _write_spec(spec: SlideSpec, root: Path) -> tuple[str, float]:
@@ -518,14 +523,14 @@ def _write_spec(spec: SlideSpec, root: Path) -> tuple[str, float]:
 
 def synth_cohort(out_dir: str | Path, *, n: int = 40, seed: int = 0, mpps=(0.25, 0.5),
                  size_um: float | tuple[float, float] = DEFAULT_SIZE_UM, workers: int | None = None,
-                 progress: bool = True, prefix: str = "SYN") -> Path:
+                 progress: bool = True, prefix: str = "SYN", setting: str = "standard") -> Path:
     """Write a synthetic cohort: ``slides/*.svs``, ``truth/*.npz``, ``labels.csv``; returns ``out_dir``.
 
     Deterministic for a seed; resumes (slides already written from the same plan are kept).
     ``workers`` processes (default: up to 2) write slides in parallel.
     """
     root = Path(out_dir)
-    specs = plan_cohort(n, seed, mpps=mpps, size_um=size_um, prefix=prefix)
+    specs = plan_cohort(n, seed, mpps=mpps, size_um=size_um, prefix=prefix, setting=setting)
     for sub in ("slides", "truth"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     workers = min(2, os.cpu_count() or 1) if workers is None else max(1, int(workers))

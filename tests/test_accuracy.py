@@ -1,0 +1,54 @@
+"""The accuracy benchmark's machinery on a few tiny slides per family: every figure is computed
+(the probe on the MIL's folds, calibration, tile figures, transfer), not judged."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+pytestmark = pytest.mark.slow  # writes and extracts 12 slides (~1 min on 2 shared cores)
+
+
+@pytest.fixture(scope="module")
+def cohorts(tmp_path_factory):
+    from benchmarks import bench_accuracy as acc
+    from weakstil.synth import write_cohort
+
+    root = tmp_path_factory.mktemp("acc")
+    out = {}
+    for family in ("lattice", "cells"):
+        path = write_cohort(root / family, family=family, n=6, seed=1, size_um=480.0, workers=1,
+                            progress=False)
+        acc.extract(path)
+        out[family] = acc.load_cohort(path)
+    return out
+
+
+def test_figures_and_probe_are_computed_for_both_families(cohorts):
+    from benchmarks import bench_accuracy as acc
+
+    plan = acc.PLANS["smoke"]
+    results = {}
+    for family, cohort in cohorts.items():
+        res = acc.run_recipe(cohort, {"calibrate": True}, plan)
+        results[family] = res
+        for part in ("mil", "mil_calibrated", "probe"):
+            figures = res[part]
+            for name in ("r2_truth", "r2_labels", "cal_slope", "pred_sd", "label_sd"):
+                assert name in figures and figures[name] is not None, (part, name)
+        assert math.isfinite(res["mil"]["tile_r"]) and 0 <= res["mil"]["top_stroma_min"] <= 1
+        assert res["mil"]["tile_n"] > 0 and set(res["line"]) == {"slope", "intercept", "n"}
+        assert np.isfinite(res["_cv"].predictions).all()
+    mixed = acc.merge("mix", list(cohorts.values()))
+    assert len(mixed.table) == 12 and len(mixed.bags) == 12
+    moved = acc.transfer(results["lattice"], cohorts["lattice"], cohorts["cells"])
+    assert set(moved) == {"mil", "probe"} and math.isfinite(moved["probe"]["pred_mean"])
+    rows = acc._rows("x", results["cells"]["mil"], results["cells"]["probe"], "standard", "")
+    assert {r.name for r in rows} >= {"x r2_truth", "x tile_r"} and all(r.case == "accuracy" for r in rows)
