@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-MODELS = ("demo-attention", "demo-mean")
+MODELS = ("demo-weighted", "demo-mean")
 REVIEW_FILES = ("tiles.csv", "heatmap.png", "heatmap.tif", "tiles.geojson", "top_tiles.png")
 
 

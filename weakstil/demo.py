@@ -1,7 +1,7 @@
 """`weakstil demo`: the whole pipeline on a synthetic cohort, offline, on the CPU.
 
 synth (training cohort + a held-out test cohort) → extract (one feature cache) → cross-validate
-both aggregations (attention, mean) → score the test cohort with the better model (review bundle
+both aggregations (weighted, mean) → score the test cohort with the better model (review bundle
 per slide) → a metrics table: out-of-fold R²/AUC, test-set R², and the tile-level correlation of
 the predictions with the synthetic ground truth (tiles that are at least a quarter stroma).
 """
@@ -107,7 +107,7 @@ def run_demo(out: Path, *, n: int = 40, n_test: int = 10, seed: int = 0, device:
     t0 = time.perf_counter()
     accelerator = "cpu" if device == "cpu" else "auto"
     runs = train_from_cache(train_root / "labels.csv", extracted.cache.path, models_dir=out / "models",
-                            name="demo", aggregations=("attention", "mean"), overwrite=True, progress=progress,
+                            name="demo", aggregations=("weighted", "mean"), overwrite=True, progress=progress,
                             accelerator=accelerator, run_info={"command": "demo", "seed": seed},
                             **train_kwargs)
     step(f"train ({train_kwargs.get('n_folds', 5)}-fold CV × 2 aggregations)", t0)
