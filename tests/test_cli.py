@@ -147,3 +147,13 @@ def test_missing_config_file_is_exit_2(tmp_path):
     assert result.exit_code == 2, result.output
     assert "config file not found" in " ".join(result.output.split())
     assert not (tmp_path / "o").exists()
+
+
+def test_every_command_may_have_its_own_config_section():
+    """A config file's `<command>:` section is validated against config.COMMANDS: every command is there."""
+    from typer.main import get_command
+
+    from weakstil.cli import app
+    from weakstil.config import COMMANDS
+
+    assert set(get_command(app).commands) == set(COMMANDS)
