@@ -162,7 +162,7 @@ def test_two_fake_devices_extract_a_folder_with_the_batch_runners_locks(slide_fo
                 "spec": TileSpec(tile_px=112, mpp=1.0), "tissue": TissueParams(),
                 "opts": ExtractOptions(device="auto", batch_size=8, workers=0, progress=False), "roi_dir": None,
                 "lock": True}
-    outcomes = run_on_devices("extract", sources, job_args, ["cpu", "cpu"], progress=False)
+    outcomes = run_on_devices("extract", sources, job_args, ["cpu", "cpu"])
     assert [o.status for o in outcomes] == ["done", "done"], outcomes
     again = run_on_devices("extract", sources, job_args, ["cpu", "cpu"], progress=False)
     assert [o.status for o in again] == ["skipped", "skipped"]

@@ -83,6 +83,7 @@ def weights_source(weights: str | None) -> None:
                                        fix="check the path after file: (absolute, or relative to here)")
 
 
-def next_step(text: str) -> str:
-    """The 'what to run next' line of a summary."""
-    return f"next: {text}"
+def next_step(text: str, *alternatives: str) -> str:
+    """The 'what to run next' line of a summary; each alternative on a line of its own (so that no
+    line of a log grows past its paths)."""
+    return "\n".join([f"next: {text}", *(f"  or: {a}" for a in alternatives)])

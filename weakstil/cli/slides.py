@@ -181,8 +181,8 @@ def extract(
     n_tiles = sum(int(o.result or 0) for o in outcomes if o.status == "done")
     _print_outcomes(outcomes, what="extract", extra=f"; {n_tiles} new tiles; cache {cache.path}",
                     files=_file_names(sources, slides))
-    typer.echo(checks.next_step(f"weakstil train LABELS.csv --features {features} (labels: slide_id,patient_id,"
-                                f"stil), or with a trained model: weakstil score {slides} --model models/NAME "
+    typer.echo(checks.next_step(f"weakstil train LABELS.csv --features {features} (labels: slide_id,patient_id,stil)",
+                                f"with a trained model: weakstil score {slides} --model models/NAME "
                                 f"--features {features}"), err=True)
     _exit_for(outcomes)
 
