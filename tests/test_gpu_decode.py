@@ -164,5 +164,5 @@ def test_two_fake_devices_extract_a_folder_with_the_batch_runners_locks(slide_fo
                 "lock": True}
     outcomes = run_on_devices("extract", sources, job_args, ["cpu", "cpu"])
     assert [o.status for o in outcomes] == ["done", "done"], outcomes
-    again = run_on_devices("extract", sources, job_args, ["cpu", "cpu"], progress=False)
+    again = run_on_devices("extract", sources, job_args, ["cpu", "cpu"])
     assert [o.status for o in again] == ["skipped", "skipped"]
