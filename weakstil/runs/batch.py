@@ -81,8 +81,11 @@ def extract_slides(sources: list, features_dir: Path, *, encoder, spec, tissue, 
             if on_outcome is not None:
                 on_outcome(outcome)
 
-        outcomes = run_batch(sources, job, desc="extract", progress=opts.progress and not local, on_outcome=record,
-                             executor=executor, wait=wait, lock_dir=here.lock_dir)
+        try:
+            outcomes = run_batch(sources, job, desc="extract", progress=opts.progress and not local,
+                                 on_outcome=record, executor=executor, wait=wait, lock_dir=here.lock_dir)
+        finally:
+            here.close()  # the reader pool and the QC thread end with the run, not at garbage collection
     n_tiles = sum(int(o.result or 0) for o in outcomes if o.status == "done")
     return ExtractResult(here.cache, outcomes, n_tiles, time.perf_counter() - started)
 

@@ -51,6 +51,12 @@ class _Job:
     def run(self, item: Any) -> Any:
         return self.built(item)
 
+    def close(self) -> None:
+        """Release what :meth:`prepare` built in this process (reader processes, threads), if anything."""
+        close = getattr(self._built, "close", None)
+        if callable(close):
+            close()
+
     def for_worker(self, opts: Any) -> _Job:
         """A copy for a worker process with its own extract options (device, readers)."""
         if not hasattr(self, "opts"):
