@@ -221,3 +221,16 @@ class UnsafeOutputPathError(WeakstilError, PermissionError):
 
 class ResultsFileError(WeakstilError, ValueError):
     fix = "the results file is damaged; run `weakstil score` again for this slide (or `weakstil heatmap`)"
+
+
+# --- encoder folders and pretraining (#16) -------------------------------------------------------
+class EncoderFolderError(WeakstilError, ValueError):
+    fix = "the folder's encoder.json is damaged or from another tool; pretrain again or restore it from a backup"
+
+
+class ResumeError(WeakstilError, FileNotFoundError):
+    fix = "run without --resume to start afresh, or point --out at the folder of the interrupted run"
+
+
+class NoPretrainTilesError(WeakstilError, ValueError):
+    fix = "check the slides with `weakstil check SLIDES --qc-dir qc/`, or lower --min-tissue"

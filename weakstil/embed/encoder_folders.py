@@ -22,7 +22,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from weakstil.errors import CheckpointReadError, WeakstilError, WeightsNotFoundError
+from weakstil.errors import (
+    CheckpointReadError,
+    EncoderFolderError,
+    WeakstilError,
+    WeightsNotFoundError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +37,6 @@ FORMAT = "weakstil-encoder"
 FORMAT_VERSION = 1
 ENCODERS_DIR = Path("models") / "encoders"  # relative to the working directory
 _REQUIRED = ("name", "arch", "embed_dim", "input_px", "mean", "std", "weights_sha256")
-
-
-class EncoderFolderError(WeakstilError, ValueError):
-    fix = "the folder's encoder.json is damaged or from another tool; pretrain again or restore it from a backup"
 
 
 class CorruptWeightsError(CheckpointReadError):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from weakstil.errors import WeakstilError
+from weakstil.errors import NoPretrainTilesError, WeakstilError
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,6 @@ class SlideTiles:
         from weakstil.wsi.slide import slide_id_from_path
 
         return slide_id_from_path(self.path)
-
-
-class NoPretrainTilesError(WeakstilError, ValueError):
-    fix = "check the slides with `weakstil check SLIDES --qc-dir qc/`, or lower --min-tissue"
 
 
 def plan_pretrain_tiles(sources, spec, tissue, *, roi_dir: Path | None = None) -> tuple[list[SlideTiles], dict]:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import lightning as L
 
-from weakstil.errors import ConfigError, WeakstilError
+from weakstil.errors import ConfigError, ResumeError
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,6 @@ CHECKPOINTS = "checkpoints"
 LAST = "last.ckpt"  # written every N steps
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
 INTERRUPTED = "interrupted.ckpt"  # written when training stops on an exception or Ctrl-C
-
-
-class ResumeError(WeakstilError, FileNotFoundError):
-    fix = "run without --resume to start afresh, or point --out at the folder of the interrupted run"
 
 
 @dataclass

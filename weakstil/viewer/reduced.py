@@ -142,18 +142,15 @@ class ReducedLevels:
         self._write(path, (-(-height // step), -(-width // step)), blocks(), step)
 
     def _write(self, path: Path, shape: tuple[int, int], blocks, step: int) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.npy")
-        try:
+        from weakstil.fs import atomic_path
+
+        with atomic_path(path) as tmp:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(*shape, 3))
             for col, row, pixels in blocks:
                 small = np.asarray(Image.fromarray(pixels).reduce(step)) if step > 1 else pixels
                 out[row:row + small.shape[0], col:col + small.shape[1]] = small
             out.flush()
             del out
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         self.builds += 1
 
 
