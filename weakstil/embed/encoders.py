@@ -10,6 +10,9 @@ Weight sources are explicit — ``file:/path/ckpt.pth``, ``hf-hub:org/name`` (do
 when asked) or a built-in's own source (``random-init``); a bare path is refused. Nothing here
 imports torch or timm at module import, and nothing downloads at import.
 
+The built-ins are ResNets built in plain torch by :mod:`weakstil.embed.resnet` (timm's modules,
+keys and initialisation, without importing timm); ``timm:<name>`` models are built by timm.
+
 Checkpoint layouts of the built-ins (each mapped onto timm's ResNet, whose keys equal torchvision's):
 
 * ``retccl`` — ``best_ckpt.pth``: a plain state dict of the authors' torchvision-style ResNet-50
@@ -298,11 +301,19 @@ def create_encoder(name: str, weights: str | None = None, *, seed: int = 0):
 
 
 def _build_model(spec: EncoderSpec, seed: int):
-    import timm
+    """The backbone of ``spec``, randomly initialised with ``seed``: the plain-torch ResNets of
+    :mod:`weakstil.embed.resnet` for the ResNets timm would build identically (no timm import),
+    timm for everything else."""
     import torch
+
+    from weakstil.embed import resnet
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        if resnet.builds(spec.arch, dict(spec.model_kwargs)):
+            return resnet.create_resnet(spec.arch, **dict(spec.model_kwargs))
+        import timm
+
         return timm.create_model(spec.arch, pretrained=False, num_classes=0, **dict(spec.model_kwargs))
 
 

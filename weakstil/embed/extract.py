@@ -419,6 +419,7 @@ class SlideExtractor:
         """Tiles → features for one slide into the cache; returns the number of tiles."""
         import time
 
+        from weakstil.embed.loader import trim_heap
         from weakstil.errors import NoTissueError
         from weakstil.fingerprint import file_sha256
         from weakstil.wsi.slide import open_slide
@@ -480,6 +481,7 @@ class SlideExtractor:
             if qc_done is not None:
                 qc_done.result()  # its error (disk full …) fails the slide like any other
                 lap("qc_wait")
+        trim_heap()  # a slide's freed buffers go back to the OS before the next one
         return len(coords)
 
 

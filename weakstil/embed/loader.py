@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import sys
 import traceback
 from collections.abc import Iterator
 from typing import Callable
@@ -51,11 +52,58 @@ class ReaderDied(WeakstilError, RuntimeError):
            "smaller --batch-size; run the command again, finished slides are kept")
 
 
+MMAP_THRESHOLD_BYTES = 4 << 20  # glibc: buffers from this size up are mmapped and returned when freed
+_heap_limited = False
+
+
+def limit_heap_fragmentation(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Keep a tile reader's memory from creeping up with the number of tiles (glibc only).
+
+    A reader allocates and frees block regions of many sizes between 1 and 32 MB. glibc serves the
+    first ones from mmap, then raises its mmap threshold to the largest size freed, so later ones
+    come from the heap, which fragments and is not given back. A fixed threshold (4 MiB) makes those
+    buffers mmapped and returned to the OS when freed.
+
+    Only in reader processes: in the process that runs the encoder the same setting turns every
+    forward pass's activation buffers into fresh mmaps and page faults, measured 20 % slower
+    extraction on 2 cores (ResNet-18, batch 32: 11.8 s against 9.6 s for 509 tiles), for about
+    0.3 GB less peak RSS on a 60,000² px slide. ``MALLOC_MMAP_THRESHOLD_`` in the environment wins
+    (and applies to every process). Returns whether the setting is in effect.
+    """
+    global _heap_limited
+    if _heap_limited:
+        return True
+    if not sys.platform.startswith("linux") or os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+        return False
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    _heap_limited = bool(mallopt(m_mmap_threshold, int(threshold))) and bool(mallopt(m_trim_threshold, int(threshold)))
+    return _heap_limited
+
+
+def trim_heap() -> bool:
+    """Give the heap's free memory back to the OS (glibc ``malloc_trim``), e.g. between slides."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL(None).malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def _worker_loop(read: Callable, ring, tasks, results) -> None:
     """Take ``(run, batch, slot, payload, row)`` tasks, write the payload's tiles at ``ring[slot, row:]``."""
     import torch
 
     torch.set_num_threads(1)
+    limit_heap_fragmentation()
     while True:
         task = tasks.get()
         if task is None:

@@ -37,7 +37,6 @@ from weakstil.runs.runner import (
     FAILED,
     Outcome,
     _failed,
-    limit_heap_fragmentation,
     run_one,
     stopped_outcome,
 )
@@ -94,7 +93,6 @@ def _worker_job(job: Any, token: str, hints: dict) -> Any:
     with _JOBS_GUARD:
         if token not in _JOBS:
             _JOBS.clear()  # a long-lived worker moving on to another run: free the old model first
-            limit_heap_fragmentation()
             if getattr(job, "opts", None) is not None:
                 job = job.for_worker(_worker_options(job.opts, hints))
             job.prepare()

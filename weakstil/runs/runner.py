@@ -26,7 +26,6 @@ import errno
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 import traceback
@@ -56,11 +55,7 @@ DONE, SKIPPED, FAILED = "done", "skipped", "failed"
 ALREADY_DONE, LOCKED, STOPPED = "already_done", "locked", "stopped"
 UNEXPECTED_FIX = "an unexpected error: run again with --verbose for the traceback and report it"
 FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}  # every further write would fail too
-MMAP_THRESHOLD_BYTES = 4 << 20  # glibc: buffers from this size up are mmapped and returned when freed
 WAIT_POLL_S = 2.0  # how often a waiting run looks at a lock held by another process
-
-_heap_limited = False
-
 
 @dataclass
 class Outcome:
@@ -223,37 +218,6 @@ class LocalExecutor:
         self._stopped = cause
 
 
-def limit_heap_fragmentation(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
-    """Keep a long batch's memory from creeping up with the number of tiles (glibc only).
-
-    Tile reading and the encoder allocate and free buffers of many sizes between 1 and 32 MB
-    (block regions, tile batches, normalised float batches). glibc serves the first ones from
-    mmap, then raises its mmap threshold to the largest size freed, so later ones come from the
-    heap, which fragments and is not given back: measured +0.46 GB of peak RSS extracting a
-    60,000² px slide against a 10,000² px one, +0.17 GB with this (mostly the tissue mask of the
-    bigger thumbnail). A fixed threshold (4 MiB; 16 MiB does not help) makes those buffers mmapped
-    and returned to the OS when freed, at the cost of more page faults (about 5 % more CPU time
-    per tile, measured on 2 cores).
-    Applies once per process (forked tile readers inherit it); ``MALLOC_MMAP_THRESHOLD_`` in the
-    environment wins (set it to 33554432 for glibc's usual behaviour). Returns whether the setting
-    is in effect.
-    """
-    global _heap_limited
-    if _heap_limited:
-        return True
-    if not sys.platform.startswith("linux") or os.environ.get("MALLOC_MMAP_THRESHOLD_"):
-        return False
-    try:
-        import ctypes
-
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    _heap_limited = bool(mallopt(m_mmap_threshold, int(threshold))) and bool(mallopt(m_trim_threshold, int(threshold)))
-    return _heap_limited
-
-
 def run_batch(items: Iterable[Any], job: Any, *, key: Callable[[Any], str] | None = None,
               is_done: Callable[[Any], bool] | None = None, desc: str = "extract",
               lock_dir: str | Path | None = _UNSET, progress: bool = True,
@@ -276,7 +240,6 @@ def run_batch(items: Iterable[Any], job: Any, *, key: Callable[[Any], str] | Non
         raise DuplicateSlideIdError(f"items share a key: {', '.join(dupes)}")
     if lock_dir is not None:
         Path(lock_dir).mkdir(parents=True, exist_ok=True)
-    limit_heap_fragmentation()
     executor = executor if executor is not None else LocalExecutor()
     by_key: dict[str, Outcome] = {}
     stop: Outcome | None = None
