@@ -209,6 +209,13 @@ def tile_figures(cohort: Cohort, tile_preds: dict, weights: dict | None = None) 
                 lost.append(np.mean(rel[stroma >= 0.5] < tau) if (stroma >= 0.5).any() else 0.0)
             out[f"top_stroma_min@{tau:g}"] = float(np.min(tops))
             out[f"stroma_tiles_marked@{tau:g}"] = float(np.mean(lost))
+        tops = []  # the top tiles by contribution (weight × prediction): the tiles that make the score
+        for pred, sid in zip(tile_preds.values(), tile_preds):
+            contribution = np.nan_to_num(pred) * weights[sid]
+            order = np.argsort(-contribution, kind="stable")[:TOP_K]
+            tops.append(float(np.mean(cohort.tile_stroma[sid][order])))
+        out["top_stroma_min_by_contribution"] = float(np.min(tops))
+        out["top_stroma_mean_by_contribution"] = float(np.mean(tops))
     return out
 
 
@@ -226,22 +233,43 @@ def run_recipe(cohort: Cohort, recipe: dict, plan: Plan) -> dict:
     labels = cv.labels
     out = {"recipe": recipe, "seconds": round(time.perf_counter() - t0, 1), "n_slides": len(labels),
            "mil": slide_figures(labels, cohort.truth, cv.predictions)}
+    probe, _ = probe_oof(slide_means(cohort.bags, cv.slide_ids), labels, cv.folds)
+    out["probe"] = slide_figures(labels, cohort.truth, probe)
+    # what is deployed (mil.train): the blend with the probe, then the calibration line; each
+    # cross-fitted (a fold's weight and line chosen on the other folds' out-of-fold predictions)
+    deployed, honest, fold_w = cv.predictions, cv.predictions, [1.0] * cfg.n_folds
+    if cfg.blend:
+        from weakstil.mil import blend
+
+        out["blend_weight"] = blend.choose_weight(cv.predictions, probe, labels)
+        honest, fold_w = blend.crossfit(cv.predictions, probe, labels, cv.folds)
+        deployed = out["blend_weight"] * cv.predictions + (1 - out["blend_weight"]) * probe
+        out["mil_blend"] = slide_figures(labels, cohort.truth, honest)
+        out["fold_weights"] = fold_w
     if cfg.calibrate:
         from weakstil.mil.calibration import crossfit, fit_line
 
-        out["mil_calibrated"] = slide_figures(labels, cohort.truth, crossfit(cv.predictions, labels, cv.folds))
-        out["line"] = fit_line(cv.predictions, labels)
+        out["line"] = fit_line(deployed, labels)
+        honest = crossfit(honest, labels, cv.folds)
+    if cfg.blend or cfg.calibrate:
+        out["mil_calibrated"] = slide_figures(labels, cohort.truth, honest)  # the deployed model's figures
     tiles, weights = {}, {}
     line = out.get("line")
     for k, module in enumerate(cv.models):
-        member = TrainedModel([module], fingerprint={}, config={"calibration": line})
-        for i in np.flatnonzero(cv.folds == k):
+        test = cv.folds == k
+        head = None
+        if cfg.blend:
+            from weakstil.mil.blend import fit_probe
+
+            train_ids = [sid for sid, t in zip(cv.slide_ids, test) if not t]
+            head = fit_probe(cohort.bags, train_ids, labels[~test])
+        member = TrainedModel([module], fingerprint={}, probe=head,
+                              config={"calibration": line, "blend": {"weight": fold_w[k]} if cfg.blend else None})
+        for i in np.flatnonzero(test):
             sid = cv.slide_ids[i]
             pred = member.predict(cohort.bags[sid])
             tiles[sid], weights[sid] = pred.tile_pred, pred.attention
     out["mil"].update(tile_figures(cohort, tiles, weights))
-    probe, _ = probe_oof(slide_means(cohort.bags, cv.slide_ids), labels, cv.folds)
-    out["probe"] = slide_figures(labels, cohort.truth, probe)
     out["_cv"] = cv
     return out
 
@@ -252,7 +280,14 @@ def transfer(train: dict, source: Cohort, target: Cohort) -> dict:
     from weakstil.mil.probe import LinearProbe, slide_means
 
     cv = train["_cv"]
-    model = TrainedModel(cv.models, fingerprint={}, config={"calibration": train.get("line")})
+    weight = train.get("blend_weight")
+    head = None
+    if weight is not None:
+        from weakstil.mil.blend import fit_probe
+
+        head = fit_probe(source.bags, cv.slide_ids, cv.labels)
+    model = TrainedModel(cv.models, fingerprint={}, probe=head, config={
+        "calibration": train.get("line"), "blend": {"weight": weight} if weight is not None else None})
     ids = list(target.table["slide_id"])
     labels = target.table["stil"].to_numpy(float)
     pred = np.array([model.predict(target.bags[s]).score for s in ids])
@@ -267,7 +302,8 @@ def transfer(train: dict, source: Cohort, target: Cohort) -> dict:
 RECIPES = {
     "default": {},
     "attention-2026-11": {"aggregation": "attention", "head": "mlp", "dropout": 0.25, "weight_decay": 1e-2,
-                          "max_epochs": 60, "patience": 10, "calibrate": False},  # the previous default
+                          "max_epochs": 60, "patience": 10, "calibrate": False, "blend": False},  # before #14
+    "no-blend": {"blend": False},  # the default MIL alone (and its calibration line)
 }
 ACCEPT = {  # (figure, cohort kind) -> (test, text) from issue #14
     "r2_truth/standard": (lambda v, probe: v >= 0.9 and v >= probe + 0.02, "≥ 0.9 and ≥ probe + 0.02"),
@@ -362,14 +398,15 @@ def results_markdown(doc: dict, recipe: str = "default") -> str:
     def f(v, d=2):
         return "–" if v is None or math.isnan(v) else f"{v:.{d}f}"
 
-    lines = ["| cohort | slides | R² vs truth: MIL (raw) [probe] | R² vs labels [probe] | AUC@10/30/50 [probe @30] "
+    lines = ["| cohort | slides | R² vs truth: deployed (MIL alone) [probe] | blend w | R² vs labels [probe] | AUC@10/30/50 [probe @30] "
              "| cal. slope / intercept [probe] | pred SD / label SD [probe] | tile r | top-8 tiles' stroma: "
-             "worst / mean slide | weight–stroma ρ |", "|" + "---|" * 10]
+             "worst / mean slide | weight–stroma ρ |", "|" + "---|" * 11]
     for name, r in doc["cv"].get(recipe, {}).items():
         m, p = r.get("mil_calibrated", r["mil"]), r["probe"]
         raw = r["mil"]
         lines.append(
             f"| {name} | {r.get('n_slides', '')} | **{f(m['r2_truth'])}** ({f(raw['r2_truth'])}) [{f(p['r2_truth'])}] "
+            f"| {f(r.get('blend_weight', 1.0), 1)} "
             f"| {f(m['r2_labels'])} [{f(p['r2_labels'])}] "
             f"| {f(m['auc@10'])}/{f(m['auc@30'])}/{f(m['auc@50'])} [{f(p['auc@30'])}] "
             f"| {f(m['cal_slope'])} / {f(m['cal_intercept'], 1)} [{f(p['cal_slope'])} / {f(p['cal_intercept'], 1)}] "

@@ -27,6 +27,7 @@ what would reach the goal); ``…_SETTINGS`` (e.g. ``stain``) runs one setting o
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -212,3 +213,68 @@ def run(mode, device: str = "cpu") -> list[Row]:
                 note=f"{device}; each tile → 2 views"),
         ]
     return rows
+
+
+# --- control: what adapting BatchNorm statistics alone gives ------------------------------------------
+def bn_recalibrated(cohort_path: Path, out: Path, *, tiles: int = 4096, batch: int = 64) -> dict:
+    """``resnet18-random`` with its BatchNorm running statistics re-estimated on ``tiles`` random
+    tissue tiles of the cohort (no gradient step), written as an encoder folder: what a pretrained
+    encoder's gain would be if it came only from normalising activations to the cohort's colours."""
+    import torch
+
+    from weakstil.embed.encoders import create_encoder
+    from weakstil.embed.extract import slide_sources
+    from weakstil.ssl.data import plan_pretrain_tiles, tile_loader
+    from weakstil.ssl.export import write_encoder_folder
+    from weakstil.wsi.slide import find_slides
+    from weakstil.wsi.tiling import TileSpec
+    from weakstil.wsi.tissue import TissueParams
+
+    encoder = create_encoder("resnet18-random")
+    backbone = encoder.backbone
+    slides, _ = plan_pretrain_tiles(slide_sources(find_slides(cohort_path / "slides")), TileSpec(), TissueParams())
+    loader = tile_loader(slides, tile_px=TileSpec().tile_px, batch_size=batch, workers=0, device="cpu", seed=0)
+    for m in backbone.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over every batch
+    backbone.train()
+    seen = 0
+    with torch.no_grad():
+        for batch_tiles in loader:
+            backbone(encoder.preprocess(batch_tiles))
+            seen += len(batch_tiles)
+            if seen >= tiles:
+                break
+    backbone.eval()
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    write_encoder_folder(out, backbone, arch="resnet18",
+                         trained={"method": "batchnorm-recalibration", "tiles": seen, "steps": 0})
+    return {"tiles": seen}
+
+
+def bn_control(settings: tuple[str, ...], mode: str = "full") -> dict:
+    """The BatchNorm-only control on the cohorts of a finished ``--only pretrain`` run (same sizes)."""
+    from weakstil.embed.encoders import create_encoder
+
+    size = SIZES[mode]
+    work = bench_dir() / f"pretrain-work-{mode}"
+    out = {}
+    for setting in settings:
+        path = cohort(size, setting)
+        info = bn_recalibrated(path, work / setting / "encoder-bn")
+        r2 = features_r2(path, create_encoder(str(work / setting / "encoder-bn")), work / setting / "f-bn",
+                         size.cv_epochs)
+        out[setting] = {**r2, **info}
+        print(json.dumps({setting: out[setting]}), flush=True)
+    return out
+
+
+if __name__ == "__main__":  # python -m benchmarks.bench_pretrain bn-control [SETTING ...]
+    import sys
+
+    if len(sys.argv) < 2 or sys.argv[1] != "bn-control":
+        sys.exit("usage: python -m benchmarks.bench_pretrain bn-control [SETTING ...] (after --only pretrain)")
+    result = bn_control(tuple(sys.argv[2:]) or SETTINGS, os.environ.get("WEAKSTIL_BENCH_PRETRAIN_MODE", "full"))
+    print(json.dumps(result, indent=1))

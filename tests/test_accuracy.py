@@ -45,6 +45,8 @@ def test_figures_and_probe_are_computed_for_both_families(cohorts):
                 assert name in figures and figures[name] is not None, (part, name)
         assert math.isfinite(res["mil"]["tile_r"]) and 0 <= res["mil"]["top_stroma_min"] <= 1
         assert res["mil"]["tile_n"] > 0 and set(res["line"]) == {"slope", "intercept", "n"}
+        assert 0.0 <= res["blend_weight"] <= 1.0 and len(res["fold_weights"]) == plan.n_folds
+        assert "r2_truth" in res["mil_blend"]  # the MIL–probe blend, cross-fitted
         assert np.isfinite(res["_cv"].predictions).all()
     mixed = acc.merge("mix", list(cohorts.values()))
     assert len(mixed.table) == 12 and len(mixed.bags) == 12

@@ -62,6 +62,9 @@ def train(
         help="Tile head: linear (on the features, the default) or mlp (on a hidden layer).")] = "linear",
     calibrate: Annotated[bool, typer.Option(
         help="Post-hoc linear calibration fitted on the out-of-fold predictions.")] = True,
+    blend: Annotated[bool, typer.Option(
+        help="Deploy w·MIL + (1−w)·linear probe, w chosen on the out-of-fold predictions "
+             "(--no-blend: the MIL alone).")] = True,
     high_cutoff: Annotated[float, typer.Option(
         "--high-cutoff", help="sTIL-high vs low cut-off (%) for the headline AUC.")] = 30.0,
     seed: Annotated[int, typer.Option(help="Random seed (folds, initialisation, tile sampling).")] = 0,
@@ -97,7 +100,7 @@ def train(
             labels, features, encoder=encoder, models_dir=models, name=name, aggregations=aggregations,
             n_folds=folds, folds_by=folds_by.value, deploy=deploy.value, max_tiles=max_tiles,
             max_epochs=max_epochs, patience=patience, lr=lr, weight_decay=weight_decay, head=head,
-            calibrate=calibrate,
+            calibrate=calibrate, blend=blend,
             high_cutoff=high_cutoff, seed=seed, accelerator=accelerator, overwrite=overwrite,
             progress=not quiet, run_info=plain_json(values), init=init, cv=cv.value)
     except WeakstilError as exc:

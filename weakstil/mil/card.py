@@ -113,6 +113,7 @@ def build_card(*, name: str, df, metrics: Mapping, fingerprint: Mapping, train: 
         "cv_metrics": {"pooled": metrics.get("pooled"), "pooled_ci95": metrics.get("pooled_ci95"),
                        "per_cohort": metrics.get("per_cohort")},
         "linear_probe": metrics.get("linear_probe"),
+        "blend": metrics.get("blend"),
         "parent": dict(parent) if parent else None,
         "intended_use": INTENDED_USE,
         "limits": known_limits(fingerprint=fingerprint, n_slides=len(df), n_cohorts=len(cohorts), cv=cv),
@@ -228,6 +229,11 @@ def _training_section(card: Mapping) -> list[str]:
     if probe:
         pooled = probe.get("pooled", probe) if isinstance(probe, Mapping) else {}
         lines += ["", f"Linear-probe baseline: R² {_f(pooled.get('r2'))}, AUC@30 {_f(pooled.get('auc@30'))}."]
+    blend = card.get("blend")
+    if blend:
+        w, pooled = float(blend.get("weight", 1.0)), blend.get("pooled") or {}
+        lines += ["", f"Deployed score: {w:.1f} × MIL + {1 - w:.1f} × linear probe (weight chosen out of fold); "
+                      f"cross-fitted R² {_f(pooled.get('r2'))}, AUC@30 {_f(pooled.get('auc@30'))}."]
     qc = card.get("qc")
     lines += ["", "## QC thresholds (the `qc` column of scores.csv)", ""]
     if qc:

@@ -256,6 +256,16 @@ def metrics_table(runs: list[TrainedRun], *, title: str = "cross-validation (out
             f"{_fmt(pooled.get('r2'))} [{_fmt(r2_ci[0])}, {_fmt(r2_ci[1])}]",
             f"{_fmt(r2_f.get('mean'))}±{_fmt(r2_f.get('sd'))}",
             _fmt(pooled.get("pearson")), _fmt(pooled.get("mae"), 1), aucs, _fmt(m.get("cv_seconds"), 0))
+        probe, blend = (m.get("linear_probe") or {}).get("pooled"), m.get("blend")
+        if probe:  # the baseline on the same folds: does the MIL earn its keep on this cohort?
+            table.add_row("  linear probe", "", "", _fmt(probe.get("r2")), "", _fmt(probe.get("pearson")),
+                          _fmt(probe.get("mae"), 1), "/".join(_fmt(probe.get(f"auc@{c}")) for c in (10, 30, 50)), "")
+        if blend:  # what is deployed: the blend (and the calibration line), cross-fitted
+            d = (m.get("calibration") or {}).get("pooled") or blend.get("pooled") or {}
+            w = float(blend.get("weight", 1.0))
+            table.add_row(f"  deployed: {w:.1f}·MIL + {1 - w:.1f}·probe", "", "", _fmt(d.get("r2")), "",
+                          _fmt(d.get("pearson")), _fmt(d.get("mae"), 1),
+                          "/".join(_fmt(d.get(f"auc@{c}")) for c in (10, 30, 50)), "")
         for cohort, c in (m.get("per_cohort") or {}).items():  # several cohorts: one row each
             table.add_row(f"  {cohort}", str(c.get("n", "")), "", _fmt(c.get("r2")), "", _fmt(c.get("pearson")),
                           _fmt(c.get("mae"), 1), "/".join(_fmt(c.get(f"auc@{k}")) for k in (10, 30, 50)), "")

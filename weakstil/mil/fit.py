@@ -66,6 +66,7 @@ class TrainConfig:
     # out-of-fold predictions (mil.calibration); both reported in metrics.json.
     background_penalty: float = 0.0
     calibrate: bool = True
+    blend: bool = True  # deploy w · MIL + (1 − w) · linear probe, w chosen out of fold (mil.blend)
     head: str = "linear"  # the tile head: "linear" (on the features) | "mlp" (on the hidden layer)
 
     def __post_init__(self) -> None:

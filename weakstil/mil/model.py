@@ -159,7 +159,7 @@ class MILRegressor(nn.Module):
 
 # --- the deployed model: one or more fold members, saved in models/<name>/model.ckpt -------------
 CHECKPOINT_FORMAT = "weakstil.mil.model"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: may hold the linear probe of the blend
 
 
 @dataclass(frozen=True)
@@ -185,13 +185,15 @@ class TrainedModel:
     """
 
     def __init__(
-        self, members: list[MILRegressor], *, fingerprint: dict, config: dict | None = None
+        self, members: list[MILRegressor], *, fingerprint: dict, config: dict | None = None,
+        probe: dict | None = None,
     ):
         if not members:
             raise ValueError("a TrainedModel needs at least one member")
         self.members = [m.cpu().eval() for m in members]
         self.fingerprint = fingerprint
         self.config = dict(config or {})
+        self.probe = probe  # the linear probe of the blend (mil.blend): coef (D,), intercept
 
     @property
     def model_config(self) -> dict:
@@ -234,13 +236,18 @@ class TrainedModel:
             attention=attention,
             contribution=100.0 * contribution,
         )
+        blend = self.config.get("blend")
+        if blend and self.probe is not None:
+            from weakstil.mil.blend import blended, probe_score
+
+            raw = blended(raw, probe_score(features, self.probe), float(blend["weight"]))
         return calibrated(raw, self.config.get("calibration"))
 
     def save(self, path: str | Path) -> None:
         """Write ``model.ckpt`` (plain dict of tensors and plain types; loads with weights_only)."""
         state = {
             "format": CHECKPOINT_FORMAT,
-            "format_version": CHECKPOINT_VERSION,
+            "format_version": 1,  # 2 only with a probe (below)
             "weakstil_version": __version__,
             "model_config": plain_json(self.model_config),
             "members": [
@@ -250,6 +257,10 @@ class TrainedModel:
             "fingerprint": plain_json(self.fingerprint),
             "config": plain_json(self.config),
         }
+        if self.probe is not None:  # a weakstil that cannot apply the blend refuses the file
+            state["format_version"] = 2
+            state["probe"] = {"coef": torch.as_tensor(np.asarray(self.probe["coef"], np.float32)),
+                              "intercept": float(self.probe["intercept"]), "alpha": float(self.probe["alpha"])}
         import io
 
         buffer = io.BytesIO()
@@ -336,7 +347,11 @@ def load_model(model_dir: str | Path) -> TrainedModel:
             path=ckpt,
         ) from exc
     _check_finite(members, ckpt)
-    return TrainedModel(members, fingerprint=state["fingerprint"], config=state.get("config"))
+    probe = state.get("probe")
+    if probe is not None:
+        probe = {"coef": probe["coef"].numpy(), "intercept": float(probe["intercept"]),
+                 "alpha": float(probe["alpha"])}
+    return TrainedModel(members, fingerprint=state["fingerprint"], config=state.get("config"), probe=probe)
 
 
 def check_fingerprint(model: TrainedModel | dict, cache_fp) -> None:

@@ -72,45 +72,68 @@ def train_model(bags: Mapping[str, np.ndarray], table, cfg: TrainConfig, *, out_
     t0 = time.perf_counter()
     cv = cross_validate(bags, table, cfg, progress=progress, init_state=init_state, folds=folds)
     members = cv.models if cfg.deploy == "ensemble" else [_final_fit(bags, table, cfg, cv)]
-    line = _calibration_line(cv, cfg)
+    probe = _probe_section(bags, cv, cfg)
+    blend, probe_head, deployed, honest = _blend(bags, cv, cfg, probe)
+    line = _calibration_line(deployed, cv, cfg)
     config = {
         "weakstil_version": __version__, "deploy": cfg.deploy, "n_members": len(members),
         "train": asdict(cfg), "model": dict(members[0].config), "fingerprint": dict(fingerprint),
         "run": dict(run_info or {}), "calibration": line,
+        "blend": {k: blend[k] for k in ("weight", "fold_weights")} | {"alpha": probe_head["alpha"]} if blend else None,
     }
-    model = TrainedModel(members, fingerprint=dict(fingerprint), config=plain_json(config))
+    model = TrainedModel(members, fingerprint=dict(fingerprint), config=plain_json(config), probe=probe_head)
     with staging_dir(out_dir) as tmp:  # renamed into place whole; a full disk is a DiskFullError
         model.save(tmp / "model.ckpt")
         _write_text(tmp / "config.yaml", _yaml(model.config))
         cv.to_frame().to_csv(tmp / "cv_predictions.csv", index=False, float_format="%.4f")
         _write_plots(tmp / "plots", cv, cfg)
         metrics = _metrics_doc(cv, cfg, seconds=time.perf_counter() - t0)
-        metrics.update(plain_json(_baselines(bags, cv, cfg, line), finite=True))
+        metrics.update(plain_json(_baselines(cv, cfg, probe, blend, honest, line), finite=True))
         if extras is not None:
             extras(tmp, cv, metrics, model)
         _write_text(tmp / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     return out_dir
 
 
-def _calibration_line(cv: CVResult, cfg: TrainConfig) -> dict | None:
+def _probe_section(bags, cv: CVResult, cfg: TrainConfig) -> dict:
+    """The linear probe on the MIL's folds (issue #14): metrics and out-of-fold predictions."""
+    from weakstil.mil.probe import probe_report
+
+    return probe_report(bags, cv.slide_ids, cv.labels, cv.folds, cutoffs=cfg.cutoffs)
+
+
+def _blend(bags, cv: CVResult, cfg: TrainConfig, probe: dict):
+    """(metrics section, probe head, deployed out-of-fold predictions, cross-fitted ones) of the
+    MIL–probe blend (:mod:`weakstil.mil.blend`); the MIL's own predictions without ``cfg.blend``."""
+    if not cfg.blend:
+        return None, None, cv.predictions, cv.predictions
+    from weakstil.mil.blend import blend_report, choose_weight, fit_probe
+
+    oof = np.asarray(probe["predictions"], np.float64)
+    weight = choose_weight(cv.predictions, oof, cv.labels)
+    section, honest = blend_report(cv.predictions, oof, cv.labels, cv.folds, weight, cutoffs=cfg.cutoffs)
+    deployed = weight * cv.predictions + (1 - weight) * oof
+    return section, fit_probe(bags, cv.slide_ids, cv.labels), deployed, honest
+
+
+def _calibration_line(deployed: np.ndarray, cv: CVResult, cfg: TrainConfig) -> dict | None:
     """The post-hoc line the deployed model applies (None when ``cfg.calibrate`` is off)."""
     from weakstil.mil.calibration import fit_line
 
-    return fit_line(cv.predictions, cv.labels) if cfg.calibrate else None
+    return fit_line(deployed, cv.labels) if cfg.calibrate else None
 
 
-def _baselines(bags, cv: CVResult, cfg: TrainConfig, line: dict | None) -> dict:
-    """metrics.json sections beside the MIL's: the linear probe on the same folds (issue #14) and,
-    when on, the calibration's line and cross-fitted estimate."""
+def _baselines(cv: CVResult, cfg: TrainConfig, probe: dict, blend: dict | None, honest: np.ndarray,
+               line: dict | None) -> dict:
+    """metrics.json sections beside the MIL's: the linear probe on the same folds (issue #14), the
+    blend of both, and, when on, the calibration's line and cross-fitted estimate (of the blend)."""
     from weakstil.mil.calibration import calibration_report
-    from weakstil.mil.probe import probe_report
 
-    probe = probe_report(bags, cv.slide_ids, cv.labels, cv.folds, cutoffs=cfg.cutoffs)
-    probe.pop("predictions")
-    out = {"linear_probe": probe}
+    out = {"linear_probe": {k: v for k, v in probe.items() if k != "predictions"}}
+    if blend is not None:
+        out["blend"] = blend
     if line is not None:
-        out["calibration"] = calibration_report(cv.predictions, cv.labels, cv.folds, line,
-                                                cutoffs=cfg.cutoffs)
+        out["calibration"] = calibration_report(honest, cv.labels, cv.folds, line, cutoffs=cfg.cutoffs)
     return out
 
 
