@@ -18,6 +18,7 @@ from weakstil.wsi.tissue import (
     fill_small_holes,
     load_roi,
     mask_qc_image,
+    pen_marks,
     remove_small_objects,
     roi_mask,
     saturation_threshold,
@@ -91,6 +92,23 @@ def test_faint_stroma_survives_on_a_full_slide():
     image = canvas((100, 100), (230, 185, 210))  # light stroma, saturation 0.20
     image[:, 50:] = (110, 60, 150)  # dense purple
     assert tissue_mask(image, mpp_thumb=8.0).mean() > 0.98
+
+
+def test_faded_tissue_beside_a_pen_mark_is_found_and_the_ink_left_out():
+    """A saturated blue pen stroke pulled Otsu above faded tissue (cells-hard CEL-005: 0 % tissue)."""
+    image = canvas((120, 160), WHITE)
+    image[20:100, 10:100] = (236, 222, 232)  # faded pink tissue, saturation ~0.06
+    image[30:50, 120:155] = (40, 90, 200)  # blue marker ink
+    mask = tissue_mask(image, mpp_thumb=8.0)
+    assert mask[30:90, 20:90].mean() > 0.95
+    assert not mask[30:50, 120:155].any() and not mask[:, 105:].any()
+    assert pen_marks(image)[30:50, 120:155].all() and not pen_marks(image)[20:100, 10:100].any()
+
+
+@pytest.mark.parametrize("rgb", [(110, 60, 150), (232, 150, 190), (70, 60, 160), (150, 60, 110)])
+def test_h_and_e_colours_are_never_ink(rgb):
+    """Hematoxylin (also a very blue one), eosin and their mixes are not pen marks."""
+    assert not pen_marks(canvas((4, 4), rgb)).any()
 
 
 def test_small_specks_dropped_and_small_holes_filled():

@@ -69,6 +69,24 @@ def saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sat, high / 255.0
 
 
+PEN_HUES = (75.0, 235.0)  # degrees: green to blue, no stain of H&E; pen marks and marker ink
+PEN_MIN_SATURATION = 0.3
+
+
+def pen_marks(rgb: np.ndarray, sat: np.ndarray | None = None) -> np.ndarray:
+    """Pixels of strongly coloured green or blue ink (marker pens on the glass), not H&E.
+
+    Hematoxylin is purple (hue ~260-300°) and eosin pink (~320-360°); even a very blue hematoxylin
+    stays above PEN_HUES' upper end, and faded ink is not saturated enough to count.
+    """
+    rgb = np.asarray(rgb, np.float32)
+    if sat is None:
+        sat = saturation_value(rgb.astype(np.uint8))[0]
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    hue = np.degrees(np.arctan2(np.sqrt(3.0) * (g - b), 2.0 * r - g - b)) % 360.0
+    return (sat > PEN_MIN_SATURATION) & (hue >= PEN_HUES[0]) & (hue <= PEN_HUES[1])
+
+
 def saturation_threshold(sat: np.ndarray, params: TissueParams) -> float:
     """Otsu's threshold on saturation, clamped to [saturation_floor, saturation_ceiling]."""
     from skimage.filters import threshold_otsu
@@ -86,10 +104,15 @@ def tissue_mask(thumb_rgb: np.ndarray, *, mpp_thumb: float, params: TissueParams
     if not mpp_thumb > 0:
         raise ValueError(f"mpp_thumb must be > 0, got {mpp_thumb}")
     sat, value = saturation_value(thumb_rgb[..., :3])
+    pen = pen_marks(thumb_rgb[..., :3], sat)
     smooth_px = _odd(params.smooth_um / mpp_thumb)
     if smooth_px >= 3:
         sat = ndimage.median_filter(sat, size=smooth_px, mode="nearest")
-    mask = (sat > saturation_threshold(sat, params)) & (value >= params.value_floor)
+        pen = ndimage.binary_dilation(pen, iterations=smooth_px // 2) if pen.any() else pen
+    # ink is neither tissue nor background: left out of the threshold (a saturated pen mark would
+    # otherwise pull Otsu above faint tissue) and out of the mask
+    threshold = saturation_threshold(sat[~pen], params) if pen.any() else saturation_threshold(sat, params)
+    mask = (sat > threshold) & (value >= params.value_floor) & ~pen
     mask = _close_open(mask, round(params.closing_um / mpp_thumb), round(params.opening_um / mpp_thumb))
     px_area_um2 = mpp_thumb * mpp_thumb
     mask = remove_small_objects(mask, params.min_object_um2 / px_area_um2)
