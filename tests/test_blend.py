@@ -75,6 +75,9 @@ def test_trained_model_deploys_the_blend(tmp_path):
     blend = metrics["blend"]
     assert 0.0 <= blend["weight"] <= 1.0 and len(blend["fold_weights"]) == cfg.n_folds
     assert set(blend["pooled"]) == set(metrics["pooled"])
+    from weakstil.mil.train import deployed_pooled
+
+    assert metrics["deployed"]["pooled"] == blend["pooled"] == deployed_pooled(metrics)  # no calibration here
     state = torch.load(out / "model.ckpt", weights_only=True)
     assert state["format_version"] == 2 and state["probe"]["coef"].shape == (32,)
     model = load_model(out)
@@ -89,7 +92,9 @@ def test_trained_model_deploys_the_blend(tmp_path):
 
     plain = train_model(bags, table, replace(cfg, blend=False), out_dir=tmp_path / "p", fingerprint=FINGERPRINT,
                         progress=False)
-    assert "blend" not in json.loads((plain / "metrics.json").read_text())
+    plain_metrics = json.loads((plain / "metrics.json").read_text())
+    assert "blend" not in plain_metrics and "deployed" not in plain_metrics
+    assert deployed_pooled(plain_metrics) == plain_metrics["pooled"]
     assert torch.load(plain / "model.ckpt", weights_only=True)["format_version"] == 1
     assert load_model(plain).probe is None
 

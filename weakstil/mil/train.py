@@ -134,7 +134,19 @@ def _baselines(cv: CVResult, cfg: TrainConfig, probe: dict, blend: dict | None, 
         out["blend"] = blend
     if line is not None:
         out["calibration"] = calibration_report(honest, cv.labels, cv.folds, line, cutoffs=cfg.cutoffs)
+    deployed = out.get("calibration") or out.get("blend")
+    if deployed is not None:  # the one figure for what model.ckpt does, estimated honestly
+        parts = (["blend with the linear probe"] if blend is not None else []) + (
+            ["calibration line"] if line is not None else [])
+        out["deployed"] = {"pooled": deployed["pooled"],
+                           "note": "MIL + " + " + ".join(parts) + ", each cross-fitted (chosen on the other folds)"}
     return out
+
+
+def deployed_pooled(metrics: Mapping) -> dict:
+    """The pooled out-of-fold metrics of what a model folder deploys (``deployed``; the MIL's own
+    ``pooled`` for models trained without blend and calibration)."""
+    return dict((metrics.get("deployed") or {}).get("pooled") or metrics["pooled"])
 
 
 def _final_fit(bags, table, cfg: TrainConfig, cv: CVResult) -> MILRegressor:
