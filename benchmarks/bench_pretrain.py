@@ -21,7 +21,7 @@ steps instead of minutes, so that a run on a busy machine trains as much as a qu
 
 Sizes: ``full`` 40 slides, ≤ 15 min of pretraining per setting (the issue's CPU budget); ``quick``
 24 slides, 3 min; ``smoke`` 6 tiny slides, 3 steps. ``WEAKSTIL_BENCH_PRETRAIN_MINUTES``,
-``…_STEPS``, ``…_METHOD``, ``…_BATCH`` and ``…_VIEW_PX`` override the budget and recipe (to measure
+``…_STEPS``, ``…_METHOD``, ``…_BATCH``, ``…_VIEW_PX``, ``…_HED_SCALE`` and ``…_HED_SHIFT`` override the budget and recipe (to measure
 what would reach the goal); ``…_SETTINGS`` (e.g. ``stain``) runs one setting only; ``…_REUSE=1`` keeps an encoder an earlier
 (interrupted) run finished for a setting instead of pretraining it again.
 """
@@ -169,9 +169,16 @@ def pretrain_on(cohort: Path, out: Path, size: Size, device: str) -> dict:
     view_px = _env("VIEW_PX", int, size.view_px)
     # crops of about native magnification at view_px (a 112-px view of a 224-px tile: ~1/4 of its area)
     scale = (0.15, 0.4) if view_px <= 128 else (0.4, 1.0)
+    from dataclasses import replace
+
+    from weakstil.ssl.augment import AugmentParams
+
+    base = AugmentParams()
+    augment = replace(base, hed_scale=_env("HED_SCALE", float, base.hed_scale),
+                      hed_shift=_env("HED_SHIFT", float, base.hed_shift))
     config = SSLConfig(method=_env("METHOD", str, "simclr"), batch_size=_env("BATCH", int, size.batch),
                        view_px=view_px, crop_scale=scale, warmup_steps=min(50, (steps or 1000) // 5),
-                       dino_out_dim=1024)
+                       dino_out_dim=1024, augment=augment)
     if os.environ.get("WEAKSTIL_BENCH_PRETRAIN_REUSE") and (out / "encoder.json").exists():
         doc = json.loads((out / "encoder.json").read_text())  # an interrupted run's finished encoder
         rows = (out / "loss.csv").read_text().splitlines()[1:]
@@ -189,7 +196,7 @@ def pretrain_on(cohort: Path, out: Path, size: Size, device: str) -> dict:
     rates = [float(line.split(",")[2]) for line in (out / "loss.csv").read_text().splitlines()[2:]]
     return {"steps": doc["trained"]["steps"], "seconds": seconds, "tiles_per_s": float(np.median(rates)) if rates else 0.0,
             "method": config.method, "batch": config.batch_size, "view_px": config.view_px,
-            "final_loss": doc["trained"]["final_loss"]}
+            "hed": [config.augment.hed_scale, config.augment.hed_shift], "final_loss": doc["trained"]["final_loss"]}
 
 
 def run(mode, device: str = "cpu") -> list[Row]:
@@ -197,7 +204,7 @@ def run(mode, device: str = "cpu") -> list[Row]:
 
     size = SIZES[mode.name]
     settings = tuple(_env("SETTINGS", lambda v: tuple(v.split(",")), SETTINGS))
-    work = bench_dir() / f"pretrain-work-{mode.name}"
+    work = bench_dir() / f"pretrain-work-{mode.name}{os.environ.get('WEAKSTIL_BENCH_PRETRAIN_TAG', '')}"
     rows = []
     for setting in settings:
         path = cohort(size, setting)
