@@ -386,8 +386,10 @@ def _cross_validate(name: str, cohort: Cohort, recipes: dict, trained_by: dict, 
         result = {k: v for k, v in trained_by[rname][name].items() if k != "_cv"}
         doc["cv"].setdefault(rname, {})[name] = result
         if rname == "default":
-            shown = result.get("mil_calibrated", result["mil"]) | {
-                k: result["mil"][k] for k in ("tile_r", "top_stroma_min")}
+            mil = result["mil"]  # top tiles as top_tiles.png ranks them: by contribution when weights differ
+            shown = result.get("mil_calibrated", mil) | {
+                "tile_r": mil["tile_r"], "top_stroma_min": mil.get("top_stroma_min_by_contribution",
+                                                                  mil["top_stroma_min"])}
             kind = "hard" if "hard" in name else "standard"
             rows += _rows(f"{name} CV", shown, result["probe"], kind,
                           "calibrated" if "mil_calibrated" in result else "")
@@ -399,8 +401,8 @@ def results_markdown(doc: dict, recipe: str = "default") -> str:
         return "–" if v is None or math.isnan(v) else f"{v:.{d}f}"
 
     lines = ["| cohort | slides | R² vs truth: deployed (MIL alone) [probe] | blend w | R² vs labels [probe] | AUC@10/30/50 [probe @30] "
-             "| cal. slope / intercept [probe] | pred SD / label SD [probe] | tile r | top-8 tiles' stroma: "
-             "worst / mean slide | weight–stroma ρ |", "|" + "---|" * 11]
+             "| cal. slope / intercept [probe] | pred SD / label SD [probe] | tile r | top-8 tiles' stroma (by "
+             "contribution): worst / mean slide | weight–stroma ρ |", "|" + "---|" * 11]
     for name, r in doc["cv"].get(recipe, {}).items():
         m, p = r.get("mil_calibrated", r["mil"]), r["probe"]
         raw = r["mil"]
@@ -411,7 +413,8 @@ def results_markdown(doc: dict, recipe: str = "default") -> str:
             f"| {f(m['auc@10'])}/{f(m['auc@30'])}/{f(m['auc@50'])} [{f(p['auc@30'])}] "
             f"| {f(m['cal_slope'])} / {f(m['cal_intercept'], 1)} [{f(p['cal_slope'])} / {f(p['cal_intercept'], 1)}] "
             f"| {f(m['pred_sd'], 1)} / {f(m['label_sd'], 1)} [{f(p['pred_sd'], 1)}] | {f(raw['tile_r'])} "
-            f"| {f(raw['top_stroma_min'])} / {f(raw['top_stroma_mean'])} | {f(raw.get('weight_stroma_rho'))} |")
+            f"| {f(raw.get('top_stroma_min_by_contribution', raw['top_stroma_min']))} / "
+            f"{f(raw.get('top_stroma_mean_by_contribution', raw['top_stroma_mean']))} | {f(raw.get('weight_stroma_rho'))} |")
     lines += ["", "| transfer (train → score) | R² vs truth: MIL [probe] | AUC@30 [probe] | mean prediction vs truth "
               "[probe] | pred SD / truth SD |", "|---|---|---|---|---|"]
     for name, r in doc["transfer"].get(recipe, {}).items():

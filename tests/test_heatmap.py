@@ -477,12 +477,21 @@ def test_top_tiles_grid(tmp_path, slide, tiles):
     assert image.shape[:2] == tiles_mod.top_tiles_size(3, tile_px)[::-1]
     # read at level 0 (downsample 2 wanted; levels are 1, 4, 16) as 448 px, resized to 224
     assert {read for read in slide.reads} == {(0, (448, 448))}
-    # first cell of the top row: the 95 % tile; first cell of the bottom row: the 0 % tile
+    # weights that differ: the top row by contribution (tile 6: 7/78 × 29.9 % is the largest), the
+    # bottom row the lowest sTIL% among tiles weighted ≥ the median (tile 10, 0 %)
     x0 = tiles_mod._PAD + tile_px // 2
-    for row, i in ((0, 0), (1, 10)):
+
+    def first_cell_is(image, row, i):
         y0 = tiles_mod._HEAD + row * (tile_px + tiles_mod._LABEL + tiles_mod._PAD) + tiles_mod._LABEL + tile_px // 2
         cx, cy = np.asarray(coords[i]) // int(TILE)
-        assert np.abs(image[y0, x0].astype(int) - FakeSlide.cell_rgb(cx, cy)).max() <= 2
+        return np.abs(image[y0, x0].astype(int) - FakeSlide.cell_rgb(cx, cy)).max() <= 2
+
+    assert first_cell_is(image, 0, 6) and first_cell_is(image, 1, 10)
+    # uniform weights (mean pooling): the 95 % tile on top, the 0 % tile below
+    uniform = tiles_mod.top_tiles_png(slide, coords, TILE, pred, tmp_path / "mean.png", k=3,
+                                      attention=np.full(len(pred), 1 / len(pred)))
+    image = np.asarray(Image.open(uniform).convert("RGB"))
+    assert first_cell_is(image, 0, 0) and first_cell_is(image, 1, 10)
 
 
 def test_top_tiles_with_few_tiles_and_none(tmp_path, slide):
