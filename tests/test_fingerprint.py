@@ -54,15 +54,17 @@ def slide(tmp_path):
     return write_tiny_slide(tmp_path / "slides" / "S1.tif")
 
 
-def test_a_changed_roi_recomputes_and_the_tiles_lie_inside_it(slide, tmp_path, encoder):
+def test_a_changed_roi_recomputes_and_the_tiles_lie_inside_it(slide, tmp_path, encoder, caplog):
     features = tmp_path / "features"
     whole = _extract([slide], features, encoder)
     assert _statuses(whole) == [("done", "")]
     n_whole = whole.cache.read("S1").n_tiles
     half = TINY_SIZE[0] // 2
     roi_dir = _write_roi(tmp_path / "roi", "S1", half)
-    again = _extract([slide], features, encoder, roi_dir=roi_dir)
+    with caplog.at_level("WARNING", logger="weakstil.embed.extract"):
+        again = _extract([slide], features, encoder, roi_dir=roi_dir)
     assert _statuses(again) == [("done", "")]  # not "skipped": the old tiles covered all tissue
+    assert sum("extracting again" in r.getMessage() for r in caplog.records) == 1  # said once, not twice
     cached = again.cache.read("S1")
     size = cached.attrs["tile_size_l0"]
     centres_x = cached.coords_l0[:, 0] + size / 2

@@ -343,6 +343,7 @@ class SlideExtractor:
                  roi_dir: Path | None = None, qc: bool = True, tiles_task=None):
         self.cache, self.embedder, self.spec, self.tissue, self.opts = cache, embedder, spec, tissue, opts
         self.roi_dir, self.qc, self.tiles_task = roi_dir, qc, tiles_task
+        self._warned: set = set()  # (slide id, differences) already logged
         embedder.set_options(precision=opts.precision, compile=opts.compile)
         self.timings: dict[str, float] = {}
         self._pool = None  # RingPool, made on the first slide that reads with processes
@@ -360,7 +361,8 @@ class SlideExtractor:
             return False
         request = slide_request(roi=roi_for(self.roi_dir, source.slide_id), open_kwargs=source.open_kwargs)
         diffs = slide_differences(attrs, request, resolve_mpp=lambda: _slide_mpp(source))
-        if diffs:
+        if diffs and (source.slide_id, tuple(diffs)) not in self._warned:  # asked again under the lock
+            self._warned.add((source.slide_id, tuple(diffs)))
             log.warning("%s: extracting again, the cached tiles were made for another request (%s)",
                         source.slide_id, "; ".join(diffs))
         return not diffs
