@@ -46,10 +46,10 @@ def _exit_now(exc: SystemExit) -> None:
         return
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         return
-    code = exc.code
-    code = 0 if code is None else code if isinstance(code, int) else 1
-    if not isinstance(exc.code, (int, type(None))):
-        print(exc.code, file=sys.stderr)
+    code = 0 if exc.code is None else exc.code
+    if not isinstance(code, int):  # SystemExit("message"): printed, exit status 1, as Python does
+        print(code, file=sys.stderr)
+        code = 1
     import atexit
 
     atexit._run_exitfuncs()

@@ -22,15 +22,12 @@ import numpy as np
 WEIGHTS = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
 
 
-def _r2(y: np.ndarray, p: np.ndarray) -> float:
-    ss = float(((y - y.mean()) ** 2).sum())
-    return 1.0 - float(((y - p) ** 2).sum()) / ss if ss > 0 else -np.inf
-
-
 def choose_weight(mil, probe, labels) -> float:
     """The MIL's weight in the blend that fits ``labels`` best (R²); ties go to the larger weight."""
+    from sklearn.metrics import r2_score
+
     mil, probe, labels = (np.asarray(a, np.float64) for a in (mil, probe, labels))
-    scores = [_r2(labels, w * mil + (1 - w) * probe) for w in WEIGHTS]
+    scores = [r2_score(labels, w * mil + (1 - w) * probe) for w in WEIGHTS]
     best = max(scores)
     return float(max(w for w, s in zip(WEIGHTS, scores) if s >= best - 1e-12))
 

@@ -79,7 +79,8 @@ def train_model(bags: Mapping[str, np.ndarray], table, cfg: TrainConfig, *, out_
         "weakstil_version": __version__, "deploy": cfg.deploy, "n_members": len(members),
         "train": asdict(cfg), "model": dict(members[0].config), "fingerprint": dict(fingerprint),
         "run": dict(run_info or {}), "calibration": line,
-        "blend": {k: blend[k] for k in ("weight", "fold_weights")} | {"alpha": probe_head["alpha"]} if blend else None,
+        "blend": None if blend is None else {"weight": blend["weight"], "fold_weights": blend["fold_weights"],
+                                             "alpha": probe_head["alpha"]},
     }
     model = TrainedModel(members, fingerprint=dict(fingerprint), config=plain_json(config), probe=probe_head)
     with staging_dir(out_dir) as tmp:  # renamed into place whole; a full disk is a DiskFullError
