@@ -19,7 +19,8 @@ ridge; :mod:`weakstil.mil.probe`) on the same folds beside each. Reported: R² o
 (pretrained − random), pretraining steps, minutes and tiles/s. ``…_STEPS`` fixes the budget in
 steps instead of minutes, so that a run on a busy machine trains as much as a quiet one would.
 
-Sizes: ``full`` 40 slides, ≤ 15 min of pretraining per setting (the issue's CPU budget); ``quick``
+Sizes: ``full`` 40 slides, ≤ 15 min of pretraining per setting (the issue's CPU budget) with the
+CLI's default recipe (224-px views, strong stain jitter); ``quick``
 24 slides, 3 min; ``smoke`` 6 tiny slides, 3 steps. ``WEAKSTIL_BENCH_PRETRAIN_MINUTES``,
 ``…_STEPS``, ``…_METHOD``, ``…_BATCH``, ``…_VIEW_PX``, ``…_HED_SCALE`` and ``…_HED_SHIFT`` override the budget and recipe (to measure
 what would reach the goal); ``…_SETTINGS`` (e.g. ``stain``) runs one setting only; ``…_REUSE=1`` keeps an encoder an earlier
@@ -56,7 +57,7 @@ class Size:
 
 
 SIZES = {
-    "full": Size(40, 1600.0, 15.0, None, 64, 112, None),
+    "full": Size(40, 1600.0, 15.0, None, 64, 224, None),  # 224-px views: `weakstil pretrain`'s default
     "quick": Size(24, 1200.0, 3.0, None, 48, 112, None),
     "smoke": Size(6, 400.0, None, 3, 8, 64, 2),
 }
