@@ -80,8 +80,21 @@ def prepare_one(root: Path, plan: Plan, family: str, setting: str, new: bool, n:
     return out
 
 
+def stain() -> str:
+    """How tiles are stain-normalised before the encoder: $WEAKSTIL_ACCURACY_STAIN (default: the
+    TileSpec's, macenko)."""
+    from weakstil.wsi.tiling import TileSpec
+
+    return os.environ.get("WEAKSTIL_ACCURACY_STAIN", TileSpec().stain)
+
+
+def features_dir(cohort: Path) -> Path:
+    """Each stain setting keeps its own cache folder, so runs with and without stay side by side."""
+    return cohort / ("features" if stain() == "none" else f"features-{stain()}")
+
+
 def _ready(path: Path, n: int) -> bool:
-    slides = list((path / "features").glob("*.zarr/slides/*/zarr.json"))
+    slides = list(features_dir(path).glob("*.zarr/slides/*/zarr.json"))
     return (path / "labels.csv").exists() and len(slides) >= n
 
 
@@ -104,8 +117,8 @@ def extract(cohort: Path, *, progress: bool = False):
     from weakstil.wsi.tissue import TissueParams
 
     sources = slide_sources(find_slides(cohort / "slides"))
-    result = extract_slides(sources, cohort / "features", encoder=create_encoder("resnet18-random"),
-                            spec=TileSpec(), tissue=TissueParams(),
+    result = extract_slides(sources, features_dir(cohort), encoder=create_encoder("resnet18-random"),
+                            spec=TileSpec(stain=stain()), tissue=TissueParams(),
                             opts=ExtractOptions(device="cpu", progress=progress), qc=False)
     for outcome in result.failed:  # e.g. a faded hard-setting slide the tissue detector misses
         print(f"[accuracy] {cohort.name}: {outcome.key} not extracted ({outcome.reason})", file=sys.stderr)
@@ -130,7 +143,7 @@ def load_cohort(path: Path) -> Cohort:
     from weakstil.mil.labels import read_labels
     from weakstil.synth.truth import load_truth, tile_truth
 
-    cache = FeatureCache.find(path / "features")
+    cache = FeatureCache.find(features_dir(path))
     table = read_labels(path / "labels.csv").df
     table = table[table["slide_id"].isin(set(cache.complete_ids()))].reset_index(drop=True)
     bags, truth, stroma, tiles = {}, [], {}, {}
@@ -434,8 +447,9 @@ def write_report(doc: dict, rows: list[Row]) -> Path:
 
     out = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{dt.date.today().isoformat()}-accuracy.json"
-    doc = dict(doc, machine=machine(), table=markdown_table(rows))
+    tag = "" if stain() == "macenko" else f"-stain-{stain()}"
+    path = out / f"{dt.date.today().isoformat()}-accuracy{tag}.json"
+    doc = dict(doc, stain=stain(), machine=machine(), table=markdown_table(rows))
     doc["markdown"] = results_markdown(doc)
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(json.dumps(_json_safe(doc), indent=1, allow_nan=False) + "\n")

@@ -22,7 +22,8 @@ steps instead of minutes, so that a run on a busy machine trains as much as a qu
 Sizes: ``full`` 40 slides, ≤ 15 min of pretraining per setting (the issue's CPU budget) with the
 CLI's default recipe (224-px views, strong stain jitter); ``quick``
 24 slides, 3 min; ``smoke`` 6 tiny slides, 3 steps. ``WEAKSTIL_BENCH_PRETRAIN_MINUTES``,
-``…_STEPS``, ``…_METHOD``, ``…_BATCH``, ``…_VIEW_PX``, ``…_HED_SCALE`` and ``…_HED_SHIFT`` override the budget and recipe (to measure
+``…_STEPS``, ``…_METHOD``, ``…_BATCH``, ``…_VIEW_PX``, ``…_HED_SCALE``, ``…_HED_SHIFT`` and ``…_STAIN``
+(the tiles' stain normalisation, default the TileSpec's: macenko) override the budget and recipe (to measure
 what would reach the goal); ``…_SETTINGS`` (e.g. ``stain``) runs one setting only; ``…_REUSE=1`` keeps an encoder an earlier
 (interrupted) run finished for a setting instead of pretraining it again.
 """
@@ -66,6 +67,14 @@ SIZES = {
 def _env(name: str, cast, default):
     value = os.environ.get(f"WEAKSTIL_BENCH_PRETRAIN_{name}")
     return cast(value) if value else default
+
+
+def tiling():
+    """The tiling of pretraining and extraction: the default TileSpec, its stain normalisation from
+    ``WEAKSTIL_BENCH_PRETRAIN_STAIN`` (macenko | none) when set."""
+    from weakstil.wsi.tiling import TileSpec
+
+    return TileSpec(stain=_env("STAIN", str, TileSpec().stain))
 
 
 def stain_shifted(src: Path, dst: Path, *, seed: int = 0) -> Path:
@@ -129,11 +138,10 @@ def features_r2(cohort: Path, encoder, work: Path, cv_epochs: int | None) -> dic
     from weakstil.mil.labels import read_labels
     from weakstil.runs.batch import extract_slides
     from weakstil.wsi.slide import find_slides
-    from weakstil.wsi.tiling import TileSpec
     from weakstil.wsi.tissue import TissueParams
 
     sources = slide_sources(find_slides(cohort / "slides"))
-    result = extract_slides(sources, work, encoder=encoder, spec=TileSpec(), tissue=TissueParams(),
+    result = extract_slides(sources, work, encoder=encoder, spec=tiling(), tissue=TissueParams(),
                             opts=ExtractOptions(progress=False), qc=False, lock=False)
     failed = {o.key: o.reason for o in result.failed}  # e.g. a faded slide without detectable tissue
     if len(failed) > len(sources) // 4:
@@ -190,7 +198,7 @@ def pretrain_on(cohort: Path, out: Path, size: Size, device: str) -> dict:
                 "view_px": config.view_px, "final_loss": trained.get("final_loss"), "reused": True}
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    doc = pretrain(slide_sources(find_slides(cohort / "slides")), out, config=config,
+    doc = pretrain(slide_sources(find_slides(cohort / "slides")), out, config=config, spec=tiling(),
                    opts=PretrainOptions(max_steps=steps, max_minutes=minutes, device=device,
                                         checkpoint_every=10**6, progress=False))
     seconds = time.perf_counter() - t0
@@ -246,13 +254,12 @@ def bn_recalibrated(cohort_path: Path, out: Path, *, tiles: int = 4096, batch: i
     from weakstil.ssl.data import plan_pretrain_tiles, tile_loader
     from weakstil.ssl.export import write_encoder_folder
     from weakstil.wsi.slide import find_slides
-    from weakstil.wsi.tiling import TileSpec
     from weakstil.wsi.tissue import TissueParams
 
     encoder = create_encoder("resnet18-random")
     backbone = encoder.backbone
-    slides, _ = plan_pretrain_tiles(slide_sources(find_slides(cohort_path / "slides")), TileSpec(), TissueParams())
-    loader = tile_loader(slides, tile_px=TileSpec().tile_px, batch_size=batch, workers=0, device="cpu", seed=0)
+    slides, _ = plan_pretrain_tiles(slide_sources(find_slides(cohort_path / "slides")), tiling(), TissueParams())
+    loader = tile_loader(slides, tile_px=tiling().tile_px, batch_size=batch, workers=0, device="cpu", seed=0)
     for m in backbone.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.reset_running_stats()

@@ -125,16 +125,22 @@ def test_blur_keeps_flat_images_and_smooths_others():
 
 
 # --- the tile stream ------------------------------------------------------------------------------
-def test_stream_reads_tissue_tiles_from_every_slide(slide_folder):
+@pytest.mark.parametrize("stain", ["none", "macenko"])
+def test_stream_reads_tissue_tiles_from_every_slide(slide_folder, stain):
+    """Tiles as the region path reads them; with stain normalisation (the default), those tiles
+    rendered with the reference stains from the slide's own estimate, as extraction does."""
     from weakstil.embed.extract import slide_sources
+    from weakstil.embed.stain import normalize_tiles
     from weakstil.ssl.data import plan_pretrain_tiles, tile_loader
     from weakstil.wsi.reader import Block, read_block_region
     from weakstil.wsi.slide import find_slides, open_slide
     from weakstil.wsi.tiling import TileSpec
     from weakstil.wsi.tissue import TissueParams
 
-    slides, skipped = plan_pretrain_tiles(slide_sources(find_slides(slide_folder)), TileSpec(), TissueParams())
+    slides, skipped = plan_pretrain_tiles(slide_sources(find_slides(slide_folder)), TileSpec(stain=stain),
+                                          TissueParams())
     assert len(slides) == 2 and not skipped and all(len(s.coords_l0) > 0 for s in slides)
+    assert all((s.stain is None) == (stain == "none") for s in slides)
     loader = tile_loader(slides, tile_px=224, batch_size=3, workers=0, device="cpu")
     batches = [b for _, b in zip(range(3), loader)]
     assert all(b.shape == (3, 224, 224, 3) and b.dtype == torch.uint8 for b in batches)
@@ -149,6 +155,8 @@ def test_stream_reads_tissue_tiles_from_every_slide(slide_folder):
             xy = slides[s].coords_l0[t]
             block = Block(np.array([0]), (int(xy[0]), int(xy[1])), (edge, edge))
             ref = read_block_region(slide, block, xy[None], size_l0=slides[s].size_l0, tile_px=224)[0]
+        if slides[s].stain is not None:
+            ref = normalize_tiles(torch.from_numpy(ref[None]), slides[s].stain)[0].numpy()
         assert np.abs(tile.astype(float) - ref).mean() < 3.0
 
 
@@ -194,7 +202,7 @@ def test_extract_with_encoder_dir_fingerprints_the_pretrained_weights(encoder_di
     from weakstil.embed.encoders import create_encoder
 
     result = invoke("extract", slide_folder, "--features", tmp_path / "f", "--encoder", encoder_dir, "--quiet",
-                    "--device", "cpu")
+                    "--device", "cpu", "--stain-norm", "none")  # tiles as read: compared with a direct forward
     assert result.exit_code == 0, result.output
     cache = FeatureCache.find(tmp_path / "f")
     doc = json.loads((encoder_dir / "encoder.json").read_text())

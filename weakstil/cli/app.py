@@ -206,6 +206,9 @@ TilePxOpt = Annotated[int, typer.Option("--tile-px", help="Tile edge in pixels."
 TileMppOpt = Annotated[float, typer.Option("--tile-mpp", help="Tile resolution in µm per pixel.")]
 OverlapOpt = Annotated[int, typer.Option("--overlap", help="Pixels shared by neighbouring tiles.")]
 MinTissueOpt = Annotated[float, typer.Option("--min-tissue", help="Keep tiles with at least this tissue fraction.")]
+StainOpt = Annotated[str, typer.Option(
+    "--stain-norm", help="Tile colours before the encoder: macenko (each slide's H&E mapped onto a reference) "
+                         "or none. Part of the cache key; a model trained on it scores with it.")]
 LockOpt = Annotated[bool, typer.Option("--lock/--no-lock",
                                        help="Per-slide lock files, so several processes can share a folder.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]

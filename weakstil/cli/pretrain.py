@@ -20,6 +20,7 @@ from weakstil.cli.app import (
     QuietOpt,
     ReadWorkersOpt,
     RoiOpt,
+    StainOpt,
     TileMppOpt,
     TilePxOpt,
     _fail,
@@ -64,6 +65,7 @@ def pretrain(
     tile_px: TilePxOpt = 224,
     tile_mpp: TileMppOpt = 0.5,
     min_tissue: MinTissueOpt = 0.5,
+    stain_norm: StainOpt = "macenko",
     roi: RoiOpt = None,
     backend: BackendOpt = Backend.auto,
     mpp: MppOpt = None,
@@ -93,7 +95,8 @@ def pretrain(
         opts = PretrainOptions(max_steps=max_steps if max_steps or max_minutes else 1000, max_minutes=max_minutes,
                                device=device, devices=devices, precision=precision, workers=read_workers,
                                checkpoint_every=checkpoint_every, resume=resume, progress=not quiet)
-        doc = run_pretrain(sources, out, config=cfg, spec=TileSpec(tile_px=tile_px, mpp=tile_mpp, min_tissue=min_tissue),
+        doc = run_pretrain(sources, out, config=cfg, spec=TileSpec(tile_px=tile_px, mpp=tile_mpp, min_tissue=min_tissue,
+                                                                       stain=stain_norm),
                            roi_dir=roi, opts=opts, run_info=plain_json(values))
     except WeakstilError as exc:
         _fail(exc)

@@ -25,6 +25,7 @@ from weakstil.cli.app import (
     ReadWorkersOpt,
     RoiOpt,
     SchedulerOpt,
+    StainOpt,
     TileMppOpt,
     TilePxOpt,
     WaitOpt,
@@ -126,6 +127,7 @@ def extract(
     tile_mpp: TileMppOpt = 0.5,
     overlap: OverlapOpt = 0,
     min_tissue: MinTissueOpt = 0.5,
+    stain_norm: StainOpt = "macenko",
     roi: RoiOpt = None,
     backend: BackendOpt = Backend.auto,
     mpp: MppOpt = None,
@@ -156,7 +158,7 @@ def extract(
     from weakstil.wsi.tissue import TissueParams
 
     try:
-        spec = TileSpec(tile_px=tile_px, mpp=tile_mpp, overlap=overlap, min_tissue=min_tissue)
+        spec = TileSpec(tile_px=tile_px, mpp=tile_mpp, overlap=overlap, min_tissue=min_tissue, stain=stain_norm)
         tissue = TissueParams()
         checks.existing_dir(roi, "--roi", "give the folder of <slide_id>.geojson files exported from QuPath")
         sources = slide_sources(find_slides(slides), **_open_kwargs(backend, mpp, force_mpp, mpp_csv))

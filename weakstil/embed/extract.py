@@ -173,12 +173,19 @@ class TileEmbedder:
             self._forward = torch.compile(self.encoder) if compile else self.encoder
             self.compile = compile
 
-    def __call__(self, tiles_uint8) -> np.ndarray:
-        """(B, H, W, 3) uint8 tensor → (B, D) float16 numpy (resize + normalise from the encoder spec)."""
+    def __call__(self, tiles_uint8, stain=None) -> np.ndarray:
+        """(B, H, W, 3) uint8 tensor → (B, D) float16 numpy (resize + normalise from the encoder spec).
+
+        ``stain``: the slide's :class:`weakstil.embed.stain.StainEstimate`; tiles are first rendered
+        with the reference stains (on the encoder's device)."""
         import torch
 
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         with torch.inference_mode():
+            if stain is not None:
+                from weakstil.embed.stain import normalize_tiles
+
+                tiles_uint8 = normalize_tiles(torch.as_tensor(tiles_uint8).to(self.device), stain)
             x = self.encoder.preprocess(tiles_uint8)
             with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 feats = self._forward(x)
@@ -251,12 +258,13 @@ def iter_batches(dataset: BlockDataset, opts: ExtractOptions, device: str, *,
 
 def embed_tiles(path: Path, coords_l0: np.ndarray, blocks: list[Block], size_l0: float, tile_px: int,
                 embedder: TileEmbedder, write, opts: ExtractOptions, *, advance=None, slide=None,
-                pool=None, timings: dict | None = None) -> int:
+                pool=None, timings: dict | None = None, stain=None) -> int:
     """Embed every tile (coords in block order) and hand ``write(start_row, feats_f16)`` each batch.
 
     ``slide``: a handle already open on ``path`` for the reader thread (saves opening it again);
     ``pool``: reader processes kept across slides (:class:`weakstil.embed.loader.RingPool`);
-    ``timings``: filled with the seconds to the first batch's features and after it.
+    ``timings``: filled with the seconds to the first batch's features and after it; ``stain``: the
+    slide's stain estimate when tiles are stain-normalised (:mod:`weakstil.embed.stain`).
     """
     import time
 
@@ -268,7 +276,7 @@ def embed_tiles(path: Path, coords_l0: np.ndarray, blocks: list[Block], size_l0:
         for start, tiles in batches:
             if start != done:
                 raise RuntimeError(f"tile batches out of order: expected row {done}, got {start}")
-            write(start, embedder(tiles))
+            write(start, embedder(tiles, stain) if stain is not None else embedder(tiles))
             if done == 0 and timings is not None:
                 timings["first_batch"] = time.perf_counter() - started
             done += len(tiles)
@@ -396,6 +404,21 @@ class SlideExtractor:
         log.info("%s has no JPEG tiles to decode on the GPU: decoding on the CPU", slide.slide_id)
         return "cpu"
 
+    def _stain_for(self, slide, coords, blocks, size_l0: float, attrs: dict):
+        """The slide's stain estimate when the tiling normalises stains (also into ``attrs``), else None."""
+        if self.spec.stain == "none":
+            return None
+        from weakstil.embed.stain import estimate_slide_stain
+
+        estimate = estimate_slide_stain(slide, coords, blocks, size_l0=size_l0, tile_px=self.spec.tile_px)
+        if estimate is None:  # a nearly blank sample: its tiles go to the encoder as they are
+            log.warning("%s: too few stained pixels to estimate its stains; tiles are not stain-normalised",
+                        slide.slide_id)
+            attrs["stain"] = {"method": self.spec.stain, "skipped": "too few stained pixels"}
+            return None
+        attrs["stain"] = estimate.as_attrs()
+        return estimate
+
     def _qc_later(self, grid, path: Path, **labels):
         """Write the QC picture (mask outline, tile grid, slide id, scale bar: ``labels`` are
         :func:`~weakstil.wsi.tissue.save_mask_qc`'s ``slide_id`` and ``mpp_thumb``) in a background
@@ -465,6 +488,7 @@ class SlideExtractor:
             opts = ExtractOptions(**{**self.opts.__dict__, "open_kwargs": open_kwargs, "decode": decode})
             pool = self.reader_pool(self.spec.tile_px, block) if decode == "cpu" else None
             attrs["decode"] = decode
+            stain = self._stain_for(slide, coords, blocks, grid.size_l0, attrs)
             lap("blocks")
             try:
                 with self.cache.slide_writer(source.slide_id, coords, self.embedder.embed_dim, attrs,
@@ -473,7 +497,7 @@ class SlideExtractor:
                     write = _timed_calls(writer.write, t, "write")
                     embed_tiles(source.path, coords, blocks, grid.size_l0, self.spec.tile_px, self.embedder,
                                 write, opts, advance=self.tiles_task, slide=slide if pool is None else None,
-                                pool=pool, timings=t)
+                                pool=pool, timings=t, stain=stain)
                     clock[0] = time.perf_counter()
                 lap("commit")
             except BaseException:

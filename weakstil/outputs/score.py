@@ -49,7 +49,8 @@ def tiling_from_fingerprint(tiling_fp: dict):
 
     try:
         spec = TileSpec(tile_px=int(tiling_fp["tile_px"]), mpp=float(tiling_fp["mpp"]),
-                        overlap=int(tiling_fp["overlap"]), min_tissue=float(tiling_fp["min_tissue"]))
+                        overlap=int(tiling_fp["overlap"]), min_tissue=float(tiling_fp["min_tissue"]),
+                        stain=str(tiling_fp.get("stain", "none")))
         tissue = TissueParams(**tiling_fp["tissue"])
     except (KeyError, TypeError) as exc:
         raise ModelMismatchError(f"the model's tiling fingerprint is incomplete ({exc})",

@@ -36,6 +36,7 @@ class SlideTiles:
     open_kwargs: dict
     coords_l0: np.ndarray  # (N, 2) int32 (x, y)
     size_l0: float
+    stain: object = None  # its weakstil.embed.stain.StainEstimate when tiles are stain-normalised
 
     @property
     def slide_id(self) -> str:
@@ -60,17 +61,32 @@ def plan_pretrain_tiles(sources, spec, tissue, *, roi_dir: Path | None = None) -
             with open_slide(source.path, **source.open_kwargs) as slide:
                 grid = plan_tiles(slide, spec, tissue=tissue, roi=roi_for(roi_dir, source.slide_id))
                 backend = slide.backend if slide.backend != "image" else source.open_kwargs.get("backend", "auto")
+                stain = _slide_stain(slide, grid, spec) if spec.stain != "none" else None
         except WeakstilError as exc:  # unreadable, no mpp, no tissue …: skip it, say why
             skipped[source.slide_id] = str(exc).splitlines()[0]
             log.warning("pretrain: skipping %s: %s", source.slide_id, skipped[source.slide_id])
             continue
         open_kwargs = dict(source.open_kwargs, backend=backend)
-        planned.append(SlideTiles(Path(source.path), open_kwargs, grid.coords_l0, float(grid.size_l0)))
+        planned.append(SlideTiles(Path(source.path), open_kwargs, grid.coords_l0, float(grid.size_l0), stain))
     if not planned:
         raise NoPretrainTilesError(f"none of the {len(sources)} slides has usable tissue tiles"
                                    + (f" ({'; '.join(f'{k}: {v}' for k, v in list(skipped.items())[:3])})"
                                       if skipped else ""))
     return planned, skipped
+
+
+def _slide_stain(slide, grid, spec, n: int = 128):
+    """The slide's stain estimate from up to ``n`` of its tiles spread over the grid, as extraction
+    makes it (None, with a warning, when they hold too few stained pixels)."""
+    from weakstil.embed.stain import estimate_stain, pooled
+
+    picks = np.unique(np.linspace(0, len(grid.coords_l0) - 1, min(n, len(grid.coords_l0))).round().astype(int))
+    estimate = estimate_stain(pooled(read_tiles_at(slide, grid.coords_l0[picks], size_l0=float(grid.size_l0),
+                                                   tile_px=spec.tile_px)))
+    if estimate is None:
+        log.warning("pretrain: %s has too few stained pixels to estimate its stains; its tiles are used as they are",
+                    slide.slide_id)
+    return estimate
 
 
 def read_tiles_at(slide, coords_l0: np.ndarray, *, size_l0: float, tile_px: int) -> np.ndarray:
@@ -142,8 +158,13 @@ def _stream_class():
             for s in np.unique(pairs[:, 0]):
                 rows = np.flatnonzero(pairs[:, 0] == s)
                 slide = self.slides[int(s)]
-                out[rows] = read_tiles_at(self._handle(int(s)), slide.coords_l0[pairs[rows, 1]],
-                                          size_l0=slide.size_l0, tile_px=self.tile_px)
+                tiles = read_tiles_at(self._handle(int(s)), slide.coords_l0[pairs[rows, 1]],
+                                      size_l0=slide.size_l0, tile_px=self.tile_px)
+                if slide.stain is not None:
+                    from weakstil.embed.stain import normalize_tiles
+
+                    tiles = normalize_tiles(torch.from_numpy(tiles), slide.stain).numpy()
+                out[rows] = tiles
             return out
 
         def _handle(self, s: int):

@@ -30,12 +30,15 @@ TILING_VERSION = 1  # bump when the grid or the tissue filter changes meaning (p
 @dataclass(frozen=True)
 class TileSpec:
     """``tile_px`` pixels at ``mpp`` µm/px; ``overlap`` px (at ``mpp``) shared by neighbours; tiles
-    are kept when at least ``min_tissue`` of their area is tissue."""
+    are kept when at least ``min_tissue`` of their area is tissue. ``stain``: how tile colours are
+    normalised before the encoder ('macenko', the default: each slide's stains mapped onto a
+    reference H&E, see :mod:`weakstil.embed.stain`; or 'none')."""
 
     tile_px: int = 224
     mpp: float = 0.5
     overlap: int = 0
     min_tissue: float = 0.5
+    stain: str = "macenko"
 
     def __post_init__(self) -> None:
         problems = []
@@ -47,9 +50,11 @@ class TileSpec:
             problems.append(f"overlap must be an integer in 0..tile_px-1 (got {self.overlap!r})")
         if not (isinstance(self.min_tissue, (int, float)) and 0 <= self.min_tissue <= 1):
             problems.append(f"min_tissue must be a fraction in 0..1 (got {self.min_tissue!r})")
+        if self.stain not in ("none", "macenko"):
+            problems.append(f"stain must be 'none' or 'macenko' (got {self.stain!r})")
         if problems:
             raise ConfigError("bad tiling: " + "; ".join(problems),
-                              fix="e.g. --tile-px 224 --tile-mpp 0.5 --overlap 0 --min-tissue 0.5")
+                              fix="e.g. --tile-px 224 --tile-mpp 0.5 --overlap 0 --min-tissue 0.5 --stain-norm macenko")
 
     def size_l0(self, slide_mpp: float) -> float:
         """Edge of one tile in level-0 pixels on a slide of ``slide_mpp`` µm/px (a float)."""
@@ -61,7 +66,7 @@ class TileSpec:
 
     def fingerprint(self, tissue: TissueParams) -> dict:
         """What decides which tiles exist and what they show (the cache key's tiling part)."""
-        return {
+        fp = {
             "tile_px": int(self.tile_px),
             "mpp": float(self.mpp),
             "overlap": int(self.overlap),
@@ -69,6 +74,9 @@ class TileSpec:
             "tissue": tissue.as_dict(),
             "tiling_version": TILING_VERSION,
         }
+        if self.stain != "none":  # absent when off: caches made before the option keep their key
+            fp["stain"] = self.stain
+        return fp
 
 
 @dataclass

@@ -1,0 +1,124 @@
+"""Per-slide Macenko stain normalisation (weakstil.embed.stain) and its place in the cache key."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from weakstil.embed.stain import REF_HE, REF_MAX_C, IO, estimate_stain, normalize_tiles
+from weakstil.errors import ConfigError
+from weakstil.wsi.tiling import TileSpec
+from weakstil.wsi.tissue import TissueParams
+
+
+def unit(m: np.ndarray) -> np.ndarray:
+    m = np.asarray(m, dtype=np.float64)
+    return m / np.linalg.norm(m, axis=0, keepdims=True)
+
+
+def render(conc: np.ndarray, he: np.ndarray) -> np.ndarray:
+    """uint8 RGB of (…, 2) H/E concentrations with stain vectors ``he`` (3, 2)."""
+    return np.clip(IO * np.exp(-(conc @ unit(he).T)), 0, 255).round().astype(np.uint8)
+
+
+PALETTE_A = np.array([[0.65, 0.07], [0.70, 0.99], [0.29, 0.11]])  # Ruifrok-like
+PALETTE_B = np.array([[0.45, 0.15], [0.80, 0.90], [0.40, 0.40]])  # bluer H, greyer E
+
+
+def concentrations(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.gamma(2.0, 0.4, (n, 2))
+
+
+def angle_deg(u: np.ndarray, v: np.ndarray) -> float:
+    return float(np.degrees(np.arccos(np.clip(unit(u[:, None])[:, 0] @ unit(v[:, None])[:, 0], -1, 1))))
+
+
+def test_estimate_recovers_the_stain_vectors_hematoxylin_first():
+    est = estimate_stain(render(concentrations(40_000), PALETTE_A))
+    assert est is not None and est.he.shape == (3, 2) and est.max_c.shape == (2,)
+    assert angle_deg(est.he[:, 0], PALETTE_A[:, 0]) < 8  # H first
+    assert angle_deg(est.he[:, 1], PALETTE_A[:, 1]) < 8
+    assert np.all(est.he > 0)
+
+
+def test_blank_or_empty_pixels_give_no_estimate():
+    assert estimate_stain(np.full((10_000, 3), 250, np.uint8)) is None
+    assert estimate_stain(np.zeros((0, 3), np.uint8)) is None
+
+
+def test_normalised_tiles_carry_the_reference_stains():
+    rgb = render(concentrations(4 * 64 * 64), PALETTE_B).reshape(4, 64, 64, 3)
+    out = normalize_tiles(torch.from_numpy(rgb), estimate_stain(rgb))
+    assert out.dtype == torch.uint8 and out.shape == rgb.shape
+    again = estimate_stain(out.numpy())
+    for k in range(2):
+        assert angle_deg(again.he[:, k], REF_HE[:, k]) < 5
+    np.testing.assert_allclose(again.max_c, REF_MAX_C, rtol=0.15)
+
+
+def test_two_palettes_of_the_same_tissue_meet_after_normalisation():
+    """The same concentrations rendered with two stain palettes and two stain amounts: far apart
+    as they are, close after each is normalised with its own estimate."""
+    conc = concentrations(4 * 64 * 64, seed=1)
+    a = render(conc, PALETTE_A).reshape(4, 64, 64, 3)
+    b = render(conc * np.array([1.4, 0.7]), PALETTE_B).reshape(4, 64, 64, 3)
+    na = normalize_tiles(torch.from_numpy(a), estimate_stain(a)).numpy().astype(float)
+    nb = normalize_tiles(torch.from_numpy(b), estimate_stain(b)).numpy().astype(float)
+    before = np.abs(a.astype(float) - b).mean()
+    after = np.abs(na - nb).mean()
+    assert before > 15 and after < before / 3, (before, after)
+
+
+def test_the_stain_setting_is_part_of_the_tiling_key_only_when_on():
+    tissue = TissueParams()
+    assert "stain" not in TileSpec(stain="none").fingerprint(tissue)  # caches made before the option keep their key
+    assert TileSpec().stain == "macenko"  # the default
+    assert TileSpec(stain="macenko").fingerprint(tissue)["stain"] == "macenko"
+    with pytest.raises(ConfigError, match="stain"):
+        TileSpec(stain="reinhard-ish")
+
+
+def test_a_model_fingerprint_gives_the_stain_setting_back():
+    from weakstil.outputs.score import tiling_from_fingerprint
+
+    tissue = TissueParams()
+    for stain in ("none", "macenko"):
+        spec, _ = tiling_from_fingerprint(TileSpec(stain=stain).fingerprint(tissue))
+        assert spec.stain == stain
+
+
+def test_extract_with_macenko_records_the_estimate_and_keeps_its_own_cache(tmp_path, tiny_slide):
+    from weakstil.embed.encoders import create_encoder
+    from weakstil.embed.extract import ExtractOptions, slide_sources
+    from weakstil.runs.batch import extract_slides
+
+    encoder = create_encoder("resnet18-random")
+    caches = {}
+    for stain in ("none", "macenko"):
+        result = extract_slides(slide_sources([tiny_slide]), tmp_path / "features", encoder=encoder,
+                                spec=TileSpec(stain=stain), tissue=TissueParams(),
+                                opts=ExtractOptions(device="cpu", progress=False), qc=False)
+        assert [o.status for o in result.outcomes] == ["done"], result.outcomes
+        caches[stain] = result.cache
+    assert caches["none"].path != caches["macenko"].path  # side by side, never mixed
+    plain = caches["none"].read(tiny_slide.stem)
+    normed = caches["macenko"].read(tiny_slide.stem)
+    assert "stain" not in plain.attrs
+    info = normed.attrs["stain"]
+    assert info["method"] == "macenko" and np.array(info["he"]).shape == (3, 2) and info["n_pixels"] > 500
+    np.testing.assert_array_equal(plain.coords_l0, normed.coords_l0)  # the same tiles …
+    assert not np.allclose(plain.features, normed.features)  # … shown in other colours
+
+
+def test_extract_refuses_an_unknown_stain_method_before_any_slide(tmp_path, tiny_slide):
+    from typer.testing import CliRunner
+
+    from weakstil.cli import app
+
+    result = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1"}).invoke(
+        app, ["extract", str(tiny_slide), "--features", str(tmp_path / "f"), "--stain-norm", "vahadane"])
+    assert result.exit_code == 2, result.output
+    assert "stain must be 'none' or 'macenko'" in result.output and "--stain-norm" in result.output
+    assert not (tmp_path / "f").exists() or not any((tmp_path / "f").rglob("zarr.json"))
