@@ -23,10 +23,11 @@ def test_loo_distances_equal_the_brute_force_computation():
         qc_reference.loo_distances(x[:2])
 
 
-def _reference(seed=0):
+def _reference(seed=0, stains=True):
     rng = np.random.default_rng(seed)
+    amounts = np.c_[rng.uniform(1.8, 2.4, 30), rng.uniform(0.9, 1.3, 30)].tolist() if stains else None
     return qc_reference.build_reference(rng.normal(size=(30, 16)), rng.integers(80, 120, 30), [0.25] * 15 + [0.5] * 15,
-                              member_sd=rng.uniform(0, 4, 30))
+                              member_sd=rng.uniform(0, 4, 30), stains=amounts)
 
 
 def test_thresholds_follow_the_documented_rules():
@@ -35,6 +36,10 @@ def test_thresholds_follow_the_documented_rules():
     assert t["min_tiles"] == max(qc_reference.MIN_TILES_FLOOR, int(np.ceil(0.25 * ref["training"]["n_tiles_p05"])))
     assert t["mpp_range"] == pytest.approx([0.225, 0.55])
     assert t["max_distance"] >= 2 * ref["loo_distance"]["median"] - 1e-12
+    assert t["max_distance"] >= 1.25 * ref["loo_distance"]["max"] - 1e-12
+    lo, hi = ref["training"]["stain_amounts"]["min"], ref["training"]["stain_amounts"]["max"]
+    np.testing.assert_allclose(t["stain_range"], [[lo[0] / 1.5, hi[0] * 1.5], [lo[1] / 1.5, hi[1] * 1.5]])
+    assert _reference(stains=False)["thresholds"]["stain_range"] is None  # features made without normalisation
     assert t["max_member_sd"] == pytest.approx(max(10.0, 1.5 * ref["training"]["member_sd_p99"]))
     assert set(ref["rules"]) == set(qc.FLAGS) - {qc.NO_REFERENCE}
 
@@ -42,12 +47,17 @@ def test_thresholds_follow_the_documented_rules():
 def test_each_rule_flags_and_a_typical_slide_is_clean():
     ref = _reference()
     mean = np.asarray(ref["mean"])
-    clean = qc.slide_flags(ref, n_tiles=100, mpp=0.25, embedding=mean, scores=np.array([30.0, 31, 29]))
+    clean = qc.slide_flags(ref, n_tiles=100, mpp=0.25, embedding=mean, scores=np.array([30.0, 31, 29]),
+                           stain=[2.0, 1.1])
     assert clean == []
     flags = qc.slide_flags(ref, n_tiles=2, mpp=1.0, embedding=mean + 10 * np.asarray(ref["std"]),
-                           scores=np.array([5.0, 60, 30]))
+                           scores=np.array([5.0, 60, 30]), stain=[2.0 * 2.5, 1.1])  # over-stained hematoxylin
     assert qc.flag_names(qc.qc_text(flags)) == ["low-tissue", "mpp-out-of-range", "out-of-distribution",
-                                                 "ensemble-disagreement"]
+                                                 "stain-out-of-range", "ensemble-disagreement"]
+    assert "H 5.00 not in" in qc.qc_text(flags) and "E " not in qc.qc_text(flags)
+    faded = qc.slide_flags(ref, n_tiles=100, stain=[2.0, 0.3])  # eosin washed out
+    assert qc.flag_names(qc.qc_text(faded)) == ["stain-out-of-range"]
+    assert qc.slide_flags(ref, n_tiles=100, stain=None) == []  # a slide extracted without normalisation
     assert qc.slide_flags(None, n_tiles=100) == [qc.NO_REFERENCE]
 
 
@@ -90,8 +100,10 @@ def test_slides_like_training_are_rarely_flagged(scored):
 
 @pytest.mark.slow
 def test_over_stained_and_near_empty_slides_are_flagged(scored):
+    """Stain normalisation (the default) makes the over-stained slide look usual to the encoder;
+    its stain estimate still says how far it is from training."""
     scores, _, _ = scored
-    assert "out-of-distribution" in qc.flag_names(scores.loc["DARK", "qc"])
+    assert "stain-out-of-range" in qc.flag_names(scores.loc["DARK", "qc"])
     assert "low-tissue" in qc.flag_names(scores.loc["EMPTY", "qc"])
     assert (scores["status"] == "ok").all()
 

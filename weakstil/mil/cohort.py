@@ -98,17 +98,18 @@ def read_cohorts(labels, caches: list):
 
 
 def load_cohort_bags(caches: list, slide_ids: list[str]) -> tuple[dict, dict]:
-    """({slide_id: features}, {slide_id: slide mpp}) from whichever cache holds each slide."""
+    """({slide_id: features}, {slide_id: its cache attrs (mpp, stain estimate …)}) from whichever
+    cache holds each slide."""
     from weakstil.mil.fit import load_bags
 
-    bags, mpps, left = {}, {}, list(slide_ids)
+    bags, attrs, left = {}, {}, list(slide_ids)
     for cache in caches:
         here = set(cache.complete_ids())
         mine = [s for s in left if s in here]
         bags.update(load_bags(cache, mine))
-        mpps.update({s: (cache._slide_attrs(s) or {}).get("slide_mpp") for s in mine})
+        attrs.update({s: cache._slide_attrs(s) or {} for s in mine})
         left = [s for s in left if s not in here]
-    return bags, mpps
+    return bags, attrs
 
 
 def center_folds(df) -> np.ndarray:
@@ -171,18 +172,21 @@ def per_cohort_metrics(cv, df, cutoffs) -> dict:
     return out
 
 
-def _extras(df, mpps, bags, cfg, fingerprint, *, name, parent, cv_kind, t0):
+def _extras(df, attrs, bags, cfg, fingerprint, *, name, parent, cv_kind, t0):
     """What train_model writes besides the model: per-cohort metrics, QC reference, model card."""
     from weakstil.fs import plain_json
     from weakstil.mil.card import build_card, write_card
-    from weakstil.mil.qc_reference import REFERENCE_FILE, reference_from_bags, save_reference
+    from weakstil.mil.qc_reference import REFERENCE_FILE, reference_from_bags, save_reference, stain_amounts
+
+    mpps = {s: a.get("slide_mpp") for s, a in attrs.items()}
+    stains = {s: stain_amounts(a) for s, a in attrs.items()}
 
     def write(tmp: Path, cv, metrics: dict, model) -> None:
         per_cohort = per_cohort_metrics(cv, df, cfg.cutoffs)
         if per_cohort:
             metrics["per_cohort"] = plain_json(per_cohort, finite=True)
         metrics["cv"] = cv_kind
-        reference = reference_from_bags(bags, list(df["slide_id"]), mpps, model)
+        reference = reference_from_bags(bags, list(df["slide_id"]), mpps, model, stains)
         save_reference(reference, tmp / REFERENCE_FILE)
         card = build_card(name=name, df=df, metrics=metrics, fingerprint=fingerprint, train=asdict(cfg),
                           seconds=time.perf_counter() - t0, parent=parent, qc=reference, cv=cv_kind)
@@ -206,7 +210,7 @@ def train_from_cache(labels, features, *, encoder: str | None = None, models_dir
     t0 = time.perf_counter()
     caches = open_caches(features, encoder)
     df = read_cohorts(labels, caches)
-    bags, mpps = load_cohort_bags(caches, list(df["slide_id"]))
+    bags, attrs = load_cohort_bags(caches, list(df["slide_id"]))
     fingerprint = {"encoder": caches[0].encoder_fp, "tiling": caches[0].tiling_fp}
     folds = center_folds(df) if cv == "leave-center-out" else None
     if folds is not None:
@@ -225,7 +229,7 @@ def train_from_cache(labels, features, *, encoder: str | None = None, models_dir
         info = {**(run_info or {}), "labels": [str(p) for p in _as_list(labels)],
                 "features": [str(c.path) for c in caches], "cv": cv,
                 "parent": parent.info if parent else None}
-        extras = _extras(df, mpps, bags, cfg, fingerprint, name=model_name, parent=parent and parent.info,
+        extras = _extras(df, attrs, bags, cfg, fingerprint, name=model_name, parent=parent and parent.info,
                          cv_kind=cv, t0=t0)
         out = train_model(bags, df, cfg, out_dir=Path(models_dir) / model_name, fingerprint=fingerprint,
                           progress=progress, overwrite=overwrite, run_info=info,

@@ -16,7 +16,7 @@ import numpy as np
 REFERENCE_FILE = "qc_reference.json"
 
 
-REFERENCE_VERSION = 1
+REFERENCE_VERSION = 2  # 2: stain_range (slides extracted with stain normalisation), OOD_MAX_FACTOR
 
 
 MIN_TILES_FLOOR = 4
@@ -32,6 +32,12 @@ OOD_PERCENTILE = 99.0
 
 
 OOD_MEDIAN_FACTOR = 2.0
+
+
+OOD_MAX_FACTOR = 1.25  # new slides like the training ones reach ~1.2x the training slides' own maximum
+
+
+STAIN_TOLERANCE = 1.5  # a stain amount beyond the training range x/÷ this is flagged
 
 
 STD_FLOOR = 0.1
@@ -84,21 +90,36 @@ def member_scores(model, features: np.ndarray) -> np.ndarray:
 
 
 # --- the reference ------------------------------------------------------------------------------
+def stain_amounts(attrs: Mapping | None) -> list[float] | None:
+    """A slide's hematoxylin and eosin amounts (99th-percentile concentrations) from its cache
+    attrs, or None when its tiles were not stain-normalised (:mod:`weakstil.embed.stain`)."""
+    stain = (attrs or {}).get("stain") or {}
+    amounts = stain.get("max_c")
+    return [float(v) for v in amounts] if amounts else None
+
+
 def build_reference(embeddings: np.ndarray, n_tiles: Sequence[int], mpps: Sequence[float | None],
-                    member_sd: Sequence[float] | None = None) -> dict:
-    """The statistics and thresholds QC needs, from the training slides (one row each)."""
+                    member_sd: Sequence[float] | None = None,
+                    stains: Sequence[Sequence[float] | None] | None = None) -> dict:
+    """The statistics and thresholds QC needs, from the training slides (one row each).
+
+    ``stains``: each slide's (H, E) amounts (:func:`stain_amounts`; None where unknown)."""
     x = np.asarray(embeddings, dtype=np.float64)
     tiles = np.asarray(n_tiles, dtype=np.float64)
     known_mpp = [float(m) for m in mpps if m is not None and math.isfinite(float(m))]
     loo = loo_distances(x)
     sd = np.asarray(member_sd if member_sd is not None else [], dtype=np.float64)
+    amounts = np.array([a for a in (stains or []) if a is not None], dtype=np.float64).reshape(-1, 2)
     thresholds = {
         "min_tiles": int(max(MIN_TILES_FLOOR, math.ceil(MIN_TILES_FRACTION * np.percentile(tiles, 5)))),
         "mpp_range": [min(known_mpp) * (1 - MPP_TOLERANCE), max(known_mpp) * (1 + MPP_TOLERANCE)]
         if known_mpp else None,
-        "max_distance": float(max(np.percentile(loo, OOD_PERCENTILE), OOD_MEDIAN_FACTOR * np.median(loo))),
+        "max_distance": float(max(OOD_MAX_FACTOR * np.percentile(loo, OOD_PERCENTILE),
+                                  OOD_MEDIAN_FACTOR * np.median(loo))),
         "max_member_sd": (float(max(DISAGREE_MIN_SD, DISAGREE_FACTOR * np.percentile(sd, 99)))
                           if sd.size else None),
+        "stain_range": ([[float(lo) / STAIN_TOLERANCE, float(hi) * STAIN_TOLERANCE]
+                         for lo, hi in zip(amounts.min(axis=0), amounts.max(axis=0))] if len(amounts) else None),
     }
     return {
         "version": REFERENCE_VERSION, "n_slides": int(x.shape[0]),
@@ -106,7 +127,9 @@ def build_reference(embeddings: np.ndarray, n_tiles: Sequence[int], mpps: Sequen
         "loo_distance": {"median": float(np.median(loo)), "max": float(loo.max()), "percentile": OOD_PERCENTILE},
         "training": {"n_tiles_p05": float(np.percentile(tiles, 5)), "n_tiles_median": float(np.median(tiles)),
                      "mpp": sorted(set(known_mpp)),
-                     "member_sd_p99": float(np.percentile(sd, 99)) if sd.size else None},
+                     "member_sd_p99": float(np.percentile(sd, 99)) if sd.size else None,
+                     "stain_amounts": ({"min": amounts.min(axis=0).tolist(), "median": np.median(amounts, axis=0).tolist(),
+                                        "max": amounts.max(axis=0).tolist()} if len(amounts) else None)},
         "thresholds": thresholds,
         "rules": describe_rules(),
     }
@@ -118,8 +141,10 @@ def describe_rules() -> dict:
         "low-tissue": f"n_tiles < max({MIN_TILES_FLOOR}, ceil({MIN_TILES_FRACTION} x 5th percentile of training tiles))",
         "mpp-out-of-range": f"slide mpp outside the training range widened by {MPP_TOLERANCE:.0%}",
         "out-of-distribution": ("RMS z-score of the mean tile embedding against the training slides > the "
-                                f"larger of the {OOD_PERCENTILE:g}th percentile and {OOD_MEDIAN_FACTOR:g} x the median "
-                                "of their own leave-one-out distances"),
+                                f"larger of {OOD_MAX_FACTOR:g} x the {OOD_PERCENTILE:g}th percentile and "
+                                f"{OOD_MEDIAN_FACTOR:g} x the median of their own leave-one-out distances"),
+        "stain-out-of-range": (f"hematoxylin or eosin amount (99th percentile of the slide's stain estimate) "
+                               f"outside the training slides' range widened x/÷ {STAIN_TOLERANCE:g}"),
         "ensemble-disagreement": (f"SD of the members' scores > max({DISAGREE_MIN_SD:g}, {DISAGREE_FACTOR:g} x "
                                   "99th percentile of that SD on the training slides)"),
     }
@@ -127,13 +152,15 @@ def describe_rules() -> dict:
 
 # --- files --------------------------------------------------------------------------------------
 def reference_from_bags(bags: Mapping[str, np.ndarray], slide_ids: Sequence[str], mpps: Mapping[str, float | None],
-                        model=None) -> dict:
-    """:func:`build_reference` from training bags ({slide_id: (N, D)}) and the deployed model."""
+                        model=None, stains: Mapping[str, Sequence[float] | None] | None = None) -> dict:
+    """:func:`build_reference` from training bags ({slide_id: (N, D)}), the deployed model and the
+    slides' stain amounts ({slide_id: (H, E)}, :func:`stain_amounts`)."""
     embeddings = np.stack([slide_embedding(bags[s]) for s in slide_ids])
     sds = None
     if model is not None and len(model.members) > 1:
         sds = [float(np.std(member_scores(model, bags[s]), ddof=1)) for s in slide_ids]
-    return build_reference(embeddings, [bags[s].shape[0] for s in slide_ids], [mpps.get(s) for s in slide_ids], sds)
+    return build_reference(embeddings, [bags[s].shape[0] for s in slide_ids], [mpps.get(s) for s in slide_ids], sds,
+                           [(stains or {}).get(s) for s in slide_ids])
 
 
 def save_reference(reference: Mapping, path: str | Path) -> Path:

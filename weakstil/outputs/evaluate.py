@@ -88,7 +88,7 @@ def score_cached(scorer, slide_ids: list[str]) -> tuple[list[float], list[str]]:
         cached = scorer.extractor.cache.read(slide_id)
         scores.append(float(scorer.model.predict(cached.features).score))
         qc.append(check_slide(scorer.qc_reference, scorer.model, cached.features,
-                              mpp=cached.attrs.get("slide_mpp")))
+                              mpp=cached.attrs.get("slide_mpp"), attrs=cached.attrs))
     return scores, qc
 
 

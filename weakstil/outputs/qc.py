@@ -14,13 +14,17 @@ slide against that reference. A slide gets zero or more flags, joined with ``;``
   diagonal covariance; each dimension's SD is floored at ``STD_FLOOR`` × the median SD so that a
   near-constant dimension cannot dominate). The threshold is the larger of the ``OOD_PERCENTILE``
   percentile of the training slides' own leave-one-out distances (each slide against the mean and SD
-  of the others) and ``OOD_MEDIAN_FACTOR`` × their median: with a few dozen training slides the
-  percentile is just their maximum, and new slides of the same kind reach ~1.2× it (measured on the
-  synthetic cohorts), so the median rule keeps the false alarms below 1 in 10. Over- or under-staining
-  and stains unlike training shift the mean embedding and are caught (with the random-init encoder:
-  stain optical density ×2.5 gives 3.5× the median distance, ×0.35 gives 2.8×); a pure hue change
-  (RGB → BGR) is not, because a random encoder hardly encodes hue; a subtle shift in a few tiles
-  is not either.
+  of the others) × ``OOD_MAX_FACTOR`` and ``OOD_MEDIAN_FACTOR`` × their median: with a few dozen
+  training slides the percentile is just their maximum, and new slides of the same kind reach ~1.2×
+  it (measured on the synthetic cohorts), so the two rules keep the false alarms below 1 in 10.
+  Without stain normalisation, over- or under-staining shifted the mean embedding and was caught
+  here (stain optical density ×2.5 gave 3.5× the median distance); with it (the default) the
+  tiles look normal to the encoder, and the next flag says so instead.
+* ``stain-out-of-range``: the slide's hematoxylin or eosin amount (the 99th percentile of its stain
+  estimate, :mod:`weakstil.embed.stain`) lies outside the training slides' range widened ×/÷
+  ``STAIN_TOLERANCE``: normalisation made the tiles look usual, but an over- or under-stained or
+  faded slide deserves a look (stain optical density ×2.5 gives ~2.3× the training maximum).
+  Only for models whose features were stain-normalised.
 * ``ensemble-disagreement``: the SD of the fold members' slide scores exceeds ``max_member_sd`` =
   max(``DISAGREE_MIN_SD``, ``DISAGREE_FACTOR`` × the 99th percentile of that SD over the training
   slides). Members agree on slides like their training data and drift apart elsewhere.
@@ -39,15 +43,19 @@ from weakstil.mil.qc_reference import (
     embedding_distance,
     member_scores,
     slide_embedding,
+    stain_amounts,
 )
 
 NO_REFERENCE = "no-reference"
-FLAGS = ("low-tissue", "mpp-out-of-range", "out-of-distribution", "ensemble-disagreement", NO_REFERENCE)
+FLAGS = ("low-tissue", "mpp-out-of-range", "out-of-distribution", "stain-out-of-range", "ensemble-disagreement",
+         NO_REFERENCE)
 
 
 def slide_flags(reference: Mapping | None, *, n_tiles: int, mpp: float | None = None,
-                embedding: np.ndarray | None = None, scores: np.ndarray | None = None) -> list[str]:
-    """The flags of one slide (empty list: nothing unusual). ``scores``: the members' slide scores."""
+                embedding: np.ndarray | None = None, scores: np.ndarray | None = None,
+                stain: Sequence[float] | None = None) -> list[str]:
+    """The flags of one slide (empty list: nothing unusual). ``scores``: the members' slide scores;
+    ``stain``: its (H, E) amounts (:func:`weakstil.mil.qc_reference.stain_amounts`)."""
     if reference is None:
         return [NO_REFERENCE]
     limits = reference["thresholds"]
@@ -61,6 +69,12 @@ def slide_flags(reference: Mapping | None, *, n_tiles: int, mpp: float | None = 
         distance = embedding_distance(embedding, np.asarray(reference["mean"]), np.asarray(reference["std"]))
         if distance > limits["max_distance"]:
             flags.append(f"out-of-distribution(distance {distance:.2f} > {limits['max_distance']:.2f})")
+    ranges = limits.get("stain_range")
+    if ranges and stain is not None:
+        off = [f"{name} {float(v):.2f} not in {lo:.2f}-{hi:.2f}"
+               for name, v, (lo, hi) in zip(("H", "E"), stain, ranges) if not lo <= float(v) <= hi]
+        if off:
+            flags.append(f"stain-out-of-range({', '.join(off)})")
     if scores is not None and len(scores) > 1 and limits.get("max_member_sd") is not None:
         sd = float(np.std(scores, ddof=1))
         if sd > limits["max_member_sd"]:
@@ -78,12 +92,14 @@ def flag_names(text: str) -> list[str]:
     return [part.split("(", 1)[0] for part in str(text or "").split(";") if part]
 
 
-def check_slide(reference: Mapping | None, model, features: np.ndarray, *, mpp: float | None) -> str:
-    """The ``qc`` cell of one scored slide: its features (N, D) against the model's reference."""
+def check_slide(reference: Mapping | None, model, features: np.ndarray, *, mpp: float | None,
+                attrs: Mapping | None = None) -> str:
+    """The ``qc`` cell of one scored slide: its features (N, D) and cache ``attrs`` (its stain
+    estimate) against the model's reference."""
     if reference is None:
         return qc_text([NO_REFERENCE])
     scores = member_scores(model, features) if len(model.members) > 1 else None
     return qc_text(slide_flags(reference, n_tiles=int(features.shape[0]), mpp=mpp,
-                               embedding=slide_embedding(features), scores=scores))
+                               embedding=slide_embedding(features), scores=scores, stain=stain_amounts(attrs)))
 
 

@@ -118,7 +118,8 @@ class SlideScorer:
                 "slide_mpp": cached.attrs.get("slide_mpp"), "tile_size_l0": size_l0,
                 "aggregation": self.model.aggregation, "cutoff": self.cutoff,
                 "scored": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "qc": check_slide(self.qc_reference, self.model, cached.features, mpp=cached.attrs.get("slide_mpp"))}
+                "qc": check_slide(self.qc_reference, self.model, cached.features, mpp=cached.attrs.get("slide_mpp"),
+                                  attrs=cached.attrs)}
         final = slide_dir(self.out_dir, source.slide_id)
         try:
             with staging_dir(final) as staging, open_slide(source.path, **source.open_kwargs) as slide:
