@@ -122,3 +122,18 @@ def test_extract_refuses_an_unknown_stain_method_before_any_slide(tmp_path, tiny
     assert result.exit_code == 2, result.output
     assert "stain must be 'none' or 'macenko'" in result.output and "--stain-norm" in result.output
     assert not (tmp_path / "f").exists() or not any((tmp_path / "f").rglob("zarr.json"))
+
+
+def test_two_caches_told_apart_by_their_stain_setting(tmp_path):
+    """Upgrading users end with a cache as scanned and a normalised one side by side: the
+    ambiguity error names which is which."""
+    from weakstil.embed.cache import FeatureCache
+    from weakstil.embed.encoders import create_encoder
+    from weakstil.errors import AmbiguousCacheError
+
+    fp = create_encoder("resnet18-random").fingerprint()
+    for stain in ("none", "macenko"):
+        FeatureCache.open(tmp_path, fp, TileSpec(stain=stain).fingerprint(TissueParams()))
+    with pytest.raises(AmbiguousCacheError) as info:
+        FeatureCache.find(tmp_path)
+    assert "stain=none" in str(info.value) and "stain=macenko" in str(info.value)

@@ -574,6 +574,8 @@ def list_stores(features_dir: str | Path) -> dict[Path, dict]:
 def _describe_store(path: Path, attrs: dict) -> str:
     enc, til = attrs.get("encoder", {}), attrs.get("tiling", {})
     tiling = ", ".join(f"{k}={til[k]}" for k in ("tile_px", "mpp", "overlap") if k in til)
+    if til:  # caches made before stain normalisation have no key: their tiles are as scanned
+        tiling += f", stain={til.get('stain', 'none')}"
     return f"{path}  (encoder {enc.get('name', '?')}; {tiling or 'tiling ?'})"
 
 
