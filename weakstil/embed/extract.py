@@ -276,7 +276,7 @@ def embed_tiles(path: Path, coords_l0: np.ndarray, blocks: list[Block], size_l0:
         for start, tiles in batches:
             if start != done:
                 raise RuntimeError(f"tile batches out of order: expected row {done}, got {start}")
-            write(start, embedder(tiles, stain) if stain is not None else embedder(tiles))
+            write(start, embedder(tiles, stain))
             if done == 0 and timings is not None:
                 timings["first_batch"] = time.perf_counter() - started
             done += len(tiles)
@@ -404,13 +404,13 @@ class SlideExtractor:
         log.info("%s has no JPEG tiles to decode on the GPU: decoding on the CPU", slide.slide_id)
         return "cpu"
 
-    def _stain_for(self, slide, coords, blocks, size_l0: float, attrs: dict):
+    def _stain_for(self, slide, grid, attrs: dict):
         """The slide's stain estimate when the tiling normalises stains (also into ``attrs``), else None."""
         if self.spec.stain == "none":
             return None
         from weakstil.embed.stain import estimate_slide_stain
 
-        estimate = estimate_slide_stain(slide, coords, blocks, size_l0=size_l0, tile_px=self.spec.tile_px)
+        estimate = estimate_slide_stain(slide, grid.coords_l0, size_l0=grid.size_l0, tile_px=self.spec.tile_px)
         if estimate is None:  # a nearly blank sample: its tiles go to the encoder as they are
             log.warning("%s: too few stained pixels to estimate its stains; tiles are not stain-normalised",
                         slide.slide_id)
@@ -488,7 +488,7 @@ class SlideExtractor:
             opts = ExtractOptions(**{**self.opts.__dict__, "open_kwargs": open_kwargs, "decode": decode})
             pool = self.reader_pool(self.spec.tile_px, block) if decode == "cpu" else None
             attrs["decode"] = decode
-            stain = self._stain_for(slide, coords, blocks, grid.size_l0, attrs)
+            stain = self._stain_for(slide, grid, attrs)
             lap("blocks")
             try:
                 with self.cache.slide_writer(source.slide_id, coords, self.embedder.embed_dim, attrs,

@@ -4,7 +4,7 @@ Each slide's hematoxylin and eosin vectors and stain amounts are estimated once,
 its own tissue tiles averaged over 4 × 4 pixels (:func:`estimate_slide_stain`); every tile is then mapped in
 optical-density space onto a fixed reference (:func:`normalize_tiles`): concentrations of the
 slide's two stains, rescaled so their 99th percentiles match the reference's, re-rendered with the
-reference vectors. One 3 × 2 matrix product per pixel, batched in torch on the encoder's device.
+reference vectors. One 3 × 3 map per pixel in optical density, batched in torch on the encoder's device.
 
 Why per slide and not per tile (as torchstain's normaliser does): a tile with little hematoxylin or
 little eosin gives a poor stain estimate, and per-tile estimates would wash out the very thing the
@@ -28,9 +28,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from weakstil.errors import ConfigError
-
-STAIN_METHODS = ("none", "macenko")
 IO = 240.0  # transmitted light intensity (Macenko's Io)
 BETA = 0.15  # optical density below which a pixel is background (transparent)
 ALPHA = 1.0  # percentile of the angle distribution taken as each stain's direction
@@ -39,13 +36,6 @@ REF_MAX_C = np.array([1.9705, 1.0308])
 MIN_PIXELS = 500  # fewer stained pixels than this: no estimate
 SAMPLE_PIXELS = 200_000
 POOL = 4  # tiles are averaged over POOL × POOL pixels before the estimate (2 µm/px at 0.5 µm/px tiles)
-
-
-def check_method(method: str) -> str:
-    if method not in STAIN_METHODS:
-        raise ConfigError(f"unknown stain normalisation {method!r}",
-                          fix=f"use one of: {', '.join(STAIN_METHODS)}")
-    return method
 
 
 @dataclass(frozen=True)
@@ -116,14 +106,17 @@ def normalize_tiles(tiles, estimate: StainEstimate):
     return out.neg_().exp_().mul_(IO).round_().clamp_(0, 255).to(torch.uint8)
 
 
-def estimate_slide_stain(slide, coords_l0: np.ndarray, blocks: list, *, size_l0: float, tile_px: int,
+def estimate_slide_stain(slide, coords_l0: np.ndarray, *, size_l0: float, tile_px: int,
                          max_blocks: int = 8) -> StainEstimate | None:
-    """Macenko's estimate from up to ``max_blocks`` blocks of tissue tiles spread over the slide
-    (``coords_l0`` in block order, as extraction reads them), at the tile resolution."""
-    from weakstil.wsi.reader import read_block_tiles
+    """Macenko's estimate from up to ``max_blocks`` blocks of a slide's tissue tiles (``coords_l0``,
+    its tile grid), spread over the slide and :func:`pooled`. Extraction and pretraining both call it,
+    so one slide and tiling give one estimate."""
+    from weakstil.wsi.reader import aligned_block, plan_blocks, read_block_tiles
 
-    if not blocks:
+    if len(coords_l0) == 0:
         return None
+    order, blocks = plan_blocks(coords_l0, size_l0, block=aligned_block(slide, size_l0, tile_px))
+    coords = np.asarray(coords_l0)[order]
     picks = np.unique(np.linspace(0, len(blocks) - 1, min(max_blocks, len(blocks))).round().astype(int))
-    tiles = [read_block_tiles(slide, blocks[i], coords_l0, size_l0=size_l0, tile_px=tile_px) for i in picks]
+    tiles = [read_block_tiles(slide, blocks[i], coords, size_l0=size_l0, tile_px=tile_px) for i in picks]
     return estimate_stain(pooled(np.concatenate(tiles)))

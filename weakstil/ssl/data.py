@@ -75,14 +75,12 @@ def plan_pretrain_tiles(sources, spec, tissue, *, roi_dir: Path | None = None) -
     return planned, skipped
 
 
-def _slide_stain(slide, grid, spec, n: int = 128):
-    """The slide's stain estimate from up to ``n`` of its tiles spread over the grid, as extraction
-    makes it (None, with a warning, when they hold too few stained pixels)."""
-    from weakstil.embed.stain import estimate_stain, pooled
+def _slide_stain(slide, grid, spec):
+    """The slide's stain estimate, the same as extraction's (None, with a warning, when its tiles
+    hold too few stained pixels)."""
+    from weakstil.embed.stain import estimate_slide_stain
 
-    picks = np.unique(np.linspace(0, len(grid.coords_l0) - 1, min(n, len(grid.coords_l0))).round().astype(int))
-    estimate = estimate_stain(pooled(read_tiles_at(slide, grid.coords_l0[picks], size_l0=float(grid.size_l0),
-                                                   tile_px=spec.tile_px)))
+    estimate = estimate_slide_stain(slide, grid.coords_l0, size_l0=float(grid.size_l0), tile_px=spec.tile_px)
     if estimate is None:
         log.warning("pretrain: %s has too few stained pixels to estimate its stains; its tiles are used as they are",
                     slide.slide_id)

@@ -24,6 +24,8 @@ from weakstil.wsi.tissue import (
     tissue_mask,
 )
 
+STAIN_METHODS = ("macenko", "none")  # weakstil.embed.stain implements them
+
 TILING_VERSION = 1  # bump when the grid or the tissue filter changes meaning (part of the fingerprint)
 
 
@@ -50,7 +52,7 @@ class TileSpec:
             problems.append(f"overlap must be an integer in 0..tile_px-1 (got {self.overlap!r})")
         if not (isinstance(self.min_tissue, (int, float)) and 0 <= self.min_tissue <= 1):
             problems.append(f"min_tissue must be a fraction in 0..1 (got {self.min_tissue!r})")
-        if self.stain not in ("none", "macenko"):
+        if self.stain not in STAIN_METHODS:
             problems.append(f"stain must be 'none' or 'macenko' (got {self.stain!r})")
         if problems:
             raise ConfigError("bad tiling: " + "; ".join(problems),
