@@ -88,9 +88,22 @@ def stain() -> str:
     return os.environ.get("WEAKSTIL_ACCURACY_STAIN", TileSpec().stain)
 
 
+DEFAULT_ENCODER = "resnet18-random"
+
+
+def encoder_name() -> str:
+    """The tile encoder: $WEAKSTIL_ACCURACY_ENCODER (default: the extract command's default)."""
+    return os.environ.get("WEAKSTIL_ACCURACY_ENCODER", DEFAULT_ENCODER)
+
+
 def features_dir(cohort: Path) -> Path:
-    """Each stain setting keeps its own cache folder, so runs with and without stay side by side."""
-    return cohort / ("features" if stain() == "none" else f"features-{stain()}")
+    """Each stain setting and encoder keeps its own cache folder, so runs stay side by side."""
+    from weakstil.embed.encoders import get_encoder_spec
+
+    name = "features" if stain() == "none" else f"features-{stain()}"
+    if encoder_name() != "resnet18-random":
+        name += "-" + get_encoder_spec(encoder_name()).slug
+    return cohort / name
 
 
 def _ready(path: Path, n: int) -> bool:
@@ -117,7 +130,7 @@ def extract(cohort: Path, *, progress: bool = False):
     from weakstil.wsi.tissue import TissueParams
 
     sources = slide_sources(find_slides(cohort / "slides"))
-    result = extract_slides(sources, features_dir(cohort), encoder=create_encoder("resnet18-random"),
+    result = extract_slides(sources, features_dir(cohort), encoder=create_encoder(encoder_name()),
                             spec=TileSpec(stain=stain()), tissue=TissueParams(),
                             opts=ExtractOptions(device="cpu", progress=progress), qc=False)
     for outcome in result.failed:  # e.g. a faded hard-setting slide the tissue detector misses
@@ -448,8 +461,12 @@ def write_report(doc: dict, rows: list[Row]) -> Path:
     out = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
     out.mkdir(parents=True, exist_ok=True)
     tag = "" if stain() == "macenko" else f"-stain-{stain()}"
+    if encoder_name() != DEFAULT_ENCODER:
+        from weakstil.embed.encoders import get_encoder_spec
+
+        tag += "-" + get_encoder_spec(encoder_name()).slug
     path = out / f"{dt.date.today().isoformat()}-accuracy{tag}.json"
-    doc = dict(doc, stain=stain(), machine=machine(), table=markdown_table(rows))
+    doc = dict(doc, stain=stain(), encoder=encoder_name(), machine=machine(), table=markdown_table(rows))
     doc["markdown"] = results_markdown(doc)
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(json.dumps(_json_safe(doc), indent=1, allow_nan=False) + "\n")

@@ -189,7 +189,8 @@ def _print_outcomes(outcomes, *, what: str, extra: str = "", files: dict | None 
 
 
 EncoderOpt = Annotated[str, typer.Option(
-    help="Encoder name (see `weakstil encoders`), or a folder written by `weakstil pretrain`.")]
+    help="Encoder name (see `weakstil encoders`), or a folder written by `weakstil pretrain`; append "
+         "+stainmorph to add the stain-morphometry features (e.g. resnet18-random+stainmorph).")]
 WeightsOpt = Annotated[Optional[str], typer.Option(
     help="Weight source: file:/path/to/checkpoint or hf-hub:org/name (default: the encoder's own).")]
 BatchOpt = Annotated[Optional[int], typer.Option(

@@ -59,7 +59,8 @@ def encoders(config: ConfigOpt = None) -> None:
     folders = [f.spec for f in list_encoder_folders()]
     emit(encoders_table(specs + folders))
     typer.echo(f"encoders: {len(specs)} registered, {len(folders)} pretrained folder(s) in models/encoders/ "
-               "(plus any timm model as timm:<name>)")
+               "(plus any timm model as timm:<name>; add +stainmorph to any of them for the stain-morphometry "
+               "features beside its own)")
     typer.echo(checks.next_step("weakstil extract SLIDES --encoder NAME|DIR [--weights file:/path/to/checkpoint]"))
 
 

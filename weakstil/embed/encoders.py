@@ -58,6 +58,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM_INIT = "random-init"
 TIMM_PREFIX = "timm:"
+MORPH = "stainmorph"  # the fixed stain-morphometry encoder (weakstil.embed.morph)
+MORPH_SUFFIX = "+" + MORPH  # any encoder + stainmorph: both feature sets side by side
+MORPH_ARCH = "stainmorph.v1"  # bump when its features change (the arch is in the cache fingerprint)
+MORPH_DIM = 24  # weakstil.embed.morph.N_FEATURES (that module imports torch)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 KeyMapper = Callable[[dict], dict]  # unwrapped checkpoint state dict -> timm-layout state dict
@@ -132,13 +136,29 @@ def list_encoders() -> list[EncoderSpec]:
 
 def get_encoder_spec(name: str) -> EncoderSpec:
     """The spec registered as ``name``, or that of timm model ``name`` given as ``timm:<name>``,
-    or that of an encoder folder (``weakstil pretrain``'s output, :mod:`weakstil.embed.encoder_folders`)."""
+    or that of an encoder folder (``weakstil pretrain``'s output, :mod:`weakstil.embed.encoder_folders`);
+    ``<any of these>+stainmorph`` adds the stain-morphometry features (:func:`with_morph`)."""
+    if name.endswith(MORPH_SUFFIX):
+        return with_morph(get_encoder_spec(name[: -len(MORPH_SUFFIX)]))
     folder = _encoder_folder(name)
     if folder is not None:
         from weakstil.embed.encoder_folders import read_encoder_folder
 
         return read_encoder_folder(folder).spec
     return _lookup(name).spec
+
+
+def with_morph(spec: EncoderSpec) -> EncoderSpec:
+    """``spec`` with the :data:`MORPH_DIM` stain-morphometry features after its own: the network
+    keeps its input size and normalisation (applied inside), the pair takes 0–1 RGB."""
+    if spec.name == MORPH or spec.name.endswith(MORPH_SUFFIX):
+        raise UnknownEncoderError(f"{spec.name} already has the stain-morphometry features")
+    return EncoderSpec(
+        name=spec.name + MORPH_SUFFIX, arch=f"{spec.arch}+{MORPH_ARCH}", embed_dim=spec.embed_dim + MORPH_DIM,
+        input_px=spec.input_px, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation=spec.interpolation,
+        weights=spec.weights, licence=spec.licence, pretrained=spec.pretrained,
+        description=f"{spec.name} and stainmorph side by side", weights_hint=spec.weights_hint,
+        model_kwargs=spec.model_kwargs)
 
 
 def _encoder_folder(name: str, weights: str | None = None) -> Path | None:
@@ -275,6 +295,12 @@ def create_encoder(name: str, weights: str | None = None, *, seed: int = 0):
     float batch (B, 3, H, W) to (B, embed_dim). ``seed`` fixes a random initialisation; the global
     RNG state is left as it was.
     """
+    if name.endswith(MORPH_SUFFIX):  # the named encoder, and stain morphometry beside it
+        from weakstil.embed.morph import Concat
+
+        base = create_encoder(name[: -len(MORPH_SUFFIX)], weights, seed=seed)
+        return _encoder_class()(Concat(base.backbone, base.spec.mean, base.spec.std), with_morph(base.spec),
+                                weights=base.weights, weights_sha256=base.weights_sha256, seed=seed)
     folder = _encoder_folder(name, weights)
     if folder is not None:  # a `weakstil pretrain` output: encoder.json + safetensors weights
         from weakstil.embed.encoder_folders import create_folder_encoder, read_encoder_folder
@@ -308,6 +334,10 @@ def _build_model(spec: EncoderSpec, seed: int):
 
     from weakstil.embed import resnet
 
+    if spec.arch == MORPH_ARCH:  # stain morphometry: no weights, nothing random
+        from weakstil.embed.morph import StainMorph
+
+        return StainMorph()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if resnet.builds(spec.arch, dict(spec.model_kwargs)):
@@ -368,7 +398,7 @@ def _encoder_class() -> type:
 
         def preprocess(self, tiles) -> torch.Tensor:
             """uint8 tiles (B, H, W, 3) or (B, 3, H, W) → normalised float on this encoder's device."""
-            device = next(self.parameters()).device
+            device = next(iter([*self.parameters(), *self.buffers()])).device
             if device not in self._preprocess:
                 self._preprocess[device] = make_preprocess(self.spec, device=device)
             return self._preprocess[device](tiles)
@@ -468,6 +498,12 @@ register_encoder(EncoderSpec(
     # timm zero-initialises the last BatchNorm of every residual block (a training-time trick); in a
     # frozen random network that switches every residual branch off (7-27 % of output dims always 0).
     model_kwargs=(("zero_init_last", False),),
+))
+register_encoder(EncoderSpec(
+    name=MORPH, arch=MORPH_ARCH, embed_dim=MORPH_DIM, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), weights=RANDOM_INIT,
+    pretrained=False, licence="n/a (no weights)",
+    description="stain morphometry: tissue, H/E amounts, nuclei by size and where they sit (stroma or "
+                "nests); fixed, no weights (weakstil.embed.morph)",
 ))
 register_encoder(EncoderSpec(
     name="retccl", arch="resnet50", embed_dim=2048,

@@ -1,0 +1,121 @@
+"""The stain-morphometry encoder (weakstil.embed.morph): what its numbers measure on drawn tiles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from weakstil.embed.encoders import MORPH_DIM, create_encoder, get_encoder_spec
+from weakstil.embed.morph import NAMES, N_FEATURES, StainMorph
+from weakstil.embed.stain import IO, REF_HE
+
+PX = 224
+
+
+def render(h: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """(PX, PX) hematoxylin and eosin amounts → a uint8 RGB tile with the reference stains."""
+    od = h[..., None] * REF_HE[:, 0] + e[..., None] * REF_HE[:, 1]
+    return np.clip(IO * np.exp(-od), 0, 255).round().astype(np.uint8)
+
+
+def disks(centres, radius: float, amount: float) -> np.ndarray:
+    yy, xx = np.mgrid[:PX, :PX]
+    out = np.zeros((PX, PX))
+    for cy, cx in centres:
+        out[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2] = amount
+    return out
+
+
+def grid(step: int, offset: int = 12):
+    return [(y, x) for y in range(offset, PX - 8, step) for x in range(offset, PX - 8, step)]
+
+
+def features(*tiles) -> dict:
+    x = torch.as_tensor(np.stack(tiles)).permute(0, 3, 1, 2).float() / 255.0
+    out = StainMorph()(x).numpy()
+    return {name: out[:, i] for i, name in enumerate(NAMES)}
+
+
+def test_dimension_matches_the_registered_encoders():
+    assert N_FEATURES == len(NAMES) == MORPH_DIM
+    assert get_encoder_spec("stainmorph").embed_dim == N_FEATURES
+    assert get_encoder_spec("resnet18-random+stainmorph").embed_dim == 512 + N_FEATURES
+
+
+def test_lymphocytes_in_stroma_are_counted_and_located():
+    stroma = np.full((PX, PX), 0.6)  # eosin-rich background, no nuclei
+    lymph = disks(grid(28), 4.0, 1.6)  # dark round nuclei ~8 px (4 µm) across
+    blank, tils = render(np.zeros((PX, PX)), stroma), render(lymph, stroma)
+    f = features(blank, tils)
+    assert f["dark_nuclei_s1"][1] + f["dark_nuclei_s2"][1] > 1.0
+    assert f["dark_nuclei_s1"][0] == f["dark_nuclei_s2"][0] == 0.0
+    assert f["small_in_stroma"][1] > 1.0 and f["small_per_stroma"][1] > f["small_per_stroma"][0]
+    assert f["stroma_like"][0] > 0.9 and f["e_rich"][0] > 0.9
+    assert f["h_mean"][1] > f["h_mean"][0]
+
+
+def test_tumour_nests_are_told_from_stroma():
+    # large pale nuclei packed together: a nest, with a few lymphocytes among them
+    big = disks(grid(26, 10), 7.0, 0.6)  # ~14 px (7 µm) across, 13 µm apart
+    lymph = disks([(30, 30), (110, 110), (190, 60)], 4.0, 1.6)
+    nest = render(np.maximum(big, lymph), np.full((PX, PX), 0.2))
+    stroma = render(disks([(30, 30), (110, 110), (190, 60)], 4.0, 1.6), np.full((PX, PX), 0.6))
+    f = features(nest, stroma)
+    assert f["nuclei_s3"][0] + f["nuclei_s4"][0] > f["nuclei_s3"][1] + f["nuclei_s4"][1]
+    assert f["nest_like"][0] > 0.5 > f["nest_like"][1]
+    assert f["stroma_like"][0] < 0.2 < f["stroma_like"][1]
+    assert f["small_in_nests"][0] > f["small_in_nests"][1]
+
+
+def test_background_is_not_tissue_and_values_are_finite():
+    white = np.full((PX, PX, 3), 240, np.uint8)
+    noise = np.random.default_rng(0).integers(0, 256, (PX, PX, 3), dtype=np.uint8)
+    f = features(white, noise)
+    assert f["tissue"][0] == 0.0
+    assert all(np.isfinite(v).all() for v in f.values())
+
+
+@pytest.mark.parametrize("name", ["stainmorph", "resnet18-random+stainmorph"])
+def test_encoders_run_through_the_common_path(name):
+    enc = create_encoder(name)
+    tiles = torch.as_tensor(np.stack([render(disks(grid(28), 4.0, 1.6), np.full((PX, PX), 0.6))] * 2))
+    out = enc(enc.preprocess(tiles))
+    assert out.shape == (2, enc.spec.embed_dim)
+    assert enc.fingerprint()["name"] == name
+    if "+" in name:  # the network half is resnet18-random's, same weights and input normalisation
+        ref = create_encoder("resnet18-random")
+        torch.testing.assert_close(out[:, :512], ref(ref.preprocess(tiles)), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out[:, 512:], create_encoder("stainmorph")(tiles.permute(0, 3, 1, 2) / 255.0),
+                                       rtol=1e-3, atol=1e-4)
+
+
+def test_any_encoder_with_file_weights_takes_the_morphometry_beside_it(tmp_path):
+    """ciga-simclr from a checkpoint built here: the pair's first 512 features are that encoder's,
+    with its own normalisation (mean/std 0.5), and the fingerprint names the weights."""
+    from weakstil.embed.resnet import create_resnet
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        net = create_resnet("resnet18")
+    path = tmp_path / "tenpercent_resnet18.ckpt"
+    torch.save({"state_dict": {f"model.resnet.{k}": v for k, v in net.state_dict().items()}}, path)
+    base = create_encoder("ciga-simclr", f"file:{path}")
+    pair = create_encoder("ciga-simclr+stainmorph", f"file:{path}")
+    assert pair.spec.embed_dim == 512 + N_FEATURES and pair.spec.mean == (0.0, 0.0, 0.0)
+    assert get_encoder_spec("ciga-simclr+stainmorph") == pair.spec
+    fp = pair.fingerprint()
+    assert fp["weights"] == f"file:{path}" and fp["weights_sha256"] == base.fingerprint()["weights_sha256"]
+    assert fp["arch"] != base.fingerprint()["arch"]  # caches of the two never mix
+    tiles = torch.as_tensor(np.stack([render(disks(grid(28), 4.0, 1.6), np.full((PX, PX), 0.6))] * 2))
+    torch.testing.assert_close(pair(pair.preprocess(tiles))[:, :512], base(base.preprocess(tiles)),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_morphometry_is_not_added_twice():
+    from weakstil.errors import UnknownEncoderError
+
+    with pytest.raises(UnknownEncoderError, match="already"):
+        get_encoder_spec("resnet18-random+stainmorph+stainmorph")
+    with pytest.raises(UnknownEncoderError, match="already"):
+        get_encoder_spec("stainmorph+stainmorph")
