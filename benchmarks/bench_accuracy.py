@@ -88,11 +88,10 @@ def stain() -> str:
     return os.environ.get("WEAKSTIL_ACCURACY_STAIN", TileSpec().stain)
 
 
-DEFAULT_ENCODER = "resnet18-random"
-
-
 def encoder_name() -> str:
     """The tile encoder: $WEAKSTIL_ACCURACY_ENCODER (default: the extract command's default)."""
+    from weakstil.embed.encoders import DEFAULT_ENCODER
+
     return os.environ.get("WEAKSTIL_ACCURACY_ENCODER", DEFAULT_ENCODER)
 
 
@@ -329,7 +328,8 @@ RECIPES = {
     "default": {},
     "attention-2026-11": {"aggregation": "attention", "head": "mlp", "dropout": 0.25, "weight_decay": 1e-2,
                           "max_epochs": 60, "patience": 10, "calibrate": False, "blend": False},  # before #14
-    "no-blend": {"blend": False},  # the default MIL alone (and its calibration line)
+    "linear-head-blend": {"head": "linear", "blend": True},  # the default of the third run (2026-12-05)
+    "blend": {"blend": True},  # the default, blended with the probe out of fold
 }
 ACCEPT = {  # (figure, cohort kind) -> (test, text) from issue #14
     "r2_truth/standard": (lambda v, probe: v >= 0.9 and v >= probe + 0.02, "≥ 0.9 and ≥ probe + 0.02"),
@@ -461,9 +461,9 @@ def write_report(doc: dict, rows: list[Row]) -> Path:
     out = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
     out.mkdir(parents=True, exist_ok=True)
     tag = "" if stain() == "macenko" else f"-stain-{stain()}"
-    if encoder_name() != DEFAULT_ENCODER:
-        from weakstil.embed.encoders import get_encoder_spec
+    from weakstil.embed.encoders import DEFAULT_ENCODER, get_encoder_spec
 
+    if encoder_name() != DEFAULT_ENCODER:
         tag += "-" + get_encoder_spec(encoder_name()).slug
     path = out / f"{dt.date.today().isoformat()}-accuracy{tag}.json"
     doc = dict(doc, stain=stain(), encoder=encoder_name(), machine=machine(), table=markdown_table(rows))

@@ -113,7 +113,7 @@ def test_extract_fills_the_cache_and_a_rerun_skips_every_slide(first_extract, co
     assert cache.complete_ids() == ids
     for sid in ids:
         cached = cache.read(sid)
-        assert cached.n_tiles > 0 and cached.features.shape == (cached.n_tiles, 512)
+        assert cached.n_tiles > 0 and cached.features.shape == (cached.n_tiles, 512 + 24)  # resnet18 + stainmorph
         assert cached.attrs["slide_mpp"] in (0.25, 0.5)
         assert cached.attrs["tile_size_l0"] == pytest.approx(224 * 0.5 / cached.attrs["slide_mpp"])
     assert (first_extract["features"] / "qc" / f"{ids[0]}.png").is_file()
@@ -136,7 +136,7 @@ def test_extract_saves_its_resolved_config(first_extract):
     doc = yaml.safe_load(saved[0].read_text())
     assert doc["command"] == "extract"
     assert doc["batch_size"] == 16  # from the config file
-    assert doc["encoder"] == "resnet18-random" and doc["tile_mpp"] == 0.5  # code defaults
+    assert doc["encoder"] == "resnet18-random+stainmorph" and doc["tile_mpp"] == 0.5  # code defaults
     assert doc["quiet"] is True  # a flag
     assert doc["config_file"] == str(first_extract["config"])
 

@@ -150,3 +150,53 @@ def test_fingerprint_match_and_mismatch():
         check_fingerprint(model, other)
     text = info.value.problem
     assert "encoder.name" in text and "encoder.weights_sha256" in text and "tiling." not in text
+
+
+# --- the probe head (head="probe", issue #14): the MIL starts as the linear probe -------------------
+def _probe_cohort(n: int = 24, seed: int = 0, tile_sd: float = 0.3, slide_sd: float = 0.05):
+    rng = np.random.default_rng(seed)
+    bags = []
+    for _ in range(n):
+        y = rng.uniform(5, 70)
+        x = rng.normal(scale=tile_sd, size=(int(rng.integers(20, 50)), DIM)).astype(np.float32)
+        x[:, 0] += y / 25
+        x += rng.normal(scale=slide_sd, size=DIM).astype(np.float32)  # what varies between slides
+        bags.append((x, y))
+    return bags
+
+
+def test_probe_head_starts_as_the_linear_probe():
+    from weakstil.mil.fit import TrainConfig, _initialise
+    from weakstil.mil.probe import LinearProbe
+
+    bags = _probe_cohort(tile_sd=0.01, slide_sd=0.3)  # near-uniform tiles: the mean of sigmoids ≈ the sigmoid of the mean
+    module = MILRegressor(DIM, **TrainConfig(head="probe").model_kwargs())
+    _initialise(module, bags[:16], None)
+    probe = LinearProbe().fit(np.stack([x.mean(0) for x, _ in bags[:16]]), np.array([y for _, y in bags[:16]]))
+    ours, theirs = [], []
+    for x, _ in bags:
+        score, tile_pred, attention = module.predict_bag(torch.as_tensor(x))
+        assert torch.allclose(attention, torch.full_like(attention, 1 / len(x)))  # equal weights at the start
+        assert torch.all((tile_pred >= 0) & (tile_pred <= 1))
+        ours.append(100 * float(score))
+        theirs.append(float(probe.model.predict(x.mean(0, keepdims=True).astype(np.float64))[0]))
+    ours, theirs = np.array(ours), np.array(theirs)
+    # the sigmoid's tangent at the mean label: the probe's order, its slope near the mean label
+    assert np.corrcoef(ours, theirs)[0, 1] > 0.98
+    near = np.abs(theirs - probe.model[-1].intercept_) < 8
+    assert near.sum() >= 3 and np.all(np.abs(ours - theirs)[near] < 3)
+
+
+def test_probe_head_keeps_the_probe_when_training_does_not_beat_it(tmp_path):
+    from weakstil.mil.fit import TrainConfig, fit_one
+
+    bags = _probe_cohort()
+    cfg = TrainConfig(head="probe", lr=0.0, max_epochs=3, patience=1, bags_per_step=4)  # lr 0: no epoch is better
+    model, history = fit_one(bags[:16], bags[16:20], cfg)
+    assert history.best_epoch == -1 and history.best_val_r2 > 0.5  # the starting point won
+    start, _ = fit_one(bags[:16], None, cfg, max_epochs=0)  # zero epochs: the starting point itself
+    x = torch.as_tensor(bags[21][0])
+    assert torch.allclose(model.predict_bag(x)[0], start.predict_bag(x)[0])
+    saved = TrainedModel([model], fingerprint=FINGERPRINT)  # the standardisation travels with the weights
+    saved.save(tmp_path / "model.ckpt")
+    assert load_model(tmp_path).predict(bags[21][0]).score == saved.predict(bags[21][0]).score

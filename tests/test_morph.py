@@ -57,10 +57,10 @@ def test_lymphocytes_in_stroma_are_counted_and_located():
 
 def test_tumour_nests_are_told_from_stroma():
     # large pale nuclei packed together: a nest, with a few lymphocytes among them
-    big = disks(grid(26, 10), 7.0, 0.6)  # ~14 px (7 µm) across, 13 µm apart
-    lymph = disks([(30, 30), (110, 110), (190, 60)], 4.0, 1.6)
+    big = disks(grid(32, 12), 9.0, 0.6)  # 9 µm across, 16 µm apart
+    lymph = disks([(92, 92), (124, 124), (156, 60)], 4.0, 1.6)  # 4 µm, between tumour cells
     nest = render(np.maximum(big, lymph), np.full((PX, PX), 0.2))
-    stroma = render(disks([(30, 30), (110, 110), (190, 60)], 4.0, 1.6), np.full((PX, PX), 0.6))
+    stroma = render(disks([(92, 92), (124, 124), (156, 60)], 4.0, 1.6), np.full((PX, PX), 0.6))
     f = features(nest, stroma)
     assert f["nuclei_s3"][0] + f["nuclei_s4"][0] > f["nuclei_s3"][1] + f["nuclei_s4"][1]
     assert f["nest_like"][0] > 0.5 > f["nest_like"][1]

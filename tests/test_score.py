@@ -106,7 +106,7 @@ def test_shuffled_labels_score_r2_near_zero_while_true_labels_score_well(trained
     labels = pd.read_csv(trained["cohort"] / "labels.csv", dtype={"slide_id": str, "patient_id": str})
     true_r2 = trained["metrics"]["pooled"]["r2"]
     shuffled_r2 = []
-    for seed in (1, 2):
+    for seed in (1, 2, 3, 4):
         shuffled = labels.assign(stil=np.random.default_rng(seed).permutation(labels["stil"].to_numpy()))
         assert not np.array_equal(shuffled["stil"], labels["stil"])
         path = tmp_path / f"shuffled{seed}.csv"
@@ -119,7 +119,10 @@ def test_shuffled_labels_score_r2_near_zero_while_true_labels_score_well(trained
           f"true labels {true_r2:.3f} (AUC@30 {m['pooled'].get('auc@30', float('nan')):.2f}); shuffled labels "
           f"{', '.join(f'{r:.3f}' for r in shuffled_r2)}")
     assert true_r2 >= 0.6
-    assert max(shuffled_r2) <= 0.15
+    # 20 slides in 4-slide folds: one shuffle's out-of-fold R² spreads by about ±0.2 around a
+    # negative mean (six seeds with the probe head: 0.18, 0.00, −0.45, 0.04, 0.01, −0.11); the
+    # mean over four shuffles is the control
+    assert max(shuffled_r2) <= 0.25
     assert np.mean(shuffled_r2) <= 0.05
 
 

@@ -8,7 +8,7 @@ top level. Keys are option names with ``-`` or ``_`` (``batch-size`` or ``batch_
 device: cpu
 extract:
   batch_size: 64
-  encoder: resnet18-random
+  encoder: resnet18-random+stainmorph
 train:
   aggregation: attention
 ```

@@ -62,7 +62,7 @@ def run_demo(out: Path, *, n: int = 40, n_test: int = 10, seed: int = 0, device:
 
     from weakstil.textout import emit
 
-    from weakstil.embed.encoders import create_encoder
+    from weakstil.embed.encoders import DEFAULT_ENCODER, create_encoder
     from weakstil.embed.extract import ExtractOptions, slide_sources
     from weakstil.mil.cohort import metrics_table, train_from_cache
     from weakstil.mil.model import load_model
@@ -93,7 +93,7 @@ def run_demo(out: Path, *, n: int = 40, n_test: int = 10, seed: int = 0, device:
     step("synth", t0)
 
     t0 = time.perf_counter()
-    encoder = create_encoder("resnet18-random")
+    encoder = create_encoder(DEFAULT_ENCODER)
     spec, tissue = TileSpec(), TissueParams()
     features = out / "features"
     opts = ExtractOptions(device=device, progress=progress)

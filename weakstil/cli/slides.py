@@ -121,7 +121,7 @@ def extract(
     ctx: typer.Context,
     slides: Annotated[Path, typer.Argument(help="A folder of slides or one slide file.")] = Path("slides"),
     features: FeaturesOpt = Path("features"),
-    encoder: EncoderOpt = "resnet18-random",
+    encoder: EncoderOpt = "resnet18-random+stainmorph",
     weights: WeightsOpt = None,
     tile_px: TilePxOpt = 224,
     tile_mpp: TileMppOpt = 0.5,

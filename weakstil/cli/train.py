@@ -59,12 +59,13 @@ def train(
     weight_decay: Annotated[float, typer.Option(
         "--weight-decay", help="AdamW weight decay (L2 penalty on the weights; 0 turns it off).")] = 0.1,
     head: Annotated[str, typer.Option(
-        help="Tile head: linear (on the features, the default) or mlp (on a hidden layer).")] = "linear",
+        help="Tile head: probe (starts as the linear probe, the default), linear (on the normalised "
+             "features) or mlp (on a hidden layer).")] = "probe",
     calibrate: Annotated[bool, typer.Option(
         help="Post-hoc linear calibration fitted on the out-of-fold predictions.")] = True,
     blend: Annotated[bool, typer.Option(
         help="Deploy w·MIL + (1−w)·linear probe, w chosen on the out-of-fold predictions "
-             "(--no-blend: the MIL alone).")] = True,
+             "(off by default: the probe head already starts from the probe).")] = False,
     high_cutoff: Annotated[float, typer.Option(
         "--high-cutoff", help="sTIL-high vs low cut-off (%) for the headline AUC.")] = 30.0,
     seed: Annotated[int, typer.Option(help="Random seed (folds, initialisation, tile sampling).")] = 0,

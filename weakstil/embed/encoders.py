@@ -62,6 +62,8 @@ MORPH = "stainmorph"  # the fixed stain-morphometry encoder (weakstil.embed.morp
 MORPH_SUFFIX = "+" + MORPH  # any encoder + stainmorph: both feature sets side by side
 MORPH_ARCH = "stainmorph.v1"  # bump when its features change (the arch is in the cache fingerprint)
 MORPH_DIM = 24  # weakstil.embed.morph.N_FEATURES (that module imports torch)
+# what `weakstil extract` and the demo use unless told otherwise (docs/accuracy.md says why)
+DEFAULT_ENCODER = "resnet18-random" + MORPH_SUFFIX
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 KeyMapper = Callable[[dict], dict]  # unwrapped checkpoint state dict -> timm-layout state dict

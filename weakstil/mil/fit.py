@@ -24,6 +24,7 @@ import numpy as np
 from weakstil.errors import ConfigError, EmptyBagError
 from weakstil.mil.model import (
     AGGREGATIONS,
+    HEADS,
     MILRegressor,
 )
 from weakstil.progress import progress as progress_display
@@ -66,8 +67,12 @@ class TrainConfig:
     # out-of-fold predictions (mil.calibration); both reported in metrics.json.
     background_penalty: float = 0.0
     calibrate: bool = True
-    blend: bool = True  # deploy w · MIL + (1 − w) · linear probe, w chosen out of fold (mil.blend)
-    head: str = "linear"  # the tile head: "linear" (on the features) | "mlp" (on the hidden layer)
+    # deploy w · MIL + (1 − w) · linear probe, w chosen out of fold (mil.blend); off since the probe
+    # head, which starts from the probe and keeps it unless validation says otherwise (docs/accuracy.md)
+    blend: bool = False
+    # the tile head: "probe" (linear on standardised features, started at the linear probe) |
+    # "linear" (on the LayerNorm'd features) | "mlp" (on the hidden layer)
+    head: str = "probe"
 
     def __post_init__(self) -> None:
         checks = [
@@ -80,7 +85,7 @@ class TrainConfig:
             (self.max_tiles >= 1 and self.bags_per_step >= 1, "max_tiles, bags_per_step >= 1"),
             (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
             (self.background_penalty >= 0.0, "background_penalty must be >= 0"),
-            (self.head in ("mlp", "linear"), "head must be 'mlp' or 'linear'"),
+            (self.head in HEADS, f"head must be one of {HEADS}"),
             (self.fold_processes is None or self.fold_processes >= 1, "fold_processes must be >= 1"),
         ]
         bad = [text for ok, text in checks if not ok]
@@ -240,8 +245,8 @@ def _callbacks(history: FitHistory, on_epoch=None):
             row.update({k: float(v) for k, v in trainer.callback_metrics.items()})
             history.epochs.append(row)
             r2 = row.get("val_r2")
-            if r2 is not None and math.isfinite(r2) and (
-                history.best_val_r2 is None or r2 > history.best_val_r2
+            if r2 is not None and math.isfinite(r2) and (  # (1e-6: rounding, e.g. the probe head's start)
+                history.best_val_r2 is None or r2 > history.best_val_r2 + 1e-6
             ):
                 history.best_val_r2, history.best_epoch = r2, trainer.current_epoch
                 self.best_state = copy.deepcopy(module.state_dict())
@@ -279,14 +284,22 @@ def fit_one(
         raise ValueError("fit_one needs at least one training bag")
     t0 = time.perf_counter()
     history = FitHistory()
-    epochs = max_epochs or cfg.max_epochs
+    epochs = cfg.max_epochs if max_epochs is None else max_epochs  # 0: the initial model (probe head)
     with progress_display(progress_bar) as bar, _quiet_lightning(), _deterministic(), _cpu_threads(cfg):
         on_epoch = _epoch_progress(bar, bar.add_task("epochs", total=epochs, unit="epochs"), on_epoch)
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         module = MILModule(train_bags[0][0].shape[1], **cfg.model_kwargs())
         _initialise(module.model, train_bags, init_state)
         recorder = _callbacks(history, on_epoch)
+        if val_bags and module.model.config.get("head") == "probe" and init_state is None:
+            # the starting point (the probe) competes with the epochs: training that does not beat
+            # the probe on the validation slides keeps it (best_epoch -1)
+            history.best_val_r2, history.best_epoch = _val_r2(module.model, val_bags), -1
+            recorder.best_state = copy.deepcopy(module.state_dict())
         callbacks = [recorder]
+        if epochs == 0:  # nothing to train: the initial model (the probe, for head="probe")
+            history.seconds = time.perf_counter() - t0
+            return module.model.cpu().eval(), history
         if val_bags:
             callbacks.append(EarlyStopping("val_r2", mode="max", patience=cfg.patience,
                                            min_delta=cfg.min_delta, check_finite=False))
@@ -323,11 +336,31 @@ def _epoch_progress(bar, task: int, on_epoch=None):
 
     return update
 def _initialise(model: MILRegressor, train_bags: Sequence[Bag], init_state: dict | None) -> None:
-    """Fresh start: the tile head's bias at the mean label. Warm start: the parent's weights."""
-    if init_state is None:
-        model.init_output_bias(float(np.mean([y for _, y in train_bags])) / 100.0)
-    else:
+    """Fresh start: the tile head's bias at the mean label, or (``head="probe"``) the linear probe
+    fitted on the training bags. Warm start: the parent's weights."""
+    if init_state is not None:
         model.load_state_dict(init_state)
+    elif model.config.get("head") == "probe":
+        from weakstil.mil.probe import LinearProbe
+
+        means = np.stack([np.asarray(f).mean(axis=0, dtype=np.float64) for f, _ in train_bags])
+        probe = LinearProbe().fit(means, np.array([y for _, y in train_bags], np.float64))
+        scaler, ridge = probe.model[0], probe.model[-1]
+        model.init_from_probe(scaler.mean_, scaler.scale_, ridge.coef_, float(ridge.intercept_))
+    else:
+        model.init_output_bias(float(np.mean([y for _, y in train_bags])) / 100.0)
+
+
+def _val_r2(model: MILRegressor, val_bags: Sequence[Bag]) -> float:
+    """R² of ``model`` on the validation bags (the same figure as ``val_r2`` of an epoch)."""
+    import torch
+
+    with torch.no_grad():
+        pred = np.array([float(model.predict_bag(torch.as_tensor(np.asarray(f, np.float32)))[0]) for f, _ in val_bags])
+    label = np.array([y for _, y in val_bags], np.float64) / 100.0
+    ss_tot = float(np.sum((label - label.mean()) ** 2))
+    mse = float(np.mean((pred - label) ** 2))
+    return 1.0 - float(np.sum((pred - label) ** 2)) / ss_tot if ss_tot > 0 else -mse
 
 
 @contextlib.contextmanager

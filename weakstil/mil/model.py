@@ -40,7 +40,8 @@ from weakstil.fs import plain_json, write_bytes, write_text
 
 AGGREGATIONS = ("mean", "attention", "weighted")
 WEIGHTED = ("attention", "weighted")  # aggregations with a learned weight per tile
-HEADS = ("mlp", "linear")  # the tile head: on the hidden layer, or linear on the normalised features
+HEADS = ("mlp", "linear", "probe")  # the tile head: on the hidden layer, linear on the normalised
+# features, or linear on standardised features starting from the linear probe (see init_from_probe)
 
 
 class MILRegressor(nn.Module):
@@ -81,7 +82,13 @@ class MILRegressor(nn.Module):
         )
         # head="linear": the tile prediction is a linear function of the normalised embedding (the
         # probe's model class, per tile); the hidden layer then only feeds the tile weights.
-        self.tile_head = nn.Linear(embed_dim if head == "linear" else hidden, 1)
+        # head="probe": linear (then the sigmoid) on features standardised with the training slides'
+        # statistics, started at the linear probe's solution with uniform pooling (init_from_probe):
+        # the MIL begins as the baseline it must beat, and keeps it unless validation says otherwise.
+        self.tile_head = nn.Linear(hidden if head == "mlp" else embed_dim, 1)
+        if head == "probe":
+            self.register_buffer("feat_mean", torch.zeros(embed_dim))
+            self.register_buffer("feat_scale", torch.ones(embed_dim))
         if aggregation in WEIGHTED:
             self.att_v = nn.Linear(hidden, hidden)
             self.att_u = nn.Linear(hidden, hidden)
@@ -94,10 +101,31 @@ class MILRegressor(nn.Module):
         with torch.no_grad():
             self.tile_head.bias.fill_(math.log(p / (1 - p)))
 
+    @torch.no_grad()
+    def init_from_probe(self, mean, scale, coef, intercept: float) -> None:
+        """Start as the linear probe (``head="probe"``): features standardised with the probe's
+        ``mean`` and ``scale``, the tile head on the tangent of its sigmoid at the probe's intercept
+        (the mean label: sTIL% 0-100, as scikit-learn's ridge on standardised slide means gives it) with
+        the probe's slope, and equal tile weights. The bag's score is then the probe's prediction for
+        the slide mean, up to the sigmoid's curvature (which keeps every tile in 0-100)."""
+        as_t = lambda v: torch.as_tensor(np.asarray(v, np.float32))  # noqa: E731
+        self.feat_mean.copy_(as_t(mean))
+        self.feat_scale.copy_(as_t(np.where(np.asarray(scale) > 0, scale, 1.0)))
+        p = min(max(float(intercept) / 100.0, 0.02), 0.98)
+        self.tile_head.weight.copy_(as_t(coef).view(1, -1) / 100.0 / (p * (1 - p)))
+        self.tile_head.bias.fill_(math.log(p / (1 - p)))
+        if self.config["aggregation"] in WEIGHTED:
+            self.att_w.weight.zero_()
+            self.att_w.bias.zero_()
+
     def tile_outputs(self, features: Tensor) -> tuple[Tensor, Tensor | None]:
         """Per-tile prediction in 0-1 and attention logit (None for mean pooling), both (..., N)."""
         h = self.embed(features)
-        head_in = self.embed[0](features) if self.config.get("head") == "linear" else h
+        head = self.config.get("head")
+        if head == "probe":
+            head_in = (features - self.feat_mean) / self.feat_scale
+        else:
+            head_in = self.embed[0](features) if head == "linear" else h
         tile_pred = torch.sigmoid(self.tile_head(head_in)).squeeze(-1)
         if self.config["aggregation"] not in WEIGHTED:
             return tile_pred, None

@@ -14,6 +14,9 @@ from torch import Tensor, nn
 from weakstil.mil.model import MILRegressor
 
 
+PROBE_HEAD_LR = 0.1  # the probe head's learning rate, as a fraction of lr (it starts at a solution)
+
+
 class MILModule(pl.LightningModule):
     """Trains ``self.model`` (a :class:`MILRegressor`); ``lr`` and ``weight_decay`` set AdamW."""
 
@@ -58,9 +61,14 @@ class MILModule(pl.LightningModule):
         self.log("val_mse", mse.float())
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(
-            self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
-        )
+        lr, wd = self.hparams.lr, self.hparams.weight_decay
+        if self.model.config.get("head") != "probe":
+            return torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=wd)
+        # the probe head starts at the ridge solution: no decay toward 0, and small steps away from it
+        head = list(self.model.tile_head.parameters())
+        rest = [p for p in self.model.parameters() if all(p is not h for h in head)]
+        return torch.optim.AdamW([{"params": rest}, {"params": head, "weight_decay": 0.0,
+                                                      "lr": lr * PROBE_HEAD_LR}], lr=lr, weight_decay=wd)
 
 
 

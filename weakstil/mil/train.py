@@ -151,7 +151,8 @@ def deployed_pooled(metrics: Mapping) -> dict:
 
 
 def _final_fit(bags, table, cfg: TrainConfig, cv: CVResult) -> MILRegressor:
-    """One model on all slides, for the median number of epochs the folds kept (no validation)."""
+    """One model on all slides, for the median number of epochs the folds kept (no validation;
+    0 when most folds kept their starting point, the probe of ``head="probe"``)."""
     epochs = [h.best_epoch + 1 for h in cv.histories if h.best_epoch is not None]
     n_epochs = int(np.median(epochs)) if epochs else cfg.max_epochs
     all_bags = [(bags[s], y) for s, y in zip(cv.slide_ids, cv.labels)]
