@@ -169,7 +169,7 @@ def test_probe_head_starts_as_the_linear_probe():
     from weakstil.mil.fit import TrainConfig, _initialise
     from weakstil.mil.probe import LinearProbe
 
-    bags = _probe_cohort(tile_sd=0.01, slide_sd=0.3)  # near-uniform tiles: the mean of sigmoids ≈ the sigmoid of the mean
+    bags = _probe_cohort(tile_sd=0.3, slide_sd=0.3)  # tiles differ: the mean of sigmoids is not the sigmoid of the mean
     module = MILRegressor(DIM, **TrainConfig(head="probe").model_kwargs())
     _initialise(module, bags[:16], None)
     probe = LinearProbe().fit(np.stack([x.mean(0) for x, _ in bags[:16]]), np.array([y for _, y in bags[:16]]))
@@ -181,10 +181,13 @@ def test_probe_head_starts_as_the_linear_probe():
         ours.append(100 * float(score))
         theirs.append(float(probe.model.predict(x.mean(0, keepdims=True).astype(np.float64))[0]))
     ours, theirs = np.array(ours), np.array(theirs)
-    # the sigmoid's tangent at the mean label: the probe's order, its slope near the mean label
-    assert np.corrcoef(ours, theirs)[0, 1] > 0.98
-    near = np.abs(theirs - probe.model[-1].intercept_) < 8
-    assert near.sum() >= 3 and np.all(np.abs(ours - theirs)[near] < 3)
+    labels = np.array([y for _, y in bags])
+    from sklearn.metrics import r2_score
+
+    # the probe's line refitted through the sigmoid on the training bags: the probe's order, and as
+    # good a fit of the training labels
+    assert np.corrcoef(ours, theirs)[0, 1] > 0.97
+    assert r2_score(labels[:16], ours[:16]) >= r2_score(labels[:16], theirs[:16]) - 0.02
 
 
 def test_probe_head_keeps_the_probe_when_training_does_not_beat_it(tmp_path):

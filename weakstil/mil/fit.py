@@ -347,8 +347,48 @@ def _initialise(model: MILRegressor, train_bags: Sequence[Bag], init_state: dict
         probe = LinearProbe().fit(means, np.array([y for _, y in train_bags], np.float64))
         scaler, ridge = probe.model[0], probe.model[-1]
         model.init_from_probe(scaler.mean_, scaler.scale_, ridge.coef_, float(ridge.intercept_))
+        _fit_probe_head(model, train_bags, probe.alpha)
     else:
         model.init_output_bias(float(np.mean([y for _, y in train_bags])) / 100.0)
+
+
+def _fit_probe_head(model: MILRegressor, bags: Sequence[Bag], alpha: float, *, max_tiles: int = 256,
+                    steps: int = 50) -> None:
+    """Refit the probe head's start through its sigmoid: with equal tile weights, the bag score is
+    the mean of ``sigmoid(w · z + b)`` over its tiles, not the probe's line at the mean tile, so the
+    tangent start of :meth:`MILRegressor.init_from_probe` is pulled toward the mean label where tiles
+    differ. L-BFGS on the bags' squared error (labels 0-1) with the probe's ridge penalty on the
+    slope at the mean label, from the tangent start; up to ``max_tiles`` tiles per bag (evenly
+    spaced)."""
+    import torch
+
+    z = []
+    for f, _ in bags:
+        idx = np.linspace(0, len(f) - 1, min(len(f), max_tiles)).round().astype(int)
+        z.append(torch.as_tensor(np.asarray(f[idx], np.float32)))
+    y = torch.tensor([lab for _, lab in bags], dtype=torch.float32) / 100.0
+    head, mean, scale = model.tile_head, model.feat_mean, model.feat_scale
+    zs = [(t - mean) / scale for t in z]
+    p = float(torch.sigmoid(head.bias).item())
+    w = head.weight.detach().clone().requires_grad_(True)
+    b = head.bias.detach().clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def loss():
+        opt.zero_grad()
+        pred = torch.stack([torch.sigmoid(t @ w.T + b).mean() for t in zs])
+        value = (pred - y).square().sum() + alpha * (w * p * (1 - p)).square().sum()
+        value.backward()
+        return value
+
+    with torch.enable_grad():
+        start = float(loss().detach())
+        opt.step(loss)
+        end = float(loss().detach())
+    if np.isfinite(end) and end < start:
+        with torch.no_grad():
+            head.weight.copy_(w.detach())
+            head.bias.copy_(b.detach())
 
 
 def _val_r2(model: MILRegressor, val_bags: Sequence[Bag]) -> float:
