@@ -37,7 +37,8 @@ def test_figures_and_probe_are_computed_for_both_families(cohorts):
     plan = acc.PLANS["smoke"]
     results = {}
     for family, cohort in cohorts.items():
-        res = acc.run_recipe(cohort, {"calibrate": True}, plan)
+        blend = family == "cells"  # the default (no blend) on one family, the blend on the other
+        res = acc.run_recipe(cohort, {"calibrate": True, "blend": blend}, plan)
         results[family] = res
         for part in ("mil", "mil_calibrated", "probe"):
             figures = res[part]
@@ -45,8 +46,11 @@ def test_figures_and_probe_are_computed_for_both_families(cohorts):
                 assert name in figures and figures[name] is not None, (part, name)
         assert math.isfinite(res["mil"]["tile_r"]) and 0 <= res["mil"]["top_stroma_min"] <= 1
         assert res["mil"]["tile_n"] > 0 and set(res["line"]) == {"slope", "intercept", "n"}
-        assert 0.0 <= res["blend_weight"] <= 1.0 and len(res["fold_weights"]) == plan.n_folds
-        assert "r2_truth" in res["mil_blend"]  # the MIL–probe blend, cross-fitted
+        if blend:
+            assert 0.0 <= res["blend_weight"] <= 1.0 and len(res["fold_weights"]) == plan.n_folds
+            assert "r2_truth" in res["mil_blend"]  # the MIL–probe blend, cross-fitted
+        else:
+            assert "blend_weight" not in res
         assert np.isfinite(res["_cv"].predictions).all()
     mixed = acc.merge("mix", list(cohorts.values()))
     assert len(mixed.table) == 12 and len(mixed.bags) == 12
