@@ -119,3 +119,17 @@ def test_morphometry_is_not_added_twice():
         get_encoder_spec("resnet18-random+stainmorph+stainmorph")
     with pytest.raises(UnknownEncoderError, match="already"):
         get_encoder_spec("stainmorph+stainmorph")
+
+
+def test_features_are_the_same_under_the_extractors_autocast():
+    """TileEmbedder runs encoders under autocast (bf16 on AMX CPUs, fp16 on GPUs); the morphometry
+    must not follow it (the FFTs refuse bf16, and thresholds must mean the same everywhere)."""
+    tiles = np.stack([render(disks(grid(28), 4.0, 1.6), np.full((PX, PX), 0.6)),
+                      render(disks(grid(32, 12), 9.0, 0.6), np.full((PX, PX), 0.2))])
+    x = torch.as_tensor(tiles).permute(0, 3, 1, 2).float() / 255.0
+    module = StainMorph()
+    plain = module(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = module(x)
+    assert under.dtype == torch.float32
+    torch.testing.assert_close(under, plain)

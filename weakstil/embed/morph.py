@@ -99,7 +99,13 @@ class StainMorph(nn.Module):
         self.num_features = N_FEATURES
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
+        # always in float32, whatever autocast the encoder runs under (fp16 on a GPU, bf16 on an AMX
+        # CPU): thresholds must mean the same on every machine, and the FFTs take neither bf16 nor
+        # (on CUDA) fp16 at sizes that are not powers of two
+        with torch.autocast(x.device.type, enabled=False):
+            return self._features(x.float())
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
         od = (x * 255.0 + 1.0).div(IO).log().neg().clamp(min=0)
         conc = torch.einsum("ck,bkhw->bchw", self.to_conc, od).clamp(min=0)
         h, e = conc[:, :1], conc[:, 1:]
