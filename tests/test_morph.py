@@ -133,3 +133,13 @@ def test_features_are_the_same_under_the_extractors_autocast():
         under = module(x)
     assert under.dtype == torch.float32
     torch.testing.assert_close(under, plain)
+
+
+def test_the_encoders_table_says_the_morphometry_has_no_weights():
+    from weakstil.embed.encoders import DEFAULT_ENCODER, encoders_table, list_encoders
+
+    table = encoders_table(list_encoders())
+    names = list(table.columns[0].cells)
+    row = names.index("stainmorph")
+    assert list(table.columns[3].cells)[row] == "none (fixed)"
+    assert DEFAULT_ENCODER in str(table.caption) and "+stainmorph" in str(table.caption)

@@ -59,8 +59,7 @@ def encoders(config: ConfigOpt = None) -> None:
     folders = [f.spec for f in list_encoder_folders()]
     emit(encoders_table(specs + folders))
     typer.echo(f"encoders: {len(specs)} registered, {len(folders)} pretrained folder(s) in models/encoders/ "
-               "(plus any timm model as timm:<name>; add +stainmorph to any of them for the stain-morphometry "
-               "features beside its own)")
+               "(plus any timm model as timm:<name>, and any of them +stainmorph)")
     typer.echo(checks.next_step("weakstil extract SLIDES --encoder NAME|DIR [--weights file:/path/to/checkpoint]"))
 
 

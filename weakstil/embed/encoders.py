@@ -482,10 +482,15 @@ def encoders_table(specs: list[EncoderSpec]) -> Table:
 
     notes = [f"{s.name}: {s.weights_hint}" for s in specs if s.weights_hint and not s.weights]
     notes.append("any timm model: --encoder timm:<name> --weights file:PATH or hf-hub:ORG/NAME")
+    notes.append(f"any of them +{MORPH}: the {MORPH_DIM} stain-morphometry features beside its own "
+                 f"(default: {DEFAULT_ENCODER})")
     table = Table(title="Registered encoders", caption="\n".join(notes), caption_justify="left")
     for column in ("name", "dim", "input px", "weights", "licence", "pretrained"):
         table.add_column(column, no_wrap=column in ("name", "dim", "input px"))
     for s in specs:
+        if s.arch == MORPH_ARCH:  # fixed measurements: neither weights nor randomness
+            table.add_row(s.name, str(s.embed_dim), str(s.input_px), "none (fixed)", s.licence, "no (fixed)")
+            continue
         random = "no (random)" if s.weights == RANDOM_INIT else "no"
         table.add_row(s.name, str(s.embed_dim), str(s.input_px), s.weights or "file: required",
                       s.licence, "yes" if s.pretrained else random)
