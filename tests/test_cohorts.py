@@ -39,6 +39,20 @@ def test_warm_start_records_its_parent_and_starts_from_its_weights(w):
 
 
 @pytest.mark.slow
+def test_warm_start_keeps_the_parents_tile_head(w):
+    """A parent with another tile head (here the linear one; models from before the probe head have
+    the MLP or linear head) warm-starts with its own head: the weights fit only that network."""
+    result = invoke("train", w.a / "labels.csv", "--features", w.features, "--models", w.models, "--name",
+                    "linear-parent", "--head", "linear", *TRAIN)
+    assert result.exit_code == 0, result.output
+    result = invoke("train", w.b / "labels.csv", "--features", w.features, "--models", w.models, "--name",
+                    "warm-linear", "--init", w.models / "linear-parent", *TRAIN)
+    assert result.exit_code == 0, result.output
+    config = yaml.safe_load((w.models / "warm-linear" / "config.yaml").read_text())
+    assert config["train"]["head"] == "linear"
+
+
+@pytest.mark.slow
 def test_warm_start_refuses_a_parent_trained_on_other_features(w):
     fp = yaml.safe_load((w.base / "config.yaml").read_text())["fingerprint"]
     fp["tiling"]["tile_px"] = 256

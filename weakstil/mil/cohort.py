@@ -218,6 +218,10 @@ def train_from_cache(labels, features, *, encoder: str | None = None, models_dir
     parent = parent_state(init, fingerprint) if init is not None else None
     if parent is not None:
         arch = {k: parent.model_config[k] for k in ("hidden", "dropout")}
+        # the parent's tile head too (models saved before the head option have the MLP head)
+        arch["head"] = parent.model_config.get("head") or "mlp"
+        if train_kwargs.get("head") not in (None, arch["head"]):
+            log.warning("warm start keeps the parent's tile head (%s)", arch["head"])
         if list(aggregations) != [parent.model_config["aggregation"]]:
             log.warning("warm start keeps the parent's aggregation (%s)", parent.model_config["aggregation"])
         aggregations = [parent.model_config["aggregation"]]
