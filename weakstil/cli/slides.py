@@ -40,6 +40,7 @@ from weakstil.cli.app import (
     app,
 )
 from weakstil.cli import checks
+from weakstil.embed.encoders import DEFAULT_ENCODER
 from weakstil.errors import ConfigError, WeakstilError
 
 # extraction speed options (docs/performance.md)
@@ -121,7 +122,7 @@ def extract(
     ctx: typer.Context,
     slides: Annotated[Path, typer.Argument(help="A folder of slides or one slide file.")] = Path("slides"),
     features: FeaturesOpt = Path("features"),
-    encoder: EncoderOpt = "resnet18-random+stainmorph",
+    encoder: EncoderOpt = DEFAULT_ENCODER,
     weights: WeightsOpt = None,
     tile_px: TilePxOpt = 224,
     tile_mpp: TileMppOpt = 0.5,

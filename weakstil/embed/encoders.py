@@ -27,6 +27,7 @@ Checkpoint layouts of the built-ins (each mapped onto timm's ResNet, whose keys 
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,7 +155,8 @@ def with_morph(spec: EncoderSpec) -> EncoderSpec:
     """``spec`` with the :data:`MORPH_DIM` stain-morphometry features after its own: the network
     keeps its input size and normalisation (applied inside), the pair takes 0–1 RGB."""
     if spec.name == MORPH or spec.name.endswith(MORPH_SUFFIX):
-        raise UnknownEncoderError(f"{spec.name} already has the stain-morphometry features")
+        raise UnknownEncoderError(f"{spec.name} already has the stain-morphometry features",
+                                  fix=f"use --encoder {spec.name} (one {MORPH_SUFFIX} is enough)")
     return EncoderSpec(
         name=spec.name + MORPH_SUFFIX, arch=f"{spec.arch}+{MORPH_ARCH}", embed_dim=spec.embed_dim + MORPH_DIM,
         input_px=spec.input_px, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation=spec.interpolation,
@@ -400,7 +402,7 @@ def _encoder_class() -> type:
 
         def preprocess(self, tiles) -> torch.Tensor:
             """uint8 tiles (B, H, W, 3) or (B, 3, H, W) → normalised float on this encoder's device."""
-            device = next(iter([*self.parameters(), *self.buffers()])).device
+            device = next(itertools.chain(self.parameters(), self.buffers())).device  # stainmorph: buffers only
             if device not in self._preprocess:
                 self._preprocess[device] = make_preprocess(self.spec, device=device)
             return self._preprocess[device](tiles)

@@ -395,12 +395,11 @@ def _val_r2(model: MILRegressor, val_bags: Sequence[Bag]) -> float:
     """R² of ``model`` on the validation bags (the same figure as ``val_r2`` of an epoch)."""
     import torch
 
-    with torch.no_grad():
-        pred = np.array([float(model.predict_bag(torch.as_tensor(np.asarray(f, np.float32)))[0]) for f, _ in val_bags])
-    label = np.array([y for _, y in val_bags], np.float64) / 100.0
-    ss_tot = float(np.sum((label - label.mean()) ** 2))
-    mse = float(np.mean((pred - label) ** 2))
-    return 1.0 - float(np.sum((pred - label) ** 2)) / ss_tot if ss_tot > 0 else -mse
+    from weakstil.mil.module import validation_r2
+
+    pred = torch.stack([model.predict_bag(torch.as_tensor(np.asarray(f, np.float32)))[0] for f, _ in val_bags])
+    label = torch.tensor([y for _, y in val_bags], dtype=torch.float64) / 100.0
+    return float(validation_r2(pred, label)[0])
 
 
 @contextlib.contextmanager

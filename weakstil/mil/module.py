@@ -14,6 +14,16 @@ from torch import Tensor, nn
 from weakstil.mil.model import MILRegressor
 
 
+def validation_r2(pred: Tensor, label: Tensor) -> tuple[Tensor, Tensor]:
+    """(R², MSE) of slide scores against labels (both 0-1), in float64. With constant labels R² is
+    undefined; −MSE keeps "higher is better"."""
+    pred, label = pred.double(), label.double()
+    mse = torch.mean((pred - label) ** 2)
+    ss_tot = torch.sum((label - label.mean()) ** 2)
+    r2 = 1.0 - torch.sum((pred - label) ** 2) / ss_tot if ss_tot > 0 else -mse
+    return r2, mse
+
+
 PROBE_HEAD_LR = 0.1  # the probe head's learning rate, as a fraction of lr (it starts at a solution)
 
 
@@ -51,12 +61,7 @@ class MILModule(pl.LightningModule):
         """R² over the whole validation set's full bags (not a mean of per-batch values)."""
         if not self._val_scores:
             return
-        pred = torch.cat(self._val_scores).double()
-        label = torch.cat(self._val_labels).double()
-        mse = torch.mean((pred - label) ** 2)
-        ss_tot = torch.sum((label - label.mean()) ** 2)
-        # With constant validation labels R² is undefined; -MSE keeps "higher is better".
-        r2 = 1.0 - torch.sum((pred - label) ** 2) / ss_tot if ss_tot > 0 else -mse
+        r2, mse = validation_r2(torch.cat(self._val_scores), torch.cat(self._val_labels))
         self.log("val_r2", r2.float(), prog_bar=True)
         self.log("val_mse", mse.float())
 
