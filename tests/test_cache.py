@@ -424,6 +424,36 @@ def test_a_non_store_folder_is_not_taken_over(tmp_path):
     assert created.path == target and (target / "zarr.json").is_file()
 
 
+def test_staging_folder_tidied_away_by_another_writer_mid_mkdir(cache, monkeypatch):
+    """Writers make ``.staging/`` and tidy it away when empty; the two can interleave.
+
+    ``Path.mkdir(exist_ok=True)`` raised FileExistsError when another writer removed the folder
+    between its mkdir and its is_dir check (seen once in CI in the concurrent test below). Here
+    that interleaving is forced: the first mkdir that finds ``.staging/`` removes it, as the other
+    writer's tidy would, before the error reaches the caller.
+    """
+    real_mkdir = os.mkdir
+    staging = str(cache.staging_dir)
+    raced = []
+
+    def mkdir(path, *args, **kwargs):
+        try:
+            return real_mkdir(path, *args, **kwargs)
+        except FileExistsError:
+            if os.fspath(path) == staging and not raced:
+                raced.append(path)
+                os.rmdir(path)  # the other writer's tidy (it was empty)
+            raise
+
+    cache.staging_dir.mkdir()
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    write_slide(cache, "S1", n=4)
+    assert raced and cache.complete_ids() == ["S1"] and staging_debris(cache) == []
+    cache.staging_dir.mkdir()
+    raced.clear()
+    assert cache.remove("S1") and raced and cache.complete_ids() == []
+
+
 def test_concurrent_writers_and_readers_of_one_slide(cache):
     import threading
 

@@ -303,10 +303,39 @@ class FeatureCache:
         return cls.open_store(next(iter(chosen)))
 
     # -- staging ---------------------------------------------------------------------------------
-    def _new_staging(self, slide_id: str, kind: str = "new") -> Path:
+    def _new_staging(self, slide_id: str, kind: str = "new", *, create: bool = False) -> Path:
+        """A fresh path in ``.staging/`` (made as an empty folder when ``create``).
+
+        Another writer removes ``.staging/`` whenever it is empty (:meth:`_tidy_staging`), so it can
+        vanish between making it and using it: a plain ``mkdir(exist_ok=True)`` then raises
+        FileExistsError or the folder is gone. Retried until the path (or, without ``create``,
+        ``.staging/``) is there; a made folder keeps ``.staging/`` from being tidied away.
+        """
         name = f"{slide_id}-{os.getpid()}-{_HOST_TAG}-{uuid.uuid4().hex[:8]}.{kind}"
-        self.staging_dir.mkdir(exist_ok=True)
-        return self.staging_dir / name
+        path = self.staging_dir / name
+        if create:
+            _ACTIVE_STAGING.add(name)  # before it exists: a sweep in this process leaves it alone
+        for _ in range(20):
+            try:
+                os.mkdir(self.staging_dir)
+            except FileExistsError:
+                pass
+            except FileNotFoundError:
+                self.path.mkdir(parents=True, exist_ok=True)
+                continue
+            if not create:
+                if self.staging_dir.is_dir():
+                    return path
+                continue
+            try:
+                os.mkdir(path)
+                return path
+            except FileNotFoundError:
+                continue  # .staging/ was tidied away meanwhile: make it again
+        _ACTIVE_STAGING.discard(name)
+        raise CacheWriteError("could not make a staging folder (is .staging a file?)",
+                              path=self.staging_dir,
+                              fix=f"delete {self.staging_dir} if it is not a folder, then rerun")
 
     def sweep_staging(self) -> list[Path]:
         """Remove staging debris whose writer is gone; returns what was removed.
@@ -362,8 +391,7 @@ class FeatureCache:
         if source is not None:
             extra.update(source_attrs(source))  # stat now: a file changed while reading is redone
         started = time.perf_counter()
-        staged = self._new_staging(slide_id)
-        _ACTIVE_STAGING.add(staged.name)
+        staged = self._new_staging(slide_id, create=True)
         try:
             with disk_errors(self.slides_dir / slide_id):  # a full disk: DiskFullError, old group kept
                 writer = SlideWriter(staged, coords, embed_dim, plain_json(extra), chunk_rows)
