@@ -241,6 +241,24 @@ def tile_figures(cohort: Cohort, tile_preds: dict, weights: dict | None = None) 
             tops.append(float(np.mean(cohort.tile_stroma[sid][order])))
         out["top_stroma_min_by_contribution"] = float(np.min(tops))
         out["top_stroma_mean_by_contribution"] = float(np.mean(tops))
+    # the top row of top_tiles.png exactly: by contribution when weights differ, among the tiles the
+    # stain morphometry estimates ≥ 50 % stroma when the encoder has it (weakstil.outputs.tiles.rank_tiles)
+    from weakstil.embed.encoders import get_encoder_spec, stroma_estimate
+    from weakstil.outputs.tiles import rank_tiles
+
+    arch = {"arch": get_encoder_spec(encoder_name()).arch}
+    tops, r_est = [], []
+    for sid, pred in tile_preds.items():
+        est = stroma_estimate(cohort.bags[sid], arch)
+        rows, _, _ = rank_tiles(pred, None if weights is None else weights[sid], est, TOP_K)
+        tops.append(float(np.mean(cohort.tile_stroma[sid][rows[0]])))
+        if est is not None:
+            r_est.append((est, cohort.tile_stroma[sid]))
+    out["top_stroma_min_shown"] = float(np.min(tops))
+    out["top_stroma_mean_shown"] = float(np.mean(tops))
+    if r_est:
+        est, true = (np.concatenate(x) for x in zip(*r_est))
+        out["stroma_est_r"] = float(np.corrcoef(est, true)[0, 1])
     return out
 
 
@@ -414,8 +432,7 @@ def _cross_validate(name: str, cohort: Cohort, recipes: dict, trained_by: dict, 
         if rname == "default":
             mil = result["mil"]  # top tiles as top_tiles.png ranks them: by contribution when weights differ
             shown = result.get("mil_calibrated", mil) | {
-                "tile_r": mil["tile_r"], "top_stroma_min": mil.get("top_stroma_min_by_contribution",
-                                                                  mil["top_stroma_min"])}
+                "tile_r": mil["tile_r"], "top_stroma_min": mil["top_stroma_min_shown"]}
             kind = "hard" if "hard" in name else "standard"
             rows += _rows(f"{name} CV", shown, result["probe"], kind,
                           "calibrated" if "mil_calibrated" in result else "")
@@ -427,8 +444,8 @@ def results_markdown(doc: dict, recipe: str = "default") -> str:
         return "–" if v is None or math.isnan(v) else f"{v:.{d}f}"
 
     lines = ["| cohort | slides | R² vs truth: deployed (MIL alone) [probe] | blend w | R² vs labels [probe] | AUC@10/30/50 [probe @30] "
-             "| cal. slope / intercept [probe] | pred SD / label SD [probe] | tile r | top-8 tiles' stroma (by "
-             "contribution): worst / mean slide | weight–stroma ρ |", "|" + "---|" * 11]
+             "| cal. slope / intercept [probe] | pred SD / label SD [probe] | tile r | top-8 tiles' stroma (as "
+             "top_tiles.png shows them): worst / mean slide | r(stroma_est, stroma) |", "|" + "---|" * 11]
     for name, r in doc["cv"].get(recipe, {}).items():
         m, p = r.get("mil_calibrated", r["mil"]), r["probe"]
         raw = r["mil"]
@@ -439,8 +456,7 @@ def results_markdown(doc: dict, recipe: str = "default") -> str:
             f"| {f(m['auc@10'])}/{f(m['auc@30'])}/{f(m['auc@50'])} [{f(p['auc@30'])}] "
             f"| {f(m['cal_slope'])} / {f(m['cal_intercept'], 1)} [{f(p['cal_slope'])} / {f(p['cal_intercept'], 1)}] "
             f"| {f(m['pred_sd'], 1)} / {f(m['label_sd'], 1)} [{f(p['pred_sd'], 1)}] | {f(raw['tile_r'])} "
-            f"| {f(raw.get('top_stroma_min_by_contribution', raw['top_stroma_min']))} / "
-            f"{f(raw.get('top_stroma_mean_by_contribution', raw['top_stroma_mean']))} | {f(raw.get('weight_stroma_rho'))} |")
+            f"| {f(raw['top_stroma_min_shown'])} / {f(raw['top_stroma_mean_shown'])} | {f(raw.get('stroma_est_r'))} |")
     lines += ["", "| transfer (train → score) | R² vs truth: MIL [probe] | AUC@30 [probe] | mean prediction vs truth "
               "[probe] | pred SD / truth SD |", "|---|---|---|---|---|"]
     for name, r in doc["transfer"].get(recipe, {}).items():

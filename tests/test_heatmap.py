@@ -494,6 +494,44 @@ def test_top_tiles_grid(tmp_path, slide, tiles):
     assert first_cell_is(image, 0, 0) and first_cell_is(image, 1, 10)
 
 
+def test_tiles_with_little_stroma_are_not_ranked(tmp_path, slide, tiles):
+    """With a stroma estimate (a +stainmorph encoder), both rows of top_tiles.png hold only tiles
+    estimated ≥ 50 % stroma: a tumour nest with a high tile value is not shown as high-sTIL."""
+    coords, pred, attention, _ = tiles
+    n = len(pred)
+    stroma = np.full(n, 0.9)
+    stroma[[0, 1, 10]] = 0.2  # the two highest tiles and the 0 % tile are nests
+    uniform = np.full(n, 1 / n)
+    rows, weighted, on_stroma = tiles_mod.rank_tiles(pred, uniform, stroma, k=3)
+    assert on_stroma and not weighted
+    assert not {0, 1, 10} & (set(rows[0].tolist()) | set(rows[1].tolist()))
+    assert pred[rows[0][0]] == max(pred[i] for i in range(n) if stroma[i] >= tiles_mod.STROMA_MIN)
+    # without an estimate, or where no tile reaches 50 %: every tile, as before
+    assert tiles_mod.rank_tiles(pred, uniform, None, k=3)[0][0][0] == 0
+    rows, _, on_stroma = tiles_mod.rank_tiles(pred, uniform, np.zeros(n), k=3)
+    assert not on_stroma and rows[0][0] == 0
+    path = tiles_mod.top_tiles_png(slide, coords, TILE, pred, tmp_path / "top.png", k=3, attention=attention,
+                                   stroma=stroma)
+    assert Image.open(path).size == tiles_mod.top_tiles_size(3, 224)
+    with pytest.raises(HeatmapInputError, match="stroma has"):
+        tiles_mod.top_tiles_png(slide, coords, TILE, pred, tmp_path / "bad.png", stroma=stroma[:-1])
+
+
+def test_stroma_estimate_travels_in_tiles_csv(tmp_path, slide, tiles):
+    coords, pred, attention, contribution = tiles
+    stroma = np.linspace(0, 1, len(pred))
+    out = tmp_path / "with"
+    hm.write_slide_outputs(slide, out, coords_l0=coords, size_l0=TILE, prediction=pred, attention=attention,
+                           contribution=contribution, score=41.5, formats=("csv",), stroma=stroma)
+    table = tiles_mod.read_tiles_csv(out / "tiles.csv")
+    assert np.allclose(table.stroma, stroma, atol=1e-6)
+    hm.write_slide_outputs(slide, tmp_path / "without", coords_l0=coords, size_l0=TILE, prediction=pred,
+                           attention=attention, contribution=contribution, score=41.5, formats=("csv",))
+    header = (tmp_path / "without" / "tiles.csv").read_text().splitlines()[0]
+    assert header == ",".join(tiles_mod.TILE_COLUMNS)  # the DESIGN.md columns, unchanged
+    assert tiles_mod.read_tiles_csv(tmp_path / "without" / "tiles.csv").stroma is None
+
+
 def test_top_tiles_with_few_tiles_and_none(tmp_path, slide):
     coords = grid(slide)[:3]
     path = tiles_mod.top_tiles_png(slide, coords, TILE, [10.0, 20.0, np.nan], tmp_path / "top.png", k=8)

@@ -53,6 +53,7 @@ def test_lymphocytes_in_stroma_are_counted_and_located():
     assert f["small_in_stroma"][1] > 1.0 and f["small_per_stroma"][1] > f["small_per_stroma"][0]
     assert f["stroma_like"][0] > 0.9 and f["e_rich"][0] > 0.9
     assert f["h_mean"][1] > f["h_mean"][0]
+    assert f["stroma_est"][0] > 0.95 and f["stroma_est"][1] > 0.8  # dense TILs are still stroma
 
 
 def test_tumour_nests_are_told_from_stroma():
@@ -66,6 +67,7 @@ def test_tumour_nests_are_told_from_stroma():
     assert f["nest_like"][0] > 0.5 > f["nest_like"][1]
     assert f["stroma_like"][0] < 0.2 < f["stroma_like"][1]
     assert f["small_in_nests"][0] > f["small_in_nests"][1]
+    assert f["stroma_est"][0] < 0.2 and f["stroma_est"][1] > 0.95
 
 
 def test_background_is_not_tissue_and_values_are_finite():
@@ -143,3 +145,16 @@ def test_the_encoders_table_says_the_morphometry_has_no_weights():
     row = names.index("stainmorph")
     assert list(table.columns[3].cells)[row] == "none (fixed)"
     assert DEFAULT_ENCODER in str(table.caption) and "+stainmorph" in str(table.caption)
+
+
+def test_the_stroma_estimate_is_read_only_from_this_morphometry():
+    from weakstil.embed.encoders import MORPH_ARCH, stroma_estimate, with_morph
+
+    feats = np.random.default_rng(0).uniform(0, 1, (5, 10))
+    spec = with_morph(get_encoder_spec("resnet18-random"))
+    assert spec.arch.endswith(MORPH_ARCH)
+    assert np.array_equal(stroma_estimate(feats, {"arch": spec.arch}), feats[:, -1])
+    assert stroma_estimate(feats, {"arch": get_encoder_spec("resnet18-random").arch}) is None
+    assert stroma_estimate(feats, {"arch": "resnet18+stainmorph.v1"}) is None  # its last column was another feature
+    assert stroma_estimate(feats, None) is None
+    assert NAMES[-1] == "stroma_est"

@@ -61,10 +61,24 @@ RANDOM_INIT = "random-init"
 TIMM_PREFIX = "timm:"
 MORPH = "stainmorph"  # the fixed stain-morphometry encoder (weakstil.embed.morph)
 MORPH_SUFFIX = "+" + MORPH  # any encoder + stainmorph: both feature sets side by side
-MORPH_ARCH = "stainmorph.v1"  # bump when its features change (the arch is in the cache fingerprint)
-MORPH_DIM = 24  # weakstil.embed.morph.N_FEATURES (that module imports torch)
+MORPH_ARCH = "stainmorph.v2"  # bump when its features change (the arch is in the cache fingerprint)
+MORPH_DIM = 25  # weakstil.embed.morph.N_FEATURES (that module imports torch)
 # what `weakstil extract` and the demo use unless told otherwise (docs/accuracy.md says why)
 DEFAULT_ENCODER = "resnet18-random" + MORPH_SUFFIX
+
+
+def stroma_estimate(features, encoder_fp: dict | None):
+    """Each tile's estimated stroma fraction (N,) in 0-1 — the stain morphometry's ``stroma_est``,
+    always its last feature — when the features come from an encoder with :data:`MORPH_ARCH` last;
+    else None (no estimate: nothing is filtered on it)."""
+    import numpy as np
+
+    if not str((encoder_fp or {}).get("arch", "")).endswith(MORPH_ARCH):
+        return None
+    features = np.asarray(features)
+    if features.ndim != 2 or features.shape[0] == 0:
+        return None
+    return np.clip(features[:, -1].astype(np.float64), 0.0, 1.0)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 KeyMapper = Callable[[dict], dict]  # unwrapped checkpoint state dict -> timm-layout state dict

@@ -165,5 +165,6 @@ def regenerate_slide(item: ScoredSlide, *, slide_files: dict[str, Path] | None =
         paths = write_slide_outputs(
             slide, item.folder, coords_l0=tiles.coords_l0, size_l0=size, prediction=tiles.prediction,
             attention=tiles.attention, contribution=tiles.contribution, score=slide_score(item, tiles),
-            formats=tuple(formats), cmap=cmap, cutoff=recorded_cutoff(item) if cutoff is None else cutoff)
+            formats=tuple(formats), cmap=cmap, cutoff=recorded_cutoff(item) if cutoff is None else cutoff,
+            stroma=tiles.stroma)
     return {fmt: str(p) for fmt, p in paths.items()}

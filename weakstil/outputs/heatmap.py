@@ -265,8 +265,11 @@ def slide_results_dir(results_dir: str | Path, slide_id: str) -> Path:
 
 def write_slide_outputs(slide, out_dir, *, coords_l0, size_l0, prediction, attention, contribution,
                         score, formats=("csv", "png", "tif", "geojson", "top"),
-                        cmap: str = DEFAULT_CMAP, cutoff: float = 30.0) -> dict[str, Path]:
-    """Write the per-slide review files into ``out_dir`` (the slide's own folder); return {format: path}."""
+                        cmap: str = DEFAULT_CMAP, cutoff: float = 30.0, stroma=None) -> dict[str, Path]:
+    """Write the per-slide review files into ``out_dir`` (the slide's own folder); return {format: path}.
+
+    ``stroma`` (N,), the estimated stroma fraction per tile (:func:`weakstil.embed.encoders.stroma_estimate`),
+    goes into tiles.csv and keeps tiles with little stroma out of top_tiles.png."""
     unknown = sorted(set(formats) - set(FILENAMES))
     if unknown:
         raise ConfigError(f"unknown output format(s) {unknown}", fix=f"choose from {sorted(FILENAMES)}")
@@ -278,7 +281,7 @@ def write_slide_outputs(slide, out_dir, *, coords_l0, size_l0, prediction, atten
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {fmt: out_dir / FILENAMES[fmt] for fmt in FILENAMES if fmt in formats}
     if "csv" in paths:
-        write_tiles_csv(paths["csv"], coords_l0, size_l0, prediction, attention, contribution)
+        write_tiles_csv(paths["csv"], coords_l0, size_l0, prediction, attention, contribution, stroma)
     if "png" in paths:
         heatmap_png(slide, coords_l0, size_l0, prediction, paths["png"], attention=attention,
                     contribution=contribution, score=score, cmap=cmap)
@@ -288,5 +291,6 @@ def write_slide_outputs(slide, out_dir, *, coords_l0, size_l0, prediction, atten
         tiles_geojson(paths["geojson"], coords_l0, size_l0, prediction, attention, slide_id=slide.slide_id,
                       cutoff=cutoff, contribution=contribution, cmap=cmap)
     if "top" in paths:
-        top_tiles_png(slide, coords_l0, size_l0, prediction, paths["top"], attention=attention, cmap=cmap)
+        top_tiles_png(slide, coords_l0, size_l0, prediction, paths["top"], attention=attention, stroma=stroma,
+                      cmap=cmap)
     return paths

@@ -102,6 +102,7 @@ class SlideScorer:
                 and self.extractor.is_done(source))
 
     def __call__(self, source: SlideSource) -> dict:
+        from weakstil.embed.encoders import stroma_estimate
         from weakstil.outputs.heatmap import write_slide_outputs
         from weakstil.outputs.qc import check_slide
         from weakstil.wsi.slide import open_slide
@@ -126,7 +127,8 @@ class SlideScorer:
                 write_slide_outputs(slide, staging, coords_l0=cached.coords_l0, size_l0=size_l0,
                                     prediction=prediction.tile_pred, attention=prediction.attention,
                                     contribution=prediction.contribution, score=prediction.score,
-                                    formats=self.formats, cutoff=self.cutoff)
+                                    formats=self.formats, cutoff=self.cutoff,
+                                    stroma=stroma_estimate(cached.features, self.extractor.cache.encoder_fp))
                 info["seconds"] = round(time.perf_counter() - started, 3)
                 write_json(staging / SCORE_JSON, info)
         except WeakstilError:  # a full disk (DiskFullError) or bad input: as it is

@@ -21,12 +21,14 @@ _PAD, _LABEL, _HEAD = 8, 20, 36  # top_tiles.png: gap, label band above a tile, 
 TILE_COLUMNS = ("x", "y", "width", "height", "prediction", "attention", "contribution")
 GEOMETRY_COLUMNS = TILE_COLUMNS[:4]
 VALUE_COLUMNS = TILE_COLUMNS[4:]  # the per-tile layers (see weakstil.outputs.colors.LAYERS)
+STROMA_COLUMN = "stroma"  # optional, last: the estimated stroma fraction (0-1) from a +stainmorph encoder
+STROMA_MIN = 0.5  # top_tiles.png ranks only tiles estimated at least this much stroma (sTIL% is on stroma)
 
 
 # --- tiles.csv --------------------------------------------------------------------------------
-def tiles_frame(coords_l0, size_l0, prediction, attention=None, contribution=None):
+def tiles_frame(coords_l0, size_l0, prediction, attention=None, contribution=None, stroma=None):
     """tiles.csv as a DataFrame: x, y, width, height (level-0 px, int), prediction (0–100), attention,
-    contribution (NaN where not given)."""
+    contribution (NaN where not given) and, when given, ``stroma`` (estimated stroma fraction 0–1)."""
     import pandas as pd
 
     coords, size, pred, extra = check_tiles(
@@ -35,17 +37,24 @@ def tiles_frame(coords_l0, size_l0, prediction, attention=None, contribution=Non
     n = len(coords)
     width = np.full(n, int(round(size)), dtype=np.int64)
     nan = np.full(n, np.nan)
-    return pd.DataFrame({
+    frame = pd.DataFrame({
         "x": coords[:, 0], "y": coords[:, 1], "width": width, "height": width.copy(),
         "prediction": pred,
         "attention": extra["attention"] if extra["attention"] is not None else nan,
         "contribution": extra["contribution"] if extra["contribution"] is not None else nan.copy(),
     }, columns=list(TILE_COLUMNS))
+    if stroma is not None:
+        stroma = np.asarray(stroma, dtype=np.float64)
+        if stroma.shape != (n,):
+            raise HeatmapInputError(f"stroma has shape {stroma.shape}; expected ({n},), one value per tile")
+        frame[STROMA_COLUMN] = stroma
+    return frame
 
 
-def write_tiles_csv(path, coords_l0, size_l0, prediction, attention=None, contribution=None) -> Path:
+def write_tiles_csv(path, coords_l0, size_l0, prediction, attention=None, contribution=None,
+                    stroma=None) -> Path:
     """Write tiles.csv atomically (floats with 6 significant digits, NaN as an empty field)."""
-    frame = tiles_frame(coords_l0, size_l0, prediction, attention, contribution)
+    frame = tiles_frame(coords_l0, size_l0, prediction, attention, contribution, stroma)
     path = Path(path)
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False, float_format="%.6g")
@@ -64,6 +73,7 @@ class TilesTable:
     height: np.ndarray
     values: dict[str, np.ndarray]
     stamp: tuple = ()
+    stroma: np.ndarray | None = None  # the optional ``stroma`` column (None: the file has none)
 
     def __len__(self) -> int:
         return len(self.coords_l0)
@@ -120,7 +130,9 @@ def read_tiles_csv(path: str | Path, *, drop_incomplete: bool = False) -> TilesT
         raise HeatmapInputError("tiles.csv has tiles without a position or size", path=path, fix=fix)
     return TilesTable(coords_l0=np.rint(geometry[ok, :2]).astype(np.int64), width=geometry[ok, 2],
                       height=geometry[ok, 3], values={c: columns[c][ok] for c in VALUE_COLUMNS},
-                      stamp=(str(path), stat.st_size, stat.st_mtime_ns))
+                      stamp=(str(path), stat.st_size, stat.st_mtime_ns),
+                      stroma=(pd.to_numeric(frame[STROMA_COLUMN], errors="coerce").to_numpy(np.float64)[ok]
+                              if STROMA_COLUMN in frame.columns else None))
 
 
 # --- top_tiles.png ----------------------------------------------------------------------------
@@ -157,32 +169,29 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def top_tiles_png(slide, coords_l0, size_l0, prediction, path, *, k: int = 8, attention=None,
-                  cmap: str = DEFAULT_CMAP, review_mpp: float = REVIEW_MPP, max_tile_px: int = 256) -> Path:
-    """Grid of the k highest- (top row) and k lowest-scoring (bottom row) tiles at ~``review_mpp`` µm/px.
+def rank_tiles(pred, attention=None, stroma=None, k: int = 8) -> tuple[list[np.ndarray], bool, bool]:
+    """The rows of top_tiles.png: ``([top, bottom] tile indices, weighted, on_stroma)``.
 
-    With pooling weights that differ between tiles (``attention``; weighted or attention pooling),
-    the top row holds the tiles that raise the score most, by contribution (weight × sTIL%), and the
-    bottom row the lowest sTIL% among the tiles weighted at least the median: sTIL% is defined on
-    stroma, and the weights are the model's stroma-likeness, so a tumour nest with a high tile value
-    but a low weight is not shown as "highest" (on the synthetic benchmark the top 8 tiles' mean
-    stroma fraction rose from 0.63 to 0.86, docs/accuracy.md). With uniform weights (``mean``) both
-    rows rank by sTIL%.
-
-    Each tile is labelled with its sTIL% over a swatch of its heatmap colour, and with its attention
-    relative to uniform if given ("attn 2.0x": twice the mean). Fewer than 2k predicted tiles are split
-    between the rows without repeats. The image is always ``top_tiles_size(k, tile_px)`` pixels.
+    ``pred`` (N,) tile sTIL% (NaN: no prediction); ``attention`` (N,) pooling weights or None;
+    ``stroma`` (N,) the estimated stroma fraction of each tile (the stain morphometry's
+    ``stroma_est``) or None. sTIL% is defined on stroma, so where ``stroma`` is given both rows hold
+    only tiles estimated at least :data:`STROMA_MIN` stroma (``on_stroma``; every tile when none is):
+    a tumour nest with intratumoral lymphocytes is not shown as a high-sTIL tile.
     """
-    from PIL import Image, ImageDraw
-
-    coords, size, pred, extra = check_tiles(coords_l0, size_l0, prediction, attention=attention)
+    pred = np.asarray(pred, dtype=np.float64)
     valid = np.flatnonzero(np.isfinite(pred))
     if valid.size == 0:
         raise HeatmapInputError("no tile has a prediction; there is nothing to show in top_tiles.png")
+    on_stroma = False
+    if stroma is not None:
+        stroma = np.asarray(stroma, dtype=np.float64)
+        eligible = valid[np.nan_to_num(stroma[valid], nan=0.0) >= STROMA_MIN]
+        if eligible.size:
+            valid, on_stroma = eligible, True
     order = valid[np.argsort(-pred[valid], kind="stable")]
     n_top = min(k, math.ceil(len(order) / 2))
     rows = [order[:n_top], order[n_top:][::-1][:k]]
-    weights = extra["attention"]
+    weights = None if attention is None else np.asarray(attention, dtype=np.float64)
     weighted = weights is not None and np.isfinite(weights[valid]).all() and np.ptp(weights[valid]) > 1e-6 * max(
         float(np.max(weights[valid])), 1e-12)
     if weighted:  # rank by what the pooling makes of each tile, not by tile value alone
@@ -192,6 +201,33 @@ def top_tiles_png(slide, coords_l0, size_l0, prediction, path, *, k: int = 8, at
         bottom = np.concatenate([heavy[np.argsort(pred[heavy], kind="stable")],
                                  rest[np.argsort(pred[rest], kind="stable")]])[:k]
         rows = [top, bottom]
+    return rows, weighted, on_stroma
+
+
+def top_tiles_png(slide, coords_l0, size_l0, prediction, path, *, k: int = 8, attention=None, stroma=None,
+                  cmap: str = DEFAULT_CMAP, review_mpp: float = REVIEW_MPP, max_tile_px: int = 256) -> Path:
+    """Grid of the k highest- (top row) and k lowest-scoring (bottom row) tiles at ~``review_mpp`` µm/px.
+
+    With pooling weights that differ between tiles (``attention``; weighted or attention pooling),
+    the top row holds the tiles that raise the score most, by contribution (weight × sTIL%), and the
+    bottom row the lowest sTIL% among the tiles weighted at least the median: sTIL% is defined on
+    stroma, and the weights are the model's stroma-likeness, so a tumour nest with a high tile value
+    but a low weight is not shown as "highest" (on the synthetic benchmark the top 8 tiles' mean
+    stroma fraction rose from 0.63 to 0.86, docs/accuracy.md). With uniform weights (``mean``) both
+    rows rank by sTIL%. With ``stroma`` (the estimated stroma fraction per tile, from a
+    ``+stainmorph`` encoder) both rows hold only tiles at least :data:`STROMA_MIN` stroma-like
+    (:func:`rank_tiles`).
+
+    Each tile is labelled with its sTIL% over a swatch of its heatmap colour, and with its attention
+    relative to uniform if given ("attn 2.0x": twice the mean). Fewer than 2k predicted tiles are split
+    between the rows without repeats. The image is always ``top_tiles_size(k, tile_px)`` pixels.
+    """
+    from PIL import Image, ImageDraw
+
+    coords, size, pred, extra = check_tiles(coords_l0, size_l0, prediction, attention=attention)
+    if stroma is not None and len(np.asarray(stroma)) != len(pred):
+        raise HeatmapInputError(f"stroma has {len(np.asarray(stroma))} values for {len(pred)} tiles")
+    rows, weighted, on_stroma = rank_tiles(pred, extra["attention"], stroma, k)
     tile_px = min(review_tile_px(size, getattr(slide, "mpp", None), review_mpp), max_tile_px)
     width, height = top_tiles_size(k, tile_px)
     canvas = Image.new("RGB", (width, height), "white")
@@ -199,6 +235,8 @@ def top_tiles_png(slide, coords_l0, size_l0, prediction, path, *, k: int = 8, at
     big, small = _font(18), _font(14)
     heading = (f"{slide.slide_id}: largest contribution to the score (top); lowest sTIL% of well-weighted tiles "
                "(bottom)" if weighted else f"{slide.slide_id}: highest (top) and lowest (bottom) tile sTIL%")
+    if on_stroma:
+        heading += f", tiles ≥ {STROMA_MIN:.0%} stroma-like"
     draw.text((_PAD, 8), heading, fill="black", font=big)
     att = extra["attention"]
     for r, (row, title) in enumerate(zip(rows, ("highest", "lowest"))):
