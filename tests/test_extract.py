@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 
 from weakstil.cli import app
 from weakstil.embed.cache import FeatureCache
+from weakstil.embed.encoders import MORPH_DIM
 from weakstil.synth.lattice import plan_cohort
 
 N, SEED, SIZE_UM = 6, 3, 600
@@ -113,7 +114,7 @@ def test_extract_fills_the_cache_and_a_rerun_skips_every_slide(first_extract, co
     assert cache.complete_ids() == ids
     for sid in ids:
         cached = cache.read(sid)
-        assert cached.n_tiles > 0 and cached.features.shape == (cached.n_tiles, 512 + 24)  # resnet18 + stainmorph
+        assert cached.n_tiles > 0 and cached.features.shape == (cached.n_tiles, 512 + MORPH_DIM)  # resnet18 + stainmorph
         assert cached.attrs["slide_mpp"] in (0.25, 0.5)
         assert cached.attrs["tile_size_l0"] == pytest.approx(224 * 0.5 / cached.attrs["slide_mpp"])
     assert (first_extract["features"] / "qc" / f"{ids[0]}.png").is_file()

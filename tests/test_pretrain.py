@@ -18,6 +18,7 @@ import torch
 from typer.testing import CliRunner
 
 from weakstil.cli import app
+from weakstil.embed.encoders import MORPH_DIM
 from weakstil.errors import (
     CheckpointReadError,
     ConfigError,
@@ -236,8 +237,8 @@ def test_encoder_folder_is_found_by_name_under_models_encoders(encoder_dir, tmp_
     assert create_encoder("my-simclr").weights_sha256 == json.loads((encoder_dir / "encoder.json").read_text())[
         "weights_sha256"]
     pair = create_encoder("my-simclr+stainmorph")  # a pretrained folder with the morphometry beside it
-    assert pair.spec.embed_dim == 512 + 24 and pair.weights_sha256 == create_encoder("my-simclr").weights_sha256
-    assert get_encoder_spec(f"{encoder_dir}+stainmorph").embed_dim == 512 + 24  # by path too
+    assert pair.spec.embed_dim == 512 + MORPH_DIM and pair.weights_sha256 == create_encoder("my-simclr").weights_sha256
+    assert get_encoder_spec(f"{encoder_dir}+stainmorph").embed_dim == 512 + MORPH_DIM  # by path too
     listed = invoke("encoders")
     assert listed.exit_code == 0 and "my-simclr" in listed.output and "resnet18-random" in listed.output
     with pytest.raises(UnknownEncoderError) as err:

@@ -19,16 +19,14 @@ attribute is on disk, so ``slides/`` only ever holds whole groups; a killed writ
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
-import socket
 import time
 import uuid
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,8 +34,11 @@ from typing import Any
 import numpy as np
 
 from weakstil.embed.cache_writer import (
+    _ACTIVE_STAGING,
+    _HOST_TAG,
     SlideWriter,
     _as_coords,
+    _staging_is_stale,
     _utc_now,
 )
 from weakstil.errors import (
@@ -49,7 +50,6 @@ from weakstil.errors import (
 )
 from weakstil.fingerprint import fingerprint_differences, fingerprint_hash, identity
 from weakstil.fs import (
-    _pid_alive,
     disk_errors,
     exchange_paths,
     plain_json,
@@ -61,12 +61,9 @@ SCHEMA_VERSION = 2  # 2: chunks carry a crc32c checksum (cache_writer.chunk_code
 READABLE_SCHEMA_VERSIONS = (1, 2)  # version 1 stores still open (their chunks have no checksum)
 FEATURE_CHUNK_ROWS = 4096
 MTIME_TOLERANCE_S = 2.0  # FAT/SMB keep mtimes to 2 s; a replaced slide differs by far more
-FOREIGN_STAGING_MAX_AGE_S = 24 * 3600  # staging debris of another host: kept this long
 STAGING = ".staging"
 RESERVED_SLIDE_ATTRS = frozenset({"complete", "n_tiles", "embed_dim"})
 
-_HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
-_ACTIVE_STAGING: set[str] = set()  # staging dir names this process is writing right now
 
 
 class CacheWarning(UserWarning):
@@ -304,37 +301,24 @@ class FeatureCache:
 
     # -- staging ---------------------------------------------------------------------------------
     def _new_staging(self, slide_id: str, kind: str = "new", *, create: bool = False) -> Path:
-        """A fresh path in ``.staging/`` (made as an empty folder when ``create``).
-
-        Another writer removes ``.staging/`` whenever it is empty (:meth:`_tidy_staging`), so it can
-        vanish between making it and using it: a plain ``mkdir(exist_ok=True)`` then raises
-        FileExistsError or the folder is gone. Retried until the path (or, without ``create``,
-        ``.staging/``) is there; a made folder keeps ``.staging/`` from being tidied away.
-        """
+        """A fresh path in ``.staging/`` (made as an empty folder when ``create``). Other writers remove
+        ``.staging/`` when empty, so ``mkdir(exist_ok=True)`` can raise FileExistsError: retried."""
         name = f"{slide_id}-{os.getpid()}-{_HOST_TAG}-{uuid.uuid4().hex[:8]}.{kind}"
         path = self.staging_dir / name
         if create:
             _ACTIVE_STAGING.add(name)  # before it exists: a sweep in this process leaves it alone
         for _ in range(20):
-            try:
+            with suppress(FileExistsError):
                 os.mkdir(self.staging_dir)
-            except FileExistsError:
-                pass
-            except FileNotFoundError:
-                self.path.mkdir(parents=True, exist_ok=True)
-                continue
-            if not create:
-                if self.staging_dir.is_dir():
-                    return path
-                continue
             try:
-                os.mkdir(path)
-                return path
+                if create:
+                    os.mkdir(path)  # .staging/ is not empty from here on: nobody tidies it away
+                if path.parent.is_dir():
+                    return path
             except FileNotFoundError:
                 continue  # .staging/ was tidied away meanwhile: make it again
         _ACTIVE_STAGING.discard(name)
-        raise CacheWriteError("could not make a staging folder (is .staging a file?)",
-                              path=self.staging_dir,
+        raise CacheWriteError("could not make a staging folder", path=self.staging_dir,
                               fix=f"delete {self.staging_dir} if it is not a folder, then rerun")
 
     def sweep_staging(self) -> list[Path]:
@@ -560,23 +544,6 @@ def _read_arrays(group_path: Path) -> tuple[np.ndarray, np.ndarray]:
             f"slide {group_path.name!r}: {what}", path=group_path,
             fix=f"delete {group_path} and run `weakstil extract` (or `weakstil score`) again: the slide "
                 "is recomputed") from exc
-
-
-def _staging_is_stale(entry: os.DirEntry) -> bool:
-    parts = entry.name.rsplit(".", 1)[0].rsplit("-", 3)
-    try:
-        pid, host = int(parts[1]), parts[2]
-    except (IndexError, ValueError):
-        pid, host = -1, ""
-    if host == _HOST_TAG and pid > 0:
-        if pid == os.getpid():
-            return entry.name not in _ACTIVE_STAGING  # a previous process that had our pid
-        return not _pid_alive(pid)
-    try:
-        age = time.time() - entry.stat(follow_symlinks=False).st_mtime
-    except OSError:
-        return False
-    return age > FOREIGN_STAGING_MAX_AGE_S
 
 
 def list_stores(features_dir: str | Path) -> dict[Path, dict]:

@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import socket
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -12,6 +16,28 @@ import numpy as np
 from weakstil.errors import (
     CacheWriteError,
 )
+from weakstil.fs import _pid_alive
+
+FOREIGN_STAGING_MAX_AGE_S = 24 * 3600  # staging debris of another host: kept this long
+_HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+_ACTIVE_STAGING: set[str] = set()  # staging dir names this process is writing right now
+
+
+def _staging_is_stale(entry: os.DirEntry) -> bool:
+    parts = entry.name.rsplit(".", 1)[0].rsplit("-", 3)
+    try:
+        pid, host = int(parts[1]), parts[2]
+    except (IndexError, ValueError):
+        pid, host = -1, ""
+    if host == _HOST_TAG and pid > 0:
+        if pid == os.getpid():
+            return entry.name not in _ACTIVE_STAGING  # a previous process that had our pid
+        return not _pid_alive(pid)
+    try:
+        age = time.time() - entry.stat(follow_symlinks=False).st_mtime
+    except OSError:
+        return False
+    return age > FOREIGN_STAGING_MAX_AGE_S
 
 
 class SlideWriter:
