@@ -270,7 +270,11 @@ def run_recipe(cohort: Cohort, recipe: dict, plan: Plan) -> dict:
     from weakstil.mil.train import TrainConfig, cross_validate
 
     extra = {"max_epochs": plan.max_epochs, "patience": plan.max_epochs} if plan.max_epochs else {}
+    from weakstil.embed.encoders import get_encoder_spec
+    from weakstil.mil.train import resolve_stroma_prior
+
     cfg = TrainConfig(**{"n_folds": plan.n_folds, "n_boot": 10, "fold_processes": 1, **extra, **recipe})
+    cfg = resolve_stroma_prior(cfg, {"encoder": {"arch": get_encoder_spec(encoder_name()).arch}})  # as train does
     t0 = time.perf_counter()
     cv = cross_validate(cohort.bags, cohort.table, cfg, progress=False)
     labels = cv.labels
@@ -348,6 +352,7 @@ RECIPES = {
                           "max_epochs": 60, "patience": 10, "calibrate": False, "blend": False},  # before #14
     "linear-head-blend": {"head": "linear", "blend": True},  # the default of the third run (2026-12-05)
     "blend": {"blend": True},  # the default, blended with the probe out of fold
+    "no-stroma-prior": {"stroma_prior": False},  # the fifth run's default: equal tile weights at the start
 }
 ACCEPT = {  # (figure, cohort kind) -> (test, text) from issue #14
     "r2_truth/standard": (lambda v, probe: v >= 0.9 and v >= probe + 0.02, "≥ 0.9 and ≥ probe + 0.02"),

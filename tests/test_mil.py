@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from weakstil.errors import (
+    ConfigError,
     EmptyBagError,
     ModelMismatchError,
     ModelNotFoundError,
@@ -203,3 +204,70 @@ def test_probe_head_keeps_the_probe_when_training_does_not_beat_it(tmp_path):
     saved = TrainedModel([model], fingerprint=FINGERPRINT)  # the standardisation travels with the weights
     saved.save(tmp_path / "model.ckpt")
     assert load_model(tmp_path).predict(bags[21][0]).score == saved.predict(bags[21][0]).score
+
+
+def _stroma_cohort(n=24, seed=0):
+    """Bags whose label is the stroma-weighted mean of a tile signal (sTIL% is defined on stroma):
+    the last feature is the stroma estimate; tiles without stroma (nests) carry a strong signal of
+    their own (intratumoral lymphocytes) that does not count, and their share varies per slide."""
+    rng = np.random.default_rng(seed)
+    bags = []
+    for _ in range(n):
+        m = int(rng.integers(30, 60))
+        s = (rng.random(m) < rng.uniform(0.2, 0.9)).astype(np.float32)  # stroma (1) or nest (0)
+        til = rng.uniform(0, 1, m).astype(np.float32)
+        x = rng.normal(scale=0.1, size=(m, DIM)).astype(np.float32)
+        x[:, 0] += 3 * til
+        x[:, -1] = s
+        y = 100 * float((til * s).sum() / max(s.sum(), 1))
+        bags.append((x, y))
+    return bags
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "weighted", "attention"])
+def test_stroma_prior_weights_tiles_by_their_estimated_stroma(aggregation):
+    from weakstil.mil.model import STROMA_FLOOR
+
+    module = MILRegressor(DIM, aggregation=aggregation, head="probe", stroma_prior=True)
+    if aggregation in ("weighted", "attention"):
+        with torch.no_grad():  # a learned part that is the same for every tile
+            module.att_w.weight.zero_()
+    x = torch.randn(6, DIM)
+    x[:, -1] = torch.tensor([1.0, 1.0, 0.5, 0.0, 0.0, 2.0])  # 2.0: clipped to 1
+    score, tile_pred, attention = module.predict_bag(x)
+    w = torch.tensor([1.0, 1.0, 0.5, 0.0, 0.0, 1.0]) + STROMA_FLOOR
+    assert torch.allclose(attention, w / w.sum(), atol=1e-6)
+    assert torch.allclose(score, (attention * tile_pred).sum(), atol=1e-6)
+    assert module.config["stroma_prior"] is True
+    plain = MILRegressor(DIM, aggregation="mean", head="probe")
+    assert torch.allclose(plain.predict_bag(x)[2], torch.full((6,), 1 / 6))
+
+
+def test_stroma_prior_start_fits_a_stroma_defined_label_better():
+    from sklearn.metrics import r2_score
+
+    from weakstil.mil.fit import TrainConfig, _initialise
+
+    bags = _stroma_cohort()
+    labels = np.array([y for _, y in bags])
+    fits = {}
+    for prior in (False, True):
+        module = MILRegressor(DIM, **TrainConfig(head="probe", aggregation="mean", stroma_prior=prior).model_kwargs())
+        _initialise(module, bags, None)
+        pred = [100 * float(module.predict_bag(torch.as_tensor(x))[0]) for x, _ in bags]
+        fits[prior] = r2_score(labels, pred)
+    assert fits[True] > 0.9 and fits[True] > fits[False] + 0.1, fits
+
+
+def test_stroma_prior_follows_the_cache_encoder():
+    from weakstil.embed.encoders import DEFAULT_ENCODER, get_encoder_spec
+    from weakstil.mil.fit import TrainConfig
+    from weakstil.mil.train import resolve_stroma_prior
+
+    with_estimate = {"encoder": {"arch": get_encoder_spec(DEFAULT_ENCODER).arch}}
+    without = {"encoder": {"arch": get_encoder_spec("resnet18-random").arch}}
+    assert resolve_stroma_prior(TrainConfig(), with_estimate).stroma_prior is True
+    assert resolve_stroma_prior(TrainConfig(), without).stroma_prior is False
+    assert resolve_stroma_prior(TrainConfig(stroma_prior=False), with_estimate).stroma_prior is False
+    with pytest.raises(ConfigError, match="stroma estimate"):
+        resolve_stroma_prior(TrainConfig(stroma_prior=True), without)

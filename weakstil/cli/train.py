@@ -66,6 +66,11 @@ def train(
     blend: Annotated[bool, typer.Option(
         help="Deploy w·MIL + (1−w)·linear probe, w chosen on the out-of-fold predictions "
              "(off by default: the probe head already starts from the probe).")] = False,
+    stroma_prior: Annotated[Optional[bool], typer.Option(
+        "--stroma-prior/--no-stroma-prior",
+        help="Weight each tile by its estimated stroma fraction when pooling (sTIL% is defined on "
+             "stroma). Default: on when the features have the estimate (a +stainmorph encoder).",
+        show_default=False)] = None,
     high_cutoff: Annotated[float, typer.Option(
         "--high-cutoff", help="sTIL-high vs low cut-off (%) for the headline AUC.")] = 30.0,
     seed: Annotated[int, typer.Option(help="Random seed (folds, initialisation, tile sampling).")] = 0,
@@ -101,7 +106,7 @@ def train(
             labels, features, encoder=encoder, models_dir=models, name=name, aggregations=aggregations,
             n_folds=folds, folds_by=folds_by.value, deploy=deploy.value, max_tiles=max_tiles,
             max_epochs=max_epochs, patience=patience, lr=lr, weight_decay=weight_decay, head=head,
-            calibrate=calibrate, blend=blend,
+            calibrate=calibrate, blend=blend, stroma_prior=stroma_prior,
             high_cutoff=high_cutoff, seed=seed, accelerator=accelerator, overwrite=overwrite,
             progress=not quiet, run_info=plain_json(values), init=init, cv=cv.value)
     except WeakstilError as exc:

@@ -67,13 +67,18 @@ MORPH_DIM = 25  # weakstil.embed.morph.N_FEATURES (that module imports torch)
 DEFAULT_ENCODER = "resnet18-random" + MORPH_SUFFIX
 
 
+def has_stroma_estimate(encoder_fp: dict | None) -> bool:
+    """Whether features of this encoder end with the morphometry's ``stroma_est`` (:data:`MORPH_ARCH`)."""
+    return str((encoder_fp or {}).get("arch", "")).endswith(MORPH_ARCH)
+
+
 def stroma_estimate(features, encoder_fp: dict | None):
     """Each tile's estimated stroma fraction (N,) in 0-1 — the stain morphometry's ``stroma_est``,
     always its last feature — when the features come from an encoder with :data:`MORPH_ARCH` last;
     else None (no estimate: nothing is filtered on it)."""
     import numpy as np
 
-    if not str((encoder_fp or {}).get("arch", "")).endswith(MORPH_ARCH):
+    if not has_stroma_estimate(encoder_fp):
         return None
     features = np.asarray(features)
     if features.ndim != 2 or features.shape[0] == 0:

@@ -205,7 +205,7 @@ def train_from_cache(labels, features, *, encoder: str | None = None, models_dir
     folder to warm-start from (its architecture is kept); ``cv`` "kfold" or "leave-center-out".
     With several aggregations each model is named ``<name>-<aggregation>``.
     """
-    from weakstil.mil.train import TrainConfig, train_model
+    from weakstil.mil.train import TrainConfig, resolve_stroma_prior, train_model
 
     t0 = time.perf_counter()
     caches = open_caches(features, encoder)
@@ -220,6 +220,7 @@ def train_from_cache(labels, features, *, encoder: str | None = None, models_dir
         arch = {k: parent.model_config[k] for k in ("hidden", "dropout")}
         # the parent's tile head too (models saved before the head option have the MLP head)
         arch["head"] = parent.model_config.get("head") or "mlp"
+        arch["stroma_prior"] = bool(parent.model_config.get("stroma_prior", False))  # its weights assume it
         if train_kwargs.get("head") not in (None, arch["head"]):
             log.warning("warm start keeps the parent's tile head (%s)", arch["head"])
         if list(aggregations) != [parent.model_config["aggregation"]]:
@@ -228,7 +229,7 @@ def train_from_cache(labels, features, *, encoder: str | None = None, models_dir
         train_kwargs.update(arch)
     runs = []
     for aggregation in aggregations:
-        cfg = TrainConfig(aggregation=aggregation, **train_kwargs)
+        cfg = resolve_stroma_prior(TrainConfig(aggregation=aggregation, **train_kwargs), fingerprint)
         model_name = name if len(aggregations) == 1 else f"{name}-{aggregation}"
         info = {**(run_info or {}), "labels": [str(p) for p in _as_list(labels)],
                 "features": [str(c.path) for c in caches], "cv": cv,

@@ -25,7 +25,9 @@ from weakstil.errors import ConfigError, EmptyBagError
 from weakstil.mil.model import (
     AGGREGATIONS,
     HEADS,
+    STROMA_FLOOR,
     MILRegressor,
+    stroma_log_weight,
 )
 from weakstil.progress import progress as progress_display
 
@@ -73,6 +75,10 @@ class TrainConfig:
     # the tile head: "probe" (linear on standardised features, started at the linear probe) |
     # "linear" (on the LayerNorm'd features) | "mlp" (on the hidden layer)
     head: str = "probe"
+    # weight each tile by its estimated stroma fraction when pooling (the features' last column,
+    # from a +stainmorph encoder): sTIL% is lymphocytes over stroma. None: on when the features have
+    # the estimate (train_model decides from the cache's encoder); the benchmark sets it itself.
+    stroma_prior: bool | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -98,7 +104,8 @@ class TrainConfig:
     def model_kwargs(self) -> dict:
         return dict(aggregation=self.aggregation, hidden=self.hidden, dropout=self.dropout,
                     lr=self.lr, weight_decay=self.weight_decay, max_tiles=self.max_tiles,
-                    background_penalty=self.background_penalty, head=self.head)
+                    background_penalty=self.background_penalty, head=self.head,
+                    stroma_prior=bool(self.stroma_prior))
 
 
 # --- bags -----------------------------------------------------------------------------------------
@@ -343,13 +350,21 @@ def _initialise(model: MILRegressor, train_bags: Sequence[Bag], init_state: dict
     elif model.config.get("head") == "probe":
         from weakstil.mil.probe import LinearProbe
 
-        means = np.stack([np.asarray(f).mean(axis=0, dtype=np.float64) for f, _ in train_bags])
+        means = np.stack([_pooled_mean(np.asarray(f), model.config.get("stroma_prior")) for f, _ in train_bags])
         probe = LinearProbe().fit(means, np.array([y for _, y in train_bags], np.float64))
         scaler, ridge = probe.model[0], probe.model[-1]
         model.init_from_probe(scaler.mean_, scaler.scale_, ridge.coef_, float(ridge.intercept_))
         _fit_probe_head(model, train_bags, probe.alpha)
     else:
         model.init_output_bias(float(np.mean([y for _, y in train_bags])) / 100.0)
+
+
+def _pooled_mean(features: np.ndarray, stroma_prior: bool) -> np.ndarray:
+    """The bag's mean feature vector, weighted as the pooling weights tiles at the start."""
+    if not stroma_prior:
+        return features.mean(axis=0, dtype=np.float64)
+    w = np.clip(features[:, -1].astype(np.float64), 0.0, 1.0) + STROMA_FLOOR
+    return (w[:, None] * features).sum(axis=0) / w.sum()
 
 
 def _fit_probe_head(model: MILRegressor, bags: Sequence[Bag], alpha: float, *, max_tiles: int = 256,
@@ -369,6 +384,10 @@ def _fit_probe_head(model: MILRegressor, bags: Sequence[Bag], alpha: float, *, m
     y = torch.tensor([lab for _, lab in bags], dtype=torch.float32) / 100.0
     head, mean, scale = model.tile_head, model.feat_mean, model.feat_scale
     zs = [(t - mean) / scale for t in z]
+    # tile weights at the start: equal, or (stroma prior) the estimated stroma fraction
+    ws = [torch.exp(stroma_log_weight(t)) if model.config.get("stroma_prior") else torch.ones(len(t))
+          for t in z]
+    ws = [v / v.sum() for v in ws]
     p = float(torch.sigmoid(head.bias).item())
     w = head.weight.detach().clone().requires_grad_(True)
     b = head.bias.detach().clone().requires_grad_(True)
@@ -376,7 +395,7 @@ def _fit_probe_head(model: MILRegressor, bags: Sequence[Bag], alpha: float, *, m
 
     def loss():
         opt.zero_grad()
-        pred = torch.stack([torch.sigmoid(t @ w.T + b).mean() for t in zs])
+        pred = torch.stack([(torch.sigmoid(t @ w.T + b).squeeze(-1) * v).sum() for t, v in zip(zs, ws)])
         value = (pred - y).square().sum() + alpha * (w * p * (1 - p)).square().sum()
         value.backward()
         return value

@@ -40,8 +40,16 @@ from weakstil.fs import plain_json, write_bytes, write_text
 
 AGGREGATIONS = ("mean", "attention", "weighted")
 WEIGHTED = ("attention", "weighted")  # aggregations with a learned weight per tile
+STROMA_FLOOR = 0.1  # stroma prior: the weight of a tile estimated to hold no stroma, beside 1 for all stroma
 HEADS = ("mlp", "linear", "probe")  # the tile head: on the hidden layer, linear on the normalised
 # features, or linear on standardised features starting from the linear probe (see init_from_probe)
+
+
+def stroma_log_weight(features: Tensor) -> Tensor:
+    """log(s + :data:`STROMA_FLOOR`) per tile, ``s`` the estimated stroma fraction in the features'
+    last column (the stain morphometry's ``stroma_est``): added to the pooling logits, each tile
+    counts in proportion to its stroma, as sTIL% is defined (lymphocyte area over stroma area)."""
+    return torch.log(features[..., -1].clamp(0.0, 1.0) + STROMA_FLOOR)
 
 
 class MILRegressor(nn.Module):
@@ -62,6 +70,7 @@ class MILRegressor(nn.Module):
         dropout: float = 0.25,
         aggregation: str = "attention",
         head: str = "mlp",
+        stroma_prior: bool = False,
         **recorded,
     ):
         """``recorded``: training settings kept with the model's config (lr, weight_decay,
@@ -72,7 +81,8 @@ class MILRegressor(nn.Module):
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, not {head!r}")
         self.config = {"embed_dim": int(embed_dim), "hidden": int(hidden), "dropout": float(dropout),
-                       "aggregation": aggregation, "head": head, **recorded}
+                       "aggregation": aggregation, "head": head, "stroma_prior": bool(stroma_prior),
+                       **recorded}
         # LayerNorm first: embeddings from random or foreign encoders have arbitrary scales.
         self.embed = nn.Sequential(
             nn.LayerNorm(embed_dim),
@@ -127,15 +137,16 @@ class MILRegressor(nn.Module):
         else:
             head_in = self.embed[0](features) if head == "linear" else h
         tile_pred = torch.sigmoid(self.tile_head(head_in)).squeeze(-1)
+        prior = stroma_log_weight(features) if self.config.get("stroma_prior") else None
         if self.config["aggregation"] not in WEIGHTED:
-            return tile_pred, None
+            return tile_pred, prior
         gate = torch.tanh(self.att_v(h)) * torch.sigmoid(self.att_u(h))
         logit = self.att_w(gate).squeeze(-1)
         if self.config["aggregation"] == "weighted":
             # a weight in (0, 1) per tile (its "stroma-ness"); softmax of log-weights is their
             # normalised share, so the score is the weighted mean without softmax's peakiness
             logit = nn.functional.logsigmoid(logit)
-        return tile_pred, logit
+        return tile_pred, logit if prior is None else logit + prior
 
     @staticmethod
     def pool(

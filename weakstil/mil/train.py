@@ -37,7 +37,7 @@ from typing import Mapping
 import numpy as np
 
 from weakstil import __version__
-from weakstil.errors import ModelExistsError
+from weakstil.errors import ConfigError, ModelExistsError
 from weakstil.fs import plain_json, staging_dir
 from weakstil.mil.cv import CVResult, cross_validate
 from weakstil.mil.fit import (
@@ -51,6 +51,23 @@ from weakstil.mil.model import (
 
 
 # --- the model directory --------------------------------------------------------------------------
+def resolve_stroma_prior(cfg: TrainConfig, fingerprint: Mapping) -> TrainConfig:
+    """``stroma_prior=None`` becomes on exactly when the cache's encoder gives a stroma estimate;
+    asking for it without one is a ConfigError."""
+    from dataclasses import replace
+
+    from weakstil.embed.encoders import MORPH_ARCH, has_stroma_estimate
+
+    available = has_stroma_estimate((fingerprint or {}).get("encoder"))
+    if cfg.stroma_prior is None:
+        return replace(cfg, stroma_prior=available)
+    if cfg.stroma_prior and not available:
+        raise ConfigError("the stroma prior needs a stroma estimate in the features, and this cache's "
+                          "encoder has none", fix=f"extract with a +stainmorph encoder ({MORPH_ARCH}), or "
+                          "train with --no-stroma-prior")
+    return cfg
+
+
 def train_model(bags: Mapping[str, np.ndarray], table, cfg: TrainConfig, *, out_dir: str | Path,
                 fingerprint: Mapping, progress: bool = True, overwrite: bool = False,
                 run_info: Mapping | None = None, init_state: dict | None = None,
@@ -69,6 +86,7 @@ def train_model(bags: Mapping[str, np.ndarray], table, cfg: TrainConfig, *, out_
     from weakstil.mil.labels import check_trainable
 
     check_trainable(getattr(table, "df", table), path=getattr(table, "path", None))
+    cfg = resolve_stroma_prior(cfg, fingerprint)
     t0 = time.perf_counter()
     cv = cross_validate(bags, table, cfg, progress=progress, init_state=init_state, folds=folds)
     members = cv.models if cfg.deploy == "ensemble" else [_final_fit(bags, table, cfg, cv)]
