@@ -137,3 +137,34 @@ def test_two_caches_told_apart_by_their_stain_setting(tmp_path):
     with pytest.raises(AmbiguousCacheError) as info:
         FeatureCache.find(tmp_path)
     assert "stain=none" in str(info.value) and "stain=macenko" in str(info.value)
+
+
+def test_pen_ink_is_left_out_of_the_estimate_and_a_fold_is_bounded():
+    """A dark stroke (ink: far darker than any nucleus) over a fifth of the tiles must not move the
+    estimate; a fold (tissue lying double: both stains × 1.9) over a tenth moves it less than it
+    moves the plain estimate. The plain estimate on the same pixels does move (the test can fail)."""
+    from weakstil.embed.stain import artefact_free_pixels
+
+    conc = 0.5 * concentrations(40 * 32 * 32, seed=3).reshape(40, 32, 32, 2)  # nuclei up to OD ~3
+    clean = render(conc, PALETTE_A)
+    want = estimate_stain(artefact_free_pixels(clean))
+    inked = clean.copy()
+    inked[:8, 8:20] = (25, 28, 30)  # a black pen stroke across 8 tiles
+    got, plain = estimate_stain(artefact_free_pixels(inked)), estimate_stain(inked.reshape(-1, 3))
+    np.testing.assert_allclose(got.max_c, want.max_c, rtol=0.05)
+    assert max(angle_deg(got.he[:, k], want.he[:, k]) for k in range(2)) < 2
+    assert max(angle_deg(plain.he[:, k], want.he[:, k]) for k in range(2)) > 5  # the ink pulls the plain one
+    folded = clean.copy()
+    folded[8:12] = render(conc[8:12] * 1.9, PALETTE_A)
+    got, plain = estimate_stain(artefact_free_pixels(folded)), estimate_stain(folded.reshape(-1, 3))
+    assert np.all(np.abs(got.max_c / want.max_c - 1) < np.abs(plain.max_c / want.max_c - 1))
+    # a slide without artefacts keeps (nearly) every stained pixel: its estimate is the plain one
+    stained = ((-np.log((clean.reshape(-1, 3).astype(float) + 1) / IO)) > 0.15).all(1).sum()
+    assert len(artefact_free_pixels(clean)) > 0.99 * stained
+
+
+def test_the_stain_estimate_version_is_part_of_the_tiling_key():
+    from weakstil.wsi.tiling import STAIN_VERSION
+
+    assert TileSpec(stain="macenko").fingerprint(TissueParams())["stain_version"] == STAIN_VERSION >= 2
+    assert "stain_version" not in TileSpec(stain="none").fingerprint(TissueParams())

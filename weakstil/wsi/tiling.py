@@ -27,6 +27,7 @@ from weakstil.wsi.tissue import (
 STAIN_METHODS = ("macenko", "none")  # weakstil.embed.stain implements them
 
 TILING_VERSION = 1  # bump when the grid or the tissue filter changes meaning (part of the fingerprint)
+STAIN_VERSION = 2  # bump when weakstil.embed.stain's estimate changes (2: pen ink and folds left out)
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class TileSpec:
         }
         if self.stain != "none":  # absent when off: caches made before the option keep their key
             fp["stain"] = self.stain
+            fp["stain_version"] = STAIN_VERSION  # absent (1) in caches made before artefact-free estimates
         return fp
 
 
