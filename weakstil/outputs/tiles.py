@@ -236,7 +236,7 @@ def top_tiles_png(slide, coords_l0, size_l0, prediction, path, *, k: int = 8, at
     heading = (f"{slide.slide_id}: largest contribution to the score (top); lowest sTIL% of well-weighted tiles "
                "(bottom)" if weighted else f"{slide.slide_id}: highest (top) and lowest (bottom) tile sTIL%")
     if on_stroma:
-        heading += f", tiles ≥ {STROMA_MIN:.0%} stroma-like"
+        heading += f", tiles at least {STROMA_MIN:.0%} stroma-like"  # no ≥: not in every font
     draw.text((_PAD, 8), heading, fill="black", font=big)
     att = extra["attention"]
     for r, (row, title) in enumerate(zip(rows, ("highest", "lowest"))):
