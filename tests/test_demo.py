@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import yaml
 import pytest
 
 MODELS = ("demo-weighted", "demo-mean")
@@ -35,6 +36,12 @@ def _check_outputs(out: Path, summary: dict, n_test: int) -> None:
     for sid in scores["slide_id"]:
         for file in REVIEW_FILES:
             assert (out / "results" / "slides" / sid / file).is_file(), (sid, file)
+        # the default encoder's stroma estimate travels with the tiles (and ranks top_tiles.png)
+        stroma = pd.read_csv(out / "results" / "slides" / sid / "tiles.csv")["stroma"]
+        assert stroma.notna().all() and stroma.between(0, 1).all() and stroma.std() > 0
+    for name in MODELS:  # ... and weights the pooling: the stroma prior is on by itself
+        config = yaml.safe_load((out / "models" / name / "config.yaml").read_text())
+        assert config["train"]["stroma_prior"] is True and config["model"]["stroma_prior"] is True
 
 
 def test_small_demo_completes_and_writes_its_outputs(tmp_path, capsys):
