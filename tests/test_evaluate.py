@@ -31,7 +31,9 @@ def test_metrics_equal_scikit_learn_on_the_predictions(evaluated):
     labels = pd.read_csv(w.b / "labels.csv", dtype={"slide_id": str})
     assert list(pred["slide_id"]) == list(labels["slide_id"])
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["pooled"]["r2"] == pytest.approx(r2_score(pred["label"], pred["prediction"]), abs=1e-6)
+    # predictions.csv keeps 4 decimals (±5e-5 sTIL points) and metrics.json is computed before that
+    # rounding: on 10 slides the R² can move by ~2e-6 (1e-6 failed once by 1.0e-6)
+    assert metrics["pooled"]["r2"] == pytest.approx(r2_score(pred["label"], pred["prediction"]), abs=1e-5)
     auc = roc_auc_score(pred["label"] >= 30, pred["prediction"])
     assert metrics["pooled"]["auc@30"] == pytest.approx(auc, abs=1e-6)
     assert metrics["headline"]["r2"] == metrics["pooled"]["r2"]
