@@ -454,6 +454,13 @@ def test_staging_folder_tidied_away_by_another_writer_mid_mkdir(cache, monkeypat
     assert cache.remove("S1") and raced and cache.complete_ids() == []
 
 
+def test_a_file_where_the_staging_folder_goes_is_a_typed_error(cache):
+    cache.staging_dir.write_text("not a folder")
+    with pytest.raises(CacheWriteError, match="staging folder") as err:
+        write_slide(cache, "S1", n=4)
+    assert "delete" in err.value.fix and cache.complete_ids() == []
+
+
 def test_concurrent_writers_and_readers_of_one_slide(cache):
     import threading
 

@@ -530,6 +530,8 @@ def test_stroma_estimate_travels_in_tiles_csv(tmp_path, slide, tiles):
     header = (tmp_path / "without" / "tiles.csv").read_text().splitlines()[0]
     assert header == ",".join(tiles_mod.TILE_COLUMNS)  # the DESIGN.md columns, unchanged
     assert tiles_mod.read_tiles_csv(tmp_path / "without" / "tiles.csv").stroma is None
+    with pytest.raises(HeatmapInputError, match="stroma has shape"):
+        tiles_mod.tiles_frame(coords, TILE, pred, stroma=stroma[:-1])
 
 
 def test_top_tiles_with_few_tiles_and_none(tmp_path, slide):

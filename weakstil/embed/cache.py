@@ -317,6 +317,8 @@ class FeatureCache:
                     return path
             except FileNotFoundError:
                 continue  # .staging/ was tidied away meanwhile: make it again
+            except NotADirectoryError:
+                break  # .staging is a file
         _ACTIVE_STAGING.discard(name)
         raise CacheWriteError("could not make a staging folder", path=self.staging_dir,
                               fix=f"delete {self.staging_dir} if it is not a folder, then rerun")

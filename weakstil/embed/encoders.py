@@ -63,8 +63,14 @@ MORPH = "stainmorph"  # the fixed stain-morphometry encoder (weakstil.embed.morp
 MORPH_SUFFIX = "+" + MORPH  # any encoder + stainmorph: both feature sets side by side
 MORPH_ARCH = "stainmorph.v2"  # bump when its features change (the arch is in the cache fingerprint)
 MORPH_DIM = 25  # weakstil.embed.morph.N_FEATURES (that module imports torch)
+STROMA_COLUMN = -1  # morph's last feature, stroma_est: read by position in any +stainmorph features
 # what `weakstil extract` and the demo use unless told otherwise (docs/accuracy.md says why)
 DEFAULT_ENCODER = "resnet18-random" + MORPH_SUFFIX
+
+
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+KeyMapper = Callable[[dict], dict]  # unwrapped checkpoint state dict -> timm-layout state dict
 
 
 def has_stroma_estimate(encoder_fp: dict | None) -> bool:
@@ -83,10 +89,7 @@ def stroma_estimate(features, encoder_fp: dict | None):
     features = np.asarray(features)
     if features.ndim != 2 or features.shape[0] == 0:
         return None
-    return np.clip(features[:, -1].astype(np.float64), 0.0, 1.0)
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
-
-KeyMapper = Callable[[dict], dict]  # unwrapped checkpoint state dict -> timm-layout state dict
+    return np.clip(features[:, STROMA_COLUMN].astype(np.float64), 0.0, 1.0)
 
 
 @dataclass(frozen=True)

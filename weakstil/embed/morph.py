@@ -56,9 +56,8 @@ NAMES = (
     "tissue", "h_mean", "e_mean", "h_sd", "e_sd", "h_rich", "e_rich", "stroma_like",
     *(f"nuclei_s{i}" for i in range(len(SIGMAS))), *(f"dark_nuclei_s{i}" for i in range(len(SIGMAS))),
     "small_in_stroma", "small_in_nests", "small_per_stroma", "small_share", "nest_like", "small_contrast",
-    "stroma_est",  # last, always: weakstil.mil reads it by position (STROMA_COLUMN)
+    "stroma_est",  # last, always: read by position (weakstil.embed.encoders.STROMA_COLUMN)
 )
-STROMA_COLUMN = -1  # the estimated stroma fraction's column, counted from the end of any +stainmorph features
 N_FEATURES = len(NAMES)
 
 

@@ -25,7 +25,6 @@ from weakstil.errors import ConfigError, EmptyBagError
 from weakstil.mil.model import (
     AGGREGATIONS,
     HEADS,
-    STROMA_FLOOR,
     MILRegressor,
     stroma_log_weight,
 )
@@ -363,7 +362,9 @@ def _pooled_mean(features: np.ndarray, stroma_prior: bool) -> np.ndarray:
     """The bag's mean feature vector, weighted as the pooling weights tiles at the start."""
     if not stroma_prior:
         return features.mean(axis=0, dtype=np.float64)
-    w = np.clip(features[:, -1].astype(np.float64), 0.0, 1.0) + STROMA_FLOOR
+    import torch
+
+    w = torch.exp(stroma_log_weight(torch.as_tensor(features, dtype=torch.float64))).numpy()
     return (w[:, None] * features).sum(axis=0) / w.sum()
 
 

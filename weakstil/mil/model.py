@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from weakstil import __version__
+from weakstil.embed.encoders import STROMA_COLUMN
 from weakstil.errors import (
     EmptyBagError,
     ModelCorruptError,
@@ -49,7 +50,7 @@ def stroma_log_weight(features: Tensor) -> Tensor:
     """log(s + :data:`STROMA_FLOOR`) per tile, ``s`` the estimated stroma fraction in the features'
     last column (the stain morphometry's ``stroma_est``): added to the pooling logits, each tile
     counts in proportion to its stroma, as sTIL% is defined (lymphocyte area over stroma area)."""
-    return torch.log(features[..., -1].clamp(0.0, 1.0) + STROMA_FLOOR)
+    return torch.log(features[..., STROMA_COLUMN].clamp(0.0, 1.0) + STROMA_FLOOR)
 
 
 class MILRegressor(nn.Module):

@@ -185,6 +185,8 @@ def rank_tiles(pred, attention=None, stroma=None, k: int = 8) -> tuple[list[np.n
     on_stroma = False
     if stroma is not None:
         stroma = np.asarray(stroma, dtype=np.float64)
+        if stroma.shape != pred.shape:
+            raise HeatmapInputError(f"stroma has shape {stroma.shape} for {len(pred)} tiles")
         eligible = valid[np.nan_to_num(stroma[valid], nan=0.0) >= STROMA_MIN]
         if eligible.size:
             valid, on_stroma = eligible, True
@@ -225,8 +227,6 @@ def top_tiles_png(slide, coords_l0, size_l0, prediction, path, *, k: int = 8, at
     from PIL import Image, ImageDraw
 
     coords, size, pred, extra = check_tiles(coords_l0, size_l0, prediction, attention=attention)
-    if stroma is not None and len(np.asarray(stroma)) != len(pred):
-        raise HeatmapInputError(f"stroma has {len(np.asarray(stroma))} values for {len(pred)} tiles")
     rows, weighted, on_stroma = rank_tiles(pred, extra["attention"], stroma, k)
     tile_px = min(review_tile_px(size, getattr(slide, "mpp", None), review_mpp), max_tile_px)
     width, height = top_tiles_size(k, tile_px)
