@@ -157,4 +157,24 @@ def test_the_stroma_estimate_is_read_only_from_this_morphometry():
     assert stroma_estimate(feats, {"arch": get_encoder_spec("resnet18-random").arch}) is None
     assert stroma_estimate(feats, {"arch": "resnet18+stainmorph.v1"}) is None  # its last column was another feature
     assert stroma_estimate(feats, None) is None
+    assert np.array_equal(stroma_estimate(feats, {"arch": "resnet18+stainmorph.v2"}), feats[:, -1])  # older caches
     assert NAMES[-1] == "stroma_est"
+
+
+def test_lymphocyte_area_is_read_on_stroma_and_kept_apart_from_nests():
+    """``lymph_per_stroma`` is the share of the stroma that is lymphocyte: it grows with the lymphocytes
+    in the stroma (about the drawn area share), not with lymphocytes packed inside a tumour nest (those
+    go to ``lymph_per_nest``), and a tile with no stroma cannot reach a high ratio."""
+    e = np.full((PX, PX), 0.6)
+    sparse, dense = disks(grid(40), 4.0, 1.6), disks(grid(20), 4.0, 1.6)
+    share = lambda h: float((h > 0).mean())  # noqa: E731 - the drawn lymphocyte area
+    big = disks(grid(32, 12), 9.0, 0.6)
+    nest_tils = np.maximum(big, disks([(y + 16, x + 16) for y, x in grid(32, 12)][:20], 4.0, 1.6))
+    f = features(render(np.zeros((PX, PX)), e), render(sparse, e), render(dense, e),
+                 render(nest_tils, np.full((PX, PX), 0.2)))
+    lps = f["lymph_per_stroma"]
+    assert lps[0] < 0.01 and lps[1] < lps[2]
+    assert lps[1] == pytest.approx(share(sparse), abs=0.04) and lps[2] == pytest.approx(share(dense), abs=0.08)
+    assert f["lymph_per_stroma_loose"][2] >= lps[2] - 0.02
+    assert f["lymph_per_nest"][3] > 0.015 and f["lymph_per_nest"][1] < 0.01  # 2 % of the nest is drawn lymphocyte
+    assert lps[3] < lps[2]

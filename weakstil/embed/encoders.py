@@ -61,8 +61,9 @@ RANDOM_INIT = "random-init"
 TIMM_PREFIX = "timm:"
 MORPH = "stainmorph"  # the fixed stain-morphometry encoder (weakstil.embed.morph)
 MORPH_SUFFIX = "+" + MORPH  # any encoder + stainmorph: both feature sets side by side
-MORPH_ARCH = "stainmorph.v2"  # bump when its features change (the arch is in the cache fingerprint)
-MORPH_DIM = 25  # weakstil.embed.morph.N_FEATURES (that module imports torch)
+MORPH_ARCH = "stainmorph.v3"  # bump when its features change (the arch is in the cache fingerprint)
+MORPH_DIM = 28  # weakstil.embed.morph.N_FEATURES (that module imports torch)
+MEASURED_DIM = 4  # its last four: lymph_per_stroma (strict, loose), lymph_per_nest, stroma_est (mil.select)
 STROMA_COLUMN = -1  # morph's last feature, stroma_est: read by position in any +stainmorph features
 # what `weakstil extract` and the demo use unless told otherwise (docs/accuracy.md says why)
 DEFAULT_ENCODER = "resnet18-random" + MORPH_SUFFIX
@@ -73,9 +74,13 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 KeyMapper = Callable[[dict], dict]  # unwrapped checkpoint state dict -> timm-layout state dict
 
 
+STROMA_ARCHS = ("stainmorph.v2", MORPH_ARCH)  # morphometry versions whose last feature is ``stroma_est``
+
+
 def has_stroma_estimate(encoder_fp: dict | None) -> bool:
-    """Whether features of this encoder end with the morphometry's ``stroma_est`` (:data:`MORPH_ARCH`)."""
-    return str((encoder_fp or {}).get("arch", "")).endswith(MORPH_ARCH)
+    """Whether features of this encoder end with the morphometry's ``stroma_est`` (:data:`STROMA_ARCHS`;
+    caches and models of the older version keep theirs)."""
+    return str((encoder_fp or {}).get("arch", "")).endswith(STROMA_ARCHS)
 
 
 def stroma_estimate(features, encoder_fp: dict | None):
