@@ -267,7 +267,7 @@ def run_recipe(cohort: Cohort, recipe: dict, plan: Plan) -> dict:
     """Cross-validate one recipe (TrainConfig keywords) on the cohort; the probe on the same folds."""
     from weakstil.mil.model import TrainedModel
     from weakstil.mil.probe import probe_oof, slide_means
-    from weakstil.mil.train import TrainConfig, cross_validate
+    from weakstil.mil.train import TrainConfig
 
     extra = {"max_epochs": plan.max_epochs, "patience": plan.max_epochs} if plan.max_epochs else {}
     from weakstil.embed.encoders import get_encoder_spec
@@ -275,11 +275,21 @@ def run_recipe(cohort: Cohort, recipe: dict, plan: Plan) -> dict:
 
     cfg = TrainConfig(**{"n_folds": plan.n_folds, "n_boot": 10, "fold_processes": 1, **extra, **recipe})
     cfg = resolve_stroma_prior(cfg, {"encoder": {"arch": get_encoder_spec(encoder_name()).arch}})  # as train does
+    from weakstil.mil.select import cross_validate_columns
+
     t0 = time.perf_counter()
-    cv = cross_validate(cohort.bags, cohort.table, cfg, progress=False)
+    cv, cfg, choice = cross_validate_columns(cohort.bags, cohort.table, cfg,
+                                             {"encoder": {"arch": get_encoder_spec(encoder_name()).arch}},
+                                             progress=False)
     labels = cv.labels
     out = {"recipe": recipe, "seconds": round(time.perf_counter() - t0, 1), "n_slides": len(labels),
            "mil": slide_figures(labels, cohort.truth, cv.predictions)}
+    if choice is not None:  # the MIL's input columns chosen out of fold (mil.select): each candidate's
+        # figures, and the cross-fitted choice (each fold by the candidate chosen on the others)
+        out["columns"] = choice.report()
+        for name, res in choice.results.items():
+            out[f"mil_{name}"] = slide_figures(labels, cohort.truth, res.predictions)
+        out["mil_columns_crossfit"] = slide_figures(labels, cohort.truth, choice.crossfit)
     probe, _ = probe_oof(slide_means(cohort.bags, cv.slide_ids), labels, cv.folds)
     out["probe"] = slide_figures(labels, cohort.truth, probe)
     # what is deployed (mil.train): the blend with the probe, then the calibration line; each
@@ -443,12 +453,21 @@ def _cross_validate(name: str, cohort: Cohort, recipes: dict, trained_by: dict, 
                           "calibrated" if "mil_calibrated" in result else "")
 
 
+def _columns_cell(r: dict, f) -> str:
+    """The MIL's input columns chosen out of fold (mil.select) with each candidate's R² vs truth."""
+    if "columns" not in r:
+        return "all"
+    return (f"{r['columns']['chosen']} ({f(r['mil_all']['r2_truth'])} / {f(r['mil_measured']['r2_truth'])}; "
+            f"{f(r['mil_columns_crossfit']['r2_truth'])})")
+
+
 def results_markdown(doc: dict, recipe: str = "default") -> str:
     """The cohort and transfer tables of a report, the probe beside every MIL figure."""
     def f(v, d=2):
         return "–" if v is None or math.isnan(v) else f"{v:.{d}f}"
 
-    lines = ["| cohort | slides | R² vs truth: deployed (MIL alone) [probe] | blend w | R² vs labels [probe] | AUC@10/30/50 [probe @30] "
+    lines = ["| cohort | slides | R² vs truth: deployed (MIL alone) [probe] | columns: chosen (R² all / measured; "
+             "cross-fitted choice) | R² vs labels [probe] | AUC@10/30/50 [probe @30] "
              "| cal. slope / intercept [probe] | pred SD / label SD [probe] | tile r | top-8 tiles' stroma (as "
              "top_tiles.png shows them): worst / mean slide | r(stroma_est, stroma) |", "|" + "---|" * 11]
     for name, r in doc["cv"].get(recipe, {}).items():
@@ -456,7 +475,7 @@ def results_markdown(doc: dict, recipe: str = "default") -> str:
         raw = r["mil"]
         lines.append(
             f"| {name} | {r.get('n_slides', '')} | **{f(m['r2_truth'])}** ({f(raw['r2_truth'])}) [{f(p['r2_truth'])}] "
-            f"| {f(r.get('blend_weight', 1.0), 1)} "
+            f"| {_columns_cell(r, f)} "
             f"| {f(m['r2_labels'])} [{f(p['r2_labels'])}] "
             f"| {f(m['auc@10'])}/{f(m['auc@30'])}/{f(m['auc@50'])} [{f(p['auc@30'])}] "
             f"| {f(m['cal_slope'])} / {f(m['cal_intercept'], 1)} [{f(p['cal_slope'])} / {f(p['cal_intercept'], 1)}] "

@@ -42,6 +42,10 @@ def _check_outputs(out: Path, summary: dict, n_test: int) -> None:
     for name in MODELS:  # ... and weights the pooling: the stroma prior is on by itself
         config = yaml.safe_load((out / "models" / name / "config.yaml").read_text())
         assert config["train"]["stroma_prior"] is True and config["model"]["stroma_prior"] is True
+        # the MIL's input columns were chosen out of fold, and the model reads what was chosen
+        columns = json.loads((out / "models" / name / "metrics.json").read_text())["columns"]
+        assert set(columns["candidates"]) == {"all", "measured"} and config["train"]["columns"] == columns["chosen"]
+        assert config["model"]["inputs"] == (4 if columns["chosen"] == "measured" else 0)
 
 
 def test_small_demo_completes_and_writes_its_outputs(tmp_path, capsys):

@@ -65,11 +65,12 @@ class CVResult:
 
 def cross_validate(bags: Mapping[str, np.ndarray], table, cfg: TrainConfig, *,
                    progress: bool = True, init_state: dict | None = None,
-                   folds: np.ndarray | None = None) -> CVResult:
+                   folds: np.ndarray | None = None, title: str = "cross-validation") -> CVResult:
     """K-fold CV over the labelled slides of ``table`` (a labels.LabelTable or its DataFrame).
 
     ``init_state``: every fold starts from these weights (warm start); ``folds``: a fold index per
-    row given by the caller (e.g. leave-one-center-out) instead of :func:`make_folds`."""
+    row given by the caller (e.g. leave-one-center-out) instead of :func:`make_folds`; ``title``: the
+    progress line's name."""
     from weakstil.mil.labels import LabelTable, inner_split, make_folds
     from weakstil.mil.metrics import (
         bootstrap_intervals,
@@ -100,7 +101,7 @@ def cross_validate(bags: Mapping[str, np.ndarray], table, cfg: TrainConfig, *,
     processes, threads = fold_parallelism(cfg, n_tiles)
     results: dict[int, tuple] = {}
     with progress_display(progress) as bar:
-        task = bar.add_task("cross-validation", total=cfg.n_folds, unit="folds")
+        task = bar.add_task(title, total=cfg.n_folds, unit="folds")
         if processes > 1:
             for k, module, history, scores in _parallel_folds(plans, bags_at, bags, slide_ids,
                                                               processes, threads):

@@ -31,6 +31,7 @@ from weakstil.mil.model import (
 from weakstil.progress import progress as progress_display
 
 Bag = tuple[np.ndarray, float]  # (features (N, D) float32, sTIL% 0-100)
+COLUMN_SETS = ("auto", "all", "measured")  # TrainConfig.columns
 
 
 # --- configuration ------------------------------------------------------------------------------
@@ -78,6 +79,11 @@ class TrainConfig:
     # from a +stainmorph encoder): sTIL% is lymphocytes over stroma. None: on when the features have
     # the estimate (train_model decides from the cache's encoder); the benchmark sets it itself.
     stroma_prior: bool | None = None
+    # which feature columns the MIL reads: "all", "measured" (only the stain morphometry's four
+    # measurements of sTIL%: lymphocyte share of the estimated stroma, strict and loose, of the nests,
+    # and the stroma estimate) or "auto" (train_model cross-validates both and deploys the better by
+    # out-of-fold R² vs labels: mil.select; "all" where the features have no morphometry)
+    columns: str = "auto"
 
     def __post_init__(self) -> None:
         checks = [
@@ -92,6 +98,7 @@ class TrainConfig:
             (self.background_penalty >= 0.0, "background_penalty must be >= 0"),
             (self.head in HEADS, f"head must be one of {HEADS}"),
             (self.fold_processes is None or self.fold_processes >= 1, "fold_processes must be >= 1"),
+            (self.columns in COLUMN_SETS, f"columns must be one of {COLUMN_SETS}"),
         ]
         bad = [text for ok, text in checks if not ok]
         if bad:
@@ -104,7 +111,14 @@ class TrainConfig:
         return dict(aggregation=self.aggregation, hidden=self.hidden, dropout=self.dropout,
                     lr=self.lr, weight_decay=self.weight_decay, max_tiles=self.max_tiles,
                     background_penalty=self.background_penalty, head=self.head,
-                    stroma_prior=bool(self.stroma_prior))
+                    stroma_prior=bool(self.stroma_prior), inputs=self.inputs())
+
+    def inputs(self) -> int:
+        """The model's ``inputs`` (last feature columns it reads; 0: all) for :attr:`columns`
+        ("auto" not yet resolved reads all)."""
+        from weakstil.embed.encoders import MEASURED_DIM
+
+        return MEASURED_DIM if self.columns == "measured" else 0
 
 
 # --- bags -----------------------------------------------------------------------------------------
@@ -349,6 +363,7 @@ def _initialise(model: MILRegressor, train_bags: Sequence[Bag], init_state: dict
     elif model.config.get("head") == "probe":
         from weakstil.mil.probe import LinearProbe
 
+        train_bags = [(model.read_inputs(f), y) for f, y in train_bags]  # the columns the model reads
         means = np.stack([_pooled_mean(np.asarray(f), model.config.get("stroma_prior")) for f, _ in train_bags])
         probe = LinearProbe().fit(means, np.array([y for _, y in train_bags], np.float64))
         scaler, ridge = probe.model[0], probe.model[-1]

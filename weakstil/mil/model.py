@@ -72,18 +72,25 @@ class MILRegressor(nn.Module):
         aggregation: str = "attention",
         head: str = "mlp",
         stroma_prior: bool = False,
+        inputs: int = 0,
         **recorded,
     ):
-        """``recorded``: training settings kept with the model's config (lr, weight_decay,
-        max_tiles …) so that a checkpoint says how it was trained; they do not change the network."""
+        """``inputs``: read only the last ``inputs`` feature columns (e.g. the stain morphometry of a
+        ``+stainmorph`` encoder); 0 reads all ``embed_dim``. The model still takes (and checks) full
+        ``embed_dim`` rows. ``recorded``: training settings kept with the model's config (lr,
+        weight_decay, max_tiles …) so that a checkpoint says how it was trained; they do not change
+        the network."""
         super().__init__()
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, not {aggregation!r}")
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, not {head!r}")
+        if not 0 <= int(inputs) <= int(embed_dim):
+            raise ValueError(f"inputs must be in 0..{embed_dim}, not {inputs}")
         self.config = {"embed_dim": int(embed_dim), "hidden": int(hidden), "dropout": float(dropout),
                        "aggregation": aggregation, "head": head, "stroma_prior": bool(stroma_prior),
-                       **recorded}
+                       "inputs": int(inputs), **recorded}
+        embed_dim = int(inputs) or int(embed_dim)  # the width of what the layers read
         # LayerNorm first: embeddings from random or foreign encoders have arbitrary scales.
         self.embed = nn.Sequential(
             nn.LayerNorm(embed_dim),
@@ -129,8 +136,14 @@ class MILRegressor(nn.Module):
             self.att_w.weight.zero_()
             self.att_w.bias.zero_()
 
+    def read_inputs(self, features):
+        """The feature columns this model reads (the last ``inputs``; all when 0), tensor or array."""
+        k = int(self.config.get("inputs") or 0)
+        return features[..., -k:] if k else features
+
     def tile_outputs(self, features: Tensor) -> tuple[Tensor, Tensor | None]:
         """Per-tile prediction in 0-1 and attention logit (None for mean pooling), both (..., N)."""
+        features = self.read_inputs(features)
         h = self.embed(features)
         head = self.config.get("head")
         if head == "probe":

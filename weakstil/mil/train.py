@@ -88,7 +88,10 @@ def train_model(bags: Mapping[str, np.ndarray], table, cfg: TrainConfig, *, out_
     check_trainable(getattr(table, "df", table), path=getattr(table, "path", None))
     cfg = resolve_stroma_prior(cfg, fingerprint)
     t0 = time.perf_counter()
-    cv = cross_validate(bags, table, cfg, progress=progress, init_state=init_state, folds=folds)
+    from weakstil.mil.select import cross_validate_columns
+
+    cv, cfg, selection = cross_validate_columns(bags, table, cfg, fingerprint, progress=progress,
+                                                init_state=init_state, folds=folds)
     members = cv.models if cfg.deploy == "ensemble" else [_final_fit(bags, table, cfg, cv)]
     probe = _probe_section(bags, cv, cfg)
     blend, probe_head, deployed, honest = _blend(bags, cv, cfg, probe)
@@ -108,6 +111,8 @@ def train_model(bags: Mapping[str, np.ndarray], table, cfg: TrainConfig, *, out_
         _write_plots(tmp / "plots", cv, cfg)
         metrics = _metrics_doc(cv, cfg, seconds=time.perf_counter() - t0)
         metrics.update(plain_json(_baselines(cv, cfg, probe, blend, honest, line), finite=True))
+        if selection is not None:
+            metrics["columns"] = plain_json(selection.report(), finite=True)
         if extras is not None:
             extras(tmp, cv, metrics, model)
         _write_text(tmp / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")

@@ -1,0 +1,106 @@
+"""The MIL's input columns: a model that reads only the last columns, and the out-of-fold choice
+between all columns and the morphometry's measurements of sTIL% (weakstil.mil.select)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from weakstil.embed.encoders import DEFAULT_ENCODER, MEASURED_DIM, get_encoder_spec
+from weakstil.errors import ConfigError
+from weakstil.mil.fit import TrainConfig
+from weakstil.mil.model import MILRegressor, TrainedModel, load_model
+from weakstil.mil.select import (
+    CANDIDATES,
+    candidates,
+    choose,
+    cross_validate_columns,
+    crossfit,
+)
+
+NET = 48  # network columns before the measurements in these toy bags
+DIM = NET + MEASURED_DIM
+WITH_MORPH = {"encoder": {"arch": get_encoder_spec(DEFAULT_ENCODER).arch}}
+WITHOUT = {"encoder": {"arch": get_encoder_spec("resnet18-random").arch}}
+
+
+def test_a_model_reads_only_its_last_columns(tmp_path):
+    module = MILRegressor(DIM, aggregation="weighted", head="probe", stroma_prior=True, inputs=MEASURED_DIM)
+    assert module.config["inputs"] == MEASURED_DIM and module.tile_head.in_features == MEASURED_DIM
+    x = torch.rand(20, DIM)
+    y = x.clone()
+    y[:, :NET] = torch.randn(20, NET) * 100  # the columns it does not read
+    a, b = module.predict_bag(x), module.predict_bag(y)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    model = TrainedModel([module], fingerprint={})
+    model.save(tmp_path / "model.ckpt")
+    loaded = load_model(tmp_path / "model.ckpt")
+    assert loaded.members[0].config["inputs"] == MEASURED_DIM and loaded.embed_dim == DIM
+    assert loaded.predict(x.numpy()).score == pytest.approx(model.predict(x.numpy()).score, abs=1e-9)
+    with pytest.raises(ValueError, match="inputs"):
+        MILRegressor(DIM, inputs=DIM + 1)
+
+
+def test_the_candidates_follow_the_encoder_and_the_request():
+    assert candidates(TrainConfig(), WITH_MORPH, DIM + 24) == ("all", "measured")
+    assert candidates(TrainConfig(), WITHOUT, DIM) == ("all",)
+    assert candidates(TrainConfig(columns="measured"), WITH_MORPH, DIM + 24) == ("measured",)
+    with pytest.raises(ConfigError, match="measured") as err:
+        candidates(TrainConfig(columns="measured"), WITHOUT, DIM)
+    assert "--columns all" in err.value.fix
+    with pytest.raises(ConfigError, match="columns"):
+        TrainConfig(columns="morph")
+
+
+class _CV:
+    def __init__(self, labels, predictions, folds):
+        self.labels, self.predictions, self.folds = labels, predictions, folds
+
+
+def test_choice_and_cross_fitted_estimate():
+    rng = np.random.default_rng(0)
+    labels = rng.uniform(0, 80, 30)
+    folds = np.repeat(np.arange(5), 6)
+    good = _CV(labels, labels + rng.normal(0, 3, 30), folds)
+    bad = _CV(labels, labels + rng.normal(0, 20, 30), folds)
+    assert choose({"all": bad, "measured": good}) == "measured"
+    assert choose({"all": good, "measured": _CV(labels, good.predictions.copy(), folds)}) == "all"  # tie
+    honest, picks = crossfit({"all": bad, "measured": good})
+    assert picks == ["measured"] * 5 and np.array_equal(honest, good.predictions)
+
+
+def _cohort(signal: str, n: int = 30, seed: int = 0):
+    """Bags whose label lives in the network columns or in the measurement columns only."""
+    rng = np.random.default_rng(seed)
+    bags, rows = {}, []
+    for i in range(n):
+        y = rng.uniform(0, 80)
+        x = (rng.normal(0, 1, (40, DIM)) + rng.normal(0, 1, DIM)).astype(np.float32)  # slides differ at random
+        x[:, -1] = rng.uniform(0.3, 1.0, 40)  # the stroma estimate
+        if signal == "measured":
+            x[:, NET] = y / 100 + rng.normal(0, 0.01, 40)
+        else:
+            x[:, :NET] += (y / 40) + rng.normal(0, 0.05, (40, 1))
+        bags[f"S{i:02d}"] = x
+        rows.append((f"S{i:02d}", f"P{i:02d}", y))
+    return bags, pd.DataFrame(rows, columns=["slide_id", "patient_id", "stil"])
+
+
+@pytest.mark.parametrize("signal", ["measured", "all"])
+def test_the_columns_that_carry_the_label_are_chosen(signal, monkeypatch):
+    bags, table = _cohort(signal)
+    # these toy bags stand for a cache of the default encoder: network columns, then the morphometry
+    monkeypatch.setattr("weakstil.embed.encoders.MORPH_DIM", MEASURED_DIM + 2)
+    cfg = TrainConfig(n_boot=10, fold_processes=1, max_epochs=30, patience=10, stroma_prior=True)
+    cv, resolved, choice = cross_validate_columns(bags, table, cfg, WITH_MORPH, progress=False)
+    assert set(choice.results) == set(CANDIDATES)
+    assert choice.chosen == signal == resolved.columns
+    assert cv is choice.results[signal]
+    assert all(m.config["inputs"] == (MEASURED_DIM if signal == "measured" else 0) for m in cv.models)
+    other = "all" if signal == "measured" else "measured"
+    assert np.array_equal(choice.results[other].folds, cv.folds)  # the same folds for both
+    report = choice.report()
+    assert report["candidates"][signal]["r2"] > report["candidates"][other]["r2"]
+    assert report["chosen"] == signal and len(report["crossfit"]["fold_choices"]) == cfg.n_folds

@@ -1,0 +1,130 @@
+"""Which feature columns the MIL reads, chosen on the user's cohort (``TrainConfig.columns="auto"``, ``--columns``).
+
+A ``+stainmorph`` encoder gives each tile a network's embedding (512 numbers for ResNet-18) and the
+stain morphometry (:mod:`weakstil.embed.morph`), whose last four numbers measure sTIL% itself from
+the pixels: the share of the estimated stroma that is lymphocyte (strict and loose nest rules), the
+same share inside tumour nests, and the stroma estimate. On a small cohort with crowded nests and
+varying stains the MIL can drown those four in the hundreds that describe texture; on another cohort
+the network's texture carries what the fixed measurements miss. Which one holds depends on the
+slides, so training cross-validates both candidates on the same folds,
+
+* ``all``: every feature column;
+* ``measured``: only the four measurements (the last :data:`~weakstil.embed.encoders.MEASURED_DIM`
+  columns),
+
+and deploys the one with the higher out-of-fold R² vs the labels (ties go to ``all``). Measured on
+two synthetic families (docs/accuracy.md, eighth run). The four alone were chosen over all 28
+morphometry features: those win some cohorts' CV too, but a model on them extrapolates wildly on
+another generator's slides (cells → lattice R² −0.70: the tumour-nucleus counts it leans on differ
+five-fold between renderers), while ratios in 0–1 stay in range.
+
+Choosing on the same out-of-fold predictions that are reported flatters the winner a little, so
+``metrics.json`` (``columns``) also carries the **cross-fitted** estimate: each fold scored by the
+candidate chosen on the other folds' predictions only, as the blend and the calibration do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Mapping
+
+import numpy as np
+
+from weakstil.errors import ConfigError
+from weakstil.mil.cv import CVResult, cross_validate
+from weakstil.mil.fit import TrainConfig
+
+CANDIDATES = ("all", "measured")
+
+
+def has_morphometry(fingerprint: Mapping | None, dim: int | None = None) -> bool:
+    """Whether the features end with this version's stain morphometry (and hold more than it: with
+    the morphometry alone, ``all`` already is the morphometry)."""
+    from weakstil.embed.encoders import MORPH_ARCH, MORPH_DIM
+
+    arch = str(((fingerprint or {}).get("encoder") or {}).get("arch", ""))
+    return arch.endswith(MORPH_ARCH) and "+" in arch and (dim is None or dim > MORPH_DIM)
+
+
+def candidates(cfg: TrainConfig, fingerprint: Mapping | None, dim: int) -> tuple[str, ...]:
+    """The column sets ``cfg.columns`` asks to cross-validate on features of this encoder."""
+    from weakstil.embed.encoders import MORPH_ARCH
+
+    available = has_morphometry(fingerprint, dim)
+    if cfg.columns == "auto":
+        return CANDIDATES if available else ("all",)
+    if cfg.columns == "measured" and not available:
+        raise ConfigError("--columns measured reads the stain morphometry's measurements of sTIL% "
+                          "beside a network's embedding, and this cache's encoder has none", fix=f"extract with a "
+                          f"+stainmorph encoder ({MORPH_ARCH}, the default), or train with --columns all")
+    return (cfg.columns,)
+
+
+def r2(labels, predictions) -> float:
+    from sklearn.metrics import r2_score
+
+    return float(r2_score(np.asarray(labels, np.float64), np.asarray(predictions, np.float64)))
+
+
+def choose(results: Mapping[str, CVResult], mask: np.ndarray | None = None) -> str:
+    """The candidate with the best out-of-fold R² vs labels (over ``mask``'s slides); ties: the first."""
+    best, best_r2 = None, -np.inf
+    for name, cv in results.items():
+        m = slice(None) if mask is None else mask
+        score = r2(cv.labels[m], cv.predictions[m])
+        if score > best_r2 + 1e-12:
+            best, best_r2 = name, score
+    return best
+
+
+def crossfit(results: Mapping[str, CVResult]) -> tuple[np.ndarray, list[str]]:
+    """Each fold's slides predicted by the candidate chosen on the other folds."""
+    first = next(iter(results.values()))
+    out, picks = np.empty(len(first.labels)), []
+    for k in np.unique(first.folds):
+        test = first.folds == k
+        name = choose(results, ~test)
+        out[test] = results[name].predictions[test]
+        picks.append(name)
+    return out, picks
+
+
+@dataclass
+class ColumnChoice:
+    """The candidates' cross-validations and the choice among them."""
+
+    results: dict  # name -> CVResult, same folds
+    chosen: str
+    crossfit: np.ndarray  # each fold predicted by the candidate chosen on the other folds
+    fold_choices: list
+
+    def report(self) -> dict:
+        labels = self.results[self.chosen].labels
+        return {
+            "chosen": self.chosen,
+            "candidates": {name: {"r2": r2(labels, cv.predictions), "seconds": round(cv.seconds, 1)}
+                           for name, cv in self.results.items()},
+            "crossfit": {"r2": r2(labels, self.crossfit), "fold_choices": self.fold_choices},
+            "note": "the MIL's input columns, chosen by out-of-fold R² vs labels among the candidates "
+                    "(mil.select); crossfit: each fold scored by the candidate chosen on the other folds",
+        }
+
+
+def cross_validate_columns(bags: Mapping[str, np.ndarray], table, cfg: TrainConfig, fingerprint: Mapping,
+                           *, progress: bool = True, init_state: dict | None = None,
+                           folds: np.ndarray | None = None) -> tuple[CVResult, TrainConfig, ColumnChoice | None]:
+    """Cross-validate each candidate of ``cfg.columns`` on the same folds; returns the chosen one's
+    result, ``cfg`` with ``columns`` resolved to it, and the choice (None with a single candidate)."""
+    dim = int(np.asarray(next(iter(bags.values()))).shape[1]) if bags else 0
+    names = candidates(cfg, fingerprint, dim)
+    if init_state is not None or len(names) == 1:  # a warm start keeps the parent's columns (mil.cohort)
+        cfg = replace(cfg, columns=names[0] if len(names) == 1 else "all")
+        return cross_validate(bags, table, cfg, progress=progress, init_state=init_state, folds=folds), cfg, None
+    results = {}
+    for name in names:
+        results[name] = cross_validate(bags, table, replace(cfg, columns=name), progress=progress,
+                                       folds=folds, title=f"cross-validation ({name})")
+        folds = results[name].folds  # the same folds for every candidate
+    chosen = choose(results)
+    honest, picks = crossfit(results)
+    return results[chosen], replace(cfg, columns=chosen), ColumnChoice(results, chosen, honest, picks)
