@@ -104,3 +104,15 @@ def test_the_columns_that_carry_the_label_are_chosen(signal, monkeypatch):
     report = choice.report()
     assert report["candidates"][signal]["r2"] > report["candidates"][other]["r2"]
     assert report["chosen"] == signal and len(report["crossfit"]["fold_choices"]) == cfg.n_folds
+
+
+def test_a_warm_start_keeps_the_columns_its_parent_reads(monkeypatch):
+    bags, table = _cohort("measured", n=20)
+    monkeypatch.setattr("weakstil.embed.encoders.MORPH_DIM", MEASURED_DIM + 2)
+    cfg = TrainConfig(n_boot=10, fold_processes=1, max_epochs=3, patience=3, stroma_prior=True)
+    for columns, inputs in (("measured", MEASURED_DIM), ("all", 0)):
+        parent = MILRegressor(DIM, **TrainConfig(columns=columns, stroma_prior=True).model_kwargs())
+        cv, resolved, choice = cross_validate_columns(bags, table, cfg, WITH_MORPH, progress=False,
+                                                      init_state=parent.state_dict())
+        assert choice is None and resolved.columns == columns  # no second candidate: the weights fix it
+        assert all(m.config["inputs"] == inputs for m in cv.models)

@@ -60,6 +60,12 @@ def candidates(cfg: TrainConfig, fingerprint: Mapping | None, dim: int) -> tuple
     return (cfg.columns,)
 
 
+def parent_columns(state: Mapping, dim: int) -> str:
+    """The columns a parent's weights read: the width of its first layer (LayerNorm over its inputs)."""
+    width = int(state["embed.0.weight"].shape[0])
+    return "all" if width == dim else "measured"
+
+
 def r2(labels, predictions) -> float:
     from sklearn.metrics import r2_score
 
@@ -117,8 +123,10 @@ def cross_validate_columns(bags: Mapping[str, np.ndarray], table, cfg: TrainConf
     result, ``cfg`` with ``columns`` resolved to it, and the choice (None with a single candidate)."""
     dim = int(np.asarray(next(iter(bags.values()))).shape[1]) if bags else 0
     names = candidates(cfg, fingerprint, dim)
-    if init_state is not None or len(names) == 1:  # a warm start keeps the parent's columns (mil.cohort)
-        cfg = replace(cfg, columns=names[0] if len(names) == 1 else "all")
+    if init_state is not None and cfg.columns == "auto":  # a warm start keeps the parent's columns
+        names = (parent_columns(init_state, dim),)
+    if len(names) == 1:
+        cfg = replace(cfg, columns=names[0])
         return cross_validate(bags, table, cfg, progress=progress, init_state=init_state, folds=folds), cfg, None
     results = {}
     for name in names:
