@@ -71,6 +71,48 @@ def test_one_failure_does_not_stop_the_batch():
     assert not a.ok and counts(outcomes) == {"done": 1, "skipped": 0, "failed": 2}
 
 
+def test_an_output_folder_that_vanishes_stops_the_batch_with_one_clear_error(tmp_path):
+    """Deleting the folder a batch writes into fails the slide at hand; every later slide would fail
+    the same way, so the run stops there with a typed error naming the folder (not the same
+    FileNotFoundError on every slide left), and a failure with the folder in place stays one slide's."""
+    import shutil
+
+    from weakstil.runs.jobs import _Job
+
+    out = tmp_path / "features"
+    out.mkdir()
+
+    class Writer(_Job):
+        def build(self):
+            return True
+
+        def is_done(self, item):
+            return False
+
+        def key(self, item):
+            return item
+
+        def output_roots(self):
+            return [out]
+
+        def run(self, item):
+            if item == "bad":
+                raise ValueError("a slide's own problem")
+            if item == "b":
+                shutil.rmtree(out)  # someone deletes the folder while b is written
+            (out / f"{item}.txt").write_text(item)
+            return item
+
+    outcomes = run_batch(["bad", "a", "b", "c", "d"], Writer(), progress=False, lock_dir=None)
+    bad, a, b, c, d = outcomes
+    assert (bad.status, bad.reason, bad.fatal) == ("failed", "ValueError", False)  # the folder was there
+    assert a.status == "done"
+    assert (b.status, b.reason, b.fatal) == ("failed", "OutputFolderGoneError", True)
+    assert str(out) in b.error and "disappeared" in b.error and "FileNotFoundError" in b.error
+    assert "restore that folder" in b.fix
+    assert [o.reason for o in (c, d)] == ["stopped", "stopped"] and not out.exists()
+
+
 def test_done_items_are_skipped_without_running():
     ran = []
     outcomes = run_batch(["a", "b"], ran.append, is_done=lambda item: item == "a", progress=False)

@@ -327,6 +327,30 @@ def test_a_full_disk_stops_the_run_and_leaves_no_half_written_slide(cohort, tmp_
     assert [p.name for p in out.iterdir() if p.name.endswith(".partial")] == []
 
 
+def test_a_results_folder_deleted_mid_run_stops_with_one_clear_error(cohort, tmp_path, monkeypatch):
+    import shutil
+
+    import weakstil.outputs.heatmap as heatmap
+
+    real, calls = heatmap.heatmap_tiff, []
+    out = tmp_path / "results"
+
+    def heatmap_tiff(slide, coords_l0, size_l0, prediction, path, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            shutil.rmtree(out)  # someone deletes the results folder while the second slide is written
+        return real(slide, coords_l0, size_l0, prediction, path, **kwargs)
+
+    monkeypatch.setattr(heatmap, "heatmap_tiff", heatmap_tiff)
+    result = invoke(["score", str(cohort.slides), "--model", str(cohort.model), "--features", str(cohort.features),
+                     "--out", str(out), "--quiet"])
+    text = result.output.replace("\n", " ")
+    assert result.exit_code != 0, result.output
+    assert "disappeared during the run" in text and str(out) in text, result.output
+    assert len(calls) == 2  # stopped there: no third slide started
+    assert "Traceback" not in result.output
+
+
 # --- the runner's safeguards (fast, no model) -----------------------------------------------------
 def dead_pid() -> int:
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,

@@ -197,6 +197,13 @@ class OutputWriteError(WeakstilError, OSError):
            "(`df -h`); choose another one with --out")
 
 
+class OutputFolderGoneError(WeakstilError, OSError):
+    """The folder a batch writes into vanished while it ran; the batch stops at once."""
+
+    fix = ("restore that folder (or point --features / --out at one that exists) and run again; the run "
+           "stopped rather than fail every remaining slide the same way, and rerunning skips what is done")
+
+
 class DiskFullError(WeakstilError, OSError):
     """The disk (or the user's quota) ran out while writing an output (ENOSPC / EDQUOT)."""
 

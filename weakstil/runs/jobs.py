@@ -51,6 +51,17 @@ class _Job:
     def run(self, item: Any) -> Any:
         return self.built(item)
 
+    def output_roots(self) -> list[Path]:
+        """Folders the job writes into; the runner stops the batch when one vanishes mid-run."""
+        return []
+
+    def outputs_missing(self) -> list[Path]:
+        """Those of :meth:`output_roots` and the lock folder that are no longer folders (deleted,
+        moved, unmounted; a slide's own writes may have remade the root, never its lock folder)."""
+        locks = getattr(self, "lock_dir", None) if getattr(self, "lock", False) else None
+        roots = [Path(p) for p in self.output_roots()] + ([Path(locks)] if locks is not None else [])
+        return [p for p in roots if not p.is_dir()]
+
     def close(self) -> None:
         """Release what :meth:`prepare` built in this process (reader processes, threads), if anything."""
         close = getattr(self._built, "close", None)
@@ -101,6 +112,11 @@ class ExtractJob(_Job):
     def lock_dir(self) -> Path | None:
         return self.cache.path / ".locks" if self.lock else None
 
+    def output_roots(self) -> list[Path]:
+        # the store once it is open here (cheap), else the folder it lives in (no encoder is built
+        # in a process that only dispatches to workers)
+        return [self._built.cache.path if self._built is not None else Path(self.features)]
+
 
 @dataclass
 class ScoreJob(_Job):
@@ -131,6 +147,9 @@ class ScoreJob(_Job):
     @property
     def lock_dir(self) -> Path | None:
         return Path(self.out) / ".locks" if self.lock else None
+
+    def output_roots(self) -> list[Path]:
+        return [Path(self.out)]
 
 
 @dataclass
@@ -163,3 +182,6 @@ class RegenerateJob(_Job):
     @property
     def lock_dir(self) -> Path | None:
         return Path(self.results_dir) / ".locks" if self.lock else None
+
+    def output_roots(self) -> list[Path]:
+        return [Path(self.results_dir)]

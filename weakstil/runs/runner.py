@@ -115,6 +115,23 @@ def _failed(key: str, exc: Exception, seconds: float) -> Outcome:
                    fix=fix, traceback=tb, fatal=fatal)
 
 
+def _output_gone(outcome: Outcome, job: Any) -> Outcome:
+    """A failure explained by an output folder that vanished mid-run (deleted, moved, unmounted):
+    every further item would fail the same way, so it becomes one fatal, typed error that names the
+    folder instead of the same FileNotFoundError on every slide left."""
+    missing = getattr(job, "outputs_missing", None)
+    gone = missing() if callable(missing) else []
+    if not gone:
+        return outcome
+    from weakstil.errors import OutputFolderGoneError
+
+    exc = OutputFolderGoneError(f"the output folder {gone[0]} disappeared during the run (deleted, moved or "
+                                f"unmounted); {outcome.key} failed on it ({outcome.reason}: {outcome.error})",
+                                path=gone[0])
+    return Outcome(outcome.key, FAILED, outcome.seconds, error=exc.problem, reason=exc.reason, fix=exc.fix,
+                   traceback=outcome.traceback, fatal=True)
+
+
 def stopped_outcome(key: str, cause: Outcome) -> Outcome:
     """The outcome of an item not started because ``cause`` stopped the batch."""
     return Outcome(key, SKIPPED, reason=STOPPED,
@@ -247,6 +264,8 @@ def run_batch(items: Iterable[Any], job: Any, *, key: Callable[[Any], str] | Non
         task = bar.add_task(desc, total=len(items), unit="slides")
         job_seconds = 0.0
         for outcome in executor.outcomes(items, keys, job, is_done=is_done, lock_dir=lock_dir, wait=wait):
+            if outcome.status == FAILED and not outcome.fatal:
+                outcome = _output_gone(outcome, job)
             if outcome.fatal and stop is None:
                 log.error("stopping: %s failed with %s: %s", outcome.key, outcome.reason, outcome.error)
                 stop = outcome
