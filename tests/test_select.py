@@ -116,3 +116,20 @@ def test_a_warm_start_keeps_the_columns_its_parent_reads(monkeypatch):
                                                       init_state=parent.state_dict())
         assert choice is None and resolved.columns == columns  # no second candidate: the weights fix it
         assert all(m.config["inputs"] == inputs for m in cv.models)
+
+
+def test_the_training_table_shows_the_column_choice():
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from weakstil.mil.cohort import TrainedRun, metrics_table
+
+    metrics = {"n_slides": 24, "n_tiles": 900, "pooled": {"r2": 0.75, "pearson": 0.87, "mae": 8.0},
+               "linear_probe": {"pooled": {"r2": 0.62}},
+               "columns": {"chosen": "measured", "candidates": {"all": {"r2": 0.54}, "measured": {"r2": 0.75}},
+                           "crossfit": {"r2": 0.74, "fold_choices": ["measured"] * 5}}}
+    console = Console(width=200, record=True)
+    console.print(metrics_table([TrainedRun("m", Path("m"), metrics)]))
+    text = console.export_text()
+    assert "columns: measured (vs all 0.54; cross-fitted choice)" in text and "0.74" in text

@@ -270,6 +270,12 @@ def metrics_table(runs: list[TrainedRun], *, title: str = "cross-validation (out
         if probe:  # the baseline on the same folds: does the MIL earn its keep on this cohort?
             table.add_row("  linear probe", "", "", _fmt(probe.get("r2")), "", _fmt(probe.get("pearson")),
                           _fmt(probe.get("mae"), 1), "/".join(_fmt(probe.get(f"auc@{c}")) for c in (10, 30, 50)), "")
+        columns = m.get("columns")
+        if columns:  # the MIL's input columns, chosen out of fold (mil.select)
+            other = ", ".join(f"{k} {_fmt(v.get('r2'))}" for k, v in columns["candidates"].items()
+                              if k != columns["chosen"])
+            table.add_row(f"  columns: {columns['chosen']} (vs {other}; cross-fitted choice)", "", "",
+                          _fmt((columns.get("crossfit") or {}).get("r2")), "", "", "", "", "")
         if blend:  # what is deployed: the blend (and the calibration line), cross-fitted
             d = (m.get("calibration") or {}).get("pooled") or blend.get("pooled") or {}
             w = float(blend.get("weight", 1.0))
