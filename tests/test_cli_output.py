@@ -164,6 +164,7 @@ def test_a_missing_model_fails_before_any_output_folder_or_progress(cohort, tmp_
     (["extract", "{slides}", "--roi", "{tmp}/no-roi"], "--roi: the folder does not exist"),
     (["score", "{slides}", "--model", "{tmp}", "--outputs", "png,pdf"], "unknown pdf"),
     (["heatmap", "{tmp}/no-results"], "RESULTS: the folder does not exist"),
+    (["train", "{tmp}/labels.csv", "--columns", "morph"], "'all', 'measured'"),
     (["view", "{tmp}/no-results"], "RESULTS: the folder does not exist"),
     (["view", "{tmp}", "--labels", "{tmp}/labels.csv"], "labels file does not exist"),
 ])

@@ -30,6 +30,12 @@ class CV(str, Enum):
     leave_center_out = "leave-center-out"
 
 
+class Columns(str, Enum):  # mil.fit.COLUMN_SETS
+    auto = "auto"
+    all = "all"
+    measured = "measured"
+
+
 @app.command()
 def train(
     ctx: typer.Context,
@@ -71,10 +77,10 @@ def train(
         help="Weight each tile by its estimated stroma fraction when pooling (sTIL% is defined on "
              "stroma). Default: on when the features have the estimate (a +stainmorph encoder).",
         show_default=False)] = None,
-    columns: Annotated[str, typer.Option(
-        help="Feature columns the MIL reads: auto (cross-validate all of them and the stain morphometry "
-             "alone on the same folds, deploy the better: metrics.json → columns), all, or morphometry "
-             "(needs a +stainmorph encoder).")] = "auto",
+    columns: Annotated[Columns, typer.Option(
+        help="Feature columns the MIL reads: auto (cross-validate all of them and the stain morphometry's "
+             "four measurements of sTIL% alone on the same folds, deploy the better: metrics.json → "
+             "columns), all, or measured (needs a +stainmorph encoder).")] = Columns.auto,
     high_cutoff: Annotated[float, typer.Option(
         "--high-cutoff", help="sTIL-high vs low cut-off (%) for the headline AUC.")] = 30.0,
     seed: Annotated[int, typer.Option(help="Random seed (folds, initialisation, tile sampling).")] = 0,
@@ -110,7 +116,7 @@ def train(
             labels, features, encoder=encoder, models_dir=models, name=name, aggregations=aggregations,
             n_folds=folds, folds_by=folds_by.value, deploy=deploy.value, max_tiles=max_tiles,
             max_epochs=max_epochs, patience=patience, lr=lr, weight_decay=weight_decay, head=head,
-            calibrate=calibrate, blend=blend, stroma_prior=stroma_prior, columns=columns,
+            calibrate=calibrate, blend=blend, stroma_prior=stroma_prior, columns=columns.value,
             high_cutoff=high_cutoff, seed=seed, accelerator=accelerator, overwrite=overwrite,
             progress=not quiet, run_info=plain_json(values), init=init, cv=cv.value)
     except WeakstilError as exc:
