@@ -75,8 +75,8 @@ def r2(labels, predictions) -> float:
 def choose(results: Mapping[str, CVResult], mask: np.ndarray | None = None) -> str:
     """The candidate with the best out-of-fold R² vs labels (over ``mask``'s slides); ties: the first."""
     best, best_r2 = None, -np.inf
+    m = slice(None) if mask is None else mask
     for name, cv in results.items():
-        m = slice(None) if mask is None else mask
         score = r2(cv.labels[m], cv.predictions[m])
         if score > best_r2 + 1e-12:
             best, best_r2 = name, score
