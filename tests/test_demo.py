@@ -46,6 +46,8 @@ def _check_outputs(out: Path, summary: dict, n_test: int) -> None:
         columns = json.loads((out / "models" / name / "metrics.json").read_text())["columns"]
         assert set(columns["candidates"]) == {"all", "measured"} and config["train"]["columns"] == columns["chosen"]
         assert config["model"]["inputs"] == (4 if columns["chosen"] == "measured" else 0)
+        card = (out / "models" / name / "MODEL_CARD.md").read_text()
+        assert f"input columns: {columns['chosen']}, chosen by out-of-fold R² vs labels" in card
 
 
 def test_small_demo_completes_and_writes_its_outputs(tmp_path, capsys):

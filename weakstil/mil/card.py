@@ -107,6 +107,7 @@ def build_card(*, name: str, df, metrics: Mapping, fingerprint: Mapping, train: 
         "encoder": {k: enc.get(k) for k in ("name", "weights", "weights_sha256", "embed_dim")},
         "tiling": dict(fingerprint.get("tiling", {})),
         "aggregation": train.get("aggregation"), "deploy": train.get("deploy"),
+        "columns": metrics.get("columns") or {"chosen": train.get("columns")},
         "training": {"cv": cv, "n_folds": metrics.get("n_folds"), "folds_by": train.get("folds_by"),
                      "lr": train.get("lr"), "max_epochs": train.get("max_epochs"), "seed": train.get("seed"),
                      "seconds": round(float(seconds), 1), "hardware": hardware()},
@@ -163,6 +164,16 @@ def _f(value, digits: int = 2) -> str:
     return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
 
 
+def _columns_line(columns: dict) -> str:
+    """The MIL's input columns, and how they were chosen (weakstil.mil.select)."""
+    chosen = columns.get("chosen") or "all"
+    if not columns.get("candidates"):
+        return f"- input columns: {chosen}"
+    r2s = ", ".join(f"{k} {_f(v.get('r2'))}" for k, v in columns["candidates"].items())
+    return (f"- input columns: {chosen}, chosen by out-of-fold R² vs labels ({r2s}; the choice cross-fitted "
+            f"{_f((columns.get('crossfit') or {}).get('r2'))})")
+
+
 def _metric_rows(pooled: Mapping | None, ci: Mapping | None) -> list[str]:
     if not pooled:
         return ["(none)"]
@@ -213,6 +224,7 @@ def _training_section(card: Mapping) -> list[str]:
               f"- encoder: {enc.get('name')} (weights {enc.get('weights')}, sha256 {enc.get('weights_sha256')})",
               f"- tiling: {json.dumps(card.get('tiling', {}), sort_keys=True)}",
               f"- aggregation: {card.get('aggregation')}; deployed: {card.get('deploy')}",
+              _columns_line(card.get("columns") or {}),
               (f"- training: {train.get('cv')} CV, {train.get('n_folds')} folds by {train.get('folds_by')}, "
               f"lr {train.get('lr')}, seed {train.get('seed')}, {_f(train.get('seconds'), 0)} s on "
               f"{hw.get('cores')} cores ({hw.get('cpu')}){', GPU ' + hw['gpu'] if hw.get('gpu') else ''}")]
