@@ -224,6 +224,8 @@ def train_from_cache(labels, features, *, encoder: str | None = None, models_dir
         arch["columns"] = "measured" if parent.model_config.get("inputs") else "all"  # and its columns
         if train_kwargs.get("head") not in (None, arch["head"]):
             log.warning("warm start keeps the parent's tile head (%s)", arch["head"])
+        if train_kwargs.get("columns") not in (None, "auto", arch["columns"]):
+            log.warning("warm start keeps the parent's input columns (%s)", arch["columns"])
         if list(aggregations) != [parent.model_config["aggregation"]]:
             log.warning("warm start keeps the parent's aggregation (%s)", parent.model_config["aggregation"])
         aggregations = [parent.model_config["aggregation"]]
