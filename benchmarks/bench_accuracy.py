@@ -363,6 +363,9 @@ RECIPES = {
     "linear-head-blend": {"head": "linear", "blend": True},  # the default of the third run (2026-12-05)
     "blend": {"blend": True},  # the default, blended with the probe out of fold
     "no-stroma-prior": {"stroma_prior": False},  # the fifth run's default: equal tile weights at the start
+    "no-emphasis": {"measured_emphasis": 1.0},
+    "emphasis-3": {"measured_emphasis": 3.0},
+    "emphasis-30": {"measured_emphasis": 30.0},  # the eighth run's default: every column alike in the probe start
 }
 ACCEPT = {  # (figure, cohort kind) -> (test, text) from issue #14
     "r2_truth/standard": (lambda v, probe: v >= 0.9 and v >= probe + 0.02, "≥ 0.9 and ≥ probe + 0.02"),

@@ -84,6 +84,12 @@ class TrainConfig:
     # and the stroma estimate) or "auto" (train_model cross-validates both and deploys the better by
     # out-of-fold R² vs labels: mil.select; "all" where the features have no morphometry)
     columns: str = "auto"
+    # how much the probe start weights the morphometry's measured columns when the MIL reads all
+    # columns: their standardised values × this, so the start's ridge penalises them 1/w² as much
+    # (the network's hundreds of texture columns otherwise share the fit equally with the four numbers
+    # that measure sTIL%). None: MEASURED_EMPHASIS when the features end with the morphometry
+    # (resolved by mil.select.cross_validate_columns), else 1 (no emphasis).
+    measured_emphasis: float | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -99,6 +105,7 @@ class TrainConfig:
             (self.head in HEADS, f"head must be one of {HEADS}"),
             (self.fold_processes is None or self.fold_processes >= 1, "fold_processes must be >= 1"),
             (self.columns in COLUMN_SETS, f"columns must be one of {COLUMN_SETS}"),
+            (self.measured_emphasis is None or self.measured_emphasis > 0, "measured_emphasis must be > 0"),
         ]
         bad = [text for ok, text in checks if not ok]
         if bad:
@@ -309,7 +316,7 @@ def fit_one(
         on_epoch = _epoch_progress(bar, bar.add_task("epochs", total=epochs, unit="epochs"), on_epoch)
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         module = MILModule(train_bags[0][0].shape[1], **cfg.model_kwargs())
-        _initialise(module.model, train_bags, init_state)
+        _initialise(module.model, train_bags, init_state, emphasis=cfg.measured_emphasis or 1.0)
         recorder = _callbacks(history, on_epoch)
         if val_bags and module.model.config.get("head") == "probe" and init_state is None:
             # the starting point (the probe) competes with the epochs: training that does not beat
@@ -355,9 +362,12 @@ def _epoch_progress(bar, task: int, on_epoch=None):
             on_epoch(row)
 
     return update
-def _initialise(model: MILRegressor, train_bags: Sequence[Bag], init_state: dict | None) -> None:
+def _initialise(model: MILRegressor, train_bags: Sequence[Bag], init_state: dict | None, *,
+                emphasis: float = 1.0) -> None:
     """Fresh start: the tile head's bias at the mean label, or (``head="probe"``) the linear probe
-    fitted on the training bags. Warm start: the parent's weights."""
+    fitted on the training bags — with the morphometry's measured columns (the last
+    :data:`~weakstil.embed.encoders.MEASURED_DIM`) weighted by ``emphasis`` when the model reads
+    every column. Warm start: the parent's weights."""
     if init_state is not None:
         model.load_state_dict(init_state)
     elif model.config.get("head") == "probe":
@@ -365,12 +375,26 @@ def _initialise(model: MILRegressor, train_bags: Sequence[Bag], init_state: dict
 
         train_bags = [(model.read_inputs(f), y) for f, y in train_bags]  # the columns the model reads
         means = np.stack([_pooled_mean(np.asarray(f), model.config.get("stroma_prior")) for f, _ in train_bags])
-        probe = LinearProbe().fit(means, np.array([y for _, y in train_bags], np.float64))
+        weights = _column_weights(means.shape[1], model, emphasis)
+        probe = LinearProbe(column_weights=weights).fit(means, np.array([y for _, y in train_bags], np.float64))
         scaler, ridge = probe.model[0], probe.model[-1]
-        model.init_from_probe(scaler.mean_, scaler.scale_, ridge.coef_, float(ridge.intercept_))
+        scale = scaler.scale_ if weights is None else scaler.scale_ / weights  # the model standardises × w
+        model.init_from_probe(scaler.mean_, scale, ridge.coef_, float(ridge.intercept_))
         _fit_probe_head(model, train_bags, probe.alpha)
     else:
         model.init_output_bias(float(np.mean([y for _, y in train_bags])) / 100.0)
+
+
+def _column_weights(dim: int, model: MILRegressor, emphasis: float) -> np.ndarray | None:
+    """Per-column weights of the probe start: ``emphasis`` on the measured columns when the model
+    reads all of them beside others; None (equal) otherwise."""
+    from weakstil.embed.encoders import MEASURED_DIM
+
+    if emphasis == 1.0 or model.config.get("inputs") or dim <= MEASURED_DIM:
+        return None
+    weights = np.ones(dim)
+    weights[-MEASURED_DIM:] = emphasis
+    return weights
 
 
 def _pooled_mean(features: np.ndarray, stroma_prior: bool) -> np.ndarray:

@@ -22,19 +22,33 @@ def slide_means(bags: Mapping[str, np.ndarray], slide_ids: Sequence[str]) -> np.
     return np.stack([np.asarray(bags[s]).mean(axis=0, dtype=np.float64) for s in slide_ids])
 
 
+def _scale_columns(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    return x * weights
+
+
 @dataclass
 class LinearProbe:
-    """Standardise → RidgeCV on slide-mean features; ``predict`` gives sTIL% in 0-100."""
+    """Standardise → RidgeCV on slide-mean features; ``predict`` gives sTIL% in 0-100.
+
+    ``column_weights`` (D,): multiply the standardised features before the ridge, so that it
+    penalises column j ``1 / w_j²`` as much (the MIL's probe start emphasises the morphometry's
+    measurements of sTIL% this way: :attr:`weakstil.mil.fit.TrainConfig.measured_emphasis`). The
+    baseline reported beside the MIL has none."""
 
     alphas: tuple[float, ...] = ALPHAS
     model: object = None
+    column_weights: object = None
 
     def fit(self, x: np.ndarray, y: np.ndarray) -> "LinearProbe":
         from sklearn.linear_model import RidgeCV
         from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
+        from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
-        self.model = make_pipeline(StandardScaler(), RidgeCV(alphas=self.alphas))
+        steps = [StandardScaler()]
+        if self.column_weights is not None:
+            steps.append(FunctionTransformer(_scale_columns, kw_args={
+                "weights": np.asarray(self.column_weights, np.float64)}))
+        self.model = make_pipeline(*steps, RidgeCV(alphas=self.alphas))
         self.model.fit(np.asarray(x, np.float64), np.asarray(y, np.float64))
         return self
 

@@ -18,6 +18,10 @@ morphometry features: those win some cohorts' CV too, but a model on them extrap
 another generator's slides (cells → lattice R² −0.70: the tumour-nucleus counts it leans on differ
 five-fold between renderers), while ratios in 0–1 stay in range.
 
+When both are cross-validated, the ``all`` candidate's probe start weights the four measurements
+ten times (:data:`MEASURED_EMPHASIS`, ``TrainConfig.measured_emphasis``; resolved here because it
+too depends on what the features hold).
+
 Choosing on the same out-of-fold predictions that are reported flatters the winner a little, so
 ``metrics.json`` (``columns``) also carries the **cross-fitted** estimate: each fold scored by the
 candidate chosen on the other folds' predictions only, as the blend and the calibration do.
@@ -35,6 +39,7 @@ from weakstil.mil.cv import CVResult, cross_validate
 from weakstil.mil.fit import TrainConfig
 
 CANDIDATES = ("all", "measured")
+MEASURED_EMPHASIS = 10.0  # TrainConfig.measured_emphasis when the features end with the morphometry
 
 
 def has_morphometry(fingerprint: Mapping | None, dim: int | None = None) -> bool:
@@ -122,6 +127,8 @@ def cross_validate_columns(bags: Mapping[str, np.ndarray], table, cfg: TrainConf
     """Cross-validate each candidate of ``cfg.columns`` on the same folds; returns the chosen one's
     result, ``cfg`` with ``columns`` resolved to it, and the choice (None with a single candidate)."""
     dim = int(np.asarray(next(iter(bags.values()))).shape[1]) if bags else 0
+    if cfg.measured_emphasis is None:
+        cfg = replace(cfg, measured_emphasis=MEASURED_EMPHASIS if has_morphometry(fingerprint, dim) else 1.0)
     names = candidates(cfg, fingerprint, dim)
     if init_state is not None and cfg.columns == "auto":  # a warm start keeps the parent's columns
         names = (parent_columns(init_state, dim),)
