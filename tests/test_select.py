@@ -175,5 +175,8 @@ def test_the_emphasis_is_on_exactly_when_the_features_have_the_measurements(monk
     select.cross_validate_columns(bags, table, TrainConfig(columns="all", measured_emphasis=2.0), WITH_MORPH,
                                   progress=False)
     assert [c.measured_emphasis for c in seen] == [select.MEASURED_EMPHASIS, 1.0, 2.0]
+    with pytest.raises(ConfigError, match="measured-emphasis") as err:  # nothing to emphasise
+        select.cross_validate_columns(bags, table, TrainConfig(measured_emphasis=2.0), WITHOUT, progress=False)
+    assert "leave --measured-emphasis out" in err.value.fix
     with pytest.raises(ConfigError, match="measured_emphasis"):
         TrainConfig(measured_emphasis=0)

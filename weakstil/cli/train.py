@@ -81,6 +81,11 @@ def train(
         help="Feature columns the MIL reads: auto (cross-validate all of them and the stain morphometry's "
              "four measurements of sTIL% alone on the same folds, deploy the better: metrics.json → "
              "columns), all, or measured (needs a +stainmorph encoder).")] = Columns.auto,
+    measured_emphasis: Annotated[Optional[float], typer.Option(
+        "--measured-emphasis", min=0.001,
+        help="With --columns all (or auto), how much the MIL's start (the ridge probe) weights the "
+             "morphometry's four measurements of sTIL% over each texture column. Default: 10 when the "
+             "features have them, 1 (equal) otherwise.", show_default=False)] = None,
     high_cutoff: Annotated[float, typer.Option(
         "--high-cutoff", help="sTIL-high vs low cut-off (%) for the headline AUC.")] = 30.0,
     seed: Annotated[int, typer.Option(help="Random seed (folds, initialisation, tile sampling).")] = 0,
@@ -117,6 +122,7 @@ def train(
             n_folds=folds, folds_by=folds_by.value, deploy=deploy.value, max_tiles=max_tiles,
             max_epochs=max_epochs, patience=patience, lr=lr, weight_decay=weight_decay, head=head,
             calibrate=calibrate, blend=blend, stroma_prior=stroma_prior, columns=columns.value,
+            measured_emphasis=measured_emphasis,
             high_cutoff=high_cutoff, seed=seed, accelerator=accelerator, overwrite=overwrite,
             progress=not quiet, run_info=plain_json(values), init=init, cv=cv.value)
     except WeakstilError as exc:

@@ -129,6 +129,10 @@ def cross_validate_columns(bags: Mapping[str, np.ndarray], table, cfg: TrainConf
     dim = int(np.asarray(next(iter(bags.values()))).shape[1]) if bags else 0
     if cfg.measured_emphasis is None:
         cfg = replace(cfg, measured_emphasis=MEASURED_EMPHASIS if has_morphometry(fingerprint, dim) else 1.0)
+    elif cfg.measured_emphasis != 1.0 and not has_morphometry(fingerprint, dim):
+        raise ConfigError("--measured-emphasis weights the stain morphometry's measurements of sTIL%, and this "
+                          "cache's encoder has none", fix="leave --measured-emphasis out, or extract with a "
+                          "+stainmorph encoder (the default)")
     names = candidates(cfg, fingerprint, dim)
     if init_state is not None and cfg.columns == "auto":  # a warm start keeps the parent's columns
         names = (parent_columns(init_state, dim),)
