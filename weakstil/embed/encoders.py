@@ -83,9 +83,17 @@ def has_stroma_estimate(encoder_fp: dict | None) -> bool:
     return str((encoder_fp or {}).get("arch", "")).endswith(STROMA_ARCHS)
 
 
+def has_measured_columns(encoder_fp: dict | None, dim: int | None = None) -> bool:
+    """Whether features of this encoder end with this version's morphometry (:data:`MORPH_ARCH`, whose
+    last :data:`MEASURED_DIM` columns measure sTIL%) beside a network's own (``dim`` > :data:`MORPH_DIM`
+    when given: with the morphometry alone, all columns already are the morphometry)."""
+    arch = str((encoder_fp or {}).get("arch", ""))
+    return arch.endswith(MORPH_ARCH) and "+" in arch and (dim is None or dim > MORPH_DIM)
+
+
 def stroma_estimate(features, encoder_fp: dict | None):
     """Each tile's estimated stroma fraction (N,) in 0-1 — the stain morphometry's ``stroma_est``,
-    always its last feature — when the features come from an encoder with :data:`MORPH_ARCH` last;
+    always its last feature — when the features come from an encoder of :data:`STROMA_ARCHS`;
     else None (no estimate: nothing is filtered on it)."""
     import numpy as np
 

@@ -159,6 +159,9 @@ class StainMorph(nn.Module):
         ctx = gaussian_blurs(torch.cat([e_rich, large / (NEST * POOL ** 2), pale], 1), [CONTEXT_SIGMA / POOL])[0]
         stroma = ((ctx[:, :1] > 0.3) & (ctx[:, 1:2] < 1)).float() * tissue
         nests = (ctx[:, 1:2] >= 1).float() * tissue
+        pale_ctx = ctx[:, 2:]  # the estimated stroma (strict, loose) lies outside pale-nucleus nests
+        est_stroma = [tissue * (pale_ctx <= PALE_NEST).float(), tissue * (pale_ctx <= PALE_NEST_LOOSE).float(),
+                      tissue * (pale_ctx > PALE_NEST).float()]
         n_small, n_large = small.flatten(1).sum(1), large.flatten(1).sum(1)
         in_stroma = (small * stroma).flatten(1).sum(1)
         in_nests = (small * nests).flatten(1).sum(1)
@@ -171,24 +174,19 @@ class StainMorph(nn.Module):
             torch.log1p(in_stroma * dens), torch.log1p(in_nests * dens),
             torch.log1p(in_stroma * dens * area / stroma_px.clamp(min=area / 20)),
             n_small / (n_small + n_large).clamp(min=1), frac(nests), contrast,
-            *self._lymph_area(h, tissue, ctx[:, 2:], area),
-            frac(tissue * (ctx[:, 2:] <= PALE_NEST).float()),  # stroma_est: tissue outside pale-nucleus nests
+            *lymph_shares(h, tissue, est_stroma, area),
+            frac(est_stroma[0]),  # stroma_est: tissue outside pale-nucleus nests
         ]
         return torch.stack(feats, 1)
 
 
-    @staticmethod
-    def _lymph_area(h, tissue, pale_ctx, area):
-        """sTIL% of the tile as read from its pixels: the share of the estimated stroma (tissue outside
-        pale-nucleus nests, strict and loose) that is lymphocyte-dark hematoxylin, and the same share
-        inside the nests (intratumoral lymphocytes: the confounder, for the head to subtract). Each
-        area is floored at 1/20 of the tile so that a sliver of stroma cannot give a ratio near 1."""
-        dark = (h >= LYMPH_H).float() * tissue
-        out = []
-        for region in (tissue * (pale_ctx <= PALE_NEST).float(), tissue * (pale_ctx <= PALE_NEST_LOOSE).float(),
-                       tissue * (pale_ctx > PALE_NEST).float()):
-            out.append((dark * region).flatten(1).sum(1) / region.flatten(1).sum(1).clamp(min=area / 20))
-        return out
+def lymph_shares(h, tissue, regions, area) -> list:
+    """sTIL% of the tile as read from its pixels: the share of each region (the estimated stroma,
+    strict and loose, and the nests: intratumoral lymphocytes, the confounder for the head to
+    subtract) that is lymphocyte-dark hematoxylin. Each area is floored at 1/20 of the tile so that a
+    sliver of stroma cannot give a ratio near 1."""
+    dark = (h >= LYMPH_H).float() * tissue
+    return [(dark * r).flatten(1).sum(1) / r.flatten(1).sum(1).clamp(min=area / 20) for r in regions]
 
 
 class Concat(nn.Module):

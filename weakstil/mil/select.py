@@ -43,12 +43,10 @@ MEASURED_EMPHASIS = 10.0  # TrainConfig.measured_emphasis when the features end 
 
 
 def has_morphometry(fingerprint: Mapping | None, dim: int | None = None) -> bool:
-    """Whether the features end with this version's stain morphometry (and hold more than it: with
-    the morphometry alone, ``all`` already is the morphometry)."""
-    from weakstil.embed.encoders import MORPH_ARCH, MORPH_DIM
+    """Whether the cache (``{"encoder": …}``) has the measured columns beside a network's."""
+    from weakstil.embed.encoders import has_measured_columns
 
-    arch = str(((fingerprint or {}).get("encoder") or {}).get("arch", ""))
-    return arch.endswith(MORPH_ARCH) and "+" in arch and (dim is None or dim > MORPH_DIM)
+    return has_measured_columns((fingerprint or {}).get("encoder"), dim)
 
 
 def candidates(cfg: TrainConfig, fingerprint: Mapping | None, dim: int) -> tuple[str, ...]:
