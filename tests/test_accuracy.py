@@ -35,6 +35,8 @@ def test_figures_and_probe_are_computed_for_both_families(cohorts):
     from benchmarks import bench_accuracy as acc
 
     plan = acc.PLANS["smoke"]
+    # the robustness cohort (cells-standard's slides with hyperchromatic tumour nuclei) is planned too
+    assert ("cells", "dark-nuclei", False, plan.n) in acc.cohort_plan(plan)
     results = {}
     for family, cohort in cohorts.items():
         blend = family == "cells"  # the default (no blend) on one family, the blend on the other

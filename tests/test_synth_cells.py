@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,35 @@ def test_hard_setting_has_intratumoral_lymphocytes_outside_the_truth():
     inside = cells._at(labels, lymph_xy) == cells.TUMOUR
     assert inside.sum() > len(scene.stromal_lymph)  # dense TILs in the nests ...
     assert float(cells.scene_truth(scene)["stil"]) < 16  # ... that do not raise sTIL%
+
+
+def test_dark_nuclei_setting_darkens_tumour_nuclei_of_the_same_slides():
+    """``dark-nuclei`` is the standard plan (same seeds, targets, truth) with a share of the tumour
+    nuclei redrawn solid and as dark as lymphocytes; standard slides stay exactly as before."""
+    standard = cells.plan(6, seed=1, size_um=SMALL_UM)
+    dark = cells.plan(6, seed=1, setting="dark-nuclei", size_um=SMALL_UM)
+    assert [s.params.seed for s in standard] == [s.params.seed for s in dark]
+    assert all(s.params.hyperchromatic == 0 for s in standard)
+    assert all(0.5 <= s.params.hyperchromatic <= 1.0 for s in dark)
+    assert "hyperchromatic" not in repr(standard[0].params)  # cohorts written before it still resume
+    p = cells.CellSlide(seed=5, stil_target=20, tumour_fraction=0.5, size_um=(800.0, 640.0))
+    pale, hyper = cells.make_scene(p), cells.make_scene(replace(p, hyperchromatic=0.8))
+    n_tumour = len(pale.cells["tumour"][0])
+    assert "tumour_dark" not in pale.cells
+    n_dark = len(hyper.cells["tumour_dark"][0])
+    assert n_dark + len(hyper.cells["tumour"][0]) == n_tumour and 0.7 < n_dark / n_tumour < 0.9
+    strength = hyper.cells["tumour_dark"][2]  # far darker than the vesicular ones, as dark as lymphocytes
+    assert strength.min() > pale.cells["tumour"][2].max()
+    assert abs(strength.mean() - hyper.cells["lymph"][2].mean()) < 0.15
+    np.testing.assert_array_equal(pale.cells["lymph"][0], hyper.cells["lymph"][0])
+    assert float(cells.scene_truth(hyper)["stil"]) == float(cells.scene_truth(pale)["stil"])
+    # drawn solid, without the vesicular rim: the centre is as dark as the edge
+    kern = optics.kernel_bank("tumour_dark", 0.5)[0]
+    c = kern.shape[0] // 2
+    assert kern[c - 1 : c + 2, c - 1 : c + 2].mean() > 0.8
+    with pytest.raises(ConfigError) as info:  # lattice has no such setting: the fix names the family
+        synth.write_cohort(Path("unused"), family="lattice", n=1, setting="dark-nuclei", progress=False)
+    assert "cells" in info.value.fix
 
 
 def test_render_is_deterministic_and_stain_differs_per_slide(tmp_path):

@@ -32,7 +32,8 @@ def synth(
         help="Generator: lattice (the original) or cells (cell-level, independent; see docs/synthetic.md).")
     ] = "lattice",
     setting: Annotated[str, typer.Option(
-        help="standard, or hard (tumour 10-85 %, intratumoral lymphocytes, 2x stain variation).")
+        help="standard; hard (tumour 10-85 %, intratumoral lymphocytes, 2x stain variation); "
+             "dark-nuclei (cells only: hyperchromatic tumour nuclei, as dark as lymphocytes).")
     ] = "standard",
     config: ConfigOpt = None,
 ) -> None:

@@ -12,7 +12,8 @@ one way of drawing tissue:
 Both write ``slides/*.svs`` (Aperio-like, 0.25 and 0.5 µm/px mixed), ``truth/<id>.npz`` (the format
 of :mod:`weakstil.synth.truth`) and ``labels.csv`` (``slide_id, patient_id, stil``), in a
 ``standard`` or a ``hard`` setting (tumour 10-85 % of the tissue, intratumoral lymphocytes, twice
-the stain variation).
+the stain variation); ``cells`` also has ``dark-nuclei`` (the standard slide with a share of the
+tumour nuclei hyperchromatic, as dark as lymphocytes).
 """
 
 from __future__ import annotations
@@ -24,14 +25,19 @@ from pathlib import Path
 from weakstil.errors import ConfigError
 
 FAMILIES = ("lattice", "cells")
-SETTINGS = ("standard", "hard")
+SETTINGS = ("standard", "hard", "dark-nuclei")
+FAMILY_SETTINGS = {"lattice": ("standard", "hard"), "cells": SETTINGS}
 DEFAULT_PREFIX = {"lattice": "SYN", "cells": "CEL"}
 
 
-def check_setting(setting: str) -> None:
+def check_setting(setting: str, family: str | None = None) -> None:
     if setting not in SETTINGS:
         raise ConfigError(f"unknown synthetic setting {setting!r}",
                           fix=f"use one of: {', '.join(SETTINGS)}")
+    if family is not None and setting not in FAMILY_SETTINGS[family]:
+        raise ConfigError(f"the {family} family has no {setting!r} setting",
+                          fix=f"use one of: {', '.join(FAMILY_SETTINGS[family])}, or --family "
+                              + " / ".join(f for f, s in FAMILY_SETTINGS.items() if setting in s))
 
 
 def check_family(family: str) -> None:
@@ -50,7 +56,7 @@ def write_cohort(out: str | Path, *, family: str = "lattice", n: int = 40, seed:
     ``size_um`` is the canvas (width, height) or its width (height 4/5 of it); default 2000 µm.
     """
     check_family(family)
-    check_setting(setting)
+    check_setting(setting, family)
     prefix = prefix or DEFAULT_PREFIX[family]
     if size_um is None:
         size_um = (2000.0, 1600.0)

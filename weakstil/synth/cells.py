@@ -15,7 +15,7 @@ that truth with noise that grows with the value, rounded to 5 or 10 (to 1 below 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -33,10 +33,14 @@ SETTINGS = {  # what differs between the standard and hard settings
                      necrosis=0.2),
     "hard": dict(tumour=(0.10, 0.85), intratumoral=(0.05, 0.35), stain_spread=2.0, artefacts=0.45,
                  necrosis=0.5),
+    # the standard slide with hyperchromatic tumour nuclei, as dark as lymphocytes: a stain-only
+    # lymphocyte measure must not count them (docs/synthetic.md)
+    "dark-nuclei": dict(tumour=(0.2, 0.5), intratumoral=(0.0, 0.03), stain_spread=1.0, artefacts=0.2,
+                        necrosis=0.2, hyperchromatic=(0.5, 1.0)),
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class CellSlide:
     """What a ``cells`` slide is made from; everything else follows from ``seed``."""
 
@@ -48,6 +52,11 @@ class CellSlide:
     artefacts: float = 0.2  # chance of a fold, of a pen mark
     necrosis: float = 0.2  # chance of comedo necrosis in large nests
     size_um: tuple[float, float] = (2000.0, 1600.0)
+    hyperchromatic: float = 0.0  # share of tumour nuclei drawn dark and solid instead of vesicular
+
+    def __repr__(self) -> str:  # without a zero ``hyperchromatic``: cohorts written before it resume
+        items = [(f.name, getattr(self, f.name)) for f in fields(self)]
+        return f"CellSlide({', '.join(f'{k}={v!r}' for k, v in items if k != 'hyperchromatic' or v)})"
 
 
 @dataclass
@@ -215,7 +224,23 @@ def place_cells(rng, labels, p: CellSlide, size_um) -> tuple[dict, np.ndarray, n
 
     cells = {"fibro": kind("fibro", fib, 0.8, 1.2, fib_var), "tumour": kind("tumour", tum, 0.55, 0.95),
              "debris": kind("debris", deb, 0.8, 1.3), "lymph": kind("lymph", lymph, 1.3, 1.8)}
-    return cells, stromal, angle
+    return _hyperchromatic(cells, p), stromal, angle
+
+
+def _hyperchromatic(cells: dict, p: CellSlide) -> dict:
+    """A share of the tumour nuclei redrawn dark and solid (own random stream: slides without them
+    stay exactly as before)."""
+    if p.hyperchromatic <= 0:
+        return cells
+    rng = np.random.default_rng([p.seed, 7])
+    xy, var, _ = cells["tumour"]
+    dark = rng.random(len(xy)) < p.hyperchromatic
+    out = {}
+    for name, value in cells.items():
+        out[name] = tuple(a[~dark] for a in value) if name == "tumour" else value
+        if name == "tumour":  # drawn right after the pale ones, under debris and lymphocytes
+            out["tumour_dark"] = (xy[dark], var[dark], rng.uniform(1.2, 1.7, int(dark.sum())))
+    return out
 
 
 def _collagen(rng, labels, angle, size_um) -> np.ndarray:
@@ -364,9 +389,10 @@ def plan(n: int, seed: int = 0, *, setting: str = "standard", mpps=(0.25, 0.5),
     per the setting, scans at alternating resolutions in random order."""
     from weakstil.synth import check_setting
 
-    check_setting(setting)
+    check_setting(setting, "cells")
     cfg = SETTINGS[setting]
     rng = np.random.default_rng([seed, 31])
+    dark_rng = np.random.default_rng([seed, 37])  # its own stream: the other settings' plans stay as they were
     blocks = []
     while sum(blocks) < n:
         blocks.append(2 if rng.random() < 0.25 and n - sum(blocks) >= 2 else 1)
@@ -382,7 +408,9 @@ def plan(n: int, seed: int = 0, *, setting: str = "standard", mpps=(0.25, 0.5),
                 tumour_fraction=round(float(rng.uniform(*cfg["tumour"])), 3),
                 intratumoral=round(float(rng.uniform(*cfg["intratumoral"])), 3),
                 stain_spread=cfg["stain_spread"], artefacts=cfg["artefacts"], necrosis=cfg["necrosis"],
-                size_um=tuple(float(s) for s in size_um))
+                size_um=tuple(float(s) for s in size_um),
+                hyperchromatic=round(float(dark_rng.uniform(*cfg["hyperchromatic"])), 3)
+                if "hyperchromatic" in cfg else 0.0)
             specs.append(CellSpec(f"{prefix}-{len(specs):03d}", f"{prefix}-PAT-{pat:03d}",
                                   float(mpp_order[len(specs)]), params, int(rng.integers(2**31))))
     return specs

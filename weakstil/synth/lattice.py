@@ -469,7 +469,7 @@ def plan_cohort(n: int, seed: int = 0, *, mpps=(0.25, 0.5),
     """
     from weakstil.synth import check_setting
 
-    check_setting(setting)
+    check_setting(setting, "lattice")
     try:
         width, height = (size_um, 0.8 * size_um) if np.ndim(size_um) == 0 else size_um
         size_um = (float(width), float(height))

@@ -22,7 +22,7 @@ from PIL import Image, ImageFilter
 REF_H = np.array([0.5626, 0.7201, 0.4062])
 REF_E = np.array([0.2159, 0.8012, 0.5581])
 PEN_INKS = {"green": (0.85, 0.25, 0.65), "blue": (0.95, 0.55, 0.15), "black": (1.0, 1.0, 0.95)}
-BANK_SIZE = {"tumour": 64, "lymph": 24, "fibro": 32, "debris": 16}
+BANK_SIZE = {"tumour": 64, "tumour_dark": 64, "lymph": 24, "fibro": 32, "debris": 16}
 FIBRO_ANGLES = 16  # fibroblast bank: variant k points at k·π/16 (two lengths per angle)
 
 
@@ -78,7 +78,7 @@ def draw_scanner(rng: np.random.Generator, mpp: float, *, hard: bool) -> Scanner
 # --- nuclear shapes -------------------------------------------------------------------------------
 def _shape_params(kind: str) -> list[dict]:
     """Fixed random shapes per cell type (a bank, the same for every slide and resolution)."""
-    rng = np.random.default_rng({"tumour": 11, "lymph": 12, "fibro": 13, "debris": 14}[kind])
+    rng = np.random.default_rng({"tumour": 11, "lymph": 12, "fibro": 13, "debris": 14, "tumour_dark": 15}[kind])
     out = []
     for k in range(BANK_SIZE[kind]):
         if kind == "tumour":  # large, pleomorphic, vesicular chromatin, nucleolus
@@ -86,6 +86,10 @@ def _shape_params(kind: str) -> list[dict]:
             out.append(dict(major=major, minor=major * rng.uniform(0.6, 0.95), angle=rng.uniform(0, np.pi),
                             wobble=rng.uniform(0.0, 0.14, 3), rim=True,
                             nucleoli=rng.integers(0, 3), speckle=0.25))
+        elif kind == "tumour_dark":  # large, pleomorphic, hyperchromatic: solid coarse chromatin
+            major = rng.uniform(9.0, 17.5)
+            out.append(dict(major=major, minor=major * rng.uniform(0.6, 0.95), angle=rng.uniform(0, np.pi),
+                            wobble=rng.uniform(0.0, 0.14, 3), rim=False, nucleoli=0, speckle=0.3))
         elif kind == "lymph":  # small, round, dense
             d = rng.uniform(5.6, 7.0)
             out.append(dict(major=d, minor=d * rng.uniform(0.9, 1.0), angle=rng.uniform(0, np.pi),
