@@ -178,3 +178,19 @@ def test_lymphocyte_area_is_read_on_stroma_and_kept_apart_from_nests():
     assert f["lymph_per_stroma_loose"][2] >= lps[2] - 0.02
     assert f["lymph_per_nest"][3] > 0.015 and f["lymph_per_nest"][1] < 0.01  # 2 % of the nest is drawn lymphocyte
     assert lps[3] < lps[2]
+
+
+def test_size_aware_share_leaves_hyperchromatic_tumour_nuclei_out():
+    """Dark *large* nuclei (a nest of hyperchromatic tumour cells) read as lymphocytes by darkness
+    alone; ``lymph_per_stroma_sized`` leaves them out and still counts lymphocytes in stroma."""
+    e = np.full((PX, PX), 0.6)
+    lymph = disks(grid(40), 6.0, 1.6)  # lymphocytes ~6 µm across in stroma
+    nest = disks(grid(36, 12), 15.0, 1.6)  # hyperchromatic tumour nuclei 15 µm across, 18 µm apart
+    f = features(render(lymph, e), render(nest, np.full((PX, PX), 0.2)))
+    share = float((lymph > 0).mean())
+    assert f["lymph_per_stroma_sized"][0] == pytest.approx(share, abs=0.04)
+    assert f["lymph_per_stroma_sized"][0] == pytest.approx(f["lymph_per_stroma"][0], abs=0.03)
+    assert f["lymph_per_stroma"][1] > 0.2  # darkness alone: the nest is "stroma full of lymphocytes"
+    assert f["lymph_per_stroma_sized"][1] < 0.05
+    assert NAMES[-5:] == ("lymph_per_stroma", "lymph_per_stroma_loose", "lymph_per_stroma_sized",
+                          "lymph_per_nest", "stroma_est")  # the measured block (encoders.MEASURED_DIM)

@@ -153,7 +153,7 @@ def test_the_probe_start_emphasises_the_measured_columns():
         fits[emphasis] = r2_score([y for _, y in held_out],
                                   [100 * float(module.predict_bag(torch.as_tensor(x))[0]) for x, _ in held_out])
         scales[emphasis] = module.feat_scale.numpy()
-    assert fits[10.0] > fits[1.0] + 0.05 and fits[10.0] > 0.9, fits  # on slides the start never saw
+    assert fits[10.0] > fits[1.0] + 0.05 and fits[10.0] > 0.8, fits  # on slides the start never saw
     # the model standardises the measured columns 10× as strongly, the others as before
     ratio = scales[1.0] / scales[10.0]
     assert np.allclose(ratio[-MEASURED_DIM:], 10.0) and np.allclose(ratio[:-MEASURED_DIM], 1.0)

@@ -79,12 +79,12 @@ def train(
         show_default=False)] = None,
     columns: Annotated[Columns, typer.Option(
         help="Feature columns the MIL reads: auto (cross-validate all of them and the stain morphometry's "
-             "four measurements of sTIL% alone on the same folds, deploy the better: metrics.json → "
+             "five measurements of sTIL% alone on the same folds, deploy the better: metrics.json → "
              "columns), all, or measured (needs a +stainmorph encoder).")] = Columns.auto,
     measured_emphasis: Annotated[Optional[float], typer.Option(
         "--measured-emphasis", min=0.001,
         help="With --columns all (or auto), how much the MIL's start (the ridge probe) weights the "
-             "morphometry's four measurements of sTIL% over each texture column. Default: 10 when the "
+             "morphometry's five measurements of sTIL% over each texture column. Default: 10 when the "
              "features have them, 1 (equal) otherwise.", show_default=False)] = None,
     high_cutoff: Annotated[float, typer.Option(
         "--high-cutoff", help="sTIL-high vs low cut-off (%) for the headline AUC.")] = 30.0,

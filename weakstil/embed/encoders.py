@@ -61,9 +61,10 @@ RANDOM_INIT = "random-init"
 TIMM_PREFIX = "timm:"
 MORPH = "stainmorph"  # the fixed stain-morphometry encoder (weakstil.embed.morph)
 MORPH_SUFFIX = "+" + MORPH  # any encoder + stainmorph: both feature sets side by side
-MORPH_ARCH = "stainmorph.v3"  # bump when its features change (the arch is in the cache fingerprint)
-MORPH_DIM = 28  # weakstil.embed.morph.N_FEATURES (that module imports torch)
-MEASURED_DIM = 4  # its last four: lymph_per_stroma (strict, loose), lymph_per_nest, stroma_est (mil.select)
+MORPH_ARCH = "stainmorph.v4"  # bump when its features change (the arch is in the cache fingerprint)
+MORPH_DIM = 29  # weakstil.embed.morph.N_FEATURES (that module imports torch)
+# its last five (mil.select): lymph_per_stroma (strict, loose, size-aware), lymph_per_nest, stroma_est
+MEASURED_DIM = 5
 STROMA_COLUMN = -1  # morph's last feature, stroma_est: read by position in any +stainmorph features
 # what `weakstil extract` and the demo use unless told otherwise (docs/accuracy.md says why)
 DEFAULT_ENCODER = "resnet18-random" + MORPH_SUFFIX
@@ -74,7 +75,7 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 KeyMapper = Callable[[dict], dict]  # unwrapped checkpoint state dict -> timm-layout state dict
 
 
-STROMA_ARCHS = ("stainmorph.v2", MORPH_ARCH)  # morphometry versions whose last feature is ``stroma_est``
+STROMA_ARCHS = ("stainmorph.v2", "stainmorph.v3", MORPH_ARCH)  # morphometry versions whose last feature is ``stroma_est``
 
 
 def has_stroma_estimate(encoder_fp: dict | None) -> bool:

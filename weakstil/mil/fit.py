@@ -79,14 +79,14 @@ class TrainConfig:
     # from a +stainmorph encoder): sTIL% is lymphocytes over stroma. None: on when the features have
     # the estimate (train_model decides from the cache's encoder); the benchmark sets it itself.
     stroma_prior: bool | None = None
-    # which feature columns the MIL reads: "all", "measured" (only the stain morphometry's four
-    # measurements of sTIL%: lymphocyte share of the estimated stroma, strict and loose, of the nests,
-    # and the stroma estimate) or "auto" (train_model cross-validates both and deploys the better by
+    # which feature columns the MIL reads: "all", "measured" (only the stain morphometry's five
+    # measurements of sTIL%: lymphocyte share of the estimated stroma, strict, loose and size-aware,
+    # of the nests, and the stroma estimate) or "auto" (train_model cross-validates both and deploys the better by
     # out-of-fold R² vs labels: mil.select; "all" where the features have no morphometry)
     columns: str = "auto"
     # how much the probe start weights the morphometry's measured columns when the MIL reads all
     # columns: their standardised values × this, so the start's ridge penalises them 1/w² as much
-    # (the network's hundreds of texture columns otherwise share the fit equally with the four numbers
+    # (the network's hundreds of texture columns otherwise share the fit equally with the five numbers
     # that measure sTIL%). None: MEASURED_EMPHASIS when the features end with the morphometry
     # (resolved by mil.select.cross_validate_columns), else 1 (no emphasis).
     measured_emphasis: float | None = None

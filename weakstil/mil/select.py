@@ -1,24 +1,26 @@
 """Which feature columns the MIL reads, chosen on the user's cohort (``TrainConfig.columns="auto"``, ``--columns``).
 
 A ``+stainmorph`` encoder gives each tile a network's embedding (512 numbers for ResNet-18) and the
-stain morphometry (:mod:`weakstil.embed.morph`), whose last four numbers measure sTIL% itself from
-the pixels: the share of the estimated stroma that is lymphocyte (strict and loose nest rules), the
-same share inside tumour nests, and the stroma estimate. On a small cohort with crowded nests and
-varying stains the MIL can drown those four in the hundreds that describe texture; on another cohort
+stain morphometry (:mod:`weakstil.embed.morph`), whose last five numbers measure sTIL% itself from
+the pixels: the share of the estimated stroma that is lymphocyte (strict and loose nest rules, and
+one that does not take large dark nuclei for lymphocytes), the same share inside tumour nests, and
+the stroma estimate. On a small cohort with crowded nests and
+varying stains the MIL can drown those five in the hundreds that describe texture; on another cohort
 the network's texture carries what the fixed measurements miss. Which one holds depends on the
 slides, so training cross-validates both candidates on the same folds,
 
 * ``all``: every feature column;
-* ``measured``: only the four measurements (the last :data:`~weakstil.embed.encoders.MEASURED_DIM`
+* ``measured``: only the five measurements (the last :data:`~weakstil.embed.encoders.MEASURED_DIM`
   columns),
 
 and deploys the one with the higher out-of-fold R² vs the labels (ties go to ``all``). Measured on
-two synthetic families (docs/accuracy.md, eighth run). The four alone were chosen over all 28
+two synthetic families (docs/accuracy.md, eighth run; the size-aware share joined in the tenth). The
+measurements alone were chosen over all the
 morphometry features: those win some cohorts' CV too, but a model on them extrapolates wildly on
 another generator's slides (cells → lattice R² −0.70: the tumour-nucleus counts it leans on differ
 five-fold between renderers), while ratios in 0–1 stay in range.
 
-When both are cross-validated, the ``all`` candidate's probe start weights the four measurements
+When both are cross-validated, the ``all`` candidate's probe start weights the measurements
 ten times (:data:`MEASURED_EMPHASIS`, ``TrainConfig.measured_emphasis``; resolved here because it
 too depends on what the features hold).
 
