@@ -369,6 +369,7 @@ RECIPES = {
     "no-emphasis": {"measured_emphasis": 1.0},
     "emphasis-3": {"measured_emphasis": 3.0},
     "emphasis-30": {"measured_emphasis": 30.0},  # the eighth run's default: every column alike in the probe start
+    "no-calibration": {"calibrate": False},  # the MIL's out-of-fold predictions as they come
 }
 ACCEPT = {  # (figure, cohort kind) -> (test, text) from issue #14
     "r2_truth/standard": (lambda v, probe: v >= 0.9 and v >= probe + 0.02, "≥ 0.9 and ≥ probe + 0.02"),
@@ -472,8 +473,8 @@ def _columns_cell(r: dict, f) -> str:
     """The MIL's input columns chosen out of fold (mil.select) with each candidate's R² vs truth."""
     if "columns" not in r:
         return "all"
-    return (f"{r['columns']['chosen']} ({f(r['mil_all']['r2_truth'])} / {f(r['mil_measured']['r2_truth'])}; "
-            f"{f(r['mil_columns_crossfit']['r2_truth'])})")
+    r2s = " / ".join(f(r[f"mil_{name}"]["r2_truth"]) for name in r["columns"]["candidates"])
+    return f"{r['columns']['chosen']} ({r2s}; {f(r['mil_columns_crossfit']['r2_truth'])})"
 
 
 def results_markdown(doc: dict, recipe: str = "default") -> str:
@@ -481,8 +482,8 @@ def results_markdown(doc: dict, recipe: str = "default") -> str:
     def f(v, d=2):
         return "–" if v is None or math.isnan(v) else f"{v:.{d}f}"
 
-    lines = ["| cohort | slides | R² vs truth: deployed (MIL alone) [probe] | columns: chosen (R² all / measured; "
-             "cross-fitted choice) | R² vs labels [probe] | AUC@10/30/50 [probe @30] "
+    lines = ["| cohort | slides | R² vs truth: deployed (MIL alone) [probe] | columns: chosen (R² all / measured / "
+             "measured-dark; cross-fitted choice) | R² vs labels [probe] | AUC@10/30/50 [probe @30] "
              "| cal. slope / intercept [probe] | pred SD / label SD [probe] | tile r | top-8 tiles' stroma (as "
              "top_tiles.png shows them): worst / mean slide | r(stroma_est, stroma) |", "|" + "---|" * 11]
     for name, r in doc["cv"].get(recipe, {}).items():

@@ -44,8 +44,9 @@ def _check_outputs(out: Path, summary: dict, n_test: int) -> None:
         assert config["train"]["stroma_prior"] is True and config["model"]["stroma_prior"] is True
         # the MIL's input columns were chosen out of fold, and the model reads what was chosen
         columns = json.loads((out / "models" / name / "metrics.json").read_text())["columns"]
-        assert set(columns["candidates"]) == {"all", "measured"} and config["train"]["columns"] == columns["chosen"]
-        assert config["model"]["inputs"] == (4 if columns["chosen"] == "measured" else 0)
+        assert set(columns["candidates"]) == {"all", "measured", "measured-dark"}
+        assert config["train"]["columns"] == columns["chosen"]
+        assert config["model"]["inputs"] == {"all": 0, "measured": 5, "measured-dark": 4}[columns["chosen"]]
         card = (out / "models" / name / "MODEL_CARD.md").read_text()
         assert f"input columns: {columns['chosen']}, chosen by out-of-fold R² vs labels" in card
 

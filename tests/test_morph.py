@@ -192,5 +192,6 @@ def test_size_aware_share_leaves_hyperchromatic_tumour_nuclei_out():
     assert f["lymph_per_stroma_sized"][0] == pytest.approx(f["lymph_per_stroma"][0], abs=0.03)
     assert f["lymph_per_stroma"][1] > 0.2  # darkness alone: the nest is "stroma full of lymphocytes"
     assert f["lymph_per_stroma_sized"][1] < 0.05
-    assert NAMES[-5:] == ("lymph_per_stroma", "lymph_per_stroma_loose", "lymph_per_stroma_sized",
-                          "lymph_per_nest", "stroma_est")  # the measured block (encoders.MEASURED_DIM)
+    # the measured block (encoders.MEASURED_DIM), whose last four read lymphocytes by darkness alone
+    assert NAMES[-5:] == ("lymph_per_stroma_sized", "lymph_per_stroma", "lymph_per_stroma_loose",
+                          "lymph_per_nest", "stroma_est")

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
-from weakstil.embed.encoders import DEFAULT_ENCODER, MEASURED_DIM, get_encoder_spec
+from weakstil.embed.encoders import DARK_MEASURED_DIM, DEFAULT_ENCODER, MEASURED_DIM, get_encoder_spec
 from weakstil.errors import ConfigError
-from weakstil.mil.fit import TrainConfig
+from weakstil.mil.fit import TrainConfig, columns_of
 from weakstil.mil.model import MILRegressor, TrainedModel, load_model
 from weakstil.mil.select import (
     CANDIDATES,
@@ -44,12 +44,20 @@ def test_a_model_reads_only_its_last_columns(tmp_path):
 
 
 def test_the_candidates_follow_the_encoder_and_the_request():
-    assert candidates(TrainConfig(), WITH_MORPH, DIM + 24) == ("all", "measured")
+    assert candidates(TrainConfig(), WITH_MORPH, DIM + 24) == ("all", "measured", "measured-dark")
     assert candidates(TrainConfig(), WITHOUT, DIM) == ("all",)
     assert candidates(TrainConfig(columns="measured"), WITH_MORPH, DIM + 24) == ("measured",)
-    with pytest.raises(ConfigError, match="measured") as err:
-        candidates(TrainConfig(columns="measured"), WITHOUT, DIM)
-    assert "--columns all" in err.value.fix
+    for columns in ("measured", "measured-dark"):
+        with pytest.raises(ConfigError, match=columns) as err:
+            candidates(TrainConfig(columns=columns), WITHOUT, DIM)
+        assert "--columns all" in err.value.fix
+    # each set reads its last columns; a model's inputs name its set back
+    assert [TrainConfig(columns=c).inputs() for c in ("all", "measured", "measured-dark")] == [
+        0, MEASURED_DIM, DARK_MEASURED_DIM]
+    assert [columns_of(n) for n in (None, 0, MEASURED_DIM, DARK_MEASURED_DIM)] == [
+        "all", "all", "measured", "measured-dark"]
+    with pytest.raises(ValueError, match="last 3"):
+        columns_of(3)
     with pytest.raises(ConfigError, match="columns"):
         TrainConfig(columns="morph")
 

@@ -34,6 +34,7 @@ class Columns(str, Enum):  # mil.fit.COLUMN_SETS
     auto = "auto"
     all = "all"
     measured = "measured"
+    measured_dark = "measured-dark"
 
 
 @app.command()
@@ -78,9 +79,10 @@ def train(
              "stroma). Default: on when the features have the estimate (a +stainmorph encoder).",
         show_default=False)] = None,
     columns: Annotated[Columns, typer.Option(
-        help="Feature columns the MIL reads: auto (cross-validate all of them and the stain morphometry's "
-             "five measurements of sTIL% alone on the same folds, deploy the better: metrics.json → "
-             "columns), all, or measured (needs a +stainmorph encoder).")] = Columns.auto,
+        help="Feature columns the MIL reads: auto (cross-validate all of them, the stain morphometry's "
+             "five measurements of sTIL% alone, and the four of them that read lymphocytes by darkness, "
+             "on the same folds; deploy the best: metrics.json → columns), all, measured or "
+             "measured-dark (both need a +stainmorph encoder).")] = Columns.auto,
     measured_emphasis: Annotated[Optional[float], typer.Option(
         "--measured-emphasis", min=0.001,
         help="With --columns all (or auto), how much the MIL's start (the ridge probe) weights the "

@@ -63,8 +63,10 @@ MORPH = "stainmorph"  # the fixed stain-morphometry encoder (weakstil.embed.morp
 MORPH_SUFFIX = "+" + MORPH  # any encoder + stainmorph: both feature sets side by side
 MORPH_ARCH = "stainmorph.v4"  # bump when its features change (the arch is in the cache fingerprint)
 MORPH_DIM = 29  # weakstil.embed.morph.N_FEATURES (that module imports torch)
-# its last five (mil.select): lymph_per_stroma (strict, loose, size-aware), lymph_per_nest, stroma_est
+# its last five (mil.select): lymph_per_stroma_sized, lymph_per_stroma (strict, loose), lymph_per_nest,
+# stroma_est; the last four read lymphocytes by darkness alone (the column set "measured-dark")
 MEASURED_DIM = 5
+DARK_MEASURED_DIM = 4
 STROMA_COLUMN = -1  # morph's last feature, stroma_est: read by position in any +stainmorph features
 # what `weakstil extract` and the demo use unless told otherwise (docs/accuracy.md says why)
 DEFAULT_ENCODER = "resnet18-random" + MORPH_SUFFIX

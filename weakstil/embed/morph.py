@@ -22,7 +22,9 @@ eosin amounts of each pixel (colour deconvolution with the reference stains of
   taken for tumour nuclei whatever their darkness (left out of the lymphocytes, and marking nests
   with the pale ones). Darkness alone counts hyperchromatic tumour nuclei as lymphocytes
   (``weakstil synth --setting dark-nuclei``: per-tile r 0.66 → 0.83, 40 slides); this one misses
-  lymphocytes piled into sheets (lattice: r 0.53). Neither is right everywhere, so the MIL gets both;
+  lymphocytes piled into sheets (lattice: r 0.53). Neither is right everywhere, so it comes first in
+  the measured block and training chooses out of fold between the five measurements and the four
+  without it (:mod:`weakstil.mil.select`);
 * ``stroma_est`` (last): the share of the tile that is tissue outside tumour nests, nests being
   neighbourhoods (8 µm) where at least a quarter of the pixels are pale, vesicular nucleus (H 0.25–0.8;
   lymphocytes are darker, stroma has few nuclei). It is not fed to a pathologist as a measurement: the
@@ -70,7 +72,7 @@ NAMES = (
     "tissue", "h_mean", "e_mean", "h_sd", "e_sd", "h_rich", "e_rich", "stroma_like",
     *(f"nuclei_s{i}" for i in range(len(SIGMAS))), *(f"dark_nuclei_s{i}" for i in range(len(SIGMAS))),
     "small_in_stroma", "small_in_nests", "small_per_stroma", "small_share", "nest_like", "small_contrast",
-    "lymph_per_stroma", "lymph_per_stroma_loose", "lymph_per_stroma_sized", "lymph_per_nest",
+    "lymph_per_stroma_sized", "lymph_per_stroma", "lymph_per_stroma_loose", "lymph_per_nest",
     "stroma_est",  # last, always: read by position (weakstil.embed.encoders.STROMA_COLUMN)
 )
 N_FEATURES = len(NAMES)
@@ -184,7 +186,7 @@ class StainMorph(nn.Module):
             torch.log1p(in_stroma * dens), torch.log1p(in_nests * dens),
             torch.log1p(in_stroma * dens * area / stroma_px.clamp(min=area / 20)),
             n_small / (n_small + n_large).clamp(min=1), frac(nests), contrast,
-            strict, loose, sized_lymph_share(h, tissue, big, ctx[:, 3:], area), nest_share,
+            sized_lymph_share(h, tissue, big, ctx[:, 3:], area), strict, loose, nest_share,
             frac(est_stroma[0]),  # stroma_est: tissue outside pale-nucleus nests
         ]
         return torch.stack(feats, 1)
@@ -214,7 +216,8 @@ def sized_lymph_share(h, tissue, big, big_ctx, area):
     lymphocytes and, with the pale nuclei (``big_ctx``: their share blurred over the neighbourhood),
     marking the nests. Where tumour nuclei are hyperchromatic (``weakstil synth --setting
     dark-nuclei``) the darkness-only shares count them as lymphocytes; where lymphocytes pile up into
-    sheets (dense aggregates) this one misses them: the MIL weighs both (docs/accuracy.md, tenth run)."""
+    sheets (dense aggregates) this one misses them: training chooses out of fold (docs/accuracy.md,
+    tenth run)."""
     stroma = tissue * (big_ctx <= PALE_NEST).float()
     dark = (h >= LYMPH_H).float() * tissue * (1 - big)
     return (dark * stroma).flatten(1).sum(1) / stroma.flatten(1).sum(1).clamp(min=area / 20)

@@ -221,7 +221,9 @@ def train_from_cache(labels, features, *, encoder: str | None = None, models_dir
         # the parent's tile head too (models saved before the head option have the MLP head)
         arch["head"] = parent.model_config.get("head") or "mlp"
         arch["stroma_prior"] = bool(parent.model_config.get("stroma_prior", False))  # its weights assume it
-        arch["columns"] = "measured" if parent.model_config.get("inputs") else "all"  # and its columns
+        from weakstil.mil.fit import columns_of
+
+        arch["columns"] = columns_of(parent.model_config.get("inputs"))  # and its columns
         if train_kwargs.get("head") not in (None, arch["head"]):
             log.warning("warm start keeps the parent's tile head (%s)", arch["head"])
         if train_kwargs.get("columns") not in (None, "auto", arch["columns"]):

@@ -31,7 +31,7 @@ from weakstil.mil.model import (
 from weakstil.progress import progress as progress_display
 
 Bag = tuple[np.ndarray, float]  # (features (N, D) float32, sTIL% 0-100)
-COLUMN_SETS = ("auto", "all", "measured")  # TrainConfig.columns
+COLUMN_SETS = ("auto", "all", "measured", "measured-dark")  # TrainConfig.columns
 
 
 # --- configuration ------------------------------------------------------------------------------
@@ -80,8 +80,8 @@ class TrainConfig:
     # the estimate (train_model decides from the cache's encoder); the benchmark sets it itself.
     stroma_prior: bool | None = None
     # which feature columns the MIL reads: "all", "measured" (only the stain morphometry's five
-    # measurements of sTIL%: lymphocyte share of the estimated stroma, strict, loose and size-aware,
-    # of the nests, and the stroma estimate) or "auto" (train_model cross-validates both and deploys the better by
+    # measurements of sTIL%: lymphocyte share of the estimated stroma, size-aware, strict and loose,
+    # of the nests, and the stroma estimate), "measured-dark" (the same without the size-aware share) or "auto" (train_model cross-validates both and deploys the better by
     # out-of-fold R² vs labels: mil.select; "all" where the features have no morphometry)
     columns: str = "auto"
     # how much the probe start weights the morphometry's measured columns when the MIL reads all
@@ -123,9 +123,24 @@ class TrainConfig:
     def inputs(self) -> int:
         """The model's ``inputs`` (last feature columns it reads; 0: all) for :attr:`columns`
         ("auto" not yet resolved reads all)."""
-        from weakstil.embed.encoders import MEASURED_DIM
+        return column_inputs(self.columns)
 
-        return MEASURED_DIM if self.columns == "measured" else 0
+
+def column_inputs(columns: str) -> int:
+    """How many last feature columns a model of this column set reads (0: all)."""
+    from weakstil.embed.encoders import DARK_MEASURED_DIM, MEASURED_DIM
+
+    return {"measured": MEASURED_DIM, "measured-dark": DARK_MEASURED_DIM}.get(columns, 0)
+
+
+def columns_of(inputs: int | None) -> str:
+    """The column set of a model that reads its last ``inputs`` columns (0 or None: all)."""
+    from weakstil.embed.encoders import DARK_MEASURED_DIM, MEASURED_DIM
+
+    names = {MEASURED_DIM: "measured", DARK_MEASURED_DIM: "measured-dark"}
+    if inputs and inputs not in names:
+        raise ValueError(f"no column set reads the last {inputs} columns")
+    return names[inputs] if inputs else "all"
 
 
 # --- bags -----------------------------------------------------------------------------------------

@@ -2,25 +2,29 @@
 
 A ``+stainmorph`` encoder gives each tile a network's embedding (512 numbers for ResNet-18) and the
 stain morphometry (:mod:`weakstil.embed.morph`), whose last five numbers measure sTIL% itself from
-the pixels: the share of the estimated stroma that is lymphocyte (strict and loose nest rules, and
-one that does not take large dark nuclei for lymphocytes), the same share inside tumour nests, and
-the stroma estimate. On a small cohort with crowded nests and
-varying stains the MIL can drown those five in the hundreds that describe texture; on another cohort
-the network's texture carries what the fixed measurements miss. Which one holds depends on the
-slides, so training cross-validates both candidates on the same folds,
+the pixels: the share of the estimated stroma that is lymphocyte read by size and darkness (nuclei
+wider than a lymphocyte are tumour, however dark), the same by darkness alone (strict and loose nest
+rules), the share inside tumour nests, and the stroma estimate. On a small cohort with crowded nests
+and varying stains the MIL can drown those in the hundreds that describe texture; on another cohort
+the network's texture carries what the fixed measurements miss; and which lymphocyte reading holds
+depends on how the tumour nuclei and the lymphocyte aggregates look. So training cross-validates
+three candidates on the same folds,
 
 * ``all``: every feature column;
 * ``measured``: only the five measurements (the last :data:`~weakstil.embed.encoders.MEASURED_DIM`
-  columns),
+  columns);
+* ``measured-dark``: the four that read lymphocytes by darkness alone (the last
+  :data:`~weakstil.embed.encoders.DARK_MEASURED_DIM`; where lymphocytes pile into sheets the
+  size-aware share misses them and only adds noise),
 
-and deploys the one with the higher out-of-fold R² vs the labels (ties go to ``all``). Measured on
-two synthetic families (docs/accuracy.md, eighth run; the size-aware share joined in the tenth). The
-measurements alone were chosen over all the
-morphometry features: those win some cohorts' CV too, but a model on them extrapolates wildly on
-another generator's slides (cells → lattice R² −0.70: the tumour-nucleus counts it leans on differ
-five-fold between renderers), while ratios in 0–1 stay in range.
+and deploys the one with the highest out-of-fold R² vs the labels (ties go to the earlier). Measured
+on two synthetic families and a third setting with hyperchromatic tumour nuclei (docs/accuracy.md,
+eighth and tenth runs). The measurements alone were chosen over all the morphometry features: those
+win some cohorts' CV too, but a model on them extrapolates wildly on another generator's slides
+(cells → lattice R² −0.70: the tumour-nucleus counts it leans on differ five-fold between
+renderers), while ratios in 0–1 stay in range.
 
-When both are cross-validated, the ``all`` candidate's probe start weights the measurements
+When the candidates are cross-validated, the ``all`` candidate's probe start weights the measurements
 ten times (:data:`MEASURED_EMPHASIS`, ``TrainConfig.measured_emphasis``; resolved here because it
 too depends on what the features hold).
 
@@ -40,7 +44,7 @@ from weakstil.errors import ConfigError
 from weakstil.mil.cv import CVResult, cross_validate
 from weakstil.mil.fit import TrainConfig
 
-CANDIDATES = ("all", "measured")
+CANDIDATES = ("all", "measured", "measured-dark")
 MEASURED_EMPHASIS = 10.0  # TrainConfig.measured_emphasis when the features end with the morphometry
 
 
@@ -58,8 +62,8 @@ def candidates(cfg: TrainConfig, fingerprint: Mapping | None, dim: int) -> tuple
     available = has_morphometry(fingerprint, dim)
     if cfg.columns == "auto":
         return CANDIDATES if available else ("all",)
-    if cfg.columns == "measured" and not available:
-        raise ConfigError("--columns measured reads the stain morphometry's measurements of sTIL% "
+    if cfg.columns in ("measured", "measured-dark") and not available:
+        raise ConfigError(f"--columns {cfg.columns} reads the stain morphometry's measurements of sTIL% "
                           "beside a network's embedding, and this cache's encoder has none", fix=f"extract with a "
                           f"+stainmorph encoder ({MORPH_ARCH}, the default), or train with --columns all")
     return (cfg.columns,)
@@ -67,8 +71,10 @@ def candidates(cfg: TrainConfig, fingerprint: Mapping | None, dim: int) -> tuple
 
 def parent_columns(state: Mapping, dim: int) -> str:
     """The columns a parent's weights read: the width of its first layer (LayerNorm over its inputs)."""
+    from weakstil.mil.fit import columns_of
+
     width = int(state["embed.0.weight"].shape[0])
-    return "all" if width == dim else "measured"
+    return "all" if width == dim else columns_of(width)
 
 
 def r2(labels, predictions) -> float:
