@@ -77,7 +77,8 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 KeyMapper = Callable[[dict], dict]  # unwrapped checkpoint state dict -> timm-layout state dict
 
 
-STROMA_ARCHS = ("stainmorph.v2", "stainmorph.v3", MORPH_ARCH)  # morphometry versions whose last feature is ``stroma_est``
+# morphometry versions whose last feature is ``stroma_est``
+STROMA_ARCHS = ("stainmorph.v2", "stainmorph.v3", MORPH_ARCH)
 
 
 def has_stroma_estimate(encoder_fp: dict | None) -> bool:

@@ -81,8 +81,9 @@ class TrainConfig:
     stroma_prior: bool | None = None
     # which feature columns the MIL reads: "all", "measured" (only the stain morphometry's five
     # measurements of sTIL%: lymphocyte share of the estimated stroma, size-aware, strict and loose,
-    # of the nests, and the stroma estimate), "measured-dark" (the same without the size-aware share) or "auto" (train_model cross-validates both and deploys the better by
-    # out-of-fold R² vs labels: mil.select; "all" where the features have no morphometry)
+    # of the nests, and the stroma estimate), "measured-dark" (the same without the size-aware share)
+    # or "auto" (train_model cross-validates the three and deploys the best by out-of-fold R² vs
+    # labels: mil.select; "all" where the features have no morphometry)
     columns: str = "auto"
     # how much the probe start weights the morphometry's measured columns when the MIL reads all
     # columns: their standardised values × this, so the start's ridge penalises them 1/w² as much
