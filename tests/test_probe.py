@@ -105,7 +105,27 @@ def test_metrics_json_reports_the_probe_and_calibration(tmp_path):
     assert metrics["linear_probe"]["fold_mean_sd"]["r2"]["n_folds"] == cfg.n_folds
     line = metrics["calibration"]["line"]
     assert 0.5 <= line["slope"] <= 2.0 and "r2" in metrics["calibration"]["pooled"]
+    assert metrics["calibration"]["applied"] is True
     model = load_model(out)
     assert model.config["calibration"] == line
     pred = model.predict(next(iter(bags.values())))
     assert pred.score == pytest.approx(pred.contribution.sum())
+
+
+def test_calibration_is_reported_but_not_applied_by_default(tmp_path):
+    """The default leaves the MIL's predictions as they are (docs/accuracy.md, tenth run) and still
+    writes the line it would apply, with its cross-fitted estimate, for the user to judge."""
+    from weakstil.mil.fit import TrainConfig
+    from weakstil.mil.model import load_model
+    from weakstil.mil.train import deployed_pooled, train_model
+
+    assert TrainConfig().calibrate is False
+    bags, table = make_cohort(n_slides=24, n_tiles=16)
+    cfg = replace(FAST, max_epochs=3, patience=3, n_boot=20, aggregation="weighted")
+    assert cfg.calibrate is False
+    out = train_model(bags, table, cfg, out_dir=tmp_path / "m", fingerprint=FINGERPRINT, progress=False)
+    metrics = json.loads((out / "metrics.json").read_text())
+    cal = metrics["calibration"]
+    assert cal["applied"] is False and {"slope", "intercept", "n"} <= set(cal["line"]) and "r2" in cal["pooled"]
+    assert "deployed" not in metrics and deployed_pooled(metrics) == metrics["pooled"]  # the MIL as it is
+    assert load_model(out).config["calibration"] is None

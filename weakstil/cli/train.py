@@ -69,7 +69,9 @@ def train(
         help="Tile head: probe (starts as the linear probe, the default), linear (on the normalised "
              "features) or mlp (on a hidden layer).")] = "probe",
     calibrate: Annotated[bool, typer.Option(
-        help="Post-hoc linear calibration fitted on the out-of-fold predictions.")] = True,
+        help="Apply a post-hoc linear calibration fitted on the out-of-fold predictions (its line and "
+             "cross-fitted estimate are in metrics.json → calibration either way; off by default: it "
+             "never helped out of fold with the default recipe, docs/accuracy.md).")] = False,
     blend: Annotated[bool, typer.Option(
         help="Deploy w·MIL + (1−w)·linear probe, w chosen on the out-of-fold predictions "
              "(off by default: the probe head already starts from the probe).")] = False,

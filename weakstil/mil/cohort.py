@@ -281,7 +281,8 @@ def metrics_table(runs: list[TrainedRun], *, title: str = "cross-validation (out
             table.add_row(f"  columns: {columns['chosen']} (vs {other}; cross-fitted choice)", "", "",
                           _fmt((columns.get("crossfit") or {}).get("r2")), "", "", "", "", "")
         if blend:  # what is deployed: the blend (and the calibration line), cross-fitted
-            d = (m.get("calibration") or {}).get("pooled") or blend.get("pooled") or {}
+            cal = m.get("calibration") or {}
+            d = (cal.get("pooled") if cal.get("applied", True) else None) or blend.get("pooled") or {}
             w = float(blend.get("weight", 1.0))
             table.add_row(f"  deployed: {w:.1f}·MIL + {1 - w:.1f}·probe", "", "", _fmt(d.get("r2")), "",
                           _fmt(d.get("pearson")), _fmt(d.get("mae"), 1),

@@ -95,7 +95,10 @@ def train_model(bags: Mapping[str, np.ndarray], table, cfg: TrainConfig, *, out_
     members = cv.models if cfg.deploy == "ensemble" else [_final_fit(bags, table, cfg, cv)]
     probe = _probe_section(bags, cv, cfg)
     blend, probe_head, deployed, honest = _blend(bags, cv, cfg, probe)
-    line = _calibration_line(deployed, cv, cfg)
+    from weakstil.mil.calibration import fit_line
+
+    fitted = fit_line(deployed, cv.labels)  # reported always; applied with cfg.calibrate
+    line = fitted if cfg.calibrate else None
     config = {
         "weakstil_version": __version__, "deploy": cfg.deploy, "n_members": len(members),
         "train": asdict(cfg), "model": dict(members[0].config), "fingerprint": dict(fingerprint),
@@ -110,7 +113,7 @@ def train_model(bags: Mapping[str, np.ndarray], table, cfg: TrainConfig, *, out_
         cv.to_frame().to_csv(tmp / "cv_predictions.csv", index=False, float_format="%.4f")
         _write_plots(tmp / "plots", cv, cfg)
         metrics = _metrics_doc(cv, cfg, seconds=time.perf_counter() - t0)
-        metrics.update(plain_json(_baselines(cv, cfg, probe, blend, honest, line), finite=True))
+        metrics.update(plain_json(_baselines(cv, cfg, probe, blend, honest, fitted), finite=True))
         if selection is not None:
             metrics["columns"] = plain_json(selection.report(), finite=True)
         if extras is not None:
@@ -140,28 +143,23 @@ def _blend(bags, cv: CVResult, cfg: TrainConfig, probe: dict):
     return section, fit_probe(bags, cv.slide_ids, cv.labels), deployed, honest
 
 
-def _calibration_line(deployed: np.ndarray, cv: CVResult, cfg: TrainConfig) -> dict | None:
-    """The post-hoc line the deployed model applies (None when ``cfg.calibrate`` is off)."""
-    from weakstil.mil.calibration import fit_line
-
-    return fit_line(deployed, cv.labels) if cfg.calibrate else None
-
-
 def _baselines(cv: CVResult, cfg: TrainConfig, probe: dict, blend: dict | None, honest: np.ndarray,
-               line: dict | None) -> dict:
+               line: dict) -> dict:
     """metrics.json sections beside the MIL's: the linear probe on the same folds (issue #14), the
-    blend of both, and, when on, the calibration's line and cross-fitted estimate (of the blend)."""
+    blend of both, and the calibration's line and cross-fitted estimate (of the blend), with
+    ``applied`` saying whether the model uses it (``cfg.calibrate``)."""
     from weakstil.mil.calibration import calibration_report
 
     out = {"linear_probe": {k: v for k, v in probe.items() if k != "predictions"}}
     if blend is not None:
         out["blend"] = blend
-    if line is not None:
-        out["calibration"] = calibration_report(honest, cv.labels, cv.folds, line, cutoffs=cfg.cutoffs)
-    deployed = out.get("calibration") or out.get("blend")
+    # the line is reported whether or not the model applies it (``--calibrate``): what it would do
+    out["calibration"] = calibration_report(honest, cv.labels, cv.folds, line, cutoffs=cfg.cutoffs)
+    out["calibration"]["applied"] = bool(cfg.calibrate)
+    deployed = out["calibration"] if cfg.calibrate else out.get("blend")
     if deployed is not None:  # the one figure for what model.ckpt does, estimated honestly
         parts = (["blend with the linear probe"] if blend is not None else []) + (
-            ["calibration line"] if line is not None else [])
+            ["calibration line"] if cfg.calibrate else [])
         out["deployed"] = {"pooled": deployed["pooled"],
                            "note": "MIL + " + " + ".join(parts) + ", each cross-fitted (chosen on the other folds)"}
     return out
