@@ -39,7 +39,7 @@ import numpy as np
 from weakstil import __version__
 from weakstil.errors import ConfigError, ModelExistsError
 from weakstil.fs import plain_json, staging_dir
-from weakstil.mil.cv import CVResult, cross_validate
+from weakstil.mil.cv import CVResult
 from weakstil.mil.fit import (
     TrainConfig,
     fit_one,
@@ -154,8 +154,8 @@ def _baselines(cv: CVResult, cfg: TrainConfig, probe: dict, blend: dict | None, 
     if blend is not None:
         out["blend"] = blend
     # the line is reported whether or not the model applies it (``--calibrate``): what it would do
-    out["calibration"] = calibration_report(honest, cv.labels, cv.folds, line, cutoffs=cfg.cutoffs)
-    out["calibration"]["applied"] = bool(cfg.calibrate)
+    out["calibration"] = calibration_report(honest, cv.labels, cv.folds, line, applied=cfg.calibrate,
+                                            cutoffs=cfg.cutoffs)
     deployed = out["calibration"] if cfg.calibrate else out.get("blend")
     if deployed is not None:  # the one figure for what model.ckpt does, estimated honestly
         parts = (["blend with the linear probe"] if blend is not None else []) + (
