@@ -13,7 +13,8 @@ from weakstil.errors import ConfigError, WeakstilError
 
 @pytest.mark.parametrize("flags,device,want", [
     ({"amx_bf16", "avx512_bf16"}, "cpu", "bf16"),  # AMX: bf16 matrix units
-    ({"avx512_bf16"}, "cpu", "fp32"),  # no AMX: stays fp32 unless asked
+    ({"avx512_bf16", "avx512f"}, "cpu", "bf16"),  # AVX512-BF16 dot products (Zen 4, Cooper Lake)
+    ({"avx512f", "avx2"}, "cpu", "fp32"),  # bf16 would be emulated: slower
     (set(), "cpu", "fp32"),
     (set(), "cuda", "fp16"),
     (set(), "cuda:1", "fp16"),

@@ -45,7 +45,7 @@ from weakstil.errors import ConfigError, WeakstilError
 
 # extraction speed options (docs/performance.md)
 PrecisionOpt = Annotated[str, typer.Option(
-    "--precision", help="Encoder arithmetic: auto (fp16 on a GPU, bf16 on a CPU with AMX, else fp32), fp32, bf16, fp16.")]
+    "--precision", help="Encoder arithmetic: auto (fp16 on a GPU, bf16 on a CPU with native bf16: AMX or AVX512-BF16, else fp32), fp32, bf16, fp16.")]
 CompileOpt = Annotated[bool, typer.Option(
     "--compile/--no-compile", help="torch.compile the encoder (slower start, faster on big runs).")]
 DecodeOpt = Annotated[str, typer.Option(
