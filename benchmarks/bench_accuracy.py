@@ -202,7 +202,11 @@ def slide_figures(labels, truth, pred) -> dict:
             **{f"auc@{c}": vs_truth[f"auc@{c}"] for c in (10, 30, 50)},
             "cal_slope": slope, "cal_intercept": intercept, "pred_sd": float(np.std(pred)),
             "label_sd": float(np.std(labels)), "truth_sd": float(np.std(truth)),
-            "pred_mean": float(np.mean(pred)), "truth_mean": float(np.mean(truth))}
+            "pred_mean": float(np.mean(pred)), "truth_mean": float(np.mean(truth)),
+            # the mean error and its standard error: on 12 slides a bias of a few points can be noise
+            "bias": float(np.mean(np.asarray(pred) - truth)),
+            "bias_se": float(np.std(np.asarray(pred) - truth, ddof=1) / np.sqrt(len(truth))) if len(truth) > 1 else
+            float("nan")}
 
 
 def tile_figures(cohort: Cohort, tile_preds: dict, weights: dict | None = None) -> dict:
@@ -448,7 +452,8 @@ def _transfer(rname: str, trained: dict, cohorts: dict, src: str, dst: str, doc:
         target, met = accept(m) if accept is not None else ("", None)
         rows.append(Row("accuracy", f"{src} → {dst} r2_truth", m["r2_truth"], "", "probe", p["r2_truth"], None,
                         target, None if met is None else bool(met),
-                        f"mean pred {m['pred_mean']:.1f} vs truth {m['truth_mean']:.1f}"))
+                        f"mean pred {m['pred_mean']:.1f} vs truth {m['truth_mean']:.1f}, "
+                        f"bias {m['bias']:+.1f} ± {m['bias_se']:.1f} SE"))
 
 
 def _cross_validate(name: str, cohort: Cohort, recipes: dict, trained_by: dict, doc: dict, rows: list,
@@ -476,6 +481,10 @@ def _columns_cell(r: dict, f) -> str:
     return f"{r['columns']['chosen']} ({r2s}; {f(r['mil_columns_crossfit']['r2_truth'])})"
 
 
+def _signed(v) -> str:
+    return "–" if v is None or not np.isfinite(v) else f"{v:+.1f}"
+
+
 def results_markdown(doc: dict, recipe: str = "default") -> str:
     """The cohort and transfer tables of a report, the probe beside every MIL figure."""
     def f(v, d=2):
@@ -497,11 +506,12 @@ def results_markdown(doc: dict, recipe: str = "default") -> str:
             f"| {f(m['pred_sd'], 1)} / {f(m['label_sd'], 1)} [{f(p['pred_sd'], 1)}] | {f(raw['tile_r'])} "
             f"| {f(raw['top_stroma_min_shown'])} / {f(raw['top_stroma_mean_shown'])} | {f(raw.get('stroma_est_r'))} |")
     lines += ["", "| transfer (train → score) | R² vs truth: MIL [probe] | AUC@30 [probe] | mean prediction vs truth "
-              "[probe] | pred SD / truth SD |", "|---|---|---|---|---|"]
+              "[probe] | bias ± SE | pred SD / truth SD |", "|---|---|---|---|---|---|"]
     for name, r in doc["transfer"].get(recipe, {}).items():
         m, p = r["mil"], r["probe"]
         lines.append(f"| {name} | **{f(m['r2_truth'])}** [{f(p['r2_truth'])}] | {f(m['auc@30'])} [{f(p['auc@30'])}] "
                      f"| {f(m['pred_mean'], 1)} vs {f(m['truth_mean'], 1)} [{f(p['pred_mean'], 1)}] "
+                     f"| {_signed(m.get('bias'))} ± {f(m.get('bias_se'), 1)} "
                      f"| {f(m['pred_sd'], 1)} / {f(m['truth_sd'], 1)} |")
     return "\n".join(lines)
 

@@ -58,5 +58,22 @@ def test_figures_and_probe_are_computed_for_both_families(cohorts):
     assert len(mixed.table) == 12 and len(mixed.bags) == 12
     moved = acc.transfer(results["lattice"], cohorts["lattice"], cohorts["cells"])
     assert set(moved) == {"mil", "probe"} and math.isfinite(moved["probe"]["pred_mean"])
+    m = moved["mil"]  # the mean error, with its standard error over the scored slides
+    assert math.isclose(m["bias"], m["pred_mean"] - m["truth_mean"], abs_tol=1e-9) and m["bias_se"] > 0
     rows = acc._rows("x", results["cells"]["mil"], results["cells"]["probe"], "standard", "")
     assert {r.name for r in rows} >= {"x r2_truth", "x tile_r"} and all(r.case == "accuracy" for r in rows)
+
+
+def test_transfer_table_shows_the_bias_and_its_standard_error():
+    from benchmarks import bench_accuracy as acc
+
+    truth = np.array([10.0, 20.0, 30.0, 60.0])
+    figures = acc.slide_figures(truth, truth, truth - np.array([2.0, 4.0, 6.0, 4.0]))
+    assert figures["bias"] == pytest.approx(-4.0) and figures["bias_se"] == pytest.approx(np.std([2, 4, 6, 4], ddof=1) / 2)
+    old = {k: v for k, v in figures.items() if not k.startswith("bias")}  # a report written before the column
+    doc = {"cv": {}, "transfer": {"default": {"a → b": {"mil": figures, "probe": figures},
+                                              "c → d": {"mil": old, "probe": old}}}}
+    lines = acc.results_markdown(doc).splitlines()
+    assert "bias ± SE" in lines[3]
+    assert "| -4.0 ± 0.8 |" in next(x for x in lines if x.startswith("| a → b"))
+    assert "| – ± – |" in next(x for x in lines if x.startswith("| c → d"))
