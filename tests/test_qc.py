@@ -23,11 +23,16 @@ def test_loo_distances_equal_the_brute_force_computation():
         qc_reference.loo_distances(x[:2])
 
 
-def _reference(seed=0, stains=True):
+MEASURED = ("lymph_per_stroma", "stroma_est")
+
+
+def _reference(seed=0, stains=True, measured=True):
     rng = np.random.default_rng(seed)
     amounts = np.c_[rng.uniform(1.8, 2.4, 30), rng.uniform(0.9, 1.3, 30)].tolist() if stains else None
+    shares = np.c_[np.linspace(0.02, 0.34, 30), np.linspace(0.2, 0.8, 30)] if measured else None
     return qc_reference.build_reference(rng.normal(size=(30, 16)), rng.integers(80, 120, 30), [0.25] * 15 + [0.5] * 15,
-                              member_sd=rng.uniform(0, 4, 30), stains=amounts)
+                                        member_sd=rng.uniform(0, 4, 30), stains=amounts, measured=shares,
+                                        measured_names=MEASURED if measured else ())
 
 
 def test_thresholds_follow_the_documented_rules():
@@ -41,6 +46,11 @@ def test_thresholds_follow_the_documented_rules():
     np.testing.assert_allclose(t["stain_range"], [[lo[0] / 1.5, hi[0] * 1.5], [lo[1] / 1.5, hi[1] * 1.5]])
     assert _reference(stains=False)["thresholds"]["stain_range"] is None  # features made without normalisation
     assert t["max_member_sd"] == pytest.approx(max(10.0, 1.5 * ref["training"]["member_sd_p99"]))
+    # each measurement's training range, widened by a quarter of it on each side
+    assert list(t["measured_range"]) == list(MEASURED)
+    np.testing.assert_allclose(t["measured_range"]["lymph_per_stroma"], [0.02 - 0.08, 0.34 + 0.08])
+    np.testing.assert_allclose(t["measured_range"]["stroma_est"], [0.2 - 0.15, 0.8 + 0.15])
+    assert _reference(measured=False)["thresholds"]["measured_range"] is None  # an encoder without the morphometry
     assert set(ref["rules"]) == set(qc.FLAGS) - {qc.NO_REFERENCE}
 
 
@@ -48,12 +58,15 @@ def test_each_rule_flags_and_a_typical_slide_is_clean():
     ref = _reference()
     mean = np.asarray(ref["mean"])
     clean = qc.slide_flags(ref, n_tiles=100, mpp=0.25, embedding=mean, scores=np.array([30.0, 31, 29]),
-                           stain=[2.0, 1.1])
+                           stain=[2.0, 1.1], measured=[0.40, 0.5])  # within the widened range
     assert clean == []
     flags = qc.slide_flags(ref, n_tiles=2, mpp=1.0, embedding=mean + 10 * np.asarray(ref["std"]),
-                           scores=np.array([5.0, 60, 30]), stain=[2.0 * 2.5, 1.1])  # over-stained hematoxylin
+                           scores=np.array([5.0, 60, 30]), stain=[2.0 * 2.5, 1.1],  # over-stained hematoxylin
+                           measured=[0.46, 0.5])  # a dark-pixel share beyond any training slide's
     assert qc.flag_names(qc.qc_text(flags)) == ["low-tissue", "mpp-out-of-range", "out-of-distribution",
-                                                 "stain-out-of-range", "ensemble-disagreement"]
+                                                 "stain-out-of-range", "measurement-out-of-range",
+                                                 "ensemble-disagreement"]
+    assert "lymph_per_stroma 0.46 not in -0.06-0.42" in qc.qc_text(flags) and "stroma_est" not in qc.qc_text(flags)
     assert "H 5.00 not in" in qc.qc_text(flags) and "E " not in qc.qc_text(flags)
     faded = qc.slide_flags(ref, n_tiles=100, stain=[2.0, 0.3])  # eosin washed out
     assert qc.flag_names(qc.qc_text(faded)) == ["stain-out-of-range"]
@@ -121,3 +134,15 @@ def test_viewer_shows_the_flags_and_the_model_card(scored):
         card = client.get("/api/model-card").json()
         assert card["card"]["name"] == "base" and card["markdown"].startswith("# Model card: base")
         assert "model-card" in client.get("/").text
+
+
+def test_check_slide_reads_the_measurements_from_the_last_columns():
+    class _Model:
+        members = [object()]  # one member: no disagreement check
+
+    ref = _reference()
+    features = np.tile(np.asarray(ref["mean"]), (50, 1))  # the measurements are the last of the 16 columns
+    features[:, -2:] = [0.2, 0.5]
+    assert qc.check_slide(ref, _Model(), features, mpp=0.25) == ""
+    features[:, -2] = 0.6  # the lymphocyte share of the stroma far beyond training: the model extrapolates
+    assert qc.flag_names(qc.check_slide(ref, _Model(), features, mpp=0.25)) == ["measurement-out-of-range"]

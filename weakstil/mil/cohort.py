@@ -172,6 +172,16 @@ def per_cohort_metrics(cv, df, cutoffs) -> dict:
     return out
 
 
+def measured_names(fingerprint) -> tuple[str, ...]:
+    """The names of the morphometry's measurements of sTIL% that the features end with (none for an
+    encoder without the morphometry): what QC's ``measurement-out-of-range`` checks."""
+    from weakstil.embed.encoders import MEASURED_DIM, MORPH_ARCH
+    from weakstil.embed.morph import NAMES
+
+    arch = str(((fingerprint or {}).get("encoder") or {}).get("arch", ""))
+    return tuple(NAMES[-MEASURED_DIM:]) if arch.endswith(MORPH_ARCH) else ()  # this version's morphometry
+
+
 def _extras(df, attrs, bags, cfg, fingerprint, *, name, parent, cv_kind, t0):
     """What train_model writes besides the model: per-cohort metrics, QC reference, model card."""
     from weakstil.fs import plain_json
@@ -186,7 +196,8 @@ def _extras(df, attrs, bags, cfg, fingerprint, *, name, parent, cv_kind, t0):
         if per_cohort:
             metrics["per_cohort"] = plain_json(per_cohort, finite=True)
         metrics["cv"] = cv_kind
-        reference = reference_from_bags(bags, list(df["slide_id"]), mpps, model, stains)
+        reference = reference_from_bags(bags, list(df["slide_id"]), mpps, model, stains,
+                                        measured_names=measured_names(fingerprint))
         save_reference(reference, tmp / REFERENCE_FILE)
         card = build_card(name=name, df=df, metrics=metrics, fingerprint=fingerprint, train=asdict(cfg),
                           seconds=time.perf_counter() - t0, parent=parent, qc=reference, cv=cv_kind)

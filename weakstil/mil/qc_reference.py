@@ -16,7 +16,7 @@ import numpy as np
 REFERENCE_FILE = "qc_reference.json"
 
 
-REFERENCE_VERSION = 2  # 2: stain_range (slides extracted with stain normalisation), OOD_MAX_FACTOR
+REFERENCE_VERSION = 3  # 2: stain_range (slides extracted with stain normalisation), OOD_MAX_FACTOR; 3: measured_range
 
 
 MIN_TILES_FLOOR = 4
@@ -38,6 +38,9 @@ OOD_MAX_FACTOR = 1.25  # new slides like the training ones reach ~1.2x the train
 
 
 STAIN_TOLERANCE = 1.5  # a stain amount beyond the training range x/÷ this is flagged
+
+
+MEASURE_TOLERANCE = 0.25  # a measurement of sTIL% beyond the training range widened by this share of it is flagged
 
 
 STD_FLOOR = 0.1
@@ -98,12 +101,20 @@ def stain_amounts(attrs: Mapping | None) -> list[float] | None:
     return [float(v) for v in amounts] if amounts else None
 
 
+def slide_measurements(features: np.ndarray, names: Sequence[str]) -> np.ndarray:
+    """The slide's mean of the stain morphometry's measured columns (the last ``len(names)``)."""
+    return np.asarray(features, dtype=np.float64)[:, -len(names):].mean(axis=0)
+
+
 def build_reference(embeddings: np.ndarray, n_tiles: Sequence[int], mpps: Sequence[float | None],
                     member_sd: Sequence[float] | None = None,
-                    stains: Sequence[Sequence[float] | None] | None = None) -> dict:
+                    stains: Sequence[Sequence[float] | None] | None = None,
+                    measured: np.ndarray | None = None, measured_names: Sequence[str] = ()) -> dict:
     """The statistics and thresholds QC needs, from the training slides (one row each).
 
-    ``stains``: each slide's (H, E) amounts (:func:`stain_amounts`; None where unknown)."""
+    ``stains``: each slide's (H, E) amounts (:func:`stain_amounts`; None where unknown);
+    ``measured``: each slide's mean of the morphometry's measurements of sTIL% (n, len(measured_names);
+    :func:`slide_measurements`), for features that have them."""
     x = np.asarray(embeddings, dtype=np.float64)
     tiles = np.asarray(n_tiles, dtype=np.float64)
     known_mpp = [float(m) for m in mpps if m is not None and math.isfinite(float(m))]
@@ -120,6 +131,7 @@ def build_reference(embeddings: np.ndarray, n_tiles: Sequence[int], mpps: Sequen
                           if sd.size else None),
         "stain_range": ([[float(lo) / STAIN_TOLERANCE, float(hi) * STAIN_TOLERANCE]
                          for lo, hi in zip(amounts.min(axis=0), amounts.max(axis=0))] if len(amounts) else None),
+        "measured_range": _measured_range(measured, measured_names),
     }
     return {
         "version": REFERENCE_VERSION, "n_slides": int(x.shape[0]),
@@ -135,6 +147,16 @@ def build_reference(embeddings: np.ndarray, n_tiles: Sequence[int], mpps: Sequen
     }
 
 
+def _measured_range(measured: np.ndarray | None, names: Sequence[str]) -> dict | None:
+    """{name: [lo, hi]}: each measurement's training range widened by :data:`MEASURE_TOLERANCE` of it."""
+    if measured is None or not len(names):
+        return None
+    m = np.asarray(measured, dtype=np.float64).reshape(-1, len(names))
+    lo, hi = m.min(axis=0), m.max(axis=0)
+    pad = MEASURE_TOLERANCE * (hi - lo)
+    return {str(n): [float(a - w), float(b + w)] for n, a, b, w in zip(names, lo, hi, pad)}
+
+
 def describe_rules() -> dict:
     """How each threshold is derived (stored with the reference and shown in the model card)."""
     return {
@@ -145,6 +167,9 @@ def describe_rules() -> dict:
                                 f"{OOD_MEDIAN_FACTOR:g} x the median of their own leave-one-out distances"),
         "stain-out-of-range": (f"hematoxylin or eosin amount (99th percentile of the slide's stain estimate) "
                                f"outside the training slides' range widened x/÷ {STAIN_TOLERANCE:g}"),
+        "measurement-out-of-range": ("the slide's mean of a stain-morphometry measurement of sTIL% (lymphocyte "
+                                     "share of the stroma, of the nests; the stroma estimate) outside the training "
+                                     f"slides' range widened by {MEASURE_TOLERANCE:g} x that range on each side"),
         "ensemble-disagreement": (f"SD of the members' scores > max({DISAGREE_MIN_SD:g}, {DISAGREE_FACTOR:g} x "
                                   "99th percentile of that SD on the training slides)"),
     }
@@ -152,15 +177,19 @@ def describe_rules() -> dict:
 
 # --- files --------------------------------------------------------------------------------------
 def reference_from_bags(bags: Mapping[str, np.ndarray], slide_ids: Sequence[str], mpps: Mapping[str, float | None],
-                        model=None, stains: Mapping[str, Sequence[float] | None] | None = None) -> dict:
-    """:func:`build_reference` from training bags ({slide_id: (N, D)}), the deployed model and the
-    slides' stain amounts ({slide_id: (H, E)}, :func:`stain_amounts`)."""
+                        model=None, stains: Mapping[str, Sequence[float] | None] | None = None,
+                        measured_names: Sequence[str] = ()) -> dict:
+    """:func:`build_reference` from training bags ({slide_id: (N, D)}), the deployed model, the
+    slides' stain amounts ({slide_id: (H, E)}, :func:`stain_amounts`) and the names of the
+    measured columns the features end with (none: no measurement check)."""
     embeddings = np.stack([slide_embedding(bags[s]) for s in slide_ids])
+    measured = (np.stack([slide_measurements(bags[s], measured_names) for s in slide_ids])
+                if measured_names else None)
     sds = None
     if model is not None and len(model.members) > 1:
         sds = [float(np.std(member_scores(model, bags[s]), ddof=1)) for s in slide_ids]
     return build_reference(embeddings, [bags[s].shape[0] for s in slide_ids], [mpps.get(s) for s in slide_ids], sds,
-                           [(stains or {}).get(s) for s in slide_ids])
+                           [(stains or {}).get(s) for s in slide_ids], measured, measured_names)
 
 
 def save_reference(reference: Mapping, path: str | Path) -> Path:

@@ -25,6 +25,15 @@ slide against that reference. A slide gets zero or more flags, joined with ``;``
   ``STAIN_TOLERANCE``: normalisation made the tiles look usual, but an over- or under-stained or
   faded slide deserves a look (stain optical density ×2.5 gives ~2.3× the training maximum).
   Only for models whose features were stain-normalised.
+* ``measurement-out-of-range``: the slide's mean of one of the stain morphometry's measurements of
+  sTIL% (the lymphocyte share of the estimated stroma, by size and by darkness, strict and loose; the
+  share in the nests; the stroma estimate: :mod:`weakstil.embed.morph`) lies outside the training
+  slides' range widened by ``MEASURE_TOLERANCE`` × that range on each side. The model is then
+  extrapolating on the very quantity it reads. On a 40-slide cohort of new cells-hard slides scored by
+  the 24-slide cells-hard model, it flagged the worst error (a heavily hematoxylin-tinted slide of
+  true sTIL 1 %, scored 80: its dark-pixel share 0.46 against 0.01–0.34 in training) and one other;
+  leaving each training slide out, 0 or 1 of 24–40 slides fired (docs/cohorts.md). Only for features
+  with the morphometry (``+stainmorph`` encoders, the default).
 * ``ensemble-disagreement``: the SD of the fold members' slide scores exceeds ``max_member_sd`` =
   max(``DISAGREE_MIN_SD``, ``DISAGREE_FACTOR`` × the 99th percentile of that SD over the training
   slides). Members agree on slides like their training data and drift apart elsewhere.
@@ -43,19 +52,21 @@ from weakstil.mil.qc_reference import (
     embedding_distance,
     member_scores,
     slide_embedding,
+    slide_measurements,
     stain_amounts,
 )
 
 NO_REFERENCE = "no-reference"
-FLAGS = ("low-tissue", "mpp-out-of-range", "out-of-distribution", "stain-out-of-range", "ensemble-disagreement",
-         NO_REFERENCE)
+FLAGS = ("low-tissue", "mpp-out-of-range", "out-of-distribution", "stain-out-of-range", "measurement-out-of-range",
+         "ensemble-disagreement", NO_REFERENCE)
 
 
 def slide_flags(reference: Mapping | None, *, n_tiles: int, mpp: float | None = None,
                 embedding: np.ndarray | None = None, scores: np.ndarray | None = None,
-                stain: Sequence[float] | None = None) -> list[str]:
+                stain: Sequence[float] | None = None, measured: Sequence[float] | None = None) -> list[str]:
     """The flags of one slide (empty list: nothing unusual). ``scores``: the members' slide scores;
-    ``stain``: its (H, E) amounts (:func:`weakstil.mil.qc_reference.stain_amounts`)."""
+    ``stain``: its (H, E) amounts (:func:`weakstil.mil.qc_reference.stain_amounts`); ``measured``: its
+    means of the measured columns, in the reference's order (:func:`~weakstil.mil.qc_reference.slide_measurements`)."""
     if reference is None:
         return [NO_REFERENCE]
     limits = reference["thresholds"]
@@ -75,6 +86,12 @@ def slide_flags(reference: Mapping | None, *, n_tiles: int, mpp: float | None = 
                for name, v, (lo, hi) in zip(("H", "E"), stain, ranges) if not lo <= float(v) <= hi]
         if off:
             flags.append(f"stain-out-of-range({', '.join(off)})")
+    bounds = limits.get("measured_range")
+    if bounds and measured is not None:
+        off = [f"{name} {float(v):.2f} not in {lo:.2f}-{hi:.2f}"
+               for (name, (lo, hi)), v in zip(bounds.items(), measured) if not lo <= float(v) <= hi]
+        if off:
+            flags.append(f"measurement-out-of-range({', '.join(off)})")
     if scores is not None and len(scores) > 1 and limits.get("max_member_sd") is not None:
         sd = float(np.std(scores, ddof=1))
         if sd > limits["max_member_sd"]:
@@ -99,7 +116,10 @@ def check_slide(reference: Mapping | None, model, features: np.ndarray, *, mpp: 
     if reference is None:
         return qc_text([NO_REFERENCE])
     scores = member_scores(model, features) if len(model.members) > 1 else None
+    names = list((reference["thresholds"].get("measured_range") or {}))
+    measured = slide_measurements(features, names) if names and features.shape[1] > len(names) else None
     return qc_text(slide_flags(reference, n_tiles=int(features.shape[0]), mpp=mpp,
-                               embedding=slide_embedding(features), scores=scores, stain=stain_amounts(attrs)))
+                               embedding=slide_embedding(features), scores=scores, stain=stain_amounts(attrs),
+                               measured=measured))
 
 
