@@ -40,11 +40,11 @@ class Plan:
     max_epochs: int | None
 
 
-# full: 40 standard slides per family; the hard cohorts have 24 because the 2-core machine the
-# 2026-12-05 table was measured on was shared by 8 jobs (extraction ran at ~5 tiles/s). The new-seed
-# cohorts have 40 since the twelfth run (2026-12-06): on 12, cells-hard's transfer read R² 0.67 and
-# on 40 slides of another seed 0.21 (a mean bias's standard error was ±4.5 points on 12).
-PLANS = {"full": Plan(40, 24, 40, 1200.0, 5, None), "quick": Plan(24, 24, 12, 800.0, 5, None),
+# full: 40 slides per cohort. Until the twelfth run (2026-12-06) the hard cohorts had 24 (the 2-core
+# machine of the first runs was shared by 8 jobs; extraction ran at ~5 tiles/s) and the new-seed
+# cohorts 12: on 12, cells-hard's transfer read R² 0.67 and on 40 slides 0.45 (a mean bias's
+# standard error was ±4.5 points on 12).
+PLANS = {"full": Plan(40, 40, 40, 1200.0, 5, None), "quick": Plan(24, 24, 12, 800.0, 5, None),
          "smoke": Plan(6, 6, 3, 480.0, 2, 3)}
 FAMILIES = ("lattice", "cells")
 SETTINGS = ("standard", "hard")
