@@ -23,7 +23,7 @@ def test_loo_distances_equal_the_brute_force_computation():
         qc_reference.loo_distances(x[:2])
 
 
-MEASURED = ("lymph_per_stroma", "stroma_est")
+MEASURED = {"lymph_per_stroma": -2, "stroma_est": -1}  # name: column offset from the end
 
 
 def _reference(seed=0, stains=True, measured=True):
@@ -32,7 +32,7 @@ def _reference(seed=0, stains=True, measured=True):
     shares = np.c_[np.linspace(0.02, 0.34, 30), np.linspace(0.2, 0.8, 30)] if measured else None
     return qc_reference.build_reference(rng.normal(size=(30, 16)), rng.integers(80, 120, 30), [0.25] * 15 + [0.5] * 15,
                                         member_sd=rng.uniform(0, 4, 30), stains=amounts, measured=shares,
-                                        measured_names=MEASURED if measured else ())
+                                        measured_columns=MEASURED if measured else None)
 
 
 def test_thresholds_follow_the_documented_rules():
@@ -146,3 +146,17 @@ def test_check_slide_reads_the_measurements_from_the_last_columns():
     assert qc.check_slide(ref, _Model(), features, mpp=0.25) == ""
     features[:, -2] = 0.6  # the lymphocyte share of the stroma far beyond training: the model extrapolates
     assert qc.flag_names(qc.check_slide(ref, _Model(), features, mpp=0.25)) == ["measurement-out-of-range"]
+
+
+def test_the_checked_measurements_are_the_stroma_readings_and_the_stroma_estimate():
+    from weakstil.embed.encoders import MORPH_ARCH
+    from weakstil.embed.morph import NAMES
+    from weakstil.mil.cohort import measured_columns
+
+    columns = measured_columns({"encoder": {"arch": f"resnet18+{MORPH_ARCH}"}})
+    assert columns == {"lymph_per_stroma_sized": -5, "lymph_per_stroma": -4, "lymph_per_stroma_loose": -3,
+                       "stroma_est": -1}
+    assert all(NAMES[offset] == name for name, offset in columns.items())
+    assert "lymph_per_nest" not in columns  # a confounder, narrow on standard cohorts: not a reason to look
+    assert measured_columns({"encoder": {"arch": "resnet18"}}) == {}  # no morphometry, no check
+    assert _reference()["training"]["measured_columns"] == MEASURED

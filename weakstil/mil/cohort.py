@@ -172,14 +172,20 @@ def per_cohort_metrics(cv, df, cutoffs) -> dict:
     return out
 
 
-def measured_names(fingerprint) -> tuple[str, ...]:
-    """The names of the morphometry's measurements of sTIL% that the features end with (none for an
-    encoder without the morphometry): what QC's ``measurement-out-of-range`` checks."""
-    from weakstil.embed.encoders import MEASURED_DIM, MORPH_ARCH
+QC_MEASURES = ("lymph_per_stroma_sized", "lymph_per_stroma", "lymph_per_stroma_loose", "stroma_est")
+
+
+def measured_columns(fingerprint) -> dict[str, int]:
+    """{name: column offset from the end} of the morphometry's readings of sTIL% and its stroma
+    estimate, for features of this version's morphometry (empty otherwise): what QC's
+    ``measurement-out-of-range`` checks."""
+    from weakstil.embed.encoders import MORPH_ARCH
     from weakstil.embed.morph import NAMES
 
     arch = str(((fingerprint or {}).get("encoder") or {}).get("arch", ""))
-    return tuple(NAMES[-MEASURED_DIM:]) if arch.endswith(MORPH_ARCH) else ()  # this version's morphometry
+    if not arch.endswith(MORPH_ARCH):
+        return {}
+    return {name: NAMES.index(name) - len(NAMES) for name in QC_MEASURES}
 
 
 def _extras(df, attrs, bags, cfg, fingerprint, *, name, parent, cv_kind, t0):
@@ -197,7 +203,7 @@ def _extras(df, attrs, bags, cfg, fingerprint, *, name, parent, cv_kind, t0):
             metrics["per_cohort"] = plain_json(per_cohort, finite=True)
         metrics["cv"] = cv_kind
         reference = reference_from_bags(bags, list(df["slide_id"]), mpps, model, stains,
-                                        measured_names=measured_names(fingerprint))
+                                        measured_columns=measured_columns(fingerprint))
         save_reference(reference, tmp / REFERENCE_FILE)
         card = build_card(name=name, df=df, metrics=metrics, fingerprint=fingerprint, train=asdict(cfg),
                           seconds=time.perf_counter() - t0, parent=parent, qc=reference, cv=cv_kind)

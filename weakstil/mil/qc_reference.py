@@ -101,20 +101,23 @@ def stain_amounts(attrs: Mapping | None) -> list[float] | None:
     return [float(v) for v in amounts] if amounts else None
 
 
-def slide_measurements(features: np.ndarray, names: Sequence[str]) -> np.ndarray:
-    """The slide's mean of the stain morphometry's measured columns (the last ``len(names)``)."""
-    return np.asarray(features, dtype=np.float64)[:, -len(names):].mean(axis=0)
+def slide_measurements(features: np.ndarray, columns: Sequence[int]) -> np.ndarray:
+    """The slide's mean of the stain morphometry's measurement ``columns`` (offsets from the last
+    column, -1 being the last)."""
+    return np.asarray(features, dtype=np.float64)[:, list(columns)].mean(axis=0)
 
 
 def build_reference(embeddings: np.ndarray, n_tiles: Sequence[int], mpps: Sequence[float | None],
                     member_sd: Sequence[float] | None = None,
                     stains: Sequence[Sequence[float] | None] | None = None,
-                    measured: np.ndarray | None = None, measured_names: Sequence[str] = ()) -> dict:
+                    measured: np.ndarray | None = None, measured_columns: Mapping[str, int] | None = None) -> dict:
     """The statistics and thresholds QC needs, from the training slides (one row each).
 
     ``stains``: each slide's (H, E) amounts (:func:`stain_amounts`; None where unknown);
-    ``measured``: each slide's mean of the morphometry's measurements of sTIL% (n, len(measured_names);
-    :func:`slide_measurements`), for features that have them."""
+    ``measured``: each slide's mean of the morphometry's measurements of sTIL% (n, len(measured_columns);
+    :func:`slide_measurements`) and ``measured_columns`` {name: column offset from the end}, for
+    features that have them."""
+    names = list(measured_columns or {})
     x = np.asarray(embeddings, dtype=np.float64)
     tiles = np.asarray(n_tiles, dtype=np.float64)
     known_mpp = [float(m) for m in mpps if m is not None and math.isfinite(float(m))]
@@ -131,7 +134,7 @@ def build_reference(embeddings: np.ndarray, n_tiles: Sequence[int], mpps: Sequen
                           if sd.size else None),
         "stain_range": ([[float(lo) / STAIN_TOLERANCE, float(hi) * STAIN_TOLERANCE]
                          for lo, hi in zip(amounts.min(axis=0), amounts.max(axis=0))] if len(amounts) else None),
-        "measured_range": _measured_range(measured, measured_names),
+        "measured_range": _measured_range(measured, names),
     }
     return {
         "version": REFERENCE_VERSION, "n_slides": int(x.shape[0]),
@@ -140,6 +143,7 @@ def build_reference(embeddings: np.ndarray, n_tiles: Sequence[int], mpps: Sequen
         "training": {"n_tiles_p05": float(np.percentile(tiles, 5)), "n_tiles_median": float(np.median(tiles)),
                      "mpp": sorted(set(known_mpp)),
                      "member_sd_p99": float(np.percentile(sd, 99)) if sd.size else None,
+                     "measured_columns": {str(k): int(v) for k, v in (measured_columns or {}).items()} or None,
                      "stain_amounts": ({"min": amounts.min(axis=0).tolist(), "median": np.median(amounts, axis=0).tolist(),
                                         "max": amounts.max(axis=0).tolist()} if len(amounts) else None)},
         "thresholds": thresholds,
@@ -167,8 +171,8 @@ def describe_rules() -> dict:
                                 f"{OOD_MEDIAN_FACTOR:g} x the median of their own leave-one-out distances"),
         "stain-out-of-range": (f"hematoxylin or eosin amount (99th percentile of the slide's stain estimate) "
                                f"outside the training slides' range widened x/÷ {STAIN_TOLERANCE:g}"),
-        "measurement-out-of-range": ("the slide's mean of a stain-morphometry measurement of sTIL% (lymphocyte "
-                                     "share of the stroma, of the nests; the stroma estimate) outside the training "
+        "measurement-out-of-range": ("the slide's mean of a stain-morphometry measurement of sTIL% (the lymphocyte "
+                                     "shares of the stroma; the stroma estimate) outside the training "
                                      f"slides' range widened by {MEASURE_TOLERANCE:g} x that range on each side"),
         "ensemble-disagreement": (f"SD of the members' scores > max({DISAGREE_MIN_SD:g}, {DISAGREE_FACTOR:g} x "
                                   "99th percentile of that SD on the training slides)"),
@@ -178,18 +182,18 @@ def describe_rules() -> dict:
 # --- files --------------------------------------------------------------------------------------
 def reference_from_bags(bags: Mapping[str, np.ndarray], slide_ids: Sequence[str], mpps: Mapping[str, float | None],
                         model=None, stains: Mapping[str, Sequence[float] | None] | None = None,
-                        measured_names: Sequence[str] = ()) -> dict:
+                        measured_columns: Mapping[str, int] | None = None) -> dict:
     """:func:`build_reference` from training bags ({slide_id: (N, D)}), the deployed model, the
     slides' stain amounts ({slide_id: (H, E)}, :func:`stain_amounts`) and the names of the
-    measured columns the features end with (none: no measurement check)."""
+    measurements QC checks, {name: column offset from the end} (none: no measurement check)."""
     embeddings = np.stack([slide_embedding(bags[s]) for s in slide_ids])
-    measured = (np.stack([slide_measurements(bags[s], measured_names) for s in slide_ids])
-                if measured_names else None)
+    measured = (np.stack([slide_measurements(bags[s], list(measured_columns.values())) for s in slide_ids])
+                if measured_columns else None)
     sds = None
     if model is not None and len(model.members) > 1:
         sds = [float(np.std(member_scores(model, bags[s]), ddof=1)) for s in slide_ids]
     return build_reference(embeddings, [bags[s].shape[0] for s in slide_ids], [mpps.get(s) for s in slide_ids], sds,
-                           [(stains or {}).get(s) for s in slide_ids], measured, measured_names)
+                           [(stains or {}).get(s) for s in slide_ids], measured, measured_columns)
 
 
 def save_reference(reference: Mapping, path: str | Path) -> Path:

@@ -25,15 +25,16 @@ slide against that reference. A slide gets zero or more flags, joined with ``;``
   ``STAIN_TOLERANCE``: normalisation made the tiles look usual, but an over- or under-stained or
   faded slide deserves a look (stain optical density ×2.5 gives ~2.3× the training maximum).
   Only for models whose features were stain-normalised.
-* ``measurement-out-of-range``: the slide's mean of one of the stain morphometry's measurements of
-  sTIL% (the lymphocyte share of the estimated stroma, by size and by darkness, strict and loose; the
-  share in the nests; the stroma estimate: :mod:`weakstil.embed.morph`) lies outside the training
+* ``measurement-out-of-range``: the slide's mean of one of the stain morphometry's readings of
+  sTIL% (the lymphocyte share of the estimated stroma, by size and by darkness, strict and loose) or
+  of its stroma estimate (:mod:`weakstil.embed.morph`; not the share inside nests, a confounder
+  whose narrow range on a standard cohort flagged one of the demo's ten test slides) lies outside the training
   slides' range widened by ``MEASURE_TOLERANCE`` × that range on each side. The model is then
   extrapolating on the very quantity it reads. On a 40-slide cohort of new cells-hard slides scored by
   the 24-slide cells-hard model, it flagged the worst error (a heavily hematoxylin-tinted slide of
   true sTIL 1 %, scored 80: its dark-pixel share 0.46 against 0.01–0.34 in training) and one other;
   leaving each training slide out, 0 or 1 of 24–40 slides fired (docs/cohorts.md). Only for features
-  with the morphometry (``+stainmorph`` encoders, the default).
+  with this version's morphometry (``stainmorph``, ``+stainmorph`` encoders: the default).
 * ``ensemble-disagreement``: the SD of the fold members' slide scores exceeds ``max_member_sd`` =
   max(``DISAGREE_MIN_SD``, ``DISAGREE_FACTOR`` × the 99th percentile of that SD over the training
   slides). Members agree on slides like their training data and drift apart elsewhere.
@@ -116,8 +117,9 @@ def check_slide(reference: Mapping | None, model, features: np.ndarray, *, mpp: 
     if reference is None:
         return qc_text([NO_REFERENCE])
     scores = member_scores(model, features) if len(model.members) > 1 else None
-    names = list((reference["thresholds"].get("measured_range") or {}))
-    measured = slide_measurements(features, names) if names and features.shape[1] > len(names) else None
+    columns = reference.get("training", {}).get("measured_columns") or {}
+    measured = (slide_measurements(features, list(columns.values()))
+                if columns and features.shape[1] >= -min(columns.values()) else None)
     return qc_text(slide_flags(reference, n_tiles=int(features.shape[0]), mpp=mpp,
                                embedding=slide_embedding(features), scores=scores, stain=stain_amounts(attrs),
                                measured=measured))
