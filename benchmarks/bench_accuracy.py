@@ -200,15 +200,14 @@ def slide_figures(labels, truth, pred) -> dict:
     vs_truth = regression_metrics(truth, pred, cutoffs=(10, 30, 50))
     vs_labels = regression_metrics(labels, pred, cutoffs=(10, 30, 50))
     slope, intercept = calibration(truth, pred)
+    err = np.asarray(pred, np.float64) - truth  # its mean and standard error: on a dozen slides a bias of a few
+    se = float(err.std(ddof=1) / np.sqrt(len(err))) if len(err) > 1 else float("nan")  # points can be noise
     return {"r2_labels": vs_labels["r2"], "r2_truth": vs_truth["r2"], "mae_truth": vs_truth["mae"],
             **{f"auc@{c}": vs_truth[f"auc@{c}"] for c in (10, 30, 50)},
             "cal_slope": slope, "cal_intercept": intercept, "pred_sd": float(np.std(pred)),
             "label_sd": float(np.std(labels)), "truth_sd": float(np.std(truth)),
             "pred_mean": float(np.mean(pred)), "truth_mean": float(np.mean(truth)),
-            # the mean error and its standard error: on a dozen slides a bias of a few points can be noise
-            "bias": float(np.mean(np.asarray(pred) - truth)),
-            "bias_se": float(np.std(np.asarray(pred) - truth, ddof=1) / np.sqrt(len(truth))) if len(truth) > 1 else
-            float("nan")}
+            "bias": float(err.mean()), "bias_se": se}
 
 
 def tile_figures(cohort: Cohort, tile_preds: dict, weights: dict | None = None) -> dict:

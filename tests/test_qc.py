@@ -138,7 +138,7 @@ def test_viewer_shows_the_flags_and_the_model_card(scored):
 
 def test_check_slide_reads_the_measurements_from_the_last_columns():
     class _Model:
-        members = [object()]  # one member: no disagreement check
+        members = (object(),)  # one member: no disagreement check
 
     ref = _reference()
     features = np.tile(np.asarray(ref["mean"]), (50, 1))  # the measurements are the last of the 16 columns
@@ -151,12 +151,12 @@ def test_check_slide_reads_the_measurements_from_the_last_columns():
 def test_the_checked_measurements_are_the_stroma_readings_and_the_stroma_estimate():
     from weakstil.embed.encoders import MORPH_ARCH
     from weakstil.embed.morph import NAMES
-    from weakstil.mil.cohort import measured_columns
+    from weakstil.mil.qc_reference import measured_columns
 
-    columns = measured_columns({"encoder": {"arch": f"resnet18+{MORPH_ARCH}"}})
+    columns = measured_columns({"arch": f"resnet18+{MORPH_ARCH}"})
     assert columns == {"lymph_per_stroma_sized": -5, "lymph_per_stroma": -4, "lymph_per_stroma_loose": -3,
                        "stroma_est": -1}
     assert all(NAMES[offset] == name for name, offset in columns.items())
     assert "lymph_per_nest" not in columns  # a confounder, narrow on standard cohorts: not a reason to look
-    assert measured_columns({"encoder": {"arch": "resnet18"}}) == {}  # no morphometry, no check
+    assert measured_columns({"arch": "resnet18"}) == {} and measured_columns(None) == {}  # no morphometry
     assert _reference()["training"]["measured_columns"] == MEASURED

@@ -172,27 +172,17 @@ def per_cohort_metrics(cv, df, cutoffs) -> dict:
     return out
 
 
-QC_MEASURES = ("lymph_per_stroma_sized", "lymph_per_stroma", "lymph_per_stroma_loose", "stroma_est")
-
-
-def measured_columns(fingerprint) -> dict[str, int]:
-    """{name: column offset from the end} of the morphometry's readings of sTIL% and its stroma
-    estimate, for features of this version's morphometry (empty otherwise): what QC's
-    ``measurement-out-of-range`` checks."""
-    from weakstil.embed.encoders import MORPH_ARCH
-    from weakstil.embed.morph import NAMES
-
-    arch = str(((fingerprint or {}).get("encoder") or {}).get("arch", ""))
-    if not arch.endswith(MORPH_ARCH):
-        return {}
-    return {name: NAMES.index(name) - len(NAMES) for name in QC_MEASURES}
-
-
 def _extras(df, attrs, bags, cfg, fingerprint, *, name, parent, cv_kind, t0):
     """What train_model writes besides the model: per-cohort metrics, QC reference, model card."""
     from weakstil.fs import plain_json
     from weakstil.mil.card import build_card, write_card
-    from weakstil.mil.qc_reference import REFERENCE_FILE, reference_from_bags, save_reference, stain_amounts
+    from weakstil.mil.qc_reference import (
+        REFERENCE_FILE,
+        measured_columns,
+        reference_from_bags,
+        save_reference,
+        stain_amounts,
+    )
 
     mpps = {s: a.get("slide_mpp") for s, a in attrs.items()}
     stains = {s: stain_amounts(a) for s, a in attrs.items()}
@@ -203,7 +193,7 @@ def _extras(df, attrs, bags, cfg, fingerprint, *, name, parent, cv_kind, t0):
             metrics["per_cohort"] = plain_json(per_cohort, finite=True)
         metrics["cv"] = cv_kind
         reference = reference_from_bags(bags, list(df["slide_id"]), mpps, model, stains,
-                                        measured_columns=measured_columns(fingerprint))
+                                        measured_columns=measured_columns(fingerprint.get("encoder")))
         save_reference(reference, tmp / REFERENCE_FILE)
         card = build_card(name=name, df=df, metrics=metrics, fingerprint=fingerprint, train=asdict(cfg),
                           seconds=time.perf_counter() - t0, parent=parent, qc=reference, cv=cv_kind)

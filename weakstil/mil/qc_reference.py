@@ -101,6 +101,22 @@ def stain_amounts(attrs: Mapping | None) -> list[float] | None:
     return [float(v) for v in amounts] if amounts else None
 
 
+QC_MEASURES = ("lymph_per_stroma_sized", "lymph_per_stroma", "lymph_per_stroma_loose", "stroma_est")
+
+
+def measured_columns(encoder_fp: Mapping | None) -> dict[str, int]:
+    """{name: column offset from the end} of the morphometry's readings of sTIL% in the stroma and of
+    its stroma estimate (:data:`QC_MEASURES`; not the share inside nests, a confounder with a narrow
+    range on a standard cohort) for features of this version's morphometry, else {}: what
+    ``measurement-out-of-range`` checks."""
+    from weakstil.embed.encoders import MORPH_ARCH
+    from weakstil.embed.morph import NAMES
+
+    if not str((encoder_fp or {}).get("arch", "")).endswith(MORPH_ARCH):
+        return {}
+    return {name: NAMES.index(name) - len(NAMES) for name in QC_MEASURES}
+
+
 def slide_measurements(features: np.ndarray, columns: Sequence[int]) -> np.ndarray:
     """The slide's mean of the stain morphometry's measurement ``columns`` (offsets from the last
     column, -1 being the last)."""
