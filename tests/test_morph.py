@@ -195,3 +195,24 @@ def test_size_aware_share_leaves_hyperchromatic_tumour_nuclei_out():
     # the measured block (encoders.MEASURED_DIM), whose last four read lymphocytes by darkness alone
     assert NAMES[-5:] == ("lymph_per_stroma_sized", "lymph_per_stroma", "lymph_per_stroma_loose",
                           "lymph_per_nest", "stroma_est")
+
+
+def test_a_crowd_of_lymphocytes_is_stroma_full_of_lymphocytes_not_a_nest():
+    """Lymphocytes packed side by side (7.6 µm apart, blurred as a scanner does): their rims and the
+    seams between them pass through the pale-nucleus range; they must not make the tile a "tumour
+    nest" without stroma. Vesicular tumour nuclei (pale, 9 µm across) still do."""
+    from scipy import ndimage
+
+    from weakstil.embed.morph import PALE, pale_nuclei
+
+    e = np.full((PX, PX), 0.5)
+    step = 15  # px at 0.5 µm/px: 7.5 µm
+    crowd = ndimage.gaussian_filter(disks([(y, x + (step // 2) * (i % 2)) for i, y in enumerate(range(6, PX, 13))
+                                           for x in range(6, PX, step)], 6.0, 1.8), 1.5)
+    tumour = disks(grid(32, 12), 9.0, 0.6)  # vesicular tumour nuclei 9 µm across, 16 µm apart
+    f = features(render(crowd, e), render(tumour, np.full((PX, PX), 0.2)))
+    assert f["lymph_per_stroma"][0] > 0.3 and f["stroma_est"][0] > 0.8
+    assert f["stroma_est"][1] < 0.3
+    h = torch.as_tensor(ndimage.zoom(crowd, 0.5, order=1))[None, None].float()  # 1 µm/px, as the encoder looks
+    drawn_pale = ((h >= PALE[0]) & (h < PALE[1])).float().mean()
+    assert drawn_pale > 0.15 and pale_nuclei(h, torch.ones_like(h)).mean() < 0.1 * drawn_pale  # rims are not nuclei

@@ -61,7 +61,9 @@ RANDOM_INIT = "random-init"
 TIMM_PREFIX = "timm:"
 MORPH = "stainmorph"  # the fixed stain-morphometry encoder (weakstil.embed.morph)
 MORPH_SUFFIX = "+" + MORPH  # any encoder + stainmorph: both feature sets side by side
-MORPH_ARCH = "stainmorph.v4"  # bump when its features change (the arch is in the cache fingerprint)
+MORPH_ARCH = "stainmorph.v5"  # bump when its features change (the arch is in the cache fingerprint)
+# versions whose columns are laid out as MORPH_ARCH's (v5: pale nuclei opened, same columns as v4)
+MEASURED_ARCHS = ("stainmorph.v4", MORPH_ARCH)
 MORPH_DIM = 29  # weakstil.embed.morph.N_FEATURES (that module imports torch)
 # its last five (mil.select): lymph_per_stroma_sized, lymph_per_stroma (strict, loose), lymph_per_nest,
 # stroma_est; the last four read lymphocytes by darkness alone (the column set "measured-dark")
@@ -78,7 +80,7 @@ KeyMapper = Callable[[dict], dict]  # unwrapped checkpoint state dict -> timm-la
 
 
 # morphometry versions whose last feature is ``stroma_est``
-STROMA_ARCHS = ("stainmorph.v2", "stainmorph.v3", MORPH_ARCH)
+STROMA_ARCHS = ("stainmorph.v2", "stainmorph.v3", *MEASURED_ARCHS)
 
 
 def has_stroma_estimate(encoder_fp: dict | None) -> bool:
@@ -88,11 +90,11 @@ def has_stroma_estimate(encoder_fp: dict | None) -> bool:
 
 
 def has_measured_columns(encoder_fp: dict | None, dim: int | None = None) -> bool:
-    """Whether features of this encoder end with this version's morphometry (:data:`MORPH_ARCH`, whose
+    """Whether features of this encoder end with this layout of the morphometry (:data:`MEASURED_ARCHS`, whose
     last :data:`MEASURED_DIM` columns measure sTIL%) beside a network's own (``dim`` > :data:`MORPH_DIM`
     when given: with the morphometry alone, all columns already are the morphometry)."""
     arch = str((encoder_fp or {}).get("arch", ""))
-    return arch.endswith(MORPH_ARCH) and "+" in arch and (dim is None or dim > MORPH_DIM)
+    return arch.endswith(MEASURED_ARCHS) and "+" in arch and (dim is None or dim > MORPH_DIM)
 
 
 def stroma_estimate(features, encoder_fp: dict | None):

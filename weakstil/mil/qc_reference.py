@@ -109,10 +109,10 @@ def measured_columns(encoder_fp: Mapping | None) -> dict[str, int]:
     its stroma estimate (:data:`QC_MEASURES`; not the share inside nests, a confounder with a narrow
     range on a standard cohort) for features of this version's morphometry, else {}: what
     ``measurement-out-of-range`` checks."""
-    from weakstil.embed.encoders import MORPH_ARCH
+    from weakstil.embed.encoders import MEASURED_ARCHS
     from weakstil.embed.morph import NAMES
 
-    if not str((encoder_fp or {}).get("arch", "")).endswith(MORPH_ARCH):
+    if not str((encoder_fp or {}).get("arch", "")).endswith(MEASURED_ARCHS):
         return {}
     return {name: NAMES.index(name) - len(NAMES) for name in QC_MEASURES}
 

@@ -27,7 +27,8 @@ from weakstil.wsi.tissue import (
 STAIN_METHODS = ("macenko", "none")  # weakstil.embed.stain implements them
 
 TILING_VERSION = 1  # bump when the grid or the tissue filter changes meaning (part of the fingerprint)
-STAIN_VERSION = 2  # bump when weakstil.embed.stain's estimate changes (2: pen ink and folds left out)
+STAIN_VERSION = 3  # bump when weakstil.embed.stain's estimate changes (2: pen ink and folds left out;
+# 3: green/blue ink left out by hue too)
 
 
 @dataclass(frozen=True)
