@@ -18,8 +18,8 @@ eosin amounts of each pixel (colour deconvolution with the reference stains of
   and the same share inside nests. Per-tile Pearson r with the true tile sTIL% (tiles ≥ 25 % stroma):
   lattice 1.00 / 0.99, cells 0.88 / 0.62–0.79 (standard / hard; strict–loose); the slide ratio
   Σ dark-in-stroma / Σ stroma has r 1.00 / 0.96 / 0.99 / 0.87 with the slide truth (10 slides each;
-  v4). On 40-slide cohorts, the slide mean's r with the truth (v5, docs/accuracy.md fourteenth run):
-  lattice 1.00 / 0.94, cells 0.86 / 0.71 (strict);
+  v4); v5 on 40-slide cohorts (docs/accuracy.md, seventeenth run): lattice 1.00 / 0.95, cells
+  0.90 / 0.72 (strict);
 * ``lymph_per_stroma_sized``: the same share, but nuclei wide enough to hold a 9 × 9 µm square are
   taken for tumour nuclei whatever their darkness (left out of the lymphocytes, and marking nests
   with the pale ones). Darkness alone counts hyperchromatic tumour nuclei as lymphocytes
@@ -29,10 +29,10 @@ eosin amounts of each pixel (colour deconvolution with the reference stains of
   without it (:mod:`weakstil.mil.select`);
 * ``stroma_est`` (last): the share of the tile that is tissue outside tumour nests, nests being
   neighbourhoods (8 µm) where at least a quarter of the pixels are pale, vesicular nucleus (H 0.15–0.8
-  in runs at least 3 µm wide, :func:`pale_nuclei`: the blurred rims of packed lymphocytes pass through
-  that range too; lymphocytes are darker, stroma has few nuclei). It is not fed to a pathologist as a measurement: the
-  MIL uses it to keep tiles with little stroma out of the "highest sTIL%" ranking (sTIL% is defined
-  on stroma). Pearson r with the true stroma fraction per tile (40 slides each, v5): lattice 0.99 /
+  in runs at least 3 µm wide, :func:`pale_nuclei`: the blurred rims of packed lymphocytes pass
+  through that range too; lymphocytes are darker, stroma has few nuclei). It is not fed to a
+  pathologist as a measurement: the MIL uses it to keep tiles with little stroma out of the "highest
+  sTIL%" ranking (sTIL% is defined on stroma). Pearson r with the true stroma fraction per tile (40 slides each, v5): lattice 0.99 /
   0.85, cells 0.95 / 0.85 (standard / hard settings), hyperchromatic nests 0.64 (docs/accuracy.md).
 
 It returns :data:`N_FEATURES` numbers per tile on scales of about one (fractions, concentrations,
