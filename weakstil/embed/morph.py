@@ -32,8 +32,9 @@ eosin amounts of each pixel (colour deconvolution with the reference stains of
   in runs at least 3 µm wide, :func:`pale_nuclei`: the blurred rims of packed lymphocytes pass
   through that range too; lymphocytes are darker, stroma has few nuclei). It is not fed to a
   pathologist as a measurement: the MIL uses it to keep tiles with little stroma out of the "highest
-  sTIL%" ranking (sTIL% is defined on stroma). Pearson r with the true stroma fraction per tile (40 slides each, v5): lattice 0.99 /
-  0.85, cells 0.95 / 0.85 (standard / hard settings), hyperchromatic nests 0.64 (docs/accuracy.md).
+  sTIL%" ranking (sTIL% is defined on stroma). Pearson r with the true stroma fraction per tile (40
+  slides each, v5): lattice 0.99 / 0.85, cells 0.95 / 0.85 (standard / hard settings),
+  hyperchromatic nests 0.64 (docs/accuracy.md).
 
 It returns :data:`N_FEATURES` numbers per tile on scales of about one (fractions, concentrations,
 ``log1p`` densities), costs a few FFTs per tile at 1 µm/px (about 12 % of a ResNet-18 pass on a

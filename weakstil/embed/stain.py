@@ -129,7 +129,7 @@ def artefact_free_pixels(tiles: np.ndarray) -> np.ndarray:
     keep = stained
     if p99:
         keep = stained & (total <= ARTEFACT_OD * float(np.median(p99)))
-    pen = np.stack([pen_marks(t) for t in tiles]) if len(tiles) else np.zeros(tiles.shape[:3], bool)
+    pen = pen_marks(tiles.reshape(-1, tiles.shape[2], 3)).reshape(tiles.shape[:3])  # tiles stacked as rows
     if pen.any():
         pen = ndimage.binary_dilation(pen, structure=np.ones((1, 3, 3), bool), iterations=PEN_GROW)
         keep = keep & ~pen.reshape(len(od), -1)

@@ -107,7 +107,8 @@ QC_MEASURES = ("lymph_per_stroma_sized", "lymph_per_stroma", "lymph_per_stroma_l
 def measured_columns(encoder_fp: Mapping | None) -> dict[str, int]:
     """{name: column offset from the end} of the morphometry's readings of sTIL% in the stroma and of
     its stroma estimate (:data:`QC_MEASURES`; not the share inside nests, a confounder with a narrow
-    range on a standard cohort) for features of this version's morphometry, else {}: what
+    range on a standard cohort) for features with this morphometry's column layout
+    (:data:`~weakstil.embed.encoders.MEASURED_ARCHS`), else {}: what
     ``measurement-out-of-range`` checks."""
     from weakstil.embed.encoders import MEASURED_ARCHS
     from weakstil.embed.morph import NAMES

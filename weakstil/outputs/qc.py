@@ -34,7 +34,7 @@ slide against that reference. A slide gets zero or more flags, joined with ``;``
   the 24-slide cells-hard model, it flagged the worst error (a heavily hematoxylin-tinted slide of
   true sTIL 1 %, scored 80: its dark-pixel share 0.46 against 0.01–0.34 in training) and one other;
   leaving each training slide out, 0 or 1 of 24–40 slides fired (docs/cohorts.md). Only for features
-  with this version's morphometry (``stainmorph``, ``+stainmorph`` encoders: the default).
+  with this morphometry's column layout (``stainmorph.v4``/``v5``; ``+stainmorph`` encoders: the default).
 * ``ensemble-disagreement``: the SD of the fold members' slide scores exceeds ``max_member_sd`` =
   max(``DISAGREE_MIN_SD``, ``DISAGREE_FACTOR`` × the 99th percentile of that SD over the training
   slides). Members agree on slides like their training data and drift apart elsewhere.

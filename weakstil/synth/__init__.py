@@ -111,10 +111,12 @@ def _write_cells(root: Path, *, n, seed, setting, prefix, workers, progress, siz
 
 
 def _tick(results, total: int, enabled: bool):
-    """Yield results while a progress bar counts them."""
-    from tqdm.auto import tqdm
+    """Yield results while the project's progress display counts them (as the lattice family's
+    writer does: bars in a terminal, plain lines in a log)."""
+    from weakstil.progress import progress
 
-    with tqdm(total=total, desc="synthetic slides", unit="slide", disable=not enabled) as bar:
+    with progress(enabled) as bar:
+        task = bar.add_task("synthetic slides", total=total, unit="slides")
         for item in results:
-            bar.update(1)
+            bar.update(task, advance=1)
             yield item
