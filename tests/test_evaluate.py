@@ -82,3 +82,32 @@ def test_metrics_doc_matches_scikit_learn_and_keeps_flagged_slides_apart():
     doc.update(date="today", labels="l.csv", model="m", failed={})
     text = render_report(doc, df, "models/m")
     assert "5 slide(s) carry QC flags" in text and "S0" in text
+
+
+def _doc(label, prediction):
+    n = len(label)
+    df = pd.DataFrame({"slide_id": [f"S{i}" for i in range(n)], "patient_id": [f"P{i}" for i in range(n)],
+                       "label": label, "prediction": prediction, "qc": [""] * n})
+    doc = metrics_doc(df, cutoffs=(10, 30, 50), high=30, n_boot=50)
+    return df, doc
+
+
+def test_scale_check_tells_a_model_on_another_scale_from_one_that_does_not_rank():
+    """A model that ranks a cohort but reads it at 60 % (labels counted on another scale) is told to
+    retrain with the line that would fit; one whose predictions are shuffled is told it does not rank;
+    one on the labels' scale gets no advice."""
+    rng = np.random.default_rng(5)
+    label = rng.uniform(0, 90, 40)
+    _, agree = _doc(label, label + rng.normal(0, 5, 40))
+    assert agree["scale"]["verdict"] == "agrees" and not agree["scale"]["advice"]
+    df, low = _doc(label, 0.6 * label + rng.normal(0, 2, 40))
+    s = low["scale"]
+    assert s["verdict"] == "rescaled", s
+    assert s["slope"] == pytest.approx(1 / 0.6, rel=0.1) and s["r2_line"] > 0.9 > low["pooled"]["r2"] + 0.1
+    assert "weakstil train" in s["advice"] and "another scale" in s["advice"]
+    low.update(date="today", labels="l.csv", model="m", failed={})
+    assert "**Scale**" in render_report(low, df, "models/m")
+    _, shuffled = _doc(label, rng.permutation(label))
+    assert shuffled["scale"]["verdict"] == "does-not-rank" and "retrain" in shuffled["scale"]["advice"]
+    _, tiny = _doc(label[:2], label[:2])
+    assert tiny["scale"]["verdict"] == "unclear"

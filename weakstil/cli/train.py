@@ -186,4 +186,7 @@ def evaluate(
     typer.echo(f"evaluate: {m['n_slides']} slides: R² {_fmt(p.get('r2'), 3)} [{_fmt(r2_ci[0], 3)}, {_fmt(r2_ci[1], 3)}], "
                f"AUC@30 {_fmt(p.get('auc@30'), 3)}, MAE {_fmt(p.get('mae'), 1)}; {m['n_flagged']} QC-flagged"
                f"{failed}; report: {result.report}")
+    advice = (m.get("scale") or {}).get("advice")
+    if advice:
+        typer.echo(f"evaluate: {advice}.")
     typer.echo(checks.next_step(f"open {result.report}, or review the slides: weakstil view {out}"))

@@ -7,7 +7,9 @@ folder is given. Each slide is scored and QC-flagged as ``weakstil score`` does,
 * ``predictions.csv``: slide_id, patient_id, label, prediction (sTIL% 0-100), qc;
 * ``metrics.json``: the layout of training's (``headline``, ``pooled`` with r2, pearson, spearman,
   mae, rmse, auc@10/30/50, ``pooled_ci95`` bootstrap intervals) plus the same on the slides without
-  QC flags (``pooled_qc_ok``), the model and labels it came from;
+  QC flags (``pooled_qc_ok``), the model and labels it came from, and ``scale`` (:func:`scale_check`):
+  whether the model reads this cohort on its labels' scale, ranks it but on another scale, or does
+  not rank it — with what to do about it;
 * ``plots/``: predicted vs label with the identity line and the metrics on it, ROC curves at the
   cut-offs, Bland–Altman;
 * ``report.md``: the same for a pathologist to read.
@@ -135,10 +137,54 @@ def metrics_doc(df, *, cutoffs, high: float, n_boot: int = 1000, seed: int = 0) 
            "n_flagged": int((~ok).sum()),
            "headline": {"r2": pooled["r2"], auc_key(high): pooled.get(auc_key(high))},
            "pooled": pooled, "pooled_ci95": {k: list(v) for k, v in ci.items()},
-           "pooled_qc_ok": regression_metrics(label[ok], pred[ok], cutoffs=cutoffs) if ok.sum() >= 2 else None}
+           "pooled_qc_ok": regression_metrics(label[ok], pred[ok], cutoffs=cutoffs) if ok.sum() >= 2 else None,
+           "scale": scale_check(label, pred, pooled)}
     from weakstil.fs import plain_json
 
     return plain_json(doc, finite=True)
+
+
+RANKS = 0.7  # Spearman from which the model is said to rank the cohort's slides
+RESCALED = 0.1  # R² a straight line through the predictions would add, from which the scale is said to differ
+NO_RANK = 0.5  # Spearman below which the model is said not to rank the cohort
+
+
+def scale_check(label: np.ndarray, pred: np.ndarray, pooled: dict) -> dict:
+    """Whether the model reads the cohort on its labels' scale: the least-squares line
+    ``label ≈ intercept + slope × prediction``, the R² the predictions would reach through it, and a
+    verdict with what to do.
+
+    * ``agrees``: the line adds less than :data:`RESCALED` to R²;
+    * ``rescaled``: the model ranks the slides (Spearman ≥ :data:`RANKS`) but the line adds at least
+      :data:`RESCALED` — the labels count sTIL% on another scale than the training cohort's (another
+      scorer, lab or guideline; on synthetic cohorts, another generator: docs/accuracy.md). Retraining
+      on this cohort's labels is the answer measured there; a dozen labelled slides were enough;
+    * ``does-not-rank``: Spearman below :data:`NO_RANK`: the features do not carry over (check QC
+      flags, stain, magnification) — retrain on this cohort;
+    * ``unclear`` otherwise, or with fewer than 3 slides or constant values.
+    """
+    out = {"slope": None, "intercept": None, "r2_line": None, "verdict": "unclear", "advice": ""}
+    spearman, r2 = pooled.get("spearman"), pooled.get("r2")
+    if len(label) < 3 or np.ptp(pred) == 0 or np.ptp(label) == 0 or r2 is None or r2 != r2:
+        return out
+    slope, intercept = np.polyfit(pred, label, 1)
+    r2_line = float(pooled["pearson"]) ** 2
+    out.update(slope=float(slope), intercept=float(intercept), r2_line=r2_line)
+    if spearman == spearman and spearman < NO_RANK:
+        out.update(verdict="does-not-rank", advice=(
+            f"the model does not rank these slides (Spearman {spearman:.2f}): what it learned does not carry "
+            "over to this cohort. Check the QC flags, stain and magnification; retrain on this cohort's labels "
+            "(weakstil train)"))
+    elif r2_line - r2 < RESCALED:
+        out["verdict"] = "agrees"
+    elif spearman == spearman and spearman >= RANKS:
+        out.update(verdict="rescaled", advice=(
+            f"the model ranks these slides (Spearman {spearman:.2f}) but reads them on another scale: "
+            f"label ≈ {intercept:.1f} + {slope:.2f} × prediction would raise R² from {r2:.2f} to {r2_line:.2f}. "
+            "These labels count sTIL% differently from the training cohort's (another scorer, lab or "
+            "guideline). Retrain on this cohort's labels (weakstil train; on synthetic cohorts a dozen "
+            "labelled slides trained from scratch beat the transferred model, docs/accuracy.md)"))
+    return out
 
 
 # --- files ---------------------------------------------------------------------------------------
@@ -190,6 +236,9 @@ def render_report(metrics: dict, df, model_dir: Path) -> str:
              (f"- Telling sTIL-high (≥ 30 %) from low: AUC {_fmt(p.get('auc@30'))} "
              f"(95% CI {_fmt((ci.get('auc@30') or [None])[0])} to {_fmt((ci.get('auc@30') or [None, None])[1])})."),
              f"- {metrics['n_flagged']} slide(s) carry QC flags (see the table below): check them by eye.", ""]
+    advice = (metrics.get("scale") or {}).get("advice")
+    if advice:
+        lines[-1:-1] = [f"- **Scale**: {advice}."]
     if metrics.get("failed"):
         lines += [f"- {len(metrics['failed'])} slide(s) could not be read and are left out: "
                   + ", ".join(metrics["failed"]), ""]
