@@ -374,6 +374,7 @@ RECIPES = {
     "emphasis-3": {"measured_emphasis": 3.0},
     "emphasis-30": {"measured_emphasis": 30.0},  # the eighth run's default: every column alike in the probe start
     "calibrate": {"calibrate": True},  # the ninth run's default: the guarded post-hoc line applied
+    "columns-measured": {"columns": "measured"},  # the five measurements only, never the embedding
 }
 ACCEPT = {  # (figure, cohort kind) -> (test, text) from issue #14
     "r2_truth/standard": (lambda v, probe: v >= 0.9 and v >= probe + 0.02, "≥ 0.9 and ≥ probe + 0.02"),

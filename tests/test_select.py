@@ -74,9 +74,26 @@ def test_choice_and_cross_fitted_estimate():
     good = _CV(labels, labels + rng.normal(0, 3, 30), folds)
     bad = _CV(labels, labels + rng.normal(0, 20, 30), folds)
     assert choose({"all": bad, "measured": good}) == "measured"
-    assert choose({"all": good, "measured": _CV(labels, good.predictions.copy(), folds)}) == "all"  # tie
+    assert choose({"all": good, "measured": _CV(labels, good.predictions.copy(), folds)}) == "measured"  # tie
     honest, picks = crossfit({"all": bad, "measured": good})
     assert picks == ["measured"] * 5 and np.array_equal(honest, good.predictions)
+
+
+def test_fewer_columns_win_within_one_standard_error_of_the_best():
+    """The one-SE rule: measurements a hair behind ``all`` (within the noise of the paired errors)
+    are chosen; measurements clearly behind are not, however simple."""
+    rng = np.random.default_rng(4)
+    labels = rng.uniform(0, 80, 40)
+    folds = np.repeat(np.arange(5), 8)
+    best = _CV(labels, labels + rng.normal(0, 8, 40), folds)
+    close = _CV(labels, labels + rng.normal(0, 8.5, 40), folds)  # a little worse, within the noise
+    far = _CV(labels, labels + rng.normal(0, 16, 40), folds)
+    r2 = {n: 1 - ((c.predictions - labels) ** 2).mean() / labels.var() for n, c in
+          {"best": best, "close": close, "far": far}.items()}
+    assert r2["close"] < r2["best"] and r2["far"] < r2["best"] - 0.1
+    assert choose({"all": best, "measured": close}) == "measured"
+    assert choose({"all": best, "measured": far}) == "all"
+    assert choose({"measured": far, "all": best, "measured-dark": close}) == "measured-dark"
 
 
 def _cohort(signal: str, n: int = 30, seed: int = 0):

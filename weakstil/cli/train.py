@@ -83,7 +83,8 @@ def train(
     columns: Annotated[Columns, typer.Option(
         help="Feature columns the MIL reads: auto (cross-validate all of them, the stain morphometry's "
              "five measurements of sTIL% alone, and the four of them that read lymphocytes by darkness, "
-             "on the same folds; deploy the best: metrics.json → columns), all, measured or "
+             "on the same folds; deploy the fewest columns within one standard error of the best: "
+             "metrics.json → columns), all, measured or "
              "measured-dark (both need a +stainmorph encoder).")] = Columns.auto,
     measured_emphasis: Annotated[Optional[float], typer.Option(
         "--measured-emphasis", min=0.001,
