@@ -148,7 +148,8 @@ class ColumnChoice:
                            for name, cv in self.results.items()},
             "crossfit": {"r2": r2(labels, self.crossfit), "fold_choices": self.fold_choices},
             "note": "the MIL's input columns: the fewest whose out-of-fold R² vs labels is within one "
-                    "standard error of the best candidate's (mil.select.choose); crossfit: each fold scored by the candidate chosen on the other folds",
+                    "standard error of the best candidate's (mil.select.choose); crossfit: each fold "
+                    "scored by the candidate chosen on the other folds",
         }
 
 
