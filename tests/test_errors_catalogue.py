@@ -24,6 +24,21 @@ def test_every_error_class_has_a_row_and_a_fix_or_a_meaning():
     assert "FileNotFoundError" in next(r for r in table.splitlines() if "`ModelNotFoundError`" in r)
 
 
+def test_every_module_that_defines_an_error_is_known_to_the_catalogue():
+    """Importing every weakstil module finds no error class outside weakstil.errors and
+    DEFINED_ELSEWHERE (such a class would be missing from docs/errors.md in a fresh process)."""
+    import importlib
+    import pkgutil
+
+    import weakstil
+    from weakstil.errors import DEFINED_ELSEWHERE
+
+    for info in pkgutil.walk_packages(weakstil.__path__, "weakstil."):
+        importlib.import_module(info.name)
+    modules = {cls.__module__ for cls in all_errors()}
+    assert modules <= {"weakstil.errors", *DEFINED_ELSEWHERE}, modules - {"weakstil.errors", *DEFINED_ELSEWHERE}
+
+
 def test_docs_errors_md_is_the_current_catalogue():
     if not DOC.exists():
         pytest.skip("docs/ not shipped with this install")

@@ -244,7 +244,8 @@ class NoPretrainTilesError(WeakstilError, ValueError):
 
 
 # --- the catalogue (docs/errors.md) --------------------------------------------------------------
-DEFINED_ELSEWHERE = ("weakstil.outputs.bundle", "weakstil.runs.executors")  # modules with their own classes
+DEFINED_ELSEWHERE = ("weakstil.embed.encoder_folders", "weakstil.embed.loader", "weakstil.outputs.bundle",
+                     "weakstil.runs.executors")  # modules with their own classes (a test checks the list)
 
 
 def all_errors() -> list[type[WeakstilError]]:
