@@ -160,3 +160,26 @@ def test_the_checked_measurements_are_the_stroma_readings_and_the_stroma_estimat
     assert "lymph_per_nest" not in columns  # a confounder, narrow on standard cohorts: not a reason to look
     assert measured_columns({"arch": "resnet18"}) == {} and measured_columns(None) == {}  # no morphometry
     assert _reference()["training"]["measured_columns"] == MEASURED
+
+
+def test_a_slide_with_little_stroma_is_flagged_whatever_the_training_range():
+    """sTIL% is a share of the stroma: a slide whose tiles hold under 0.125 mm² of estimated stroma
+    (ten 112-µm tiles' worth) is flagged, from the tiles' stroma estimate and the model's tiling."""
+    class _Model:
+        members = (object(),)
+        fingerprint = {"tiling": {"tile_px": 224, "mpp": 0.5, "overlap": 0}}
+
+    ref = _reference()
+    features = np.tile(np.asarray(ref["mean"]), (50, 1))
+    features[:, -2:] = [0.2, 0.5]  # 50 tiles half stroma: 25 tiles' worth, 0.31 mm²
+    assert qc.check_slide(ref, _Model(), features, mpp=0.25) == ""
+    assert qc_reference.stroma_area_mm2(features, -1, _Model.fingerprint["tiling"]) == pytest.approx(25 * 0.112 ** 2)
+    features[:, -1] = 0.1  # 5 tiles' worth of stroma, inside the (widened) training range of the mean
+    text = qc.check_slide(ref, _Model(), features, mpp=0.25)
+    assert qc.flag_names(text) == ["little-stroma"] and "0.063 mm²" in text
+    assert qc.slide_flags(ref, n_tiles=50, stroma_mm2=None) == []  # no morphometry, no tiling: not checked
+
+    class _NoTiling(_Model):
+        fingerprint = {}
+
+    assert qc.check_slide(ref, _NoTiling(), features, mpp=0.25) == ""

@@ -43,6 +43,7 @@ STAIN_TOLERANCE = 1.5  # a stain amount beyond the training range x/÷ this is f
 MEASURE_TOLERANCE = 0.25  # a measurement of sTIL% beyond the training range widened by this share of it is flagged
 
 
+LITTLE_STROMA_MM2 = 0.125  # estimated stroma below this (ten 112-µm tiles' worth) is flagged: too little to score
 STD_FLOOR = 0.1
 
 
@@ -193,7 +194,21 @@ def describe_rules() -> dict:
                                      f"slides' range widened by {MEASURE_TOLERANCE:g} x that range on each side"),
         "ensemble-disagreement": (f"SD of the members' scores > max({DISAGREE_MIN_SD:g}, {DISAGREE_FACTOR:g} x "
                                   "99th percentile of that SD on the training slides)"),
+        "little-stroma": (f"the slide's estimated stroma (its tiles' stroma_est x the tile area) < "
+                          f"{LITTLE_STROMA_MM2:g} mm² (a fixed floor, not from training)"),
     }
+
+
+def stroma_area_mm2(features: np.ndarray, column: int, tiling: Mapping | None) -> float | None:
+    """The slide's estimated stroma in mm²: the sum over tiles of the stain morphometry's stroma
+    estimate (``column``, an offset from the last) × the area a tile adds to the grid (its stride
+    squared: ``(tile_px − overlap) × mpp``). None without the tiling's ``tile_px`` and ``mpp``."""
+    tiling = tiling or {}
+    if not tiling.get("tile_px") or not tiling.get("mpp"):
+        return None
+    stride_um = (float(tiling["tile_px"]) - float(tiling.get("overlap") or 0)) * float(tiling["mpp"])
+    stroma = np.nan_to_num(np.asarray(features, dtype=np.float64)[:, column], nan=0.0).clip(0, 1)
+    return float(stroma.sum() * stride_um ** 2 / 1e6)
 
 
 # --- files --------------------------------------------------------------------------------------

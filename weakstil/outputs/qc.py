@@ -35,6 +35,14 @@ slide against that reference. A slide gets zero or more flags, joined with ``;``
   true sTIL 1 %, scored 80: its dark-pixel share 0.46 against 0.01–0.34 in training) and one other;
   leaving each training slide out, 0 or 1 of 24–40 slides fired (docs/cohorts.md). Only for features
   with this morphometry's column layout (``stainmorph.v4``/``v5``; ``+stainmorph`` encoders: the default).
+* ``little-stroma``: the slide's estimated stroma (the morphometry's ``stroma_est`` of each tile ×
+  the tile's area) is below ``LITTLE_STROMA_MM2`` (0.125 mm², ten 112-µm tiles' worth) — a fixed
+  floor, not learned from training. sTIL% is a share of the stroma; with this little of it, the
+  score (and the pathologist's estimate) rests on a few tiles, and the "highest sTIL%" tiles may be
+  nests. On the accuracy benchmark's cells-hard cohort (40 slides, eighteenth run) the 10 slides
+  below the floor had a mean out-of-fold error of 13.1 sTIL points against 6.7 and 4.5 for those with
+  0.125–0.375 and more mm²; on lattice-hard, whose slides keep more stroma, one slide fell below
+  (error 0.5). Only for features with the morphometry's column layout (the default encoder).
 * ``ensemble-disagreement``: the SD of the fold members' slide scores exceeds ``max_member_sd`` =
   max(``DISAGREE_MIN_SD``, ``DISAGREE_FACTOR`` × the 99th percentile of that SD over the training
   slides). Members agree on slides like their training data and drift apart elsewhere.
@@ -50,24 +58,28 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from weakstil.mil.qc_reference import (
+    LITTLE_STROMA_MM2,
     embedding_distance,
     member_scores,
     slide_embedding,
     slide_measurements,
     stain_amounts,
+    stroma_area_mm2,
 )
 
 NO_REFERENCE = "no-reference"
 FLAGS = ("low-tissue", "mpp-out-of-range", "out-of-distribution", "stain-out-of-range", "measurement-out-of-range",
-         "ensemble-disagreement", NO_REFERENCE)
+         "little-stroma", "ensemble-disagreement", NO_REFERENCE)
 
 
 def slide_flags(reference: Mapping | None, *, n_tiles: int, mpp: float | None = None,
                 embedding: np.ndarray | None = None, scores: np.ndarray | None = None,
-                stain: Sequence[float] | None = None, measured: Sequence[float] | None = None) -> list[str]:
+                stain: Sequence[float] | None = None, measured: Sequence[float] | None = None,
+                stroma_mm2: float | None = None) -> list[str]:
     """The flags of one slide (empty list: nothing unusual). ``scores``: the members' slide scores;
     ``stain``: its (H, E) amounts (:func:`weakstil.mil.qc_reference.stain_amounts`); ``measured``: its
-    means of the measured columns, in the reference's order (:func:`~weakstil.mil.qc_reference.slide_measurements`)."""
+    means of the measured columns, in the reference's order (:func:`~weakstil.mil.qc_reference.slide_measurements`);
+    ``stroma_mm2``: its estimated stroma (:func:`~weakstil.mil.qc_reference.stroma_area_mm2`)."""
     if reference is None:
         return [NO_REFERENCE]
     limits = reference["thresholds"]
@@ -93,6 +105,8 @@ def slide_flags(reference: Mapping | None, *, n_tiles: int, mpp: float | None = 
                for (name, (lo, hi)), v in zip(bounds.items(), measured) if not lo <= float(v) <= hi]
         if off:
             flags.append(f"measurement-out-of-range({', '.join(off)})")
+    if stroma_mm2 is not None and stroma_mm2 < LITTLE_STROMA_MM2:
+        flags.append(f"little-stroma({stroma_mm2:.3f} mm² < {LITTLE_STROMA_MM2:g} mm²)")
     if scores is not None and len(scores) > 1 and limits.get("max_member_sd") is not None:
         sd = float(np.std(scores, ddof=1))
         if sd > limits["max_member_sd"]:
@@ -120,8 +134,12 @@ def check_slide(reference: Mapping | None, model, features: np.ndarray, *, mpp: 
     columns = reference.get("training", {}).get("measured_columns") or {}
     measured = (slide_measurements(features, list(columns.values()))
                 if columns and features.shape[1] >= -min(columns.values()) else None)
+    stroma_mm2 = None
+    if "stroma_est" in columns and features.shape[1] >= -columns["stroma_est"]:
+        tiling = (getattr(model, "fingerprint", None) or {}).get("tiling")
+        stroma_mm2 = stroma_area_mm2(features, columns["stroma_est"], tiling)
     return qc_text(slide_flags(reference, n_tiles=int(features.shape[0]), mpp=mpp,
                                embedding=slide_embedding(features), scores=scores, stain=stain_amounts(attrs),
-                               measured=measured))
+                               measured=measured, stroma_mm2=stroma_mm2))
 
 

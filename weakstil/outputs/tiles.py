@@ -218,7 +218,7 @@ def top_tiles_png(slide, coords_l0, size_l0, prediction, path, *, k: int = 8, at
     stroma fraction rose from 0.63 to 0.86, docs/accuracy.md). With uniform weights (``mean``) both
     rows rank by sTIL%. With ``stroma`` (the estimated stroma fraction per tile, from a
     ``+stainmorph`` encoder) both rows hold only tiles at least :data:`STROMA_MIN` stroma-like
-    (:func:`rank_tiles`).
+    (:func:`rank_tiles`); where no tile is, the heading says so.
 
     Each tile is labelled with its sTIL% over a swatch of its heatmap colour, and with its attention
     relative to uniform if given ("attn 2.0x": twice the mean). Fewer than 2k predicted tiles are split
@@ -237,6 +237,8 @@ def top_tiles_png(slide, coords_l0, size_l0, prediction, path, *, k: int = 8, at
                "(bottom)" if weighted else f"{slide.slide_id}: highest (top) and lowest (bottom) tile sTIL%")
     if on_stroma:
         heading += f", tiles at least {STROMA_MIN:.0%} stroma-like"  # no ≥: not in every font
+    elif stroma is not None:  # sTIL% is a share of the stroma: say so when there is hardly any
+        heading += f"; no tile is {STROMA_MIN:.0%} stroma-like, read with care"
     draw.text((_PAD, 8), heading, fill="black", font=big)
     att = extra["attention"]
     for r, (row, title) in enumerate(zip(rows, ("highest", "lowest"))):
