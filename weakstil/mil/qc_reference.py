@@ -44,6 +44,8 @@ MEASURE_TOLERANCE = 0.25  # a measurement of sTIL% beyond the training range wid
 
 
 LITTLE_STROMA_MM2 = 0.125  # estimated stroma below this (ten 112-µm tiles' worth) is flagged: too little to score
+
+
 STD_FLOOR = 0.1
 
 
