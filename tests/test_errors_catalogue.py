@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from weakstil.errors import WeakstilError, all_errors, catalogue
+from weakstil.cli.catalogue import all_errors, catalogue
+from weakstil.errors import WeakstilError
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 
@@ -31,7 +32,7 @@ def test_every_module_that_defines_an_error_is_known_to_the_catalogue():
     import pkgutil
 
     import weakstil
-    from weakstil.errors import DEFINED_ELSEWHERE
+    from weakstil.cli.catalogue import DEFINED_ELSEWHERE
 
     for info in pkgutil.walk_packages(weakstil.__path__, "weakstil."):
         importlib.import_module(info.name)
@@ -43,4 +44,4 @@ def test_docs_errors_md_is_the_current_catalogue():
     if not DOC.exists():
         pytest.skip("docs/ not shipped with this install")
     assert catalogue() in DOC.read_text(encoding="utf-8"), (
-        "docs/errors.md is out of date: rewrite its table with weakstil.errors.catalogue()")
+        "docs/errors.md is out of date: rewrite its table with weakstil.cli.catalogue.catalogue()")

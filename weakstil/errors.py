@@ -242,37 +242,3 @@ class ResumeError(WeakstilError, FileNotFoundError):
 class NoPretrainTilesError(WeakstilError, ValueError):
     fix = "check the slides with `weakstil check SLIDES --qc-dir qc/`, or lower --min-tissue"
 
-
-# --- the catalogue (docs/errors.md) --------------------------------------------------------------
-DEFINED_ELSEWHERE = ("weakstil.embed.encoder_folders", "weakstil.embed.loader", "weakstil.outputs.bundle",
-                     "weakstil.runs.executors")  # modules with their own classes (a test checks the list)
-
-
-def all_errors() -> list[type[WeakstilError]]:
-    """Every :class:`WeakstilError` subclass weakstil defines (its own modules imported), by name."""
-    import importlib
-
-    for module in DEFINED_ELSEWHERE:
-        importlib.import_module(module)
-    seen, todo = set(), [WeakstilError]
-    while todo:
-        cls = todo.pop()
-        for sub in cls.__subclasses__():
-            if sub not in seen and sub.__module__.startswith("weakstil."):
-                seen.add(sub)
-                todo.append(sub)
-    return sorted(seen, key=lambda c: c.__name__)
-
-
-def catalogue() -> str:
-    """The markdown table of docs/errors.md: each error, the classes it also is (catch either), and
-    what it means and the fix printed with it (a raise site may give a more specific fix)."""
-    rows = ["| error | also a | what it means · what to do |", "|---|---|---|"]
-    for cls in all_errors():
-        also = [b.__name__ for b in cls.__mro__[1:]
-                if b not in (WeakstilError, Exception, BaseException, object)
-                and (b.__module__ == "builtins" or issubclass(b, WeakstilError))]
-        doc = " ".join((cls.__dict__.get("__doc__") or "").split("\n\n")[0].split())
-        text = " · ".join(t for t in (doc, cls.fix) if t).replace("|", "/")
-        rows.append(f"| `{cls.__name__}` | {', '.join(also)} | {text} |")
-    return "\n".join(rows) + "\n"

@@ -204,11 +204,15 @@ def describe_rules() -> dict:
 def stroma_area_mm2(features: np.ndarray, column: int, tiling: Mapping | None) -> float | None:
     """The slide's estimated stroma in mm²: the sum over tiles of the stain morphometry's stroma
     estimate (``column``, an offset from the last) × the area a tile adds to the grid (its stride
-    squared: ``(tile_px − overlap) × mpp``). None without the tiling's ``tile_px`` and ``mpp``."""
+    squared: :meth:`~weakstil.wsi.tiling.TileSpec.stride_l0` at 1 µm/px). None without the tiling's
+    ``tile_px`` and ``mpp``."""
+    from weakstil.wsi.tiling import TileSpec
+
     tiling = tiling or {}
     if not tiling.get("tile_px") or not tiling.get("mpp"):
         return None
-    stride_um = (float(tiling["tile_px"]) - float(tiling.get("overlap") or 0)) * float(tiling["mpp"])
+    stride_um = TileSpec(tile_px=int(tiling["tile_px"]), mpp=float(tiling["mpp"]),
+                         overlap=int(tiling.get("overlap") or 0)).stride_l0(1.0)
     stroma = np.nan_to_num(np.asarray(features, dtype=np.float64)[:, column], nan=0.0).clip(0, 1)
     return float(stroma.sum() * stride_um ** 2 / 1e6)
 

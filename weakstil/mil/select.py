@@ -102,16 +102,14 @@ def choose(results: Mapping[str, CVResult], mask: np.ndarray | None = None) -> s
     m = slice(None) if mask is None else mask
     names = list(results)
     scores = {name: r2(cv.labels[m], cv.predictions[m]) for name, cv in results.items()}
-    best = max(names, key=lambda n: (scores[n], -names.index(n)))
+    best = max(names, key=scores.get)
     ref = results[best]
     labels = np.asarray(ref.labels[m], np.float64)
     sq_best = (np.asarray(ref.predictions[m], np.float64) - labels) ** 2
     denom = float(((labels - labels.mean()) ** 2).mean())
     rank = {n: (SIMPLEST_FIRST.index(n) if n in SIMPLEST_FIRST else len(SIMPLEST_FIRST) + names.index(n))
             for n in names}
-    for name in sorted(names, key=rank.get):
-        if name == best:
-            return best
+    for name in sorted(names, key=rank.get):  # the best itself passes (no difference), so one always does
         diff = (np.asarray(results[name].predictions[m], np.float64) - labels) ** 2 - sq_best
         se = diff.std(ddof=1) / np.sqrt(len(diff)) / denom if len(diff) > 1 and denom > 0 else 0.0
         if scores[name] >= scores[best] - se:

@@ -132,12 +132,12 @@ def check_slide(reference: Mapping | None, model, features: np.ndarray, *, mpp: 
         return qc_text([NO_REFERENCE])
     scores = member_scores(model, features) if len(model.members) > 1 else None
     columns = reference.get("training", {}).get("measured_columns") or {}
-    measured = (slide_measurements(features, list(columns.values()))
-                if columns and features.shape[1] >= -min(columns.values()) else None)
-    stroma_mm2 = None
-    if "stroma_est" in columns and features.shape[1] >= -columns["stroma_est"]:
-        tiling = (getattr(model, "fingerprint", None) or {}).get("tiling")
-        stroma_mm2 = stroma_area_mm2(features, columns["stroma_est"], tiling)
+    measured = stroma_mm2 = None
+    if columns and features.shape[1] >= -min(columns.values()):  # features with the morphometry's layout
+        measured = slide_measurements(features, list(columns.values()))
+        if "stroma_est" in columns:
+            tiling = (getattr(model, "fingerprint", None) or {}).get("tiling")
+            stroma_mm2 = stroma_area_mm2(features, columns["stroma_est"], tiling)
     return qc_text(slide_flags(reference, n_tiles=int(features.shape[0]), mpp=mpp,
                                embedding=slide_embedding(features), scores=scores, stain=stain_amounts(attrs),
                                measured=measured, stroma_mm2=stroma_mm2))
