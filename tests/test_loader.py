@@ -196,3 +196,36 @@ def test_slide_extractor_keeps_one_reader_pool_for_every_slide(slide_folder, tmp
         assert not children_alive()
     for source in sources:
         np.testing.assert_array_equal(features[1, source.slide_id], features[0, source.slide_id])
+
+
+_ALLOCATOR_PROBE = """
+import sys
+import numpy as np
+from weakstil.embed import loader
+if sys.argv[1] == "reader":
+    loader.limit_heap_fragmentation()
+kept = loader.keep_activation_buffers()
+b = np.empty(64 << 20, np.uint8)  # as large as a batch's first activations
+address = b.ctypes.data
+heap = [line.split()[0].split("-") for line in open("/proc/self/maps") if line.rstrip().endswith("[heap]")]
+print(kept, any(int(lo, 16) <= address < int(hi, 16) for lo, hi in heap))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="glibc on Linux only")
+@pytest.mark.parametrize("case", ["encoder", "reader", "env"])
+def test_the_encoder_process_keeps_large_buffers_in_the_heap_but_readers_and_the_environment_win(case):
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if case == "env":
+        env["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
+    out = subprocess.run([sys.executable, "-c", _ALLOCATOR_PROBE, case], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    kept, in_heap = out[0] == "True", out[1] == "True"
+    if case == "encoder":
+        assert kept and in_heap  # reused batch after batch, not mapped and faulted in afresh
+    else:
+        assert not kept and not in_heap  # 4 MiB (readers) or 1 MiB (the environment): its own mapping
