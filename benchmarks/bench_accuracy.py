@@ -537,8 +537,28 @@ def write_report(doc: dict, rows: list[Row]) -> Path:
     doc["markdown"] = results_markdown(doc)
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(json.dumps(_json_safe(doc), indent=1, allow_nan=False) + "\n")
+    keep_earlier_run(path)
     tmp.replace(path)
     return path
+
+
+def keep_earlier_run(path: Path) -> Path | None:
+    """An earlier run of the day at ``path`` moves aside to ``<stem>-<HHMMSS it was written>.json``:
+    the latest run keeps the name the docs link to and no run is lost."""
+    import datetime as dt
+    import sys
+
+    if not path.exists():
+        return None
+    stamp = dt.datetime.fromtimestamp(path.stat().st_mtime).strftime("%H%M%S")
+    aside = path.with_name(f"{path.stem}-{stamp}{path.suffix}")
+    n = 2
+    while aside.exists():
+        aside = path.with_name(f"{path.stem}-{stamp}-{n}{path.suffix}")
+        n += 1
+    path.replace(aside)
+    print(f"[accuracy] the earlier run of the day moved to {aside.name}", file=sys.stderr)
+    return aside
 
 
 if __name__ == "__main__":  # python -m benchmarks.bench_accuracy prepare [full|quick|smoke]

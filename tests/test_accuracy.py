@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-pytestmark = pytest.mark.slow  # writes and extracts 12 slides (~1 min on 2 shared cores)
+SLOW = pytest.mark.slow  # writes and extracts 12 slides (~1 min on 2 shared cores)
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,7 @@ def cohorts(tmp_path_factory):
     return out
 
 
+@SLOW
 def test_figures_and_probe_are_computed_for_both_families(cohorts):
     from benchmarks import bench_accuracy as acc
 
@@ -77,3 +78,20 @@ def test_transfer_table_shows_the_bias_and_its_standard_error():
     assert "bias ± SE" in lines[3]
     assert "| -4.0 ± 0.8 |" in next(x for x in lines if x.startswith("| a → b"))
     assert "| – ± – |" in next(x for x in lines if x.startswith("| c → d"))
+
+
+def test_a_second_run_of_the_day_moves_the_first_aside_instead_of_overwriting_it(tmp_path):
+    import os
+
+    from benchmarks import bench_accuracy as acc
+
+    path = tmp_path / "2026-12-06-accuracy.json"
+    assert acc.keep_earlier_run(path) is None  # nothing to keep
+    path.write_text("first")
+    os.utime(path, (1_796_000_000, 1_796_000_000))
+    aside = acc.keep_earlier_run(path)
+    assert not path.exists() and aside.read_text() == "first" and aside.name.startswith("2026-12-06-accuracy-")
+    path.write_text("second")
+    os.utime(path, (1_796_000_000, 1_796_000_000))  # the same second: a new name all the same
+    again = acc.keep_earlier_run(path)
+    assert again != aside and again.read_text() == "second" and aside.read_text() == "first"
