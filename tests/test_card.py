@@ -38,6 +38,9 @@ def test_card_holds_the_facts_and_the_markdown_shows_them(tmp_path):
                    "min_tiles: 4", "| nki | 6 | 3 |", "0.20 – 0.70"):
         assert needle in text, needle
     assert (tmp_path / mc.HISTOGRAM).is_file()
+    # a reference stored before the little-stroma floor existed: the card lists it all the same,
+    # since every model's scores get that flag
+    assert "- rule low-tissue: n_tiles < 4" in text and "- rule little-stroma: the slide's estimated stroma" in text
 
 
 def test_evaluations_are_appended_and_a_model_without_card_gets_one(tmp_path):

@@ -252,7 +252,11 @@ def _training_section(card: Mapping) -> list[str]:
     if qc:
         for key, value in (qc.get("thresholds") or {}).items():
             lines.append(f"- {key}: {value}")
-        lines += [f"- rule {k}: {v}" for k, v in (qc.get("rules") or {}).items()]
+        from weakstil.mil.qc_reference import fixed_rules
+
+        stored = dict(qc.get("rules") or {})
+        rules = {**stored, **{k: v for k, v in fixed_rules().items() if k not in stored}}
+        lines += [f"- rule {k}: {v}" for k, v in rules.items()]
     else:
         lines.append("No QC reference: scores are marked `no-reference`.")
     return lines + [""]

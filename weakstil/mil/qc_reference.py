@@ -201,6 +201,12 @@ def describe_rules() -> dict:
     }
 
 
+def fixed_rules() -> dict:
+    """The rules applied to every model's scores whatever its stored reference holds (fixed floors,
+    not learned from training): a card of a model trained before a rule existed still lists it."""
+    return {k: v for k, v in describe_rules().items() if k == "little-stroma"}
+
+
 def stroma_area_mm2(features: np.ndarray, column: int, tiling: Mapping | None) -> float | None:
     """The slide's estimated stroma in mm²: the sum over tiles of the stain morphometry's stroma
     estimate (``column``, an offset from the last) × the area a tile adds to the grid (its stride
