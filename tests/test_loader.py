@@ -204,7 +204,13 @@ import numpy as np
 from weakstil.embed import loader
 if sys.argv[1] == "reader":
     loader.limit_heap_fragmentation()
-kept = loader.keep_activation_buffers()
+if sys.argv[1] == "embedder":  # what extract and score build on a CPU sets it by itself
+    from weakstil.embed.encoders import create_encoder
+    from weakstil.embed.extract import TileEmbedder
+    TileEmbedder(create_encoder("stainmorph"), "cpu")
+    kept = loader._heap_setting == "encoder"
+else:
+    kept = loader.keep_activation_buffers()
 b = np.empty(64 << 20, np.uint8)  # as large as a batch's first activations
 address = b.ctypes.data
 heap = [line.split()[0].split("-") for line in open("/proc/self/maps") if line.rstrip().endswith("[heap]")]
@@ -213,7 +219,7 @@ print(kept, any(int(lo, 16) <= address < int(hi, 16) for lo, hi in heap))
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="glibc on Linux only")
-@pytest.mark.parametrize("case", ["encoder", "reader", "env"])
+@pytest.mark.parametrize("case", ["encoder", "embedder", "reader", "env"])
 def test_the_encoder_process_keeps_large_buffers_in_the_heap_but_readers_and_the_environment_win(case):
     import subprocess
     import sys
@@ -225,7 +231,7 @@ def test_the_encoder_process_keeps_large_buffers_in_the_heap_but_readers_and_the
     out = subprocess.run([sys.executable, "-c", _ALLOCATOR_PROBE, case], env=env, capture_output=True, text=True,
                          check=True).stdout.split()
     kept, in_heap = out[0] == "True", out[1] == "True"
-    if case == "encoder":
+    if case in ("encoder", "embedder"):
         assert kept and in_heap  # reused batch after batch, not mapped and faulted in afresh
     else:
         assert not kept and not in_heap  # 4 MiB (readers) or 1 MiB (the environment): its own mapping
