@@ -243,6 +243,38 @@ def test_mpp_from_resolution_tags(tmp_path, backend, resolution, unit, expected)
         assert slide.level_count == 1
 
 
+def write_ome_tiff(path: Path, pixels: dict | None) -> Path:
+    """An OME-TIFF as tifffile writes it: OME-XML in page 0, the reduced levels in SubIFDs."""
+    image = tissue_like_image(1024, 768)
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(image, subifds=2, tile=(256, 256), photometric="rgb", compression="jpeg",
+                  metadata={"axes": "YXS", **(pixels or {})})
+        for k in (2, 4):
+            tif.write(image[::k, ::k], subfiletype=1, tile=(256, 256), photometric="rgb", compression="jpeg")
+    return path
+
+
+@pytest.mark.parametrize("pixels, expected", [
+    ({"PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5}, 0.5),  # µm, the OME default unit
+    ({"PhysicalSizeX": 250, "PhysicalSizeXUnit": "nm", "PhysicalSizeY": 250, "PhysicalSizeYUnit": "nm"}, 0.25),
+    ({"PhysicalSizeX": 350, "PhysicalSizeY": 350}, MissingMppError),  # 350 µm/px: no scan resolution
+    (None, MissingMppError),
+])
+def test_ome_tiff_mpp_from_its_xml_and_its_subifd_pyramid(tmp_path, pixels, expected):
+    path = write_ome_tiff(tmp_path / "S1.ome.tif", pixels)
+    if isinstance(expected, type):
+        with pytest.raises(expected, match="OME-XML"):
+            open_slide(path)
+        return
+    with open_slide(path) as slide:
+        assert (slide.mpp, slide.mpp_source) == (pytest.approx(expected), "ome-xml")
+        # OpenSlide sees only the first level of a SubIFD pyramid; auto opens it with TiffSlide
+        assert slide.backend == "tiffslide" and slide.level_downsamples == pytest.approx((1.0, 2.0, 4.0))
+        assert slide.read_region((0, 0), 2, (64, 48)).shape[:2] == (48, 64)
+    with open_slide(path, backend="openslide") as slide:  # asked for by name: OpenSlide it is
+        assert slide.backend == "openslide" and slide.mpp_source == "ome-xml"
+
+
 def test_plain_image_needs_mpp(tiny_png):
     with pytest.raises(MissingMppError, match="PNG"):
         open_slide(tiny_png)

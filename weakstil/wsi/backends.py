@@ -174,6 +174,49 @@ def mpp_from_tiff_tags(path: str | Path) -> tuple[float, float] | None:
     return mpp_xy
 
 
+# OME length units (UnitsLength) in µm; the OME default is µm
+_OME_UM = {"pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def is_ome_tiff(path: str | Path) -> bool:
+    """Whether the TIFF carries OME-XML (an OME-TIFF, whose pyramid levels may sit in SubIFDs)."""
+    import tifffile
+
+    try:
+        with _quiet_tifffile(), tifffile.TiffFile(path) as tf:
+            return bool(tf.is_ome)
+    except (tifffile.TiffFileError, OSError, ValueError, struct.error):
+        return False
+
+
+def mpp_from_ome(path: str | Path) -> tuple[float, float] | None:
+    """(mpp_x, mpp_y) from an OME-TIFF's OME-XML (``PhysicalSizeX/Y`` and their units, of the largest
+    image in the file: not a label or macro image), else None — also for values outside TAG_MPP_RANGE."""
+    import xml.etree.ElementTree as ET
+
+    import tifffile
+
+    try:
+        with _quiet_tifffile(), tifffile.TiffFile(path) as tf:
+            xml = tf.ome_metadata if tf.is_ome else None
+        if not xml:
+            return None
+        pixels = [e for e in ET.fromstring(xml).iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"]
+    except (tifffile.TiffFileError, OSError, ValueError, struct.error, ET.ParseError):
+        return None
+    if not pixels:
+        return None
+    main = max(pixels, key=lambda e: float(e.get("SizeX") or 0) * float(e.get("SizeY") or 0))
+    try:
+        mpp_xy = tuple(float(main.get(f"PhysicalSize{a}")) * _OME_UM[main.get(f"PhysicalSize{a}Unit", "µm")]
+                       for a in "XY")
+    except (TypeError, ValueError, KeyError):  # absent, not a number, or a unit that is no length
+        return None
+    if not all(TAG_MPP_RANGE[0] <= v <= TAG_MPP_RANGE[1] for v in mpp_xy):
+        return None
+    return mpp_xy
+
+
 def _fraction(value: Any) -> float:
     if isinstance(value, tuple):
         return value[0] / value[1] if value[1] else 0.0

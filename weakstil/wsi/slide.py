@@ -42,6 +42,8 @@ from weakstil.wsi.backends import (
     TiffSlideReader,
     check_tiff_structure,
     damaged_file_error,
+    is_ome_tiff,
+    mpp_from_ome,
     mpp_from_tiff_tags,
     openslide_module,
     parse_positive,
@@ -181,7 +183,7 @@ class SlideHandle:
     backend: str  # 'openslide' | 'tiffslide' | 'image'
     vendor: str | None
     mpp: float  # µm per level-0 pixel
-    mpp_source: str  # 'openslide.mpp' | 'tiffslide.mpp' | 'tiff-tags' | 'mpp-argument' | 'mpp-override'
+    mpp_source: str  # 'openslide.mpp' | 'tiffslide.mpp' | 'ome-xml' | 'tiff-tags' | 'mpp-argument' | 'mpp-override'
     objective_power: float | None
     level_dimensions: tuple[tuple[int, int], ...]
     level_downsamples: tuple[float, ...]
@@ -351,8 +353,12 @@ def _open_reader(path: Path, backend: str, kind: str):
         return _open_dicom(path, backend)
     suffix = path.suffix.lower()
     openslide = openslide_module()
-    recognised = openslide is not None and bool(openslide.OpenSlide.detect_format(str(path)))
-    if recognised and backend in ("auto", "openslide"):
+    vendor = openslide.OpenSlide.detect_format(str(path)) if openslide is not None else None
+    recognised = bool(vendor)
+    # OpenSlide reads an OME-TIFF as a generic TIFF of one level (its pyramid is in SubIFDs, which
+    # OpenSlide does not follow); TiffSlide reads every level
+    ome_pyramid = backend == "auto" and vendor == "generic-tiff" and is_ome_tiff(path)
+    if recognised and backend in ("auto", "openslide") and not ome_pyramid:
         return OpenSlideReader.open(path)
     if kind == "other" and suffix not in OPENSLIDE_ONLY_SUFFIXES:
         with path.open("rb") as fh:
@@ -400,6 +406,8 @@ def _resolve_mpp(path: Path, reader, kind: str, *, mpp: float | None, mpp_overri
         return float(mpp), "mpp-override"
     stated, source = reader.stated_mpp(), f"{reader.name}.mpp"
     if stated is None and kind == "tiff":
+        stated, source = mpp_from_ome(path), "ome-xml"
+    if stated is None and kind == "tiff":
         stated, source = mpp_from_tiff_tags(path), "tiff-tags"
     note = ""
     if stated is not None and not all(TAG_MPP_RANGE[0] <= v <= TAG_MPP_RANGE[1] for v in stated):
@@ -414,7 +422,7 @@ def _resolve_mpp(path: Path, reader, kind: str, *, mpp: float | None, mpp_overri
                 f"the pixels are not square: mpp-x {mpp_x:.4g} vs mpp-y {mpp_y:.4g} µm ({source})", path=path)
     if mpp is not None:
         return float(mpp), "mpp-argument"
-    looked = f"{reader.name} mpp properties" + (", TIFF resolution tags" if kind == "tiff" else "")
+    looked = f"{reader.name} mpp properties" + (", OME-XML, TIFF resolution tags" if kind == "tiff" else "")
     if reader.name == "image" and kind != "tiff":
         looked = "a plain PNG/JPEG image carries no usable resolution"
     raise MissingMppError(f"the slide states no resolution (looked at: {looked}){note}", path=path)
