@@ -275,6 +275,20 @@ def test_ome_tiff_mpp_from_its_xml_and_its_subifd_pyramid(tmp_path, pixels, expe
         assert slide.backend == "openslide" and slide.mpp_source == "ome-xml"
 
 
+def test_a_subifd_pyramid_without_ome_opens_with_every_level(tmp_path):
+    path = tmp_path / "plain.tif"
+    image = tissue_like_image(1024, 768)
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(image, subifds=2, tile=(256, 256), photometric="rgb", compression="jpeg", metadata=None,
+                  resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+        for k in (2, 4):
+            tif.write(image[::k, ::k], subfiletype=1, tile=(256, 256), photometric="rgb", compression="jpeg")
+    with open_slide(path) as slide:
+        assert slide.backend == "tiffslide" and slide.level_count == 3 and slide.mpp == pytest.approx(0.5)
+    with open_slide(tmp_path / "plain.tif", backend="openslide") as slide:
+        assert slide.level_count == 1  # why auto does not pick it
+
+
 def test_plain_image_needs_mpp(tiny_png):
     with pytest.raises(MissingMppError, match="PNG"):
         open_slide(tiny_png)

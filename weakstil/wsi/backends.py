@@ -178,13 +178,14 @@ def mpp_from_tiff_tags(path: str | Path) -> tuple[float, float] | None:
 _OME_UM = {"pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
 
 
-def is_ome_tiff(path: str | Path) -> bool:
-    """Whether the TIFF carries OME-XML (an OME-TIFF, whose pyramid levels may sit in SubIFDs)."""
+def has_subifd_pyramid(path: str | Path) -> bool:
+    """Whether the TIFF's first page holds its reduced levels in SubIFDs (tifffile's pyramid layout,
+    OME-TIFFs among them), which OpenSlide does not follow."""
     import tifffile
 
     try:
         with _quiet_tifffile(), tifffile.TiffFile(path) as tf:
-            return bool(tf.is_ome)
+            return bool(tf.pages.first.subifds)
     except (tifffile.TiffFileError, OSError, ValueError, struct.error):
         return False
 

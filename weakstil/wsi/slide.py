@@ -42,7 +42,7 @@ from weakstil.wsi.backends import (
     TiffSlideReader,
     check_tiff_structure,
     damaged_file_error,
-    is_ome_tiff,
+    has_subifd_pyramid,
     mpp_from_ome,
     mpp_from_tiff_tags,
     openslide_module,
@@ -355,10 +355,10 @@ def _open_reader(path: Path, backend: str, kind: str):
     openslide = openslide_module()
     vendor = openslide.OpenSlide.detect_format(str(path)) if openslide is not None else None
     recognised = bool(vendor)
-    # OpenSlide reads an OME-TIFF as a generic TIFF of one level (its pyramid is in SubIFDs, which
-    # OpenSlide does not follow); TiffSlide reads every level
-    ome_pyramid = backend == "auto" and vendor == "generic-tiff" and is_ome_tiff(path)
-    if recognised and backend in ("auto", "openslide") and not ome_pyramid:
+    # OpenSlide reads a TIFF whose pyramid is in SubIFDs (tifffile's layout, OME-TIFFs) as a generic
+    # TIFF of one level; TiffSlide reads every level
+    subifd_pyramid = backend == "auto" and vendor == "generic-tiff" and has_subifd_pyramid(path)
+    if recognised and backend in ("auto", "openslide") and not subifd_pyramid:
         return OpenSlideReader.open(path)
     if kind == "other" and suffix not in OPENSLIDE_ONLY_SUFFIXES:
         with path.open("rb") as fh:
