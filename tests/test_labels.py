@@ -131,6 +131,16 @@ def test_missing_column_reported_with_row_problems(tmp_path):
     assert "line 1: missing required column(s) patient_id" in message
     assert "'slide_id', 'stil'" in message  # shows what the header has
     assert "line 3: stil 200 is outside" in message
+    assert "copy slide_id into a patient_id column" in message  # how to fix it for one slide each
+
+
+def test_columns_named_as_other_tools_name_them_are_pointed_out_not_taken(tmp_path):
+    with pytest.raises(LabelsError) as info:
+        read_labels(write(tmp_path, "slide,case_id,sTILs\nA,p1,5\n"))
+    message = str(info.value)
+    for hint in ("rename 'slide' to slide_id", "rename 'case_id' to patient_id", "rename 'stils' to stil"):
+        assert hint in message, hint
+    assert "copy slide_id" not in message  # a patient column is there, under another name
 
 
 def test_missing_file_is_typed_file_not_found(tmp_path):

@@ -28,6 +28,12 @@ if TYPE_CHECKING:
 
 REQUIRED_COLUMNS = ("slide_id", "patient_id", "stil")
 OPTIONAL_COLUMNS = ("center", "cohort")
+# names other tools use for the same columns (lower case): suggested, never taken silently
+COLUMN_ALIASES = {
+    "slide_id": ("slide", "slide_name", "filename", "image", "image_id", "wsi", "id"),
+    "patient_id": ("patient", "case_id", "case", "case_submitter_id", "subject", "subject_id"),
+    "stil": ("stils", "til", "tils", "stil%", "stils%", "til%", "score", "label", "target"),
+}
 STIL_RANGE = (0.0, 100.0)
 
 
@@ -158,8 +164,14 @@ def _column_index(header: list[str], line: int, problems: list[tuple[int, str]])
     missing = [name for name in REQUIRED_COLUMNS if name not in columns]
     if missing:
         found = ", ".join(repr(name) for name in header)
+        hints = [f"rename '{alias}' to {name}" for name in missing for alias in header
+                 if alias in COLUMN_ALIASES.get(name, ())]
+        if "patient_id" in missing and not any("patient_id" in h for h in hints):
+            hints.append("one slide per patient? copy slide_id into a patient_id column (slides of one "
+                         "patient must share it: folds keep a patient's slides together)")
         problems.append(
-            (line, f"missing required column(s) {', '.join(missing)} (the header has {found})")
+            (line, f"missing required column(s) {', '.join(missing)} (the header has {found})"
+                   + "".join(f"; {h}" for h in hints))
         )
     return columns
 
