@@ -175,7 +175,7 @@ def mpp_from_tiff_tags(path: str | Path) -> tuple[float, float] | None:
 
 
 # OME length units (UnitsLength) in µm; the OME default is µm
-_OME_UM = {"pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
+_OME_UM = {"pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "µm": 1.0, "μm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
 
 
 def has_subifd_pyramid(path: str | Path) -> bool:
@@ -207,8 +207,8 @@ def mpp_from_ome(path: str | Path) -> tuple[float, float] | None:
         return None
     if not pixels:
         return None
-    main = max(pixels, key=lambda e: float(e.get("SizeX") or 0) * float(e.get("SizeY") or 0))
     try:
+        main = max(pixels, key=lambda e: float(e.get("SizeX") or 0) * float(e.get("SizeY") or 0))
         mpp_xy = tuple(float(main.get(f"PhysicalSize{a}")) * _OME_UM[main.get(f"PhysicalSize{a}Unit", "µm")]
                        for a in "XY")
     except (TypeError, ValueError, KeyError):  # absent, not a number, or a unit that is no length
