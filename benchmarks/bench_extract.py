@@ -149,49 +149,4 @@ def run(mode, device: str = "cpu") -> list[Row]:
                             cpu_dec, "tiles/s", "encoder forward only, preloaded tiles", fwd, cpu_dec / fwd,
                             extra={"gpu_decode_vs_cpu_decode": e2e / cpu_dec}))
         del embedder, encoder
-    if device == "cpu":
-        rows.append(allocator_row(mode))
     return rows
-
-
-_FORWARD_RATE = """
-import sys, time, numpy as np, torch
-from weakstil.embed.encoders import create_encoder
-from weakstil.embed.extract import TileEmbedder
-emb = TileEmbedder(create_encoder("resnet18-random"), "cpu")
-batch, seconds = int(sys.argv[1]), float(sys.argv[2])
-x = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (batch, 224, 224, 3), dtype=np.uint8))
-emb(x)
-t, n = time.perf_counter(), 0
-while time.perf_counter() - t < seconds:
-    emb(x)
-    n += batch
-print(n / (time.perf_counter() - t))
-"""
-
-
-def allocator_row(mode) -> Row:
-    """ResNet-18 forward tiles/s with the encoder's activation buffers kept in the heap
-    (:func:`weakstil.embed.loader.keep_activation_buffers`, the default) vs glibc's own ceiling of
-    32 MiB on its mmap threshold (``MALLOC_MMAP_THRESHOLD_``, which also switches the default off):
-    each in a fresh process, alternated, the best of each."""
-    import os
-    import subprocess
-    import sys
-
-    seconds = {"full": 15.0, "quick": 5.0}.get(mode.name, 0.5)
-    batch = mode.extract_batch
-    rates: dict[str, list[float]] = {"kept": [], "glibc": []}
-    for _ in range(2 if mode.name != "smoke" else 1):
-        for name in rates:
-            env = dict(os.environ)
-            env.pop("MALLOC_MMAP_THRESHOLD_", None)
-            if name == "glibc":
-                env["MALLOC_MMAP_THRESHOLD_"] = str(32 << 20)
-            out = subprocess.run([sys.executable, "-c", _FORWARD_RATE, str(batch), str(seconds)], env=env,
-                                 capture_output=True, text=True, check=True)
-            rates[name].append(float(out.stdout.strip().splitlines()[-1]))
-    kept, glibc = max(rates["kept"]), max(rates["glibc"])
-    return Row("extract", f"resnet18 forward, activation buffers kept (cpu, batch {batch})", kept, "tiles/s",
-               "glibc default (buffers over 32 MiB mmapped each batch)", glibc, kept / glibc, "≥ 1.0×",
-               kept / glibc >= 1.0, extra={"rates": rates, "seconds_each": seconds})

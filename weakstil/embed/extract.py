@@ -177,10 +177,6 @@ class TileEmbedder:
         import torch
 
         self.device = torch.device(device)
-        if self.device.type == "cpu":
-            from weakstil.embed.loader import keep_activation_buffers
-
-            keep_activation_buffers()
         self.encoder = encoder.to(self.device).eval().to(memory_format=torch.channels_last)
         self.embed_dim = encoder.spec.embed_dim
         self._folded = _inference_copy(self.encoder)

@@ -52,30 +52,8 @@ class ReaderDied(WeakstilError, RuntimeError):
            "smaller --batch-size; run the command again, finished slides are kept")
 
 
-MMAP_THRESHOLD_BYTES = 4 << 20  # readers: block buffers from this size up are mmapped and returned when freed
-ENCODER_MMAP_THRESHOLD_BYTES = 256 << 20  # the encoder's process: activation buffers stay in the heap
-_heap_setting: str | None = None  # which of the two this process has ("reader" / "encoder")
-
-
-def _set_mmap_threshold(threshold: int, role: str) -> bool:
-    """glibc ``mallopt``: buffers of ``threshold`` bytes and up get their own mapping (returned to the
-    OS when freed), and free heap above it is trimmed. Once per process, for one role; never over
-    ``MALLOC_MMAP_THRESHOLD_`` from the environment. Returns whether ``role``'s setting is in effect."""
-    global _heap_setting
-    if _heap_setting is not None:
-        return _heap_setting == role
-    if not sys.platform.startswith("linux") or os.environ.get("MALLOC_MMAP_THRESHOLD_"):
-        return False
-    try:
-        import ctypes
-
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    if mallopt(m_mmap_threshold, int(threshold)) and mallopt(m_trim_threshold, int(threshold)):
-        _heap_setting = role
-    return _heap_setting == role
+MMAP_THRESHOLD_BYTES = 4 << 20  # glibc: buffers from this size up are mmapped and returned when freed
+_heap_limited = False
 
 
 def limit_heap_fragmentation(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
@@ -92,22 +70,20 @@ def limit_heap_fragmentation(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     0.3 GB less peak RSS on a 60,000² px slide. ``MALLOC_MMAP_THRESHOLD_`` in the environment wins
     (and applies to every process). Returns whether the setting is in effect.
     """
-    return _set_mmap_threshold(threshold, "reader")
+    global _heap_limited
+    if _heap_limited:
+        return True
+    if not sys.platform.startswith("linux") or os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+        return False
+    try:
+        import ctypes
 
-
-def keep_activation_buffers(threshold: int = ENCODER_MMAP_THRESHOLD_BYTES) -> bool:
-    """Let the process that runs a CPU encoder reuse freed activation buffers (glibc only).
-
-    glibc maps buffers above its mmap threshold (dynamic, at most 32 MiB) fresh and unmaps them when
-    freed. ResNet-18's first activations for a batch of 32 tiles are ~50 MB, so every batch paid
-    for faulting those pages in again: ~1,900 page faults per tile, half the extraction's system
-    time. A fixed 256 MiB threshold (and the same trim threshold) keeps them in the heap for the
-    next batch: forward alone 1.67× the tiles/s on 2 cores, 12 demo slides end to end 1.08–1.19×
-    (2.6× fewer page faults, ~+0.15 GB peak RSS). :func:`trim_heap` after each slide still gives the
-    heap back. A reader process keeps its own setting (:func:`limit_heap_fragmentation`);
-    ``MALLOC_MMAP_THRESHOLD_`` in the environment wins. Returns whether the setting is in effect.
-    """
-    return _set_mmap_threshold(threshold, "encoder")
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    _heap_limited = bool(mallopt(m_mmap_threshold, int(threshold))) and bool(mallopt(m_trim_threshold, int(threshold)))
+    return _heap_limited
 
 
 def trim_heap() -> bool:
