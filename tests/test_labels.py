@@ -201,6 +201,12 @@ def test_labelled_slides_missing_from_cache_are_errors(tmp_path):
     assert "line 6: stil 'x'" in message  # reported together with the cache problems
 
 
+def test_an_ome_tiff_labelled_without_its_ome_suffix_is_pointed_to(tmp_path):
+    with pytest.raises(LabelsError) as info:
+        read_labels(write(tmp_path, "slide_id,patient_id,stil\nS1,p1,5\n"), cached_ids=["S1.ome"])
+    assert "did you mean 'S1.ome'?" in str(info.value)
+
+
 # --- folds ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", range(8))
 def test_folds_never_split_a_patient(seed):

@@ -251,6 +251,9 @@ def _check_in_cache(rows: list[_Row], cache: set[str], problems: list[tuple[int,
         stem = Path(row.slide_id).stem
         if stem != row.slide_id and stem in cache:
             message += f" (did you mean '{stem}'? slide ids are file names without the extension)"
+        elif f"{row.slide_id}.ome" in cache:  # S1.ome.tif: the stem keeps ".ome"
+            message += (f" (did you mean '{row.slide_id}.ome'? an OME-TIFF's slide id is its file name "
+                        "without the last extension)")
         elif row.slide_id.lower() in lower:
             message += f" (did you mean '{lower[row.slide_id.lower()]}'? ids are case-sensitive)"
         else:
