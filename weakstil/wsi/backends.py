@@ -147,35 +147,56 @@ def parse_positive(value: Any) -> float | None:
     return number if math.isfinite(number) and number > 0 else None
 
 
-def mpp_from_tiff_tags(path: str | Path) -> tuple[float, float] | None:
-    """(mpp_x, mpp_y) from page 0's X/YResolution and ResolutionUnit (cm or inch), else None.
-
-    A missing or NONE unit gives None, and so do values outside TAG_MPP_RANGE (72 or 96 dpi written by
-    image software is a display setting, not a scan resolution).
-    """
+def mpp_from_tiff(path: str | Path) -> tuple[tuple[float, float] | None, str | None]:
+    """((mpp_x, mpp_y), source) from the TIFF itself, the file opened once: an OME-TIFF's OME-XML
+    (``"ome-xml"``), else page 0's resolution tags (``"tiff-tags"``); (None, None) when neither states
+    one — also for values outside TAG_MPP_RANGE (72 or 96 dpi written by image software is a display
+    setting, not a scan resolution)."""
     import tifffile
 
     try:
         with _quiet_tifffile(), tifffile.TiffFile(path) as tf:
-            tags = tf.pages.first.tags
-            unit = tags.get("ResolutionUnit")
-            x_res, y_res = tags.get("XResolution"), tags.get("YResolution")
-            if unit is None or x_res is None or y_res is None:
-                return None
-            um_per_unit = {tifffile.RESUNIT.CENTIMETER: 1e4, tifffile.RESUNIT.INCH: 25400.0}.get(unit.value)
-            rx, ry = (_fraction(r.value) for r in (x_res, y_res))
+            found = [(_ome_mpp(tf.ome_metadata if tf.is_ome else None), "ome-xml"),
+                     (_tag_mpp(tf), "tiff-tags")]
     except (tifffile.TiffFileError, OSError, ValueError, struct.error):
+        return None, None
+    for mpp_xy, source in found:
+        if mpp_xy is not None and all(TAG_MPP_RANGE[0] <= v <= TAG_MPP_RANGE[1] for v in mpp_xy):
+            return mpp_xy, source
+    return None, None
+
+
+def _tag_mpp(tf) -> tuple[float, float] | None:
+    """Page 0's X/YResolution and ResolutionUnit (cm or inch); None for a missing or NONE unit."""
+    import tifffile
+
+    tags = tf.pages.first.tags
+    unit, x_res, y_res = tags.get("ResolutionUnit"), tags.get("XResolution"), tags.get("YResolution")
+    if unit is None or x_res is None or y_res is None:
         return None
-    if um_per_unit is None or not rx or not ry:
-        return None
-    mpp_xy = (um_per_unit / rx, um_per_unit / ry)
-    if not all(TAG_MPP_RANGE[0] <= v <= TAG_MPP_RANGE[1] for v in mpp_xy):
-        return None
-    return mpp_xy
+    um_per_unit = {tifffile.RESUNIT.CENTIMETER: 1e4, tifffile.RESUNIT.INCH: 25400.0}.get(unit.value)
+    rx, ry = (_fraction(r.value) for r in (x_res, y_res))
+    return (um_per_unit / rx, um_per_unit / ry) if um_per_unit and rx and ry else None
 
 
 # OME length units (UnitsLength) in µm; the OME default is µm
 _OME_UM = {"pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "µm": 1.0, "μm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def _ome_mpp(xml: str | None) -> tuple[float, float] | None:
+    """``PhysicalSizeX/Y`` (with their units) of the largest image in the OME-XML: not a label or
+    macro image; None when absent, not a number, or in a unit that is no length."""
+    import xml.etree.ElementTree as ET
+
+    if not xml:
+        return None
+    try:
+        pixels = [e for e in ET.fromstring(xml).iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"]
+        main = max(pixels, key=lambda e: float(e.get("SizeX") or 0) * float(e.get("SizeY") or 0))
+        return tuple(float(main.get(f"PhysicalSize{a}")) * _OME_UM[main.get(f"PhysicalSize{a}Unit", "µm")]
+                     for a in "XY")
+    except (ET.ParseError, TypeError, ValueError, KeyError):  # max() of no Pixels is a ValueError too
+        return None
 
 
 def has_subifd_pyramid(path: str | Path) -> bool:
@@ -188,34 +209,6 @@ def has_subifd_pyramid(path: str | Path) -> bool:
             return bool(tf.pages.first.subifds)
     except (tifffile.TiffFileError, OSError, ValueError, struct.error):
         return False
-
-
-def mpp_from_ome(path: str | Path) -> tuple[float, float] | None:
-    """(mpp_x, mpp_y) from an OME-TIFF's OME-XML (``PhysicalSizeX/Y`` and their units, of the largest
-    image in the file: not a label or macro image), else None — also for values outside TAG_MPP_RANGE."""
-    import xml.etree.ElementTree as ET
-
-    import tifffile
-
-    try:
-        with _quiet_tifffile(), tifffile.TiffFile(path) as tf:
-            xml = tf.ome_metadata if tf.is_ome else None
-        if not xml:
-            return None
-        pixels = [e for e in ET.fromstring(xml).iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"]
-    except (tifffile.TiffFileError, OSError, ValueError, struct.error, ET.ParseError):
-        return None
-    if not pixels:
-        return None
-    try:
-        main = max(pixels, key=lambda e: float(e.get("SizeX") or 0) * float(e.get("SizeY") or 0))
-        mpp_xy = tuple(float(main.get(f"PhysicalSize{a}")) * _OME_UM[main.get(f"PhysicalSize{a}Unit", "µm")]
-                       for a in "XY")
-    except (TypeError, ValueError, KeyError):  # absent, not a number, or a unit that is no length
-        return None
-    if not all(TAG_MPP_RANGE[0] <= v <= TAG_MPP_RANGE[1] for v in mpp_xy):
-        return None
-    return mpp_xy
 
 
 def _fraction(value: Any) -> float:

@@ -43,8 +43,7 @@ from weakstil.wsi.backends import (
     check_tiff_structure,
     damaged_file_error,
     has_subifd_pyramid,
-    mpp_from_ome,
-    mpp_from_tiff_tags,
+    mpp_from_tiff,
     openslide_module,
     parse_positive,
     read_errors,
@@ -398,7 +397,7 @@ def _open_dicom(folder: Path, backend: str):
 
 # --- resolution -------------------------------------------------------------------------------
 def _resolve_mpp(path: Path, reader, kind: str, *, mpp: float | None, mpp_override: bool) -> tuple[float, str]:
-    """(mpp, source): override > slide properties > TIFF tags > the given fallback; else an error.
+    """(mpp, source): override > slide properties > OME-XML > TIFF tags > the given fallback; else an error.
 
     Stated values outside TAG_MPP_RANGE (e.g. 352.8 µm/px from a 72-dpi TIFF) count as not stated.
     """
@@ -406,9 +405,7 @@ def _resolve_mpp(path: Path, reader, kind: str, *, mpp: float | None, mpp_overri
         return float(mpp), "mpp-override"
     stated, source = reader.stated_mpp(), f"{reader.name}.mpp"
     if stated is None and kind == "tiff":
-        stated, source = mpp_from_ome(path), "ome-xml"
-    if stated is None and kind == "tiff":
-        stated, source = mpp_from_tiff_tags(path), "tiff-tags"
+        stated, source = mpp_from_tiff(path)
     note = ""
     if stated is not None and not all(TAG_MPP_RANGE[0] <= v <= TAG_MPP_RANGE[1] for v in stated):
         note = f"; it states {stated[0]:.4g} µm/px ({source}), which is no scan resolution (a display dpi?)"
