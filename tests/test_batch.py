@@ -213,6 +213,47 @@ def test_a_fresh_empty_lock_counts_as_live(tmp_path):
     assert lock is None and "just taking" in holder
 
 
+DIE_TAKING_LOCK = """
+import os, signal, sys
+import weakstil.fs as fs
+def die(*args, **kwargs):  # killed between creating a lock's file (or its staging copy) and finishing it
+    os.kill(os.getpid(), signal.SIGKILL)
+os.link = os.fdopen = die
+fs.acquire_lock(sys.argv[1], "a")
+"""
+
+
+def test_a_process_killed_while_taking_a_lock_does_not_hold_the_slide(tmp_path):
+    """A run killed the moment it takes a slide's lock (as a SIGKILL right after a slide finishes
+    meets it) must not leave an empty lock file that keeps the slide from the next run for a minute."""
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    done = subprocess.run([sys.executable, "-c", DIE_TAKING_LOCK, str(locks)], capture_output=True, text=True)
+    assert done.returncode == -9, done.stderr
+    assert not (locks / "a.lock").exists()
+    lock, holder = acquire_lock(locks, "a")
+    assert lock is not None, holder
+    lock.release()
+    assert [p.name for p in locks.iterdir()]  # the killed process's staging copy is still there
+    run_batch([], lambda item: None, lock_dir=locks, progress=False)  # a batch sweeps it
+    assert list(locks.iterdir()) == []
+
+
+def test_without_hard_links_a_lock_is_still_created_whole(tmp_path, monkeypatch):
+    import weakstil.fs as fs
+
+    def no_link(*args):
+        raise PermissionError(1, "Operation not permitted")  # some SMB / FAT mounts
+
+    monkeypatch.setattr(fs.os, "link", no_link)
+    lock, holder = acquire_lock(tmp_path, "a")
+    assert lock is not None, holder
+    assert json.loads((tmp_path / "a.lock").read_text())["pid"] == os.getpid()
+    assert acquire_lock(tmp_path, "a")[0] is None  # held: a second taker is refused
+    lock.release()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_is_done_is_checked_again_once_locked(tmp_path):
     calls = []
 

@@ -462,14 +462,45 @@ class Lock:
             log.warning("lock %s vanished while held", self.path)
 
 
+def _create_lock_file(path: Path, content: dict) -> None:
+    """Create ``path`` holding ``content``, or raise FileExistsError; never a moment without it.
+
+    The content is written to a staging file first and hard-linked into place (``link`` fails if
+    the name exists, as ``O_EXCL`` does, and is atomic on NFS too), so a process killed while taking
+    a lock leaves either no lock or one naming its (dead) pid — never an empty file that would hold
+    the slide for :data:`EMPTY_LOCK_GRACE_S`. Where the file system has no hard links, it falls
+    back to ``O_CREAT | O_EXCL`` and a write.
+    """
+    data = json.dumps(content).encode()
+    staging = path.with_name(staging_name(path.name))
+    try:
+        with open(staging, "xb") as f:
+            f.write(data)
+        try:
+            os.link(staging, path)
+            return
+        except FileExistsError:
+            raise
+        except OSError as exc:  # no hard links here (some SMB/FAT mounts): the old way
+            log.debug("no hard link for %s (%s): creating it in place", path, exc)
+    finally:
+        Path(staging).unlink(missing_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
 def acquire_lock(lock_dir: str | Path, key: str) -> tuple[Lock | None, str]:
     """``(Lock, "")`` or ``(None, who holds it)``. Stale locks (owner gone) are taken over."""
     path = _lock_path(Path(lock_dir), key)
     holder_text = "another process"
     for _ in range(4):
         token = uuid.uuid4().hex
+        since = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        content = {"pid": os.getpid(), "host": _HOST, "start": _proc_start(os.getpid()),
+                   "token": token, "since": since}
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            _create_lock_file(path, content)
         except FileExistsError:
             try:
                 raw, holder = _read_lock(path)
@@ -494,11 +525,6 @@ def acquire_lock(lock_dir: str | Path, key: str) -> tuple[Lock | None, str]:
             log.info("taking over stale lock %s (%s)", path, holder_text)
             _take_over(path, raw)
             continue
-        since = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        content = {"pid": os.getpid(), "host": _HOST, "start": _proc_start(os.getpid()),
-                   "token": token, "since": since}
-        with os.fdopen(fd, "w") as f:
-            json.dump(content, f)
         with _HELD_GUARD:
             _HELD[token] = path
         _start_heartbeat()

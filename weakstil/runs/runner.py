@@ -44,6 +44,7 @@ from weakstil.fs import (  # noqa: F401  (the lock API, re-exported for callers 
     Lock,
     _lock_path,
     acquire_lock,
+    sweep_partials,
     write_csv,
 )
 from weakstil.progress import progress as progress_display
@@ -257,6 +258,7 @@ def run_batch(items: Iterable[Any], job: Any, *, key: Callable[[Any], str] | Non
         raise DuplicateSlideIdError(f"items share a key: {', '.join(dupes)}")
     if lock_dir is not None:
         Path(lock_dir).mkdir(parents=True, exist_ok=True)
+        sweep_partials(lock_dir)  # staging copies of locks a killed run was taking
     executor = executor if executor is not None else LocalExecutor()
     by_key: dict[str, Outcome] = {}
     stop: Outcome | None = None
