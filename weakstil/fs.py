@@ -6,8 +6,8 @@ recognises and removes what a killed process left behind, and one place turns a 
 (ENOSPC, EDQUOT) into a :class:`~weakstil.errors.DiskFullError` that names the path and the free
 space, after removing the temp file (the earlier output stays as it was).
 
-Locks let several processes share a folder: ``<lock_dir>/<key>.lock`` is created with
-``O_CREAT | O_EXCL`` and holds the owner's pid, host and process start time. While held, a
+Locks let several processes share a folder: ``<lock_dir>/<key>.lock`` is created whole (its content
+hard-linked into place: :func:`_create_lock_file`) and holds the owner's pid, host and process start time. While held, a
 background thread touches it every :data:`HEARTBEAT_S` seconds. A lock is stale, and taken over,
 when its process is gone (same host: the pid is dead, a zombie, or reused by another process), or,
 for a lock from another host, when it has not been touched for :data:`STALE_AFTER_S` seconds (the
