@@ -111,8 +111,36 @@ def features_dir(cohort: Path) -> Path:
 
 
 def _ready(path: Path, n: int) -> bool:
-    slides = list(features_dir(path).glob("*.zarr/slides/*/zarr.json"))
+    from weakstil.embed.cache import list_stores
+
+    stores = [p for p, attrs in list_stores(features_dir(path)).items() if not _outdated(attrs)]
+    slides = [s for store in stores for s in store.glob("slides/*/zarr.json")]
     return (path / "labels.csv").exists() and len(slides) >= n
+
+
+def _outdated(attrs: dict) -> bool:
+    """Whether a store's features come from an older version of the encoder (e.g. the morphometry
+    before a ``MORPH_ARCH`` bump): its name is this encoder's, its arch is not."""
+    from weakstil.embed.encoders import get_encoder_spec
+
+    enc = attrs.get("encoder", {})
+    return enc.get("name") == encoder_name() and enc.get("arch") != get_encoder_spec(encoder_name()).arch
+
+
+def set_aside_outdated(cohort: Path) -> list[Path]:
+    """Rename stores of an older encoder version to ``<store>.<arch>.old`` (kept, not read), so the
+    cohort is extracted again and one store remains to be found."""
+    from weakstil.embed.cache import list_stores
+
+    moved = []
+    for store, attrs in list_stores(features_dir(cohort)).items():
+        if _outdated(attrs):
+            dest = store.with_name(f"{store.name}.{attrs['encoder'].get('arch')}.old")
+            store.rename(dest)
+            print(f"[accuracy] {cohort.name}: features of {attrs['encoder'].get('arch')} set aside "
+                  f"({dest.name}); extracting with the current encoder", file=sys.stderr)
+            moved.append(dest)
+    return moved
 
 
 def prepare(root: Path, plan: Plan, *, progress: bool = False) -> dict[str, Path]:
@@ -133,6 +161,7 @@ def extract(cohort: Path, *, progress: bool = False):
     from weakstil.wsi.tiling import TileSpec
     from weakstil.wsi.tissue import TissueParams
 
+    set_aside_outdated(cohort)
     sources = slide_sources(find_slides(cohort / "slides"))
     result = extract_slides(sources, features_dir(cohort), encoder=create_encoder(encoder_name()),
                             spec=TileSpec(stain=stain()), tissue=TissueParams(),

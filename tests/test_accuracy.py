@@ -95,3 +95,27 @@ def test_a_second_run_of_the_day_moves_the_first_aside_instead_of_overwriting_it
     os.utime(path, (1_796_000_000, 1_796_000_000))  # the same second: a new name all the same
     again = acc.keep_earlier_run(path)
     assert again != aside and again.read_text() == "second" and aside.read_text() == "first"
+
+
+def test_features_of_an_older_morphometry_are_set_aside_and_extracted_again(tmp_path):
+    """After a MORPH_ARCH bump the benchmark must not read the old features as if they were new."""
+    import json
+
+    from benchmarks import bench_accuracy as acc
+    from weakstil.embed.encoders import get_encoder_spec
+
+    cohort = tmp_path / "cells-hard"
+    (cohort / "labels.csv").parent.mkdir(parents=True)
+    (cohort / "labels.csv").write_text("slide_id,patient_id,stil\n")
+    current = get_encoder_spec(acc.encoder_name()).arch
+    for name, arch in (("old.zarr", "resnet18+stainmorph.v1"), ("new.zarr", current)):
+        store = acc.features_dir(cohort) / name
+        (store / "slides" / "S1").mkdir(parents=True)
+        (store / "slides" / "S1" / "zarr.json").write_text("{}")
+        (store / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {
+            "encoder": {"name": acc.encoder_name(), "arch": arch}}}))
+    assert acc._ready(cohort, 1) and not acc._ready(cohort, 2)  # only the current store's slide counts
+    moved = acc.set_aside_outdated(cohort)
+    assert [p.name for p in moved] == ["old.zarr.resnet18+stainmorph.v1.old"]
+    assert sorted(p.name for p in acc.features_dir(cohort).iterdir()) == ["new.zarr", moved[0].name]
+    assert acc.set_aside_outdated(cohort) == []  # nothing more to move
