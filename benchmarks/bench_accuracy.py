@@ -566,9 +566,23 @@ def write_report(doc: dict, rows: list[Row]) -> Path:
     doc["markdown"] = results_markdown(doc)
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(json.dumps(_json_safe(doc), indent=1, allow_nan=False) + "\n")
-    keep_earlier_run(path)
-    tmp.replace(path)
+    install_report(tmp, path)
     return path
+
+
+_WRITTEN_THIS_RUN: set[Path] = set()
+
+
+def install_report(tmp: Path, path: Path) -> Path | None:
+    """Rename ``tmp`` to ``path``. The report is rewritten after each cohort: only the first write of
+    this run moves another run's file aside (:func:`keep_earlier_run`, returned), later ones replace
+    this run's own."""
+    aside = None
+    if path not in _WRITTEN_THIS_RUN:
+        aside = keep_earlier_run(path)
+        _WRITTEN_THIS_RUN.add(path)
+    tmp.replace(path)
+    return aside
 
 
 def keep_earlier_run(path: Path) -> Path | None:

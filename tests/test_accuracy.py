@@ -119,3 +119,17 @@ def test_features_of_an_older_morphometry_are_set_aside_and_extracted_again(tmp_
     assert [p.name for p in moved] == ["old.zarr.resnet18+stainmorph.v1.old"]
     assert sorted(p.name for p in acc.features_dir(cohort).iterdir()) == ["new.zarr", moved[0].name]
     assert acc.set_aside_outdated(cohort) == []  # nothing more to move
+
+
+def test_a_run_rewriting_its_report_after_each_cohort_moves_only_the_earlier_run_aside(tmp_path):
+    from benchmarks import bench_accuracy as acc
+
+    path = tmp_path / "2026-12-06-accuracy.json"
+    path.write_text("earlier run")
+    for cohort in ("lattice-standard", "cells-standard", "lattice-hard"):
+        tmp = tmp_path / "report.partial"
+        tmp.write_text(cohort)
+        acc.install_report(tmp, path)
+    assert path.read_text() == "lattice-hard"
+    kept = sorted(p.name for p in tmp_path.iterdir() if p != path)
+    assert len(kept) == 1 and (tmp_path / kept[0]).read_text() == "earlier run"
