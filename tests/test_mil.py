@@ -153,6 +153,23 @@ def test_fingerprint_match_and_mismatch():
     assert "encoder.name" in text and "encoder.weights_sha256" in text and "tiling." not in text
 
 
+def test_a_model_of_an_older_morphometry_is_told_to_retrain_not_to_change_encoder():
+    """After a MORPH_ARCH bump the encoder a model names computes the new features: the advice
+    "score with the encoder the model was trained on" cannot be followed, retraining can."""
+    from weakstil.embed.encoders import MORPH_ARCH
+
+    enc = {"name": "resnet18-random+stainmorph", "arch": "resnet18+stainmorph.v5"}
+    model = {"encoder": enc, "tiling": {"mpp": 0.5}}
+    now = {"encoder": dict(enc, arch="resnet18+" + MORPH_ARCH), "tiling": {"mpp": 0.5}}
+    with pytest.raises(ModelMismatchError) as info:
+        check_fingerprint(model, now)
+    assert "stainmorph.v5" in info.value.fix and "retrain" in info.value.fix and MORPH_ARCH in info.value.fix
+    other_net = {"encoder": dict(enc, arch="vit_small+" + MORPH_ARCH), "tiling": {"mpp": 0.5}}
+    with pytest.raises(ModelMismatchError) as info:
+        check_fingerprint(model, other_net)
+    assert "retrain" not in info.value.fix  # another network: score with the one the model names
+
+
 # --- the probe head (head="probe", issue #14): the MIL starts as the linear probe -------------------
 def _probe_cohort(n: int = 24, seed: int = 0, tile_sd: float = 0.3, slide_sd: float = 0.05):
     rng = np.random.default_rng(seed)

@@ -61,9 +61,10 @@ RANDOM_INIT = "random-init"
 TIMM_PREFIX = "timm:"
 MORPH = "stainmorph"  # the fixed stain-morphometry encoder (weakstil.embed.morph)
 MORPH_SUFFIX = "+" + MORPH  # any encoder + stainmorph: both feature sets side by side
-MORPH_ARCH = "stainmorph.v5"  # bump when its features change (the arch is in the cache fingerprint)
-# versions whose columns are laid out as MORPH_ARCH's (v5: pale nuclei opened, same columns as v4)
-MEASURED_ARCHS = ("stainmorph.v4", MORPH_ARCH)
+MORPH_ARCH = "stainmorph.v6"  # bump when its features change (the arch is in the cache fingerprint)
+# versions whose columns are laid out as MORPH_ARCH's (v5: pale nuclei opened; v6: stroma is solid
+# tissue, fat's septa left out; same columns as v4)
+MEASURED_ARCHS = ("stainmorph.v4", "stainmorph.v5", MORPH_ARCH)
 MORPH_DIM = 29  # weakstil.embed.morph.N_FEATURES (that module imports torch)
 # its last five (mil.select): lymph_per_stroma_sized, lymph_per_stroma (strict, loose), lymph_per_nest,
 # stroma_est; the last four read lymphocytes by darkness alone (the column set "measured-dark")

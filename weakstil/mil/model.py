@@ -422,5 +422,24 @@ def check_fingerprint(model: TrainedModel | dict, cache_fp) -> None:
     diffs = model_differences(model_fp, cache_fp)
     if diffs:
         raise ModelMismatchError(
-            "the model was trained on other features than these:\n  " + "\n  ".join(diffs)
-        )
+            "the model was trained on other features than these:\n  " + "\n  ".join(diffs),
+            fix=_older_morphometry_fix(model_fp, cache_fp))
+
+
+def _older_morphometry_fix(model_fp: dict, cache_fp: dict) -> str | None:
+    """The advice when a model's features came from another version of the stain morphometry (a
+    ``MORPH_ARCH`` bump between weakstil versions), which this version cannot compute: retrain."""
+    from weakstil.embed.encoders import MORPH_ARCH
+
+    ours = str(model_fp.get("encoder", {}).get("arch", ""))
+    theirs = str(cache_fp.get("encoder", {}).get("arch", ""))
+    base = MORPH_ARCH.rsplit(".", 1)[0]  # "stainmorph"
+    if base not in ours or ours == theirs or ours.endswith(MORPH_ARCH):
+        return None
+    if ours.split("+")[0] != theirs.split("+")[0]:
+        return None  # another network too: the general advice
+    version = ours.rsplit("+", 1)[-1]
+    return (f"this model was trained on {version} morphometry features (an earlier weakstil); this version "
+            f"computes {MORPH_ARCH} only: extract again and retrain (`weakstil extract`, then `weakstil "
+            f"train`: the models/NAME/config.yaml options), or score with the weakstil version in the "
+            f"model card")

@@ -34,7 +34,7 @@ slide against that reference. A slide gets zero or more flags, joined with ``;``
   the 24-slide cells-hard model, it flagged the worst error (a heavily hematoxylin-tinted slide of
   true sTIL 1 %, scored 80: its dark-pixel share 0.46 against 0.01–0.34 in training) and one other;
   leaving each training slide out, 0 or 1 of 24–40 slides fired (docs/cohorts.md). Only for features
-  with this morphometry's column layout (``stainmorph.v4``/``v5``; ``+stainmorph`` encoders: the default).
+  with this morphometry's column layout (``stainmorph.v4``–``v6``; ``+stainmorph`` encoders: the default).
 * ``little-stroma``: the slide's estimated stroma (the morphometry's ``stroma_est`` of each tile ×
   the tile's area) is below ``LITTLE_STROMA_MM2`` (0.125 mm², ten 112-µm tiles' worth) — a fixed
   floor, not learned from training. sTIL% is a share of the stroma; with this little of it, the
