@@ -96,6 +96,27 @@ def test_fewer_columns_win_within_one_standard_error_of_the_best():
     assert choose({"measured": far, "all": best, "measured-dark": close}) == "measured-dark"
 
 
+def test_a_difference_too_small_to_matter_does_not_buy_more_columns():
+    """Near-perfect candidates: the paired errors' standard error is tiny, so the one-SE rule alone
+    would take all columns for 0.005 of R²; under PRACTICAL_R2 the fewer columns win."""
+    from weakstil.mil.select import PRACTICAL_R2
+
+    rng = np.random.default_rng(1)
+    labels = rng.uniform(0, 80, 40)
+    folds = np.repeat(np.arange(5), 8)
+    noise = rng.normal(0, 1, 40)
+    best = _CV(labels, labels + 1.5 * noise, folds)
+    near = _CV(labels, labels + 1.5 * noise + rng.normal(0, 1.2, 40), folds)
+    r2 = {n: 1 - ((c.predictions - labels) ** 2).mean() / labels.var() for n, c in (("best", best), ("near", near))}
+    gap = r2["best"] - r2["near"]
+    diff = (near.predictions - labels) ** 2 - (best.predictions - labels) ** 2
+    se = diff.std(ddof=1) / np.sqrt(40) / labels.var()
+    assert se < gap < PRACTICAL_R2  # beyond one SE, below what matters
+    assert choose({"all": best, "measured-dark": near}) == "measured-dark"
+    worse = _CV(labels, labels + 1.5 * noise + rng.normal(0, 6, 40), folds)  # 0.05 behind: all wins
+    assert choose({"all": best, "measured-dark": worse}) == "all"
+
+
 def _cohort(signal: str, n: int = 30, seed: int = 0):
     """Bags whose label lives in the network columns or in the measurement columns only."""
     rng = np.random.default_rng(seed)
@@ -157,7 +178,7 @@ def test_the_training_table_shows_the_column_choice():
     console = Console(width=200, record=True)
     console.print(metrics_table([TrainedRun("m", Path("m"), metrics)]))
     text = console.export_text()
-    assert "columns: measured (fewest within 1 SE of the best; vs all 0.54; cross-fitted choice)" in text and "0.74" in text
+    assert "columns: measured (fewest within 1 SE or 0.01 of the best; vs all 0.54; cross-fitted choice)" in text and "0.74" in text
 
 
 def test_the_probe_start_emphasises_the_measured_columns():

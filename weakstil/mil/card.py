@@ -170,7 +170,7 @@ def _columns_line(columns: dict) -> str:
     if not columns.get("candidates"):
         return f"- input columns: {chosen}"
     r2s = ", ".join(f"{k} {_f(v.get('r2'))}" for k, v in columns["candidates"].items())
-    return (f"- input columns: {chosen}, the fewest within one standard error of the best out-of-fold R² vs "
+    return (f"- input columns: {chosen}, the fewest within one standard error (or 0.01) of the best out-of-fold R² vs "
             f"labels ({r2s}; the choice cross-fitted "
             f"{_f((columns.get('crossfit') or {}).get('r2'))})")
 
