@@ -197,7 +197,7 @@ class StainMorph(nn.Module):
             torch.log1p(in_stroma * dens * area / stroma_px.clamp(min=area / 20)),
             n_small / (n_small + n_large).clamp(min=1), frac(nests), contrast,
             sized_lymph_share(h, tissue, solid, big, ctx[:, 3:4], area), strict, loose, nest_share,
-            frac(est_stroma[0]),  # stroma_est: tissue outside pale-nucleus nests
+            frac(est_stroma[0]),  # stroma_est: solid tissue outside pale-nucleus nests
         ]
         return torch.stack(feats, 1)
 
