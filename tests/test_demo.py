@@ -48,7 +48,7 @@ def _check_outputs(out: Path, summary: dict, n_test: int) -> None:
         assert config["train"]["columns"] == columns["chosen"]
         assert config["model"]["inputs"] == {"all": 0, "measured": 5, "measured-dark": 4}[columns["chosen"]]
         card = (out / "models" / name / "MODEL_CARD.md").read_text()
-        assert f"input columns: {columns['chosen']}, the fewest within one standard error (or 0.01) of the best" in card
+        assert f"input columns: {columns['chosen']}, the fewest within one standard error (or 0.01) of the best out-of-fold" in card
 
 
 def test_small_demo_completes_and_writes_its_outputs(tmp_path, capsys):

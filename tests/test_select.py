@@ -178,7 +178,7 @@ def test_the_training_table_shows_the_column_choice():
     console = Console(width=200, record=True)
     console.print(metrics_table([TrainedRun("m", Path("m"), metrics)]))
     text = console.export_text()
-    assert "columns: measured (fewest within 1 SE or 0.01 of the best; vs all 0.54; cross-fitted choice)" in text and "0.74" in text
+    assert "columns: measured (fewest within one standard error (or 0.01) of the best; vs all 0.54; cross-fitted choice)" in text and "0.74" in text
 
 
 def test_the_probe_start_emphasises_the_measured_columns():

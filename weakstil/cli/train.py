@@ -23,6 +23,7 @@ from weakstil.cli.app import (
 )
 from weakstil.cli import checks
 from weakstil.errors import WeakstilError
+from weakstil.mil import COLUMN_RULE
 
 
 class CV(str, Enum):
@@ -83,7 +84,7 @@ def train(
     columns: Annotated[Columns, typer.Option(
         help="Feature columns the MIL reads: auto (cross-validate all of them, the stain morphometry's "
              "five measurements of sTIL% alone, and the four of them that read lymphocytes by darkness, "
-             "on the same folds; deploy the fewest columns within one standard error (or 0.01) of the best R²: "
+             f"on the same folds; deploy the fewest columns {COLUMN_RULE} R²: "
              "metrics.json → columns), all, measured or "
              "measured-dark (both need a +stainmorph encoder).")] = Columns.auto,
     measured_emphasis: Annotated[Optional[float], typer.Option(

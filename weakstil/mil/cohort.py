@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from weakstil.mil import COLUMN_RULE
+
 log = logging.getLogger(__name__)
 
 
@@ -285,7 +287,7 @@ def metrics_table(runs: list[TrainedRun], *, title: str = "cross-validation (out
         if columns:  # the MIL's input columns, chosen out of fold (mil.select)
             other = ", ".join(f"{k} {_fmt(v.get('r2'))}" for k, v in columns["candidates"].items()
                               if k != columns["chosen"])
-            table.add_row(f"  columns: {columns['chosen']} (fewest within 1 SE or 0.01 of the best; vs {other}; "
+            table.add_row(f"  columns: {columns['chosen']} (fewest {COLUMN_RULE}; vs {other}; "
                           "cross-fitted choice)", "", "",
                           _fmt((columns.get("crossfit") or {}).get("r2")), "", "", "", "", "")
         if blend:  # what is deployed: the blend (and the calibration line), cross-fitted

@@ -43,6 +43,7 @@ from typing import Mapping
 import numpy as np
 
 from weakstil.errors import ConfigError
+from weakstil.mil import COLUMN_RULE, PRACTICAL_R2
 from weakstil.mil.cv import CVResult, cross_validate
 from weakstil.mil.fit import TrainConfig
 
@@ -86,7 +87,6 @@ def r2(labels, predictions) -> float:
 
 
 SIMPLEST_FIRST = ("measured-dark", "measured", "all")  # fewest columns first (the one-SE rule's order)
-PRACTICAL_R2 = 0.01  # an R² difference smaller than this is no reason for more columns, however sure
 
 
 def choose(results: Mapping[str, CVResult], mask: np.ndarray | None = None) -> str:
@@ -151,8 +151,8 @@ class ColumnChoice:
             "candidates": {name: {"r2": r2(labels, cv.predictions), "seconds": round(cv.seconds, 1)}
                            for name, cv in self.results.items()},
             "crossfit": {"r2": r2(labels, self.crossfit), "fold_choices": self.fold_choices},
-            "note": "the MIL's input columns: the fewest whose out-of-fold R² vs labels is within one "
-                    "standard error (or 0.01) of the best candidate's (mil.select.choose); crossfit: each fold "
+            "note": f"the MIL's input columns: the fewest whose out-of-fold R² vs labels is {COLUMN_RULE} "
+                    "candidate's (mil.select.choose); crossfit: each fold "
                     "scored by the candidate chosen on the other folds",
         }
 
