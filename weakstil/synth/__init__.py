@@ -1,15 +1,19 @@
 """Synthetic H&E cohorts with known per-tile truth (the demo, the tests, the accuracy benchmark).
 
-Two families, written independently of each other so that a recipe chosen on both is not tuned to
-one way of drawing tissue:
+Three families, written independently of each other so that a recipe chosen on them is not tuned
+to one way of drawing tissue:
 
 * ``lattice`` (:mod:`weakstil.synth.lattice`): scenes of smooth compartment fields with nuclei
   stamped on jittered lattices; labels are the exact truth.
 * ``cells`` (:mod:`weakstil.synth.cells`, :mod:`weakstil.synth.optics`): cell-level point
   processes per cell type, nests and glands, fat, necrosis, folds and pen marks, per-slide stain
   vectors in optical-density space and scanner effects; labels carry a pathologist's noise.
+* ``regions`` (:mod:`weakstil.synth.regions`, moved from a held-out generator): every pixel gets a
+  region label (glass, stroma, tumour, fat, necrosis, vessel lumen) from smooth random fields, and cell
+  bodies are rasterised per type; a lymphocyte's area is its whole cell body, vessel lumens are not
+  stroma; labels carry a pathologist's noise.
 
-Both write ``slides/*.svs`` (Aperio-like, 0.25 and 0.5 µm/px mixed), ``truth/<id>.npz`` (the format
+All write ``slides/*.svs`` (Aperio-like, 0.25 and 0.5 µm/px mixed), ``truth/<id>.npz`` (the format
 of :mod:`weakstil.synth.truth`) and ``labels.csv`` (``slide_id, patient_id, stil``), in a
 ``standard`` or a ``hard`` setting (tumour 10-85 % of the tissue, intratumoral lymphocytes, twice
 the stain variation); ``cells`` also has ``dark-nuclei`` (the standard slide with a share of the
@@ -24,10 +28,10 @@ from pathlib import Path
 
 from weakstil.errors import ConfigError
 
-FAMILIES = ("lattice", "cells")
+FAMILIES = ("lattice", "cells", "regions")
 SETTINGS = ("standard", "hard", "dark-nuclei")
-FAMILY_SETTINGS = {"lattice": ("standard", "hard"), "cells": SETTINGS}
-DEFAULT_PREFIX = {"lattice": "SYN", "cells": "CEL"}
+FAMILY_SETTINGS = {"lattice": ("standard", "hard"), "cells": SETTINGS, "regions": ("standard", "hard")}
+DEFAULT_PREFIX = {"lattice": "SYN", "cells": "CEL", "regions": "REG"}
 
 
 def check_setting(setting: str, family: str | None = None) -> None:
@@ -67,42 +71,51 @@ def write_cohort(out: str | Path, *, family: str = "lattice", n: int = 40, seed:
 
         return synth_cohort(out, n=n, seed=seed, mpps=mpps, size_um=size_um, workers=workers,
                             progress=progress, prefix=prefix, setting=setting)
-    return _write_cells(Path(out), n=n, seed=seed, setting=setting, prefix=prefix, workers=workers,
-                        progress=progress, size_um=tuple(size_um), mpps=mpps)
+    return _write_specs(Path(out), family, n=n, seed=seed, setting=setting, prefix=prefix,
+                        workers=workers, progress=progress, size_um=tuple(size_um), mpps=mpps)
 
 
-def _cells_one(spec, root: Path) -> tuple[str, float]:
-    """Write one ``cells`` slide unless the same one is there; returns (slide_id, label)."""
-    from weakstil.synth.cells import write_slide
+def _family_module(family: str):
+    """The module of a family written slide by slide (``plan``, ``write_slide``): cells, regions."""
+    from importlib import import_module
+
+    return import_module(f"weakstil.synth.{family}")
+
+
+def _write_one(family: str, spec, root: Path) -> tuple[str, float]:
+    """Write one slide of ``family`` unless the same one is there; returns (slide_id, label)."""
     from weakstil.synth.truth import finished_stil, load_truth
 
     svs = root / "slides" / f"{spec.slide_id}.svs"
     truth = root / "truth" / f"{spec.slide_id}.npz"
     if finished_stil(truth, svs, repr(spec)) is not None:
         return spec.slide_id, float(load_truth(truth)["label"])
-    return spec.slide_id, write_slide(spec, svs, truth)[1]
+    return spec.slide_id, _family_module(family).write_slide(spec, svs, truth)[1]
 
 
-def _write_cells(root: Path, *, n, seed, setting, prefix, workers, progress, size_um, mpps) -> Path:
+def _write_specs(root: Path, family: str, *, n, seed, setting, prefix, workers, progress, size_um,
+                 mpps) -> Path:
+    """Plan a cohort of ``family`` (cells, regions) and write its slides in parallel, keeping the
+    finished ones; then labels.csv."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from weakstil.synth.cells import plan
     from weakstil.synth.truth import atomic_open
 
     if n < 1 or not mpps or min(mpps) <= 0 or min(size_um) < 64:
         raise ConfigError(f"cannot plan a cohort of n={n}, mpps={mpps}, size_um={size_um}",
                           fix="use n >= 1, positive mpps (e.g. 0.25 0.5) and sizes of at least 64 µm")
-    specs = plan(n, seed, setting=setting, mpps=mpps, size_um=size_um, prefix=prefix)
+    specs = _family_module(family).plan(n, seed, setting=setting, mpps=mpps, size_um=size_um,
+                                        prefix=prefix)
     for sub in ("slides", "truth"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     workers = min(2, os.cpu_count() or 1) if workers is None else max(1, int(workers))
     labels = {}
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            done = pool.map(_cells_one, specs, [root] * len(specs))
+            done = pool.map(_write_one, [family] * len(specs), specs, [root] * len(specs))
             labels.update(_tick(done, len(specs), progress))
     else:
-        labels.update(_tick((_cells_one(s, root) for s in specs), len(specs), progress))
+        labels.update(_tick((_write_one(family, s, root) for s in specs), len(specs), progress))
     with atomic_open(root / "labels.csv", "w") as fh:
         writer = csv.writer(fh)
         writer.writerow(["slide_id", "patient_id", "stil"])
