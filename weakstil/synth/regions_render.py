@@ -11,7 +11,7 @@ from scipy.spatial import cKDTree
 
 from weakstil.synth.regions_sprites import (BG, CG, FAT, NECROSIS, STROMA, TUMOUR, VESSEL, VG, Canvas,
                                             block_sum, grid_lookup, hexgrid_local, lymphocyte, mitosis,
-                                            noise, pen_stroke, plasma_cell, resample, soft, spindle,
+                                            noise, pen_stroke, plasma_cell, resample, rotated, soft, spindle,
                                             tumour_nucleus)
 from weakstil.synth.truth import TRUTH_UM
 
@@ -279,8 +279,7 @@ def render(p):
         if P is None:
             continue
         sl, X, Y = P
-        c_, s_ = math.cos(ang), math.sin(ang)
-        xr, yr = X * c_ + Y * s_, -X * s_ + Y * c_
+        xr, yr = rotated(X, Y, ang)
         q = np.sqrt((xr / a) ** 2 + (yr / b) ** 2)
         qo = np.sqrt((xr / (a + wall)) ** 2 + (yr / (b + wall)) ** 2)
         lum = q < 1
@@ -302,7 +301,7 @@ def render(p):
         ne = max(1, int(2 * np.pi * math.sqrt((a * a + b * b) / 2) / 18 * rng.uniform(0.6, 1.4)))
         for t in rng.uniform(0, 2 * np.pi, ne):
             ex, ey = (a + wall * 0.45) * math.cos(t), (b + wall * 0.45) * math.sin(t)
-            px_, py_ = vx + ex * c_ - ey * s_, vy + ex * s_ + ey * c_
+            px_, py_ = vx + ex * math.cos(ang) - ey * math.sin(ang), vy + ex * math.sin(ang) + ey * math.cos(ang)
             tang = math.atan2(b * math.cos(t), -a * math.sin(t)) + ang
             endo_list.append((px_, py_, tang))
     # a few extravasated red cells
@@ -354,8 +353,8 @@ def render(p):
         rr = rng.uniform(3.3, 3.9)
         ell = rng.uniform(0.8, 1.0)
         ang = rng.uniform(0, np.pi)
-        c_, s_ = math.cos(ang), math.sin(ang)
-        xr, yr = X * c_ + Y * s_, (-X * s_ + Y * c_) / ell
+        xr, yr = rotated(X, Y, ang)
+        yr = yr / ell
         q = np.sqrt(xr * xr + yr * yr) / rr
         a_ = soft(q, 0.12)
         val = rng.uniform(1.3, 1.9) * (1 - 0.35 * np.exp(-(q / 0.45) ** 2))

@@ -164,6 +164,12 @@ def pen_stroke(rng, Hc, Wc, xc, yc, Wum, Hum, ft):
 
 
 # ----------------------------------------------------------------------------- cell sprites
+def rotated(X, Y, ang):
+    """Patch coordinates in a frame turned by ``ang`` (a sprite's own axes)."""
+    c, s = math.cos(ang), math.sin(ang)
+    return X * c + Y * s, -X * s + Y * c
+
+
 def tumour_nucleus(cv, G, rng, cx, cy, a, grade, hn, nucl):
     b = a * rng.uniform(0.68, 0.98)
     P = cv.patch(cx, cy, a * 1.3 + 1.0)
@@ -171,8 +177,7 @@ def tumour_nucleus(cv, G, rng, cx, cy, a, grade, hn, nucl):
         return
     sl, X, Y = P
     ang = rng.uniform(0, np.pi)
-    c_, s_ = math.cos(ang), math.sin(ang)
-    xr, yr = X * c_ + Y * s_, -X * s_ + Y * c_
+    xr, yr = rotated(X, Y, ang)
     rho = np.sqrt((xr / a) ** 2 + (yr / b) ** 2)
     phi = np.arctan2(yr, xr)
     amp = 0.03 + 0.025 * grade
@@ -204,8 +209,7 @@ def mitosis(cv, G, rng, cx, cy, a):
         return
     sl, X, Y = P
     ang = rng.uniform(0, np.pi)
-    c_, s_ = math.cos(ang), math.sin(ang)
-    xr, yr = X * c_ + Y * s_, -X * s_ + Y * c_
+    xr, yr = rotated(X, Y, ang)
     halo = soft(np.sqrt(X * X + Y * Y) / (a * 1.4), 0.2)
     Canvas.comp(cv.e, sl, halo, 0.15)
     Canvas.comp(cv.h, sl, halo, 0.08)
@@ -228,8 +232,7 @@ def spindle(cv, G, cx, cy, th, a, b, hv, curv):
     if P is None:
         return
     sl, X, Y = P
-    c_, s_ = math.cos(th), math.sin(th)
-    xr, yr = X * c_ + Y * s_, -X * s_ + Y * c_
+    xr, yr = rotated(X, Y, th)
     yr = yr - curv * xr * xr
     xa = np.minimum((xr / a) ** 2, 1.0)
     q = np.sqrt((xr / a) ** 2 + (yr / (b * (1 - 0.45 * xa) + 0.15)) ** 2)
@@ -247,8 +250,8 @@ def lymphocyte(cv, G, rng, cx, cy, r, hl, stromal):
     sl, X, Y = P
     ang = rng.uniform(0, np.pi)
     ell = rng.uniform(0.86, 1.0)
-    c_, s_ = math.cos(ang), math.sin(ang)
-    xr, yr = X * c_ + Y * s_, (-X * s_ + Y * c_) / ell
+    xr, yr = rotated(X, Y, ang)
+    yr = yr / ell
     rho = np.sqrt(xr * xr + yr * yr)
     phi = np.arctan2(yr, xr)
     rb = 1 + rng.normal(0, 0.035) * np.cos(2 * phi + rng.uniform(0, 6.3)) \
@@ -278,8 +281,7 @@ def plasma_cell(cv, G, rng, cx, cy, stromal):
         return
     sl, X, Y = P
     ang = rng.uniform(0, 2 * np.pi)
-    c_, s_ = math.cos(ang), math.sin(ang)
-    xr, yr = X * c_ + Y * s_, -X * s_ + Y * c_
+    xr, yr = rotated(X, Y, ang)
     qb = np.sqrt((xr / A) ** 2 + (yr / B) ** 2)
     ab = soft(qb, 0.25 / B)
     off = A - rn - 0.4
