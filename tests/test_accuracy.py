@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SLOW = pytest.mark.slow  # writes and extracts 12 slides (~1 min on 2 shared cores)
+SLOW = pytest.mark.slow  # writes and extracts 18 slides (~1.5 min on 2 shared cores)
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def cohorts(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("acc")
     out = {}
-    for family in ("lattice", "cells"):
+    for family in acc.FAMILIES:  # a few slides of every family the benchmark judges on
         path = write_cohort(root / family, family=family, n=6, seed=1, size_um=480.0, workers=1,
                             progress=False)
         acc.extract(path)
@@ -32,12 +32,13 @@ def cohorts(tmp_path_factory):
 
 
 @SLOW
-def test_figures_and_probe_are_computed_for_both_families(cohorts):
+def test_figures_and_probe_are_computed_for_every_family(cohorts):
     from benchmarks import bench_accuracy as acc
 
     plan = acc.PLANS["smoke"]
     # the robustness cohort (cells-standard's slides with hyperchromatic tumour nuclei) is planned too
     assert ("cells", "dark-nuclei", False, plan.n) in acc.cohort_plan(plan)
+    assert set(cohorts) == {"lattice", "cells", "regions"}
     results = {}
     for family, cohort in cohorts.items():
         blend = family == "cells"  # the default (no blend) on one family, the blend on the other
@@ -56,7 +57,7 @@ def test_figures_and_probe_are_computed_for_both_families(cohorts):
             assert "blend_weight" not in res
         assert np.isfinite(res["_cv"].predictions).all()
     mixed = acc.merge("mix", list(cohorts.values()))
-    assert len(mixed.table) == 12 and len(mixed.bags) == 12
+    assert len(mixed.table) == 18 and len(mixed.bags) == 18
     moved = acc.transfer(results["lattice"], cohorts["lattice"], cohorts["cells"])
     assert set(moved) == {"mil", "probe"} and math.isfinite(moved["probe"]["pred_mean"])
     m = moved["mil"]  # the mean error, with its standard error over the scored slides
