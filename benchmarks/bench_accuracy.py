@@ -48,7 +48,7 @@ class Plan:
 PLANS = {"full": Plan(40, 40, 40, 1200.0, 5, None), "quick": Plan(24, 24, 12, 800.0, 5, None),
          "smoke": Plan(6, 6, 3, 480.0, 2, 3)}
 # ``regions`` joined on 2026-12-06 (twenty-first run): written as a held-out family, it showed the
-# morphometry's nest rule finding no tumour in it (its tumour nuclei are as dark as lymphocytes)
+# morphometry's nest rule reading most of its tumour as stroma (its tumour nuclei are darker than the pale band)
 FAMILIES = ("lattice", "cells", "regions")
 SETTINGS = ("standard", "hard")
 NEW_SEED_SETTINGS = ("hard",)  # a fresh cohort per family to score a trained model on (issue #14)

@@ -241,6 +241,16 @@ def spindle(cv, G, cx, cy, th, a, b, hv, curv):
     Canvas.comp(cv.e, sl, al, 0.15)
 
 
+def _mark_body(cv, sl, alpha, stromal):
+    """An inflammatory cell's truth: its body (alpha above 0.5) counts as lymphocyte area, and a cell
+    centred in stroma turns the tissue under its body into stroma."""
+    body = alpha > 0.5
+    cv.L[sl] |= body
+    if stromal:
+        Rs = cv.R[sl]
+        Rs[body & (Rs != BG)] = STROMA
+
+
 def lymphocyte(cv, G, rng, cx, cy, r, hl, stromal):
     rn = r * math.exp(rng.normal(0, 0.08))
     rc = rn + rng.uniform(0.35, 0.8)           # thin cytoplasmic rim
@@ -265,11 +275,7 @@ def lymphocyte(cv, G, rng, cx, cy, r, hl, stromal):
     hv = hl * math.exp(rng.normal(0, 0.1)) * (1 + 0.12 * g) * (1 - 0.12 * np.exp(-(q / (0.5 * rn)) ** 2))
     Canvas.comp(cv.h, sl, an, hv)
     Canvas.comp(cv.e, sl, an, 0.08)
-    body = ab > 0.5
-    cv.L[sl] |= body
-    if stromal:
-        Rs = cv.R[sl]
-        Rs[body & (Rs != BG)] = STROMA
+    _mark_body(cv, sl, ab, stromal)
 
 
 def plasma_cell(cv, G, rng, cx, cy, stromal):
@@ -297,8 +303,4 @@ def plasma_cell(cv, G, rng, cx, cy, stromal):
     hv = 1.75 + 0.55 * clock + 0.35 * np.exp(-(rr / 0.22) ** 2) + 0.2 * g
     Canvas.comp(cv.h, sl, an, hv)
     Canvas.comp(cv.e, sl, an, 0.1)
-    body = ab > 0.5
-    cv.L[sl] |= body
-    if stromal:
-        Rs = cv.R[sl]
-        Rs[body & (Rs != BG)] = STROMA
+    _mark_body(cv, sl, ab, stromal)
