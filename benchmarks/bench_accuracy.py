@@ -525,7 +525,7 @@ def results_markdown(doc: dict, recipe: str = "default") -> str:
         return "–" if v is None or math.isnan(v) else f"{v:.{d}f}"
 
     lines = ["| cohort | slides | R² vs truth: deployed (MIL alone) [probe] | columns: chosen (R² all / measured / "
-             "measured-dark; cross-fitted choice) | R² vs labels [probe] | AUC@10/30/50 [probe @30] "
+             "measured-dark [/ measured-wide / measured-dark-wide]; cross-fitted choice) | R² vs labels [probe] | AUC@10/30/50 [probe @30] "
              "| cal. slope / intercept [probe] | pred SD / label SD [probe] | tile r | top-8 tiles' stroma (as "
              "top_tiles.png shows them): worst / mean slide | r(stroma_est, stroma) |", "|" + "---|" * 11]
     for name, r in doc["cv"].get(recipe, {}).items():

@@ -44,9 +44,11 @@ def _check_outputs(out: Path, summary: dict, n_test: int) -> None:
         assert config["train"]["stroma_prior"] is True and config["model"]["stroma_prior"] is True
         # the MIL's input columns were chosen out of fold, and the model reads what was chosen
         columns = json.loads((out / "models" / name / "metrics.json").read_text())["columns"]
-        assert set(columns["candidates"]) == {"all", "measured", "measured-dark"}
+        assert set(columns["candidates"]) == {"all", "measured", "measured-dark", "measured-wide", "measured-dark-wide"}
         assert config["train"]["columns"] == columns["chosen"]
-        assert config["model"]["inputs"] == {"all": 0, "measured": 5, "measured-dark": 4}[columns["chosen"]]
+        assert (config["model"]["inputs"], config["model"]["skip"]) == {
+            "all": (0, 0), "measured": (5, 0), "measured-dark": (4, 0), "measured-wide": (5, 5),
+            "measured-dark-wide": (4, 5)}[columns["chosen"]]
         card = (out / "models" / name / "MODEL_CARD.md").read_text()
         assert f"input columns: {columns['chosen']}, the fewest within one standard error (or 0.01) of the best out-of-fold" in card
 

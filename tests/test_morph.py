@@ -153,7 +153,9 @@ def test_the_stroma_estimate_is_read_only_from_this_morphometry():
     feats = np.random.default_rng(0).uniform(0, 1, (5, 10))
     spec = with_morph(get_encoder_spec("resnet18-random"))
     assert spec.arch.endswith(MORPH_ARCH)
-    assert np.array_equal(stroma_estimate(feats, {"arch": spec.arch}), feats[:, -1])
+    assert np.array_equal(stroma_estimate(feats, {"arch": spec.arch}), feats[:, -6])  # v7: the wide rule's
+    assert NAMES[-6] == "stroma_est_wide"
+    assert np.array_equal(stroma_estimate(feats, {"arch": "resnet18+stainmorph.v6"}), feats[:, -1])
     assert stroma_estimate(feats, {"arch": get_encoder_spec("resnet18-random").arch}) is None
     assert stroma_estimate(feats, {"arch": "resnet18+stainmorph.v1"}) is None  # its last column was another feature
     assert stroma_estimate(feats, None) is None
@@ -216,3 +218,21 @@ def test_a_crowd_of_lymphocytes_is_stroma_full_of_lymphocytes_not_a_nest():
     h = torch.as_tensor(ndimage.zoom(crowd, 0.5, order=1))[None, None].float()  # 1 µm/px, as the encoder looks
     drawn_pale = ((h >= PALE[0]) & (h < PALE[1])).float().mean()
     assert drawn_pale > 0.15 and pale_nuclei(h, torch.ones_like(h)).mean() < 0.1 * drawn_pale  # rims are not nuclei
+
+
+def test_the_wide_rule_marks_nests_of_moderately_dense_nuclei():
+    """Tumour nuclei with clumped, moderately dense chromatin (H 1.0, 9 µm across: the regions family's)
+    are too dark for the pale nest rule, which reads their nest as stroma; the wide rule (H up to
+    1.2) marks it. Both rules agree on plain stroma with lymphocytes, and on vesicular nests."""
+    e = np.full((PX, PX), 0.5)
+    dense = disks(grid(32, 12), 9.0, 1.0)
+    vesicular = disks(grid(32, 12), 9.0, 0.6)
+    lymph = disks(grid(40), 6.0, 1.6)
+    f = features(render(dense, np.full((PX, PX), 0.2)), render(vesicular, np.full((PX, PX), 0.2)), render(lymph, e))
+    assert f["stroma_est"][0] > 0.5 and f["stroma_est_wide"][0] < 0.3  # the dense nest: pale rule misses it
+    assert f["stroma_est"][1] < 0.3 and f["stroma_est_wide"][1] < 0.3
+    assert f["stroma_est"][2] > 0.8 and f["stroma_est_wide"][2] > 0.8
+    assert f["lymph_per_stroma_wide"][2] == pytest.approx(f["lymph_per_stroma"][2], abs=0.02)
+    assert (f["stroma_est_wide"] <= f["stroma_est"] + 1e-6).all()  # its nests hold the pale rule's
+    # the wide block sits right before the last (encoders.WIDE_ARCHS; mil.select's "-wide" column sets)
+    assert NAMES[-10:-5] == tuple(f"{n}_wide" for n in NAMES[-5:])

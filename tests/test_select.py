@@ -10,17 +10,18 @@ import torch
 
 from weakstil.embed.encoders import DARK_MEASURED_DIM, DEFAULT_ENCODER, MEASURED_DIM, get_encoder_spec
 from weakstil.errors import ConfigError
-from weakstil.mil.fit import TrainConfig, columns_of
+from weakstil.mil.fit import TrainConfig, column_inputs, columns_of
 from weakstil.mil.model import MILRegressor, TrainedModel, load_model
 from weakstil.mil.select import (
     CANDIDATES,
+    WIDE,
     candidates,
     choose,
     cross_validate_columns,
     crossfit,
 )
 
-NET = 48  # network columns before the measurements in these toy bags
+NET = 48  # columns before the measurements in these toy bags (the last MEASURED_DIM of them: the wide block)
 DIM = NET + MEASURED_DIM
 WITH_MORPH = {"encoder": {"arch": get_encoder_spec(DEFAULT_ENCODER).arch}}
 WITHOUT = {"encoder": {"arch": get_encoder_spec("resnet18-random").arch}}
@@ -43,20 +44,46 @@ def test_a_model_reads_only_its_last_columns(tmp_path):
         MILRegressor(DIM, inputs=DIM + 1)
 
 
+def test_a_wide_model_reads_the_block_before_the_last(tmp_path):
+    """measured-wide: the five columns ending five before the last (the wide nest rule's block, v7)."""
+    module = MILRegressor(DIM + MEASURED_DIM, aggregation="weighted", head="probe", stroma_prior=True,
+                          **column_inputs("measured-wide"))
+    x = torch.rand(20, DIM + MEASURED_DIM)
+    assert torch.equal(module.read_inputs(x), x[:, -2 * MEASURED_DIM:-MEASURED_DIM])
+    y = x.clone()
+    y[:, -MEASURED_DIM:] = torch.rand(20, MEASURED_DIM)  # the pale rule's block: not read
+    assert all(torch.equal(u, v) for u, v in zip(module.predict_bag(x), module.predict_bag(y)))
+    y[:, -MEASURED_DIM - 1] = 0.0  # its own stroma estimate (last of what it reads) moves the pooling
+    assert not torch.equal(module.predict_bag(x)[2], module.predict_bag(y)[2])
+    TrainedModel([module], fingerprint={}).save(tmp_path / "model.ckpt")
+    loaded = load_model(tmp_path / "model.ckpt").members[0]
+    assert (loaded.config["inputs"], loaded.config["skip"]) == (MEASURED_DIM, MEASURED_DIM)
+    assert columns_of(loaded.config["inputs"], loaded.config["skip"]) == "measured-wide"
+    with pytest.raises(ValueError, match="skip"):
+        MILRegressor(DIM, inputs=0, skip=MEASURED_DIM)
+
+
 def test_the_candidates_follow_the_encoder_and_the_request():
-    assert candidates(TrainConfig(), WITH_MORPH, DIM + 24) == ("all", "measured", "measured-dark")
+    v6 = {"encoder": {"arch": "resnet18+stainmorph.v6"}}
+    assert candidates(TrainConfig(), WITH_MORPH, DIM + 24) == CANDIDATES + WIDE
+    assert candidates(TrainConfig(), v6, DIM + 24) == ("all", "measured", "measured-dark")
     assert candidates(TrainConfig(), WITHOUT, DIM) == ("all",)
     assert candidates(TrainConfig(columns="measured"), WITH_MORPH, DIM + 24) == ("measured",)
-    for columns in ("measured", "measured-dark"):
+    for columns in ("measured", "measured-dark", "measured-wide"):
         with pytest.raises(ConfigError, match=columns) as err:
             candidates(TrainConfig(columns=columns), WITHOUT, DIM)
         assert "--columns all" in err.value.fix
-    # each set reads its last columns; a model's inputs name its set back
-    assert [TrainConfig(columns=c).inputs() for c in ("all", "measured", "measured-dark")] == [
-        0, MEASURED_DIM, DARK_MEASURED_DIM]
+    with pytest.raises(ConfigError, match="older") as err:  # v6 has no wide block
+        candidates(TrainConfig(columns="measured-dark-wide"), v6, DIM + 24)
+    assert "extract again" in err.value.fix
+    # each set reads its columns; a model's inputs and skip name its set back
+    sets = ("all", "measured", "measured-dark", "measured-wide", "measured-dark-wide")
+    assert [TrainConfig(columns=c).inputs() for c in sets] == [
+        0, MEASURED_DIM, DARK_MEASURED_DIM, MEASURED_DIM, DARK_MEASURED_DIM]
     assert [columns_of(n) for n in (None, 0, MEASURED_DIM, DARK_MEASURED_DIM)] == [
         "all", "all", "measured", "measured-dark"]
-    with pytest.raises(ValueError, match="last 3"):
+    assert columns_of(DARK_MEASURED_DIM, MEASURED_DIM) == "measured-dark-wide"
+    with pytest.raises(ValueError, match="3 columns"):
         columns_of(3)
     with pytest.raises(ConfigError, match="columns"):
         TrainConfig(columns="morph")
@@ -118,33 +145,34 @@ def test_a_difference_too_small_to_matter_does_not_buy_more_columns():
 
 
 def _cohort(signal: str, n: int = 30, seed: int = 0):
-    """Bags whose label lives in the network columns or in the measurement columns only."""
+    """Bags whose label lives in the network columns, in the measurement columns only, or (``measured-wide``)
+    in the wide nest rule's block just before them (``NET - MEASURED_DIM``: sized share under the wide rule)."""
     rng = np.random.default_rng(seed)
     bags, rows = {}, []
     for i in range(n):
         y = rng.uniform(0, 80)
         x = (rng.normal(0, 1, (40, DIM)) + rng.normal(0, 1, DIM)).astype(np.float32)  # slides differ at random
-        x[:, -1] = rng.uniform(0.3, 1.0, 40)  # the stroma estimate
-        if signal == "measured":
-            x[:, NET] = y / 100 + rng.normal(0, 0.01, 40)
+        x[:, -1] = x[:, -1 - MEASURED_DIM] = rng.uniform(0.3, 1.0, 40)  # the stroma estimates
+        if signal in ("measured", "measured-wide"):
+            x[:, NET - (MEASURED_DIM if signal == "measured-wide" else 0)] = y / 100 + rng.normal(0, 0.01, 40)
         else:
-            x[:, :NET] += (y / 40) + rng.normal(0, 0.05, (40, 1))
+            x[:, :NET - MEASURED_DIM] += (y / 40) + rng.normal(0, 0.05, (40, 1))  # the network's own
         bags[f"S{i:02d}"] = x
         rows.append((f"S{i:02d}", f"P{i:02d}", y))
     return bags, pd.DataFrame(rows, columns=["slide_id", "patient_id", "stil"])
 
 
-@pytest.mark.parametrize("signal", ["measured", "all"])
+@pytest.mark.parametrize("signal", ["measured", "all", "measured-wide"])
 def test_the_columns_that_carry_the_label_are_chosen(signal, monkeypatch):
     bags, table = _cohort(signal)
     # these toy bags stand for a cache of the default encoder: network columns, then the morphometry
     monkeypatch.setattr("weakstil.embed.encoders.MORPH_DIM", MEASURED_DIM + 2)
     cfg = TrainConfig(n_boot=10, fold_processes=1, max_epochs=30, patience=10, stroma_prior=True)
     cv, resolved, choice = cross_validate_columns(bags, table, cfg, WITH_MORPH, progress=False)
-    assert set(choice.results) == set(CANDIDATES)
+    assert set(choice.results) == set(CANDIDATES + WIDE)
     assert choice.chosen == signal == resolved.columns
     assert cv is choice.results[signal]
-    assert all(m.config["inputs"] == (MEASURED_DIM if signal == "measured" else 0) for m in cv.models)
+    assert all(columns_of(m.config["inputs"], m.config["skip"]) == signal for m in cv.models)
     other = "all" if signal == "measured" else "measured"
     assert np.array_equal(choice.results[other].folds, cv.folds)  # the same folds for both
     report = choice.report()

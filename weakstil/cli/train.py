@@ -36,6 +36,8 @@ class Columns(str, Enum):  # mil.fit.COLUMN_SETS
     all = "all"
     measured = "measured"
     measured_dark = "measured-dark"
+    measured_wide = "measured-wide"
+    measured_dark_wide = "measured-dark-wide"
 
 
 @app.command()
@@ -84,9 +86,10 @@ def train(
     columns: Annotated[Columns, typer.Option(
         help="Feature columns the MIL reads: auto (cross-validate all of them, the stain morphometry's "
              "five measurements of sTIL% alone, and the four of them that read lymphocytes by darkness, "
+             "each with tumour nests marked by pale nuclei and by the wide band (pale or moderately dense), "
              f"on the same folds; deploy the fewest columns {COLUMN_RULE} R²: "
-             "metrics.json → columns), all, measured or "
-             "measured-dark (both need a +stainmorph encoder).")] = Columns.auto,
+             "metrics.json → columns), all, measured, measured-dark, measured-wide or "
+             "measured-dark-wide (these need a +stainmorph encoder; the -wide ones stainmorph.v7).")] = Columns.auto,
     measured_emphasis: Annotated[Optional[float], typer.Option(
         "--measured-emphasis", min=0.001,
         help="With --columns all (or auto), how much the MIL's start (the ridge probe) weights the "

@@ -37,7 +37,14 @@ eosin amounts of each pixel (colour deconvolution with the reference stains of
   pathologist as a measurement: the MIL uses it to keep tiles with little stroma out of the "highest
   sTIL%" ranking (sTIL% is defined on stroma). Pearson r with the true stroma fraction per tile (40
   slides each, v6): lattice 0.99 / 0.84, cells 0.96 / 0.87 (standard / hard settings),
-  hyperchromatic nests 0.68 (docs/accuracy.md).
+  hyperchromatic nests 0.68 (docs/accuracy.md);
+* the same five under the **wide nest rule** (``*_wide``, just before them; v7): nests marked by
+  nuclei of H 0.15–1.2 (:data:`WIDE_PALE`), not 0.8. Tumour nuclei with clumped, moderately dense
+  chromatin (``weakstil synth --family regions``) are too dark for the pale band, and the pale rule
+  reads 0.67–0.80 of their tumour as stroma; the wide rule reads blurred lymphocyte crowds as nests
+  instead (cells, hard setting). Neither is right everywhere, so both are measured and training
+  chooses out of fold (:mod:`weakstil.mil.select`: ``measured-wide``, ``measured-dark-wide``;
+  docs/accuracy.md, twenty-second run).
 
 It returns :data:`N_FEATURES` numbers per tile on scales of about one (fractions, concentrations,
 ``log1p`` densities), costs a few FFTs per tile at 1 µm/px (12 % of an fp32 ResNet-18 pass when
@@ -70,6 +77,7 @@ AREA = 1e4  # densities are per 10,000 px (50 × 50 µm at 0.5 µm/px)
 CONTEXT_SIGMA = 16.0  # px: the neighbourhood (8 µm) that says "stroma" or "tumour nest"
 NEST = 1 / 1600  # large nuclei per px (one per 400 µm², cells 20 µm apart) from which a neighbourhood is a nest
 PALE = (0.15, 0.8)  # H concentration of a pale (vesicular, tumour-like) nucleus; lymphocytes are darker
+WIDE_PALE = 1.2  # the wide nest rule's upper bound: moderately dense, clumped tumour chromatin marks nests too
 PALE_WIDTH = 3  # px at 1 µm/px: pale runs narrower than this are lymphocyte rims and seams, not nuclei
 PALE_NEST = 0.25  # share of pale-nucleus pixels in the neighbourhood from which it is a tumour nest
 SOLID = 0.8  # share of tissue in the neighbourhood from which a pixel can be stroma (fat's septa and tints: less)
@@ -78,12 +86,15 @@ LYMPH_H = 1.0  # H concentration of a lymphocyte's dark, dense chromatin (stroma
 NUCLEUS_H = 0.5  # H concentration inside any nucleus, pale or dark (for the size-aware share)
 BIG = 9  # px at 1 µm/px: a nucleus holding a 9 × 9 µm square (about 13 µm across and wider) is a tumour's, never a lymphocyte's
 POOL = 2  # nuclei and context are found on the amounts averaged 2 × 2 (1 µm/px): 4× less to filter
+# the measured block: sTIL% read from the pixels (sized, strict, loose), inside nests, and stroma_est
+MEASURED = ("lymph_per_stroma_sized", "lymph_per_stroma", "lymph_per_stroma_loose", "lymph_per_nest", "stroma_est")
 NAMES = (
     "tissue", "h_mean", "e_mean", "h_sd", "e_sd", "h_rich", "e_rich", "stroma_like",
     *(f"nuclei_s{i}" for i in range(len(SIGMAS))), *(f"dark_nuclei_s{i}" for i in range(len(SIGMAS))),
     "small_in_stroma", "small_in_nests", "small_per_stroma", "small_share", "nest_like", "small_contrast",
-    "lymph_per_stroma_sized", "lymph_per_stroma", "lymph_per_stroma_loose", "lymph_per_nest",
-    "stroma_est",  # last, always: read by position (weakstil.embed.encoders.STROMA_COLUMN)
+    # the measured block under the wide nest rule (v7): nests marked by nuclei of H 0.15–1.2
+    *(f"{name}_wide" for name in MEASURED),
+    *MEASURED,  # last, always: read by position (weakstil.embed.encoders.MEASURED_DIM, STROMA_COLUMN)
 )
 N_FEATURES = len(NAMES)
 
@@ -175,16 +186,16 @@ class StainMorph(nn.Module):
         large = blobs[:, list(LARGE)].sum(1, keepdim=True)
         # context: eosin-rich neighbourhoods with few large nuclei are stroma; crowded ones are nests
         pale = pale_nuclei(h, tissue)
+        wide = pale_nuclei(h, tissue, upper=WIDE_PALE)
         big = big_nuclei(h, tissue)
-        ctx = gaussian_blurs(torch.cat([e_rich, large / (NEST * POOL ** 2), pale, torch.maximum(pale, big), tissue], 1),
-                             [CONTEXT_SIGMA / POOL])[0]
-        solid = tissue * (ctx[:, 4:5] >= SOLID).float()  # stroma is solid tissue: not fat's septa and tints
+        ctx = gaussian_blurs(torch.cat([e_rich, large / (NEST * POOL ** 2), tissue, pale, torch.maximum(pale, big),
+                                        wide, torch.maximum(wide, big)], 1), [CONTEXT_SIGMA / POOL])[0]
+        solid = tissue * (ctx[:, 2:3] >= SOLID).float()  # stroma is solid tissue: not fat's septa and tints
         stroma = ((ctx[:, :1] > 0.3) & (ctx[:, 1:2] < 1)).float() * tissue
         nests = (ctx[:, 1:2] >= 1).float() * tissue
-        pale_ctx = ctx[:, 2:3]  # the estimated stroma (strict, loose) lies outside pale-nucleus nests
-        est_stroma = [solid * (pale_ctx <= PALE_NEST).float(), solid * (pale_ctx <= PALE_NEST_LOOSE).float(),
-                      tissue * (pale_ctx > PALE_NEST).float()]
-        strict, loose, nest_share = lymph_shares(h, tissue, est_stroma, area)
+        # the measured block twice: nests marked by pale nuclei (H below 0.8), and by the wide band
+        measured = {rule: measured_block(h, tissue, solid, big, ctx[:, i:i + 1], ctx[:, i + 1:i + 2], area)
+                    for rule, i in (("pale", 3), ("wide", 5))}
         n_small, n_large = small.flatten(1).sum(1), large.flatten(1).sum(1)
         in_stroma = (small * stroma).flatten(1).sum(1)
         in_nests = (small * nests).flatten(1).sum(1)
@@ -197,10 +208,19 @@ class StainMorph(nn.Module):
             torch.log1p(in_stroma * dens), torch.log1p(in_nests * dens),
             torch.log1p(in_stroma * dens * area / stroma_px.clamp(min=area / 20)),
             n_small / (n_small + n_large).clamp(min=1), frac(nests), contrast,
-            sized_lymph_share(h, tissue, solid, big, ctx[:, 3:4], area), strict, loose, nest_share,
-            frac(est_stroma[0]),  # stroma_est: solid tissue outside pale-nucleus nests
+            *measured["wide"], *measured["pale"],  # the pale rule's last: its stroma_est is the last column
         ]
         return torch.stack(feats, 1)
+
+
+def measured_block(h, tissue, solid, big, nest_ctx, big_ctx, area) -> list:
+    """The :data:`MEASURED` numbers under one nest rule: ``nest_ctx`` is the neighbourhood share of
+    the rule's nest-marking nuclei, ``big_ctx`` the same with the :func:`big_nuclei` added."""
+    est_stroma = [solid * (nest_ctx <= PALE_NEST).float(), solid * (nest_ctx <= PALE_NEST_LOOSE).float(),
+                  tissue * (nest_ctx > PALE_NEST).float()]
+    strict, loose, nest_share = lymph_shares(h, tissue, est_stroma, area)
+    return [sized_lymph_share(h, tissue, solid, big, big_ctx, area), strict, loose, nest_share,
+            est_stroma[0].flatten(1).mean(1)]  # stroma_est: solid tissue outside the rule's nests
 
 
 def lymph_shares(h, tissue, regions, area) -> list:
@@ -212,7 +232,7 @@ def lymph_shares(h, tissue, regions, area) -> list:
     return [(dark * r).flatten(1).sum(1) / r.flatten(1).sum(1).clamp(min=area / 20) for r in regions]
 
 
-def pale_nuclei(h, tissue):
+def pale_nuclei(h, tissue, *, upper: float = PALE[1]):
     """Pixels of pale, vesicular nucleus (H in :data:`PALE`) at least :data:`PALE_WIDTH` px across: a
     morphological opening. A blurred lymphocyte's rim and the seams between lymphocytes packed side
     by side also pass through the pale range, one or two µm wide; counted as pale nucleus they made
@@ -220,8 +240,9 @@ def pale_nuclei(h, tissue):
     fourteenth run). A tumour nucleus's pale interior is 5 µm across and more. With rims and seams
     gone, the band starts at H 0.15 (was 0.25): faint tumour nuclei mark their nests too (per-tile r
     of the stroma estimate with the true stroma, 40 slides: cells-standard 0.88 → 0.95, cells-hard
-    0.81 → 0.85, lattice-hard 0.77 → 0.85, lattice-standard 0.99; seventeenth run)."""
-    pale = ((h >= PALE[0]) & (h < PALE[1])).float() * tissue
+    0.81 → 0.85, lattice-hard 0.77 → 0.85, lattice-standard 0.99; seventeenth run). ``upper``
+    :data:`WIDE_PALE` gives the wide nest rule's nuclei (v7)."""
+    pale = ((h >= PALE[0]) & (h < upper)).float() * tissue
     r = PALE_WIDTH // 2
     return _max_filter(-_max_filter(-pale, r), r)
 

@@ -232,7 +232,7 @@ def train_from_cache(labels, features, *, encoder: str | None = None, models_dir
         arch["stroma_prior"] = bool(parent.model_config.get("stroma_prior", False))  # its weights assume it
         from weakstil.mil.fit import columns_of
 
-        arch["columns"] = columns_of(parent.model_config.get("inputs"))  # and its columns
+        arch["columns"] = columns_of(parent.model_config.get("inputs"), parent.model_config.get("skip"))  # and its columns
         if train_kwargs.get("head") not in (None, arch["head"]):
             log.warning("warm start keeps the parent's tile head (%s)", arch["head"])
         if train_kwargs.get("columns") not in (None, "auto", arch["columns"]):

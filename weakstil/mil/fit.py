@@ -31,7 +31,8 @@ from weakstil.mil.model import (
 from weakstil.progress import progress as progress_display
 
 Bag = tuple[np.ndarray, float]  # (features (N, D) float32, sTIL% 0-100)
-COLUMN_SETS = ("auto", "all", "measured", "measured-dark")  # TrainConfig.columns
+# TrainConfig.columns; "-wide": the measured block under the wide nest rule (stainmorph.v7)
+COLUMN_SETS = ("auto", "all", "measured", "measured-dark", "measured-wide", "measured-dark-wide")
 
 
 # --- configuration ------------------------------------------------------------------------------
@@ -84,8 +85,9 @@ class TrainConfig:
     stroma_prior: bool | None = None
     # which feature columns the MIL reads: "all", "measured" (only the stain morphometry's five
     # measurements of sTIL%: lymphocyte share of the estimated stroma, size-aware, strict and loose,
-    # of the nests, and the stroma estimate), "measured-dark" (the same without the size-aware share)
-    # or "auto" (train_model cross-validates the three and deploys the best by out-of-fold R² vs
+    # of the nests, and the stroma estimate), "measured-dark" (the same without the size-aware share),
+    # the two again with nests marked by the wide band of nuclei ("measured-wide", "measured-dark-wide")
+    # or "auto" (train_model cross-validates them and deploys the best by out-of-fold R² vs
     # labels: mil.select; "all" where the features have no morphometry)
     columns: str = "auto"
     # how much the probe start weights the morphometry's measured columns when the MIL reads all
@@ -122,29 +124,38 @@ class TrainConfig:
         return dict(aggregation=self.aggregation, hidden=self.hidden, dropout=self.dropout,
                     lr=self.lr, weight_decay=self.weight_decay, max_tiles=self.max_tiles,
                     background_penalty=self.background_penalty, head=self.head,
-                    stroma_prior=bool(self.stroma_prior), inputs=self.inputs())
+                    stroma_prior=bool(self.stroma_prior), **column_inputs(self.columns))
 
     def inputs(self) -> int:
-        """The model's ``inputs`` (last feature columns it reads; 0: all) for :attr:`columns`
+        """The model's ``inputs`` (feature columns it reads; 0: all) for :attr:`columns`
         ("auto" not yet resolved reads all)."""
-        return column_inputs(self.columns)
+        return column_inputs(self.columns)["inputs"]
 
 
-def column_inputs(columns: str) -> int:
-    """How many last feature columns a model of this column set reads (0: all)."""
+def _column_sets() -> dict:
     from weakstil.embed.encoders import DARK_MEASURED_DIM, MEASURED_DIM
 
-    return {"measured": MEASURED_DIM, "measured-dark": DARK_MEASURED_DIM}.get(columns, 0)
+    return {"measured": (MEASURED_DIM, 0), "measured-dark": (DARK_MEASURED_DIM, 0),
+            "measured-wide": (MEASURED_DIM, MEASURED_DIM), "measured-dark-wide": (DARK_MEASURED_DIM, MEASURED_DIM)}
 
 
-def columns_of(inputs: int | None) -> str:
-    """The column set of a model that reads its last ``inputs`` columns (0 or None: all)."""
-    from weakstil.embed.encoders import DARK_MEASURED_DIM, MEASURED_DIM
+def column_inputs(columns: str) -> dict:
+    """The model's ``inputs`` and ``skip`` for a column set: it reads ``inputs`` columns that end
+    ``skip`` columns before the last (0 inputs: all)."""
+    inputs, skip = _column_sets().get(columns, (0, 0))
+    return {"inputs": inputs, "skip": skip}
 
-    names = {MEASURED_DIM: "measured", DARK_MEASURED_DIM: "measured-dark"}
-    if inputs and inputs not in names:
-        raise ValueError(f"no column set reads the last {inputs} columns")
-    return names[inputs] if inputs else "all"
+
+def columns_of(inputs: int | None, skip: int | None = 0) -> str:
+    """The column set of a model that reads ``inputs`` columns ending ``skip`` before the last (0 or
+    None inputs: all)."""
+    if not inputs:
+        return "all"
+    names = {v: k for k, v in _column_sets().items()}
+    key = (int(inputs), int(skip or 0))
+    if key not in names:
+        raise ValueError(f"no column set reads {inputs} columns ending {skip or 0} before the last")
+    return names[key]
 
 
 # --- bags -----------------------------------------------------------------------------------------
@@ -409,7 +420,7 @@ def _column_weights(dim: int, model: MILRegressor, emphasis: float) -> np.ndarra
     reads all of them beside others; None (equal) otherwise."""
     from weakstil.embed.encoders import MEASURED_DIM
 
-    if emphasis == 1.0 or model.config.get("inputs") or dim <= MEASURED_DIM:
+    if emphasis == 1.0 or model.config.get("inputs") or dim <= MEASURED_DIM:  # "all" only
         return None
     weights = np.ones(dim)
     weights[-MEASURED_DIM:] = emphasis

@@ -73,10 +73,12 @@ class MILRegressor(nn.Module):
         head: str = "mlp",
         stroma_prior: bool = False,
         inputs: int = 0,
+        skip: int = 0,
         **recorded,
     ):
-        """``inputs``: read only the last ``inputs`` feature columns (e.g. the stain morphometry of a
-        ``+stainmorph`` encoder); 0 reads all ``embed_dim``. The model still takes (and checks) full
+        """``inputs``: read only ``inputs`` feature columns, the last ones or (``skip``) those ending
+        ``skip`` columns before the last (e.g. one measured block of a ``+stainmorph`` encoder's
+        morphometry); 0 reads all ``embed_dim``. The model still takes (and checks) full
         ``embed_dim`` rows. ``recorded``: training settings kept with the model's config (lr,
         weight_decay, max_tiles …) so that a checkpoint says how it was trained; they do not change
         the network."""
@@ -85,11 +87,11 @@ class MILRegressor(nn.Module):
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, not {aggregation!r}")
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, not {head!r}")
-        if not 0 <= int(inputs) <= int(embed_dim):
-            raise ValueError(f"inputs must be in 0..{embed_dim}, not {inputs}")
+        if not 0 <= int(inputs) + int(skip) <= int(embed_dim) or min(int(inputs), int(skip)) < 0 or (skip and not inputs):
+            raise ValueError(f"inputs + skip must be in 0..{embed_dim} (skip only with inputs), not {inputs} + {skip}")
         self.config = {"embed_dim": int(embed_dim), "hidden": int(hidden), "dropout": float(dropout),
                        "aggregation": aggregation, "head": head, "stroma_prior": bool(stroma_prior),
-                       "inputs": int(inputs), **recorded}
+                       "inputs": int(inputs), "skip": int(skip), **recorded}
         embed_dim = int(inputs) or int(embed_dim)  # the width of what the layers read
         # LayerNorm first: embeddings from random or foreign encoders have arbitrary scales.
         self.embed = nn.Sequential(
@@ -137,9 +139,10 @@ class MILRegressor(nn.Module):
             self.att_w.bias.zero_()
 
     def read_inputs(self, features):
-        """The feature columns this model reads (the last ``inputs``; all when 0), tensor or array."""
-        k = int(self.config.get("inputs") or 0)
-        return features[..., -k:] if k else features
+        """The feature columns this model reads (``inputs`` ending ``skip`` before the last; all when
+        0), tensor or array."""
+        k, s = int(self.config.get("inputs") or 0), int(self.config.get("skip") or 0)
+        return features[..., -(k + s):-s] if k and s else features[..., -k:] if k else features
 
     def tile_outputs(self, features: Tensor) -> tuple[Tensor, Tensor | None]:
         """Per-tile prediction in 0-1 and attention logit (None for mean pooling), both (..., N)."""

@@ -48,6 +48,7 @@ from weakstil.mil.cv import CVResult, cross_validate
 from weakstil.mil.fit import TrainConfig
 
 CANDIDATES = ("all", "measured", "measured-dark")
+WIDE = ("measured-wide", "measured-dark-wide")  # beside CANDIDATES when the features have the wide block (v7)
 MEASURED_EMPHASIS = 10.0  # TrainConfig.measured_emphasis when the features end with the morphometry
 
 
@@ -60,20 +61,28 @@ def has_morphometry(fingerprint: Mapping | None, dim: int | None = None) -> bool
 
 def candidates(cfg: TrainConfig, fingerprint: Mapping | None, dim: int) -> tuple[str, ...]:
     """The column sets ``cfg.columns`` asks to cross-validate on features of this encoder."""
-    from weakstil.embed.encoders import MORPH_ARCH
+    from weakstil.embed.encoders import MORPH_ARCH, has_wide_columns
 
     available = has_morphometry(fingerprint, dim)
+    wide = has_wide_columns((fingerprint or {}).get("encoder"), dim)
     if cfg.columns == "auto":
-        return CANDIDATES if available else ("all",)
-    if cfg.columns in ("measured", "measured-dark") and not available:
+        return (CANDIDATES + WIDE if wide else CANDIDATES) if available else ("all",)
+    if cfg.columns != "all" and not available:
         raise ConfigError(f"--columns {cfg.columns} reads the stain morphometry's measurements of sTIL% "
                           "beside a network's embedding, and this cache's encoder has none", fix=f"extract with a "
                           f"+stainmorph encoder ({MORPH_ARCH}, the default), or train with --columns all")
+    if cfg.columns in WIDE and not wide:
+        raise ConfigError(f"--columns {cfg.columns} reads the measurements under the wide nest rule, and this "
+                          f"cache's morphometry is older ({(fingerprint or {}).get('encoder', {}).get('arch')})",
+                          fix=f"extract again with the current encoder ({MORPH_ARCH}), or train with --columns "
+                          "measured or measured-dark")
     return (cfg.columns,)
 
 
 def parent_columns(state: Mapping, dim: int) -> str:
-    """The columns a parent's weights read: the width of its first layer (LayerNorm over its inputs)."""
+    """The columns a parent's weights read: the width of its first layer (LayerNorm over its inputs).
+    A width does not say which nest rule's block: warm starts take the parent's config instead
+    (``mil.cohort``), this is the fallback for a bare state."""
     from weakstil.mil.fit import columns_of
 
     width = int(state["embed.0.weight"].shape[0])
@@ -86,7 +95,9 @@ def r2(labels, predictions) -> float:
     return float(r2_score(np.asarray(labels, np.float64), np.asarray(predictions, np.float64)))
 
 
-SIMPLEST_FIRST = ("measured-dark", "measured", "all")  # fewest columns first (the one-SE rule's order)
+# fewest columns first (the one-SE rule's order); at equal width the pale nest rule's block before the
+# wide rule's: it was chosen on more families, and the wide one has to earn its place
+SIMPLEST_FIRST = ("measured-dark", "measured", "measured-dark-wide", "measured-wide", "all")
 
 
 def choose(results: Mapping[str, CVResult], mask: np.ndarray | None = None) -> str:
