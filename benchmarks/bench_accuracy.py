@@ -334,12 +334,11 @@ def run_recipe(cohort: Cohort, recipe: dict, plan: Plan) -> dict:
     # what is deployed (mil.train): the blend with the probe, then the calibration line; each
     # cross-fitted (a fold's weight and line chosen on the other folds' out-of-fold predictions)
     deployed, honest, fold_w = cv.predictions, cv.predictions, [1.0] * cfg.n_folds
-    from weakstil.mil import blend
+    if cfg.blend:
+        from weakstil.mil import blend
 
-    mode = blend.blend_mode(cfg)  # "free" (--blend), "guard" (the default probe guard) or None
-    if mode:
-        out["blend_weight"], honest, fold_w = blend.decide(cv.predictions, probe, labels, cv.folds, mode)
-        out["blend_mode"] = mode
+        out["blend_weight"] = blend.choose_weight(cv.predictions, probe, labels)
+        honest, fold_w = blend.crossfit(cv.predictions, probe, labels, cv.folds)
         deployed = out["blend_weight"] * cv.predictions + (1 - out["blend_weight"]) * probe
         out["mil_blend"] = slide_figures(labels, cohort.truth, honest)
         out["fold_weights"] = fold_w
@@ -348,20 +347,20 @@ def run_recipe(cohort: Cohort, recipe: dict, plan: Plan) -> dict:
 
         out["line"] = fit_line(deployed, labels)
         honest = crossfit(honest, labels, cv.folds)
-    if mode or cfg.calibrate:
+    if cfg.blend or cfg.calibrate:
         out["mil_calibrated"] = slide_figures(labels, cohort.truth, honest)  # the deployed model's figures
     tiles, weights = {}, {}
     line = out.get("line")
     for k, module in enumerate(cv.models):
         test = cv.folds == k
         head = None
-        if mode and fold_w[k] < 1.0:
+        if cfg.blend:
             from weakstil.mil.blend import fit_probe
 
             train_ids = [sid for sid, t in zip(cv.slide_ids, test) if not t]
             head = fit_probe(cohort.bags, train_ids, labels[~test])
         member = TrainedModel([module], fingerprint={}, probe=head,
-                              config={"calibration": line, "blend": {"weight": fold_w[k]} if head else None})
+                              config={"calibration": line, "blend": {"weight": fold_w[k]} if cfg.blend else None})
         for i in np.flatnonzero(test):
             sid = cv.slide_ids[i]
             pred = member.predict(cohort.bags[sid])
@@ -379,12 +378,12 @@ def transfer(train: dict, source: Cohort, target: Cohort) -> dict:
     cv = train["_cv"]
     weight = train.get("blend_weight")
     head = None
-    if weight is not None and weight < 1.0:  # (the probe guard's 1: the MIL alone, as train deploys it)
+    if weight is not None:
         from weakstil.mil.blend import fit_probe
 
         head = fit_probe(source.bags, cv.slide_ids, cv.labels)
     model = TrainedModel(cv.models, fingerprint={}, probe=head, config={
-        "calibration": train.get("line"), "blend": {"weight": weight} if head is not None else None})
+        "calibration": train.get("line"), "blend": {"weight": weight} if weight is not None else None})
     ids = list(target.table["slide_id"])
     labels = target.table["stil"].to_numpy(float)
     pred = np.array([model.predict(target.bags[s]).score for s in ids])
@@ -399,7 +398,7 @@ def transfer(train: dict, source: Cohort, target: Cohort) -> dict:
 RECIPES = {
     "default": {},
     "attention-2026-11": {"aggregation": "attention", "head": "mlp", "dropout": 0.25, "weight_decay": 1e-2,
-                          "max_epochs": 60, "patience": 10, "calibrate": False, "blend": False, "probe_guard": False},  # before #14
+                          "max_epochs": 60, "patience": 10, "calibrate": False, "blend": False},  # before #14
     "linear-head-blend": {"head": "linear", "blend": True},  # the default of the third run (2026-12-05)
     "blend": {"blend": True},  # the default, blended with the probe out of fold
     "no-stroma-prior": {"stroma_prior": False},  # the fifth run's default: equal tile weights at the start

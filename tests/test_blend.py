@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from weakstil.mil.blend import blended, choose_weight, crossfit, fit_probe, guard_weight, probe_score
+from weakstil.mil.blend import blended, choose_weight, crossfit, fit_probe, probe_score
 from weakstil.mil.model import SlidePrediction
 from weakstil.mil.probe import LinearProbe, slide_means
 
@@ -28,19 +28,6 @@ def test_weight_follows_the_better_predictor_and_ties_go_to_the_mil():
     assert choose_weight(y, y, y) == 1.0  # a tie: the MIL
     # independent errors of equal size: the blend beats both
     assert 0.3 <= choose_weight(y + noise, y + rng.normal(0, 20, 40), y) <= 0.7
-
-
-def test_the_probe_guard_steps_in_only_where_the_probe_clearly_wins():
-    """guard_weight: the MIL alone (1) unless the best blend beats it by more than one SE and 0.01 R²."""
-    rng = np.random.default_rng(2)
-    y = rng.uniform(0, 80, 40)
-    good, bad = y + rng.normal(0, 4, 40), y + rng.normal(0, 20, 40)
-    assert guard_weight(good, bad, y) == 1.0  # the MIL wins: nothing to guard
-    assert guard_weight(bad, good, y) == choose_weight(bad, good, y) < 0.5  # the probe clearly wins: the blend
-    near = good + rng.normal(0, 1.0, 40)  # a blend that helps a little (within one SE or 0.01): the MIL alone
-    assert choose_weight(near, good, y) < 1.0 and guard_weight(near, good, y) == 1.0
-    out, weights = crossfit(bad, good, y, np.arange(40) % 5, "guard")
-    assert all(w < 0.5 for w in weights)
 
 
 def test_crossfit_chooses_each_folds_weight_without_its_labels():
@@ -104,19 +91,13 @@ def test_trained_model_deploys_the_blend(tmp_path):
     assert pred.score == pytest.approx(expected, abs=1e-3)
     assert pred.score == pytest.approx(pred.contribution.sum())
 
-    plain = train_model(bags, table, replace(cfg, blend=False, probe_guard=False), out_dir=tmp_path / "p",
-                        fingerprint=FINGERPRINT, progress=False)
+    plain = train_model(bags, table, replace(cfg, blend=False), out_dir=tmp_path / "p", fingerprint=FINGERPRINT,
+                        progress=False)
     plain_metrics = json.loads((plain / "metrics.json").read_text())
     assert "blend" not in plain_metrics and "deployed" not in plain_metrics
     assert deployed_pooled(plain_metrics) == plain_metrics["pooled"]
     assert torch.load(plain / "model.ckpt", weights_only=True)["format_version"] == 1
     assert load_model(plain).probe is None
-    # the default probe guard: reported with its mode; where it keeps the MIL alone, no probe in the model
-    guarded = train_model(bags, table, replace(cfg, blend=False), out_dir=tmp_path / "g", fingerprint=FINGERPRINT,
-                          progress=False)
-    g = json.loads((guarded / "metrics.json").read_text())
-    assert g["blend"]["mode"] == "guard" and "probe guard" in g["blend"]["note"]
-    assert (load_model(guarded).probe is None) == (g["blend"]["weight"] == 1.0)
 
 
 def test_a_newer_checkpoint_is_refused_with_a_clear_message(tmp_path):

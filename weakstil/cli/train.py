@@ -23,7 +23,7 @@ from weakstil.cli.app import (
 )
 from weakstil.cli import checks
 from weakstil.errors import WeakstilError
-from weakstil.mil import COLUMN_RULE, PRACTICAL_R2
+from weakstil.mil import COLUMN_RULE
 
 
 class CV(str, Enum):
@@ -78,10 +78,6 @@ def train(
     blend: Annotated[bool, typer.Option(
         help="Deploy w·MIL + (1−w)·linear probe, w chosen on the out-of-fold predictions "
              "(off by default: the probe head already starts from the probe).")] = False,
-    probe_guard: Annotated[bool, typer.Option(
-        "--probe-guard/--no-probe-guard",
-        help="Without --blend: deploy the MIL alone unless a blend with the linear probe beats it out of fold "
-             f"by more than one standard error and {PRACTICAL_R2:g} R² (then that blend); metrics.json → blend.")] = True,
     stroma_prior: Annotated[Optional[bool], typer.Option(
         "--stroma-prior/--no-stroma-prior",
         help="Weight each tile by its estimated stroma fraction when pooling (sTIL% is defined on "
@@ -134,7 +130,7 @@ def train(
             labels, features, encoder=encoder, models_dir=models, name=name, aggregations=aggregations,
             n_folds=folds, folds_by=folds_by.value, deploy=deploy.value, max_tiles=max_tiles,
             max_epochs=max_epochs, patience=patience, lr=lr, weight_decay=weight_decay, head=head,
-            calibrate=calibrate, blend=blend, probe_guard=probe_guard, stroma_prior=stroma_prior, columns=columns.value,
+            calibrate=calibrate, blend=blend, stroma_prior=stroma_prior, columns=columns.value,
             measured_emphasis=measured_emphasis,
             high_cutoff=high_cutoff, seed=seed, accelerator=accelerator, overwrite=overwrite,
             progress=not quiet, run_info=plain_json(values), init=init, cv=cv.value)

@@ -7,12 +7,6 @@ training picks ``w`` in 0, 0.1, …, 1 for ``w · MIL + (1 − w) · probe`` on 
 predictions of both (same folds), ties going to the MIL. The estimate reported for it is
 cross-fitted: each fold's slides are blended with the weight chosen on the other folds only.
 
-**The probe guard** (``TrainConfig.probe_guard``, on by default; ``--blend`` off): the MIL alone is
-deployed unless the best blend beats it out of fold by more than the input columns' rule allows
-(:func:`guard_weight`: one standard error of the paired squared errors, or
-:data:`~weakstil.mil.PRACTICAL_R2`): a free blend costs 0.01–0.03 R² where the MIL is as good
-(docs/accuracy.md, tenth run), the guard only steps in where the probe clearly wins.
-
 The deployed model keeps the probe as one vector and an intercept over the raw tile features (the
 standardisation folded in) and, for a slide, moves every tile prediction of the MIL by the same
 amount, ``(1 − w) · (probe − MIL)``: the score is the blend, the heatmap keeps the MIL's pattern,
@@ -38,34 +32,14 @@ def choose_weight(mil, probe, labels) -> float:
     return float(max(w for w, s in zip(WEIGHTS, scores) if s >= best - 1e-12))
 
 
-def guard_weight(mil, probe, labels) -> float:
-    """1 (the MIL alone) unless the best blend (:func:`choose_weight`) fits ``labels`` better by more
-    than one standard error of the slides' paired squared errors and by more than
-    :data:`~weakstil.mil.PRACTICAL_R2` (the rule that chooses the input columns); then its weight."""
-    from weakstil.mil import PRACTICAL_R2
-
-    mil, probe, labels = (np.asarray(a, np.float64) for a in (mil, probe, labels))
-    w = choose_weight(mil, probe, labels)
-    denom = float(((labels - labels.mean()) ** 2).mean())
-    if w >= 1.0 or len(labels) < 3 or denom <= 0:
-        return 1.0
-    gain = ((mil - labels) ** 2) - ((w * mil + (1 - w) * probe - labels) ** 2)  # per slide, > 0: blend better
-    se = gain.std(ddof=1) / np.sqrt(len(gain)) / denom
-    return float(w) if gain.mean() / denom > max(se, PRACTICAL_R2) else 1.0
-
-
-CHOOSERS = {"free": choose_weight, "guard": guard_weight}  # TrainConfig.blend / .probe_guard
-
-
-def crossfit(mil, probe, labels, folds, mode: str = "free") -> tuple[np.ndarray, list[float]]:
-    """Each fold blended with the weight chosen (``mode``: :data:`CHOOSERS`) on the other folds'
-    out-of-fold predictions."""
+def crossfit(mil, probe, labels, folds) -> tuple[np.ndarray, list[float]]:
+    """Each fold blended with the weight chosen on the other folds' out-of-fold predictions."""
     mil, probe, labels, folds = (np.asarray(a) for a in (mil, probe, labels, folds))
     out = np.empty(mil.shape, np.float64)
     weights = []
     for k in np.unique(folds):
         test = folds == k
-        w = CHOOSERS[mode](mil[~test], probe[~test], labels[~test])
+        w = choose_weight(mil[~test], probe[~test], labels[~test])
         out[test] = w * mil[test] + (1 - w) * probe[test]
         weights.append(w)
     return out, weights
@@ -104,28 +78,13 @@ def blended(pred, probe_value: float, weight: float):
     return SlidePrediction(float(contribution.sum()), tile_pred, pred.attention, contribution)
 
 
-def blend_report(mil, probe, labels, folds, weight: float, *, cutoffs=(10, 30, 50),
-                 mode: str = "free") -> tuple[dict, np.ndarray]:
+def blend_report(mil, probe, labels, folds, weight: float, *, cutoffs=(10, 30, 50)) -> tuple[dict, np.ndarray]:
     """metrics.json's ``blend`` section and the cross-fitted blended out-of-fold predictions."""
     from weakstil.mil.metrics import regression_metrics
 
-    honest, fold_weights = crossfit(mil, probe, labels, folds, mode)
+    honest, fold_weights = crossfit(mil, probe, labels, folds)
     labels = np.asarray(labels, np.float64)
-    how = ("the weight that fits best" if mode == "free" else
-           "1 (the MIL alone) unless a blend beats it by more than one standard error and 0.01 R² (probe guard)")
-    return {"weight": weight, "mode": mode, "fold_weights": fold_weights,
+    return {"weight": weight, "fold_weights": fold_weights,
             "pooled": regression_metrics(labels, honest, cutoffs=cutoffs),
-            "note": f"score = weight · MIL + (1 − weight) · linear probe, weight chosen out of fold: {how}; the "
-                    "estimate blends each fold with the weight chosen on the other folds"}, honest
-
-
-def decide(mil, probe, labels, folds, mode: str) -> tuple[float, np.ndarray, list[float]]:
-    """(deployed weight, cross-fitted predictions, each fold's weight) for ``mode`` (:data:`CHOOSERS`)."""
-    weight = CHOOSERS[mode](mil, probe, labels)
-    honest, fold_weights = crossfit(mil, probe, labels, folds, mode)
-    return weight, honest, fold_weights
-
-
-def blend_mode(cfg) -> str | None:
-    """The blend a training config asks for: "free" (``--blend``), "guard" (the probe guard), or None."""
-    return "free" if cfg.blend else "guard" if getattr(cfg, "probe_guard", False) else None
+            "note": "score = weight · MIL + (1 − weight) · linear probe; the estimate blends each fold "
+                    "with the weight chosen on the other folds"}, honest

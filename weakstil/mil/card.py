@@ -246,9 +246,8 @@ def _training_section(card: Mapping) -> list[str]:
     blend = card.get("blend")
     if blend:
         w, pooled = float(blend.get("weight", 1.0)), blend.get("pooled") or {}
-        what = (f"{w:.1f} × MIL + {1 - w:.1f} × linear probe (weight chosen out of fold)" if w < 1.0 else
-                "the MIL alone (the probe guard found no blend with the linear probe clearly better out of fold)")
-        lines += ["", f"Deployed score: {what}; cross-fitted R² {_f(pooled.get('r2'))}, AUC@30 {_f(pooled.get('auc@30'))}."]
+        lines += ["", f"Deployed score: {w:.1f} × MIL + {1 - w:.1f} × linear probe (weight chosen out of fold); "
+                      f"cross-fitted R² {_f(pooled.get('r2'))}, AUC@30 {_f(pooled.get('auc@30'))}."]
     qc = card.get("qc")
     lines += ["", "## QC thresholds (the `qc` column of scores.csv)", ""]
     if qc:

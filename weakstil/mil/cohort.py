@@ -294,8 +294,7 @@ def metrics_table(runs: list[TrainedRun], *, title: str = "cross-validation (out
             cal = m.get("calibration") or {}
             d = (cal.get("pooled") if cal.get("applied", True) else None) or blend.get("pooled") or {}
             w = float(blend.get("weight", 1.0))
-            what = f"{w:.1f}·MIL + {1 - w:.1f}·probe" if w < 1.0 else "MIL alone (probe guard)"
-            table.add_row(f"  deployed: {what}, cross-fitted", "", "", _fmt(d.get("r2")), "",
+            table.add_row(f"  deployed: {w:.1f}·MIL + {1 - w:.1f}·probe", "", "", _fmt(d.get("r2")), "",
                           _fmt(d.get("pearson")), _fmt(d.get("mae"), 1),
                           "/".join(_fmt(d.get(f"auc@{c}")) for c in (10, 30, 50)), "")
         for cohort, c in (m.get("per_cohort") or {}).items():  # several cohorts: one row each

@@ -76,10 +76,6 @@ class TrainConfig:
     # deploy w · MIL + (1 − w) · linear probe, w chosen out of fold (mil.blend); off since the probe
     # head, which starts from the probe and keeps it unless validation says otherwise (docs/accuracy.md)
     blend: bool = False
-    # without blend: deploy the MIL alone unless the best blend with the probe beats it out of fold by
-    # more than one standard error and PRACTICAL_R2 (mil.blend.guard_weight): the MIL never clearly
-    # loses to the baseline it is judged against
-    probe_guard: bool = True
     # the tile head: "probe" (linear on standardised features, started at the linear probe) |
     # "linear" (on the LayerNorm'd features) | "mlp" (on the hidden layer)
     head: str = "probe"

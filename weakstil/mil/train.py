@@ -103,8 +103,8 @@ def train_model(bags: Mapping[str, np.ndarray], table, cfg: TrainConfig, *, out_
         "weakstil_version": __version__, "deploy": cfg.deploy, "n_members": len(members),
         "train": asdict(cfg), "model": dict(members[0].config), "fingerprint": dict(fingerprint),
         "run": dict(run_info or {}), "calibration": line,
-        "blend": None if probe_head is None else {"weight": blend["weight"], "mode": blend["mode"],
-                                                  "fold_weights": blend["fold_weights"], "alpha": probe_head["alpha"]},
+        "blend": None if blend is None else {"weight": blend["weight"], "fold_weights": blend["fold_weights"],
+                                             "alpha": probe_head["alpha"]},
     }
     model = TrainedModel(members, fingerprint=dict(fingerprint), config=plain_json(config), probe=probe_head)
     with staging_dir(out_dir) as tmp:  # renamed into place whole; a full disk is a DiskFullError
@@ -132,17 +132,15 @@ def _probe_section(bags, cv: CVResult, cfg: TrainConfig) -> dict:
 def _blend(bags, cv: CVResult, cfg: TrainConfig, probe: dict):
     """(metrics section, probe head, deployed out-of-fold predictions, cross-fitted ones) of the
     MIL–probe blend (:mod:`weakstil.mil.blend`); the MIL's own predictions without ``cfg.blend``."""
-    from weakstil.mil.blend import CHOOSERS, blend_mode, blend_report, fit_probe
-
-    mode = blend_mode(cfg)
-    if mode is None:
+    if not cfg.blend:
         return None, None, cv.predictions, cv.predictions
+    from weakstil.mil.blend import blend_report, choose_weight, fit_probe
+
     oof = np.asarray(probe["predictions"], np.float64)
-    weight = CHOOSERS[mode](cv.predictions, oof, cv.labels)
-    section, honest = blend_report(cv.predictions, oof, cv.labels, cv.folds, weight, cutoffs=cfg.cutoffs, mode=mode)
+    weight = choose_weight(cv.predictions, oof, cv.labels)
+    section, honest = blend_report(cv.predictions, oof, cv.labels, cv.folds, weight, cutoffs=cfg.cutoffs)
     deployed = weight * cv.predictions + (1 - weight) * oof
-    head = fit_probe(bags, cv.slide_ids, cv.labels) if weight < 1.0 else None  # the MIL alone needs no probe
-    return section, head, deployed, honest
+    return section, fit_probe(bags, cv.slide_ids, cv.labels), deployed, honest
 
 
 def _baselines(cv: CVResult, cfg: TrainConfig, probe: dict, blend: dict | None, honest: np.ndarray,
@@ -160,8 +158,7 @@ def _baselines(cv: CVResult, cfg: TrainConfig, probe: dict, blend: dict | None, 
                                             cutoffs=cfg.cutoffs)
     deployed = out["calibration"] if cfg.calibrate else out.get("blend")
     if deployed is not None:  # the one figure for what model.ckpt does, estimated honestly
-        parts = ([("blend with the linear probe" if blend["weight"] < 1.0 else "the probe guard (MIL alone)")
-                  + f" ({blend['mode']})"] if blend is not None else []) + (
+        parts = (["blend with the linear probe"] if blend is not None else []) + (
             ["calibration line"] if cfg.calibrate else [])
         out["deployed"] = {"pooled": deployed["pooled"],
                            "note": "MIL + " + " + ".join(parts) + ", each cross-fitted (chosen on the other folds)"}
