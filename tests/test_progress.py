@@ -147,8 +147,10 @@ def test_extract_and_train_write_short_plain_lines_into_a_log(tmp_path):
                                   tmp_path / "models", "--folds", 2, "--max-epochs", 3, "--device", "cpu"],
                                  tmp_path / "train.log"))
     # the default encoder has the morphometry: every column candidate is cross-validated (mil.select)
+    from weakstil.mil.select import CANDIDATES, WIDE
+
     assert [line.split(",")[0] for line in lines if line.startswith("cross-validation (") and "folds" in line] == [
-        f"cross-validation ({c}): {k}/2 folds" for c in ("all", "measured", "measured-dark") for k in (1, 2)]
+        f"cross-validation ({c}): {k}/2 folds" for c in CANDIDATES + WIDE for k in (1, 2)]
 
 
 def test_fit_one_shows_epochs_in_the_display_not_lightnings_bar(capsys):
