@@ -87,12 +87,13 @@ class MILRegressor(nn.Module):
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, not {aggregation!r}")
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, not {head!r}")
-        if not 0 <= int(inputs) + int(skip) <= int(embed_dim) or min(int(inputs), int(skip)) < 0 or (skip and not inputs):
+        inputs, skip = int(inputs), int(skip)
+        if inputs < 0 or skip < 0 or inputs + skip > int(embed_dim) or (skip and not inputs):
             raise ValueError(f"inputs + skip must be in 0..{embed_dim} (skip only with inputs), not {inputs} + {skip}")
         self.config = {"embed_dim": int(embed_dim), "hidden": int(hidden), "dropout": float(dropout),
                        "aggregation": aggregation, "head": head, "stroma_prior": bool(stroma_prior),
-                       "inputs": int(inputs), "skip": int(skip), **recorded}
-        embed_dim = int(inputs) or int(embed_dim)  # the width of what the layers read
+                       "inputs": inputs, "skip": skip, **recorded}
+        embed_dim = inputs or int(embed_dim)  # the width of what the layers read
         # LayerNorm first: embeddings from random or foreign encoders have arbitrary scales.
         self.embed = nn.Sequential(
             nn.LayerNorm(embed_dim),
