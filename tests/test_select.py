@@ -3,6 +3,8 @@ between all columns and the morphometry's measurements of sTIL% (weakstil.mil.se
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -19,6 +21,7 @@ from weakstil.mil.select import (
     choose,
     cross_validate_columns,
     crossfit,
+    parent_columns,
 )
 
 NET = 48  # columns before the measurements in these toy bags (the last MEASURED_DIM of them: the wide block)
@@ -184,12 +187,24 @@ def test_a_warm_start_keeps_the_columns_its_parent_reads(monkeypatch):
     bags, table = _cohort("measured", n=20)
     monkeypatch.setattr("weakstil.embed.encoders.MORPH_DIM", MEASURED_DIM + 2)
     cfg = TrainConfig(n_boot=10, fold_processes=1, max_epochs=3, patience=3, stroma_prior=True)
-    for columns, inputs in (("measured", MEASURED_DIM), ("all", 0)):
+    for columns, inputs, skip in (("all", 0, 0), ("measured-wide", MEASURED_DIM, MEASURED_DIM)):
         parent = MILRegressor(DIM, **TrainConfig(columns=columns, stroma_prior=True).model_kwargs())
-        cv, resolved, choice = cross_validate_columns(bags, table, cfg, WITH_MORPH, progress=False,
-                                                      init_state=parent.state_dict())
+        given = "auto" if columns == "all" else columns  # a bare state of five columns cannot say which block
+        cv, resolved, choice = cross_validate_columns(bags, table, replace(cfg, columns=given), WITH_MORPH,
+                                                      progress=False, init_state=parent.state_dict())
         assert choice is None and resolved.columns == columns  # no second candidate: the weights fix it
-        assert all(m.config["inputs"] == inputs for m in cv.models)
+        assert all((m.config["inputs"], m.config["skip"]) == (inputs, skip) for m in cv.models)
+
+
+def test_bare_parent_weights_of_a_measured_block_name_both_nest_rules(monkeypatch):
+    bags, table = _cohort("measured", n=20)
+    monkeypatch.setattr("weakstil.embed.encoders.MORPH_DIM", MEASURED_DIM + 2)
+    cfg = TrainConfig(n_boot=10, fold_processes=1, max_epochs=3, patience=3, stroma_prior=True)
+    parent = MILRegressor(DIM, **TrainConfig(columns="measured", stroma_prior=True).model_kwargs())
+    with pytest.raises(ConfigError, match="measured and measured-wide") as err:
+        cross_validate_columns(bags, table, cfg, WITH_MORPH, progress=False, init_state=parent.state_dict())
+    assert "config.yaml" in err.value.fix
+    assert parent_columns(parent.state_dict(), DIM, wide=False) == "measured"  # one block that wide (v4–v6)
 
 
 def test_the_training_table_shows_the_column_choice():

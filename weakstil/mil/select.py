@@ -84,14 +84,23 @@ def candidates(cfg: TrainConfig, fingerprint: Mapping | None, dim: int) -> tuple
     return (cfg.columns,)
 
 
-def parent_columns(state: Mapping, dim: int) -> str:
+def parent_columns(state: Mapping, dim: int, *, wide: bool = False) -> str:
     """The columns a parent's weights read: the width of its first layer (LayerNorm over its inputs).
-    A width does not say which nest rule's block: warm starts take the parent's config instead
-    (``mil.cohort``), this is the fallback for a bare state."""
+    On features with both nest rules' blocks (``wide``) a width of five or four does not say which
+    rule's block: a :class:`ConfigError` that asks for the set (``weakstil train --init`` takes it
+    from the parent's config.yaml, ``mil.cohort``; this is for bare weights)."""
     from weakstil.mil.fit import columns_of
 
     width = int(state["embed.0.weight"].shape[0])
-    return "all" if width == dim else columns_of(width)
+    if width == dim:
+        return "all"
+    name = columns_of(width)
+    if wide:
+        raise ConfigError(f"the parent's weights read {width} feature columns, and these features have two "
+                          f"blocks that wide ({name} and {name}-wide: the pale and the wide nest rule)",
+                          fix=f"say which: columns={name!r} or {name + '-wide'!r} (`weakstil train --init MODEL` "
+                              "reads it from the parent's config.yaml)")
+    return name
 
 
 def r2(labels, predictions) -> float:
@@ -187,7 +196,9 @@ def cross_validate_columns(bags: Mapping[str, np.ndarray], table, cfg: TrainConf
                           "+stainmorph encoder (the default)")
     names = candidates(cfg, fingerprint, dim)
     if init_state is not None and cfg.columns == "auto":  # a warm start keeps the parent's columns
-        names = (parent_columns(init_state, dim),)
+        from weakstil.embed.encoders import has_wide_columns
+
+        names = (parent_columns(init_state, dim, wide=has_wide_columns((fingerprint or {}).get("encoder"), dim)),)
     if len(names) == 1:
         cfg = replace(cfg, columns=names[0])
         return cross_validate(bags, table, cfg, progress=progress, init_state=init_state, folds=folds), cfg, None
