@@ -351,7 +351,7 @@ def run_recipe(cohort: Cohort, recipe: dict, plan: Plan) -> dict:
         out["mil_calibrated"] = slide_figures(labels, cohort.truth, honest)  # the deployed model's figures
     tiles, weights = {}, {}
     line = out.get("line")
-    for k, module in enumerate(cv.models):
+    for k in range(cfg.n_folds):
         test = cv.folds == k
         head = None
         if cfg.blend:
@@ -359,7 +359,7 @@ def run_recipe(cohort: Cohort, recipe: dict, plan: Plan) -> dict:
 
             train_ids = [sid for sid, t in zip(cv.slide_ids, test) if not t]
             head = fit_probe(cohort.bags, train_ids, labels[~test])
-        member = TrainedModel([module], fingerprint={}, probe=head,
+        member = TrainedModel(cv.fold_models(k), fingerprint={}, probe=head,
                               config={"calibration": line, "blend": {"weight": fold_w[k]} if cfg.blend else None})
         for i in np.flatnonzero(test):
             sid = cv.slide_ids[i]

@@ -152,5 +152,5 @@ def test_every_fold_starts_from_the_parent_weights(monkeypatch):
     folds = np.array([0] * 6 + [1] * 6)
     result = cv_module.cross_validate(bags, df, TrainConfig(n_folds=2, fold_processes=1, n_boot=10), progress=False,
                                       init_state=parent, folds=folds)
-    assert len(seen) == 2 and all(s is parent for s in seen)
+    assert len(seen) == 2 * TrainConfig().seeds and all(s is parent for s in seen)  # every model of every fold
     assert result.folds.tolist() == folds.tolist()

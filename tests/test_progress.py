@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import io
 import os
 import subprocess
@@ -180,8 +182,11 @@ def test_cross_validation_writes_one_short_line_per_fold_into_a_log(capsys):
     table = pd.DataFrame({"slide_id": ids, "patient_id": [f"P{i}" for i in range(12)],
                           "stil": np.linspace(5, 90, 12)})
     bags = {s: rng.normal(size=(6, 4)).astype(np.float32) for s in ids}
-    cfg = TrainConfig(hidden=8, max_epochs=2, patience=5, n_folds=3, n_boot=10, accelerator="cpu")
+    cfg = TrainConfig(hidden=8, max_epochs=2, patience=5, n_folds=3, n_boot=10, accelerator="cpu", seeds=1)
     cross_validate(bags, table, cfg, progress=True)
     lines = log_lines(capsys.readouterr().err)
     assert [line.split(",")[0] for line in lines] == [f"cross-validation: {k}/3 folds" for k in (1, 2, 3)]
     assert all("epoch 2 val R²" in line for line in lines)
+    cross_validate(bags, table, replace(cfg, seeds=2), progress=True)  # several models per fold: counted as models
+    lines = log_lines(capsys.readouterr().err)
+    assert [line.split(",")[0] for line in lines] == [f"cross-validation: {k}/6 models" for k in range(1, 7)]

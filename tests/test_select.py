@@ -170,11 +170,14 @@ def test_the_columns_that_carry_the_label_are_chosen(signal, monkeypatch):
     bags, table = _cohort(signal)
     # these toy bags stand for a cache of the default encoder: network columns, then the morphometry
     monkeypatch.setattr("weakstil.embed.encoders.MORPH_DIM", MEASURED_DIM + 2)
-    cfg = TrainConfig(n_boot=10, fold_processes=1, max_epochs=30, patience=10, stroma_prior=True)
+    cfg = TrainConfig(n_boot=10, fold_processes=1, max_epochs=30, patience=10, stroma_prior=True, seeds=2)
     cv, resolved, choice = cross_validate_columns(bags, table, cfg, WITH_MORPH, progress=False)
     assert set(choice.results) == set(CANDIDATES + WIDE)
     assert choice.chosen == signal == resolved.columns
-    assert cv is choice.results[signal]
+    # the candidates compared on one model per fold; the chosen one gets its second seed's models too
+    assert all(len(res.models) == cfg.n_folds for res in choice.results.values())
+    assert len(cv.models) == 2 * cfg.n_folds
+    assert sum(any(m is r for r in choice.results[signal].models) for m in cv.models) == cfg.n_folds
     assert all(columns_of(m.config["inputs"], m.config["skip"]) == signal for m in cv.models)
     other = "all" if signal == "measured" else "measured"
     assert np.array_equal(choice.results[other].folds, cv.folds)  # the same folds for both

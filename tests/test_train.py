@@ -13,10 +13,11 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from weakstil.errors import ConfigError, EmptyBagError, LabelsError, ModelExistsError
-from weakstil.mil.cv import cross_validate
+from weakstil.mil.cv import combine, cross_validate
 from weakstil.mil.fit import (
     BagBatchSampler,
     BagDataset,
@@ -31,7 +32,7 @@ from weakstil.mil.train import train_model
 DIM = 32
 FINGERPRINT = {"encoder": {"name": "toy", "weights_sha256": "0" * 64, "embed_dim": DIM},
                "tiling": {"tile_px": 224, "mpp": 0.5, "overlap": 0}}
-FAST = TrainConfig(hidden=32, dropout=0.1, lr=3e-3, max_epochs=25, patience=6, n_folds=3,
+FAST = TrainConfig(hidden=32, dropout=0.1, lr=3e-3, max_epochs=25, patience=6, n_folds=3, seeds=1,
                    n_boot=200, cutoffs=(10, 30, 50), aggregation="attention")
 
 
@@ -74,6 +75,34 @@ def test_cv_learns_true_labels(cv_true, cohort):
     assert len(cv_true.models) == len(cv_true.fold_metrics) == FAST.n_folds
     lo, hi = cv_true.pooled_ci["r2"]
     assert lo <= cv_true.pooled["r2"] <= hi
+
+
+def test_each_fold_averages_its_seeds_models(cohort):
+    bags, table = cohort
+    cfg = replace(FAST, seeds=2, max_epochs=6)
+    cv = cross_validate(bags, table, cfg, progress=False)
+    assert len(cv.models) == 2 * cfg.n_folds and cv.member_folds.tolist() == [0, 0, 1, 1, 2, 2]
+    assert len(cv.fold_metrics) == len(cv.fold_info) == cfg.n_folds and cv.fold_info[0]["models"] == 2
+    for k in range(cfg.n_folds):
+        test = np.flatnonzero(cv.folds == k)
+        members = cv.fold_models(k)
+        scores = [[TrainedModel([m], fingerprint={}).predict(bags[cv.slide_ids[i]]).score for i in test]
+                  for m in members]
+        assert not np.allclose(scores[0], scores[1])  # other seeds: other models
+        np.testing.assert_allclose(cv.predictions[test], np.mean(scores, axis=0), atol=1e-4)
+        ensemble = TrainedModel(members, fingerprint={})  # what is deployed scores the same way
+        np.testing.assert_allclose([ensemble.predict(bags[cv.slide_ids[i]]).score for i in test],
+                                   cv.predictions[test], atol=1e-4)
+    # seed by seed on the same folds, then combined: the same cross-validation
+    runs = [cross_validate(bags, table, cfg, progress=False, folds=cv.folds, seeds=[j]) for j in (0, 1)]
+    assert len(runs[0].models) == cfg.n_folds
+    joined = combine(runs, cfg)
+    np.testing.assert_allclose(joined.predictions, cv.predictions, atol=1e-6)
+    assert joined.member_folds.tolist() == cv.member_folds.tolist()
+    with pytest.raises(ValueError, match="same folds"):
+        combine([runs[0], cross_validate(bags, table, replace(cfg, seed=5), progress=False, seeds=[0])], cfg)
+    with pytest.raises(ConfigError, match="seeds"):
+        TrainConfig(seeds=0)
 
 
 def test_folds_never_share_a_patient(cv_true):
@@ -162,7 +191,7 @@ def test_train_model_writes_the_model_dir(tmp_path, cohort):
         train_model(bags, table, cfg, out_dir=out, fingerprint=FINGERPRINT, progress=False)
 
 
-def test_deploy_final_refits_one_model(tmp_path, cohort):
+def test_deploy_final_refits_one_model_per_seed(tmp_path, cohort):
     bags, table = cohort
     cfg = replace(FAST, deploy="final", n_folds=2, max_epochs=3)
     out = tmp_path / "final"
@@ -173,6 +202,12 @@ def test_deploy_final_refits_one_model(tmp_path, cohort):
     assert not (out / "stale.txt").exists()
     model = load_model(out)
     assert len(model.members) == 1 and model.config["deploy"] == "final"
+    train_model(bags, table, replace(cfg, seeds=2), out_dir=out, fingerprint=FINGERPRINT, progress=False,
+                overwrite=True)
+    model = load_model(out)
+    assert len(model.members) == 2 and model.config["n_members"] == 2
+    x = torch.as_tensor(bags[table.slide_ids[0]])
+    assert not torch.allclose(model.members[0].predict_bag(x)[1], model.members[1].predict_bag(x)[1])
 
 
 def test_missing_features_and_bad_config_are_clear(cohort):

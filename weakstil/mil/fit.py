@@ -52,6 +52,11 @@ class TrainConfig:
     patience: int = 15  # epochs without a better validation R² before stopping
     min_delta: float = 0.002  # val R² gain that resets patience (the best weights are kept anyway)
     n_folds: int = 5
+    # models per fold, each with its own seed (inner validation split, start, tile draws); a held-out
+    # slide's prediction is their mean, and the deployed ensemble holds all of them. Averaging three
+    # cuts the variance of a model trained on a few dozen noisy labels (docs/accuracy.md, twenty-third
+    # run); the column candidates are compared on one model per fold, the chosen one gets the rest.
+    seeds: int = 3
     folds_by: str = "patient"  # "patient" | "center"
     val_fraction: float = 0.2  # of each training fold's patients, for early stopping
     seed: int = 0
@@ -104,6 +109,7 @@ class TrainConfig:
             (self.deploy in ("ensemble", "final"), "deploy must be 'ensemble' or 'final'"),
             (0.0 < self.val_fraction < 1.0, "val_fraction must be between 0 and 1"),
             (self.n_folds >= 2, "n_folds must be at least 2"),
+            (self.seeds >= 1, "seeds must be at least 1"),
             (self.max_epochs >= 1 and self.patience >= 1, "max_epochs and patience must be >= 1"),
             (self.max_tiles >= 1 and self.bags_per_step >= 1, "max_tiles, bags_per_step >= 1"),
             (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),

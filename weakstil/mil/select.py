@@ -49,7 +49,7 @@ import numpy as np
 
 from weakstil.errors import ConfigError
 from weakstil.mil import COLUMN_RULE, PRACTICAL_R2
-from weakstil.mil.cv import CVResult, cross_validate
+from weakstil.mil.cv import CVResult, combine, cross_validate
 from weakstil.mil.fit import TrainConfig
 
 CANDIDATES = ("all", "measured", "measured-dark")
@@ -203,10 +203,16 @@ def cross_validate_columns(bags: Mapping[str, np.ndarray], table, cfg: TrainConf
         cfg = replace(cfg, columns=names[0])
         return cross_validate(bags, table, cfg, progress=progress, init_state=init_state, folds=folds), cfg, None
     results = {}
-    for name in names:
+    for name in names:  # one model per fold each: the comparison; the chosen one gets its other seeds below
         results[name] = cross_validate(bags, table, replace(cfg, columns=name), progress=progress,
-                                       folds=folds, title=f"cross-validation ({name})")
+                                       folds=folds, title=f"cross-validation ({name})", seeds=[0])
         folds = results[name].folds  # the same folds for every candidate
     chosen = choose(results)
     honest, picks = crossfit(results)
-    return results[chosen], replace(cfg, columns=chosen), ColumnChoice(results, chosen, honest, picks)
+    cv = results[chosen]
+    if cfg.seeds > 1:
+        more = cross_validate(bags, table, replace(cfg, columns=chosen), progress=progress, folds=folds,
+                              title=f"cross-validation ({chosen}, {cfg.seeds - 1} more seeds)",
+                              seeds=range(1, cfg.seeds))
+        cv = combine([cv, more], cfg)
+    return cv, replace(cfg, columns=chosen), ColumnChoice(results, chosen, honest, picks)

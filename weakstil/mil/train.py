@@ -5,7 +5,8 @@ request); inside each, a patient-grouped validation split drives early stopping 
 gets one out-of-fold prediction, from the model that never saw its patient.
 
 ``train_model`` writes ``models/<name>/`` (see DESIGN.md). The deployed model is, by default, the
-**ensemble of the K fold models** rather than a refit on all slides:
+**ensemble of the K fold models** (``seeds`` of them per fold, three by default) rather than a refit
+on all slides:
 
 * it costs nothing more: the fold models exist once cross-validation has run;
 * its cross-validated estimate is honest about what was deployed: each member was trained exactly
@@ -14,8 +15,8 @@ gets one out-of-fold prediction, from the model that never saw its patient.
 * averaging K models trained on different 80 % subsets reduces the variance that dominates small
   cohorts, so the ensemble is expected to be at least as good as each member.
 
-``deploy="final"`` refits one model on all slides for the median number of epochs the folds
-chose, for users who prefer a single model.
+``deploy="final"`` refits on all slides (one model per seed) for the median number of epochs the
+folds chose, for users who prefer not to deploy the fold models.
 
 Speed: see :mod:`weakstil.mil.fit` and :mod:`weakstil.mil.cv`. Lightning's per-step overhead dominates a model this small, so several bags are padded into
 one batch with a mask (``bags_per_step``); at most ``max_tiles`` random tiles of each bag are used
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -92,7 +93,7 @@ def train_model(bags: Mapping[str, np.ndarray], table, cfg: TrainConfig, *, out_
 
     cv, cfg, selection = cross_validate_columns(bags, table, cfg, fingerprint, progress=progress,
                                                 init_state=init_state, folds=folds)
-    members = cv.models if cfg.deploy == "ensemble" else [_final_fit(bags, table, cfg, cv)]
+    members = cv.models if cfg.deploy == "ensemble" else [_final_fit(bags, table, cfg, cv, j) for j in range(cfg.seeds)]
     probe = _probe_section(bags, cv, cfg)
     blend, probe_head, deployed, honest = _blend(bags, cv, cfg, probe)
     from weakstil.mil.calibration import fit_line
@@ -171,13 +172,16 @@ def deployed_pooled(metrics: Mapping) -> dict:
     return dict((metrics.get("deployed") or {}).get("pooled") or metrics["pooled"])
 
 
-def _final_fit(bags, table, cfg: TrainConfig, cv: CVResult) -> MILRegressor:
-    """One model on all slides, for the median number of epochs the folds kept (no validation;
-    0 when most folds kept their starting point, the probe of ``head="probe"``)."""
+def _final_fit(bags, table, cfg: TrainConfig, cv: CVResult, j: int = 0) -> MILRegressor:
+    """One model on all slides (the ``j``-th seed of ``cfg.seeds``), for the median number of epochs
+    the folds' models kept (no validation; 0 when most kept their starting point, the probe of
+    ``head="probe"``)."""
     epochs = [h.best_epoch + 1 for h in cv.histories if h.best_epoch is not None]
     n_epochs = int(np.median(epochs)) if epochs else cfg.max_epochs
     all_bags = [(bags[s], y) for s, y in zip(cv.slide_ids, cv.labels)]
-    module, _ = fit_one(all_bags, None, cfg, max_epochs=n_epochs)
+    from weakstil.mil.cv import SEED_STRIDE
+
+    module, _ = fit_one(all_bags, None, replace(cfg, seed=cfg.seed + j * SEED_STRIDE), max_epochs=n_epochs)
     return module
 
 
