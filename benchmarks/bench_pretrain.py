@@ -155,7 +155,7 @@ def features_r2(cohort: Path, encoder, work: Path, cv_epochs: int | None) -> dic
     epochs = {"max_epochs": cv_epochs, "patience": cv_epochs} if cv_epochs else {}
     r2, probe, vs_labels = [], [], []
     for seed in CV_SEEDS:
-        cv = cross_validate(bags, table, TrainConfig(seed=seed, n_boot=50, accelerator="cpu", **epochs),
+        cv = cross_validate(bags, table, TrainConfig(seed=seed, seeds=1, n_boot=50, accelerator="cpu", **epochs),
                             progress=False)
         truth = cohort_truth(cohort, cv.slide_ids)
         truth = np.where(np.isnan(truth), cv.labels, truth)

@@ -71,7 +71,7 @@ def time_cv(n_bags: int, n_tiles: int, dim: int, *, max_epochs: int | None = Non
     from weakstil.mil.cv import cross_validate
     from weakstil.mil.fit import TrainConfig
 
-    cfg = TrainConfig(accelerator=accelerator, n_boot=200,
+    cfg = TrainConfig(accelerator=accelerator, n_boot=200, seeds=1,  # one model per fold, as the history measured
                       **({"max_epochs": max_epochs, "patience": max_epochs} if max_epochs else {}))
     t0 = time.perf_counter()
     bags, table = make_bags(n_bags, n_tiles, dim, seed=seed)

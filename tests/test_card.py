@@ -21,7 +21,7 @@ def _card(**kw):
                       "embed_dim": 512}, "tiling": {"tile_px": 224, "mpp": 0.5}}
     qc = {"thresholds": {"min_tiles": 4}, "rules": {"low-tissue": "n_tiles < 4"}}
     return mc.build_card(name="m", df=df, metrics=metrics, fingerprint=fp,
-                         train={"aggregation": "attention", "deploy": "ensemble", "lr": 1e-3}, seconds=12.3,
+                         train={"aggregation": "attention", "deploy": "ensemble", "lr": 1e-3, "seeds": 3}, seconds=12.3,
                          qc=qc, **kw), df
 
 
@@ -35,7 +35,7 @@ def test_card_holds_the_facts_and_the_markdown_shows_them(tmp_path):
     mc.write_card(tmp_path, card, stil=df["stil"])
     text = (tmp_path / mc.CARD_MD).read_text()
     for needle in ("resnet18-random", "ab" * 32, "Linear-probe baseline: R² 0.31", "warm start from old",
-                   "min_tiles: 4", "| nki | 6 | 3 |", "0.20 – 0.70"):
+                   "min_tiles: 4", "| nki | 6 | 3 |", "0.20 – 0.70", "3 model(s) per fold"):
         assert needle in text, needle
     assert (tmp_path / mc.HISTOGRAM).is_file()
     # a reference stored before the little-stroma floor existed: the card lists it all the same,

@@ -109,7 +109,8 @@ def build_card(*, name: str, df, metrics: Mapping, fingerprint: Mapping, train: 
         "tiling": dict(fingerprint.get("tiling", {})),
         "aggregation": train.get("aggregation"), "deploy": train.get("deploy"),
         "columns": metrics.get("columns") or {"chosen": train.get("columns")},
-        "training": {"cv": cv, "n_folds": metrics.get("n_folds"), "folds_by": train.get("folds_by"),
+        "training": {"cv": cv, "n_folds": metrics.get("n_folds"), "seeds": train.get("seeds", 1),
+                     "folds_by": train.get("folds_by"),
                      "lr": train.get("lr"), "max_epochs": train.get("max_epochs"), "seed": train.get("seed"),
                      "seconds": round(float(seconds), 1), "hardware": hardware()},
         "cv_metrics": {"pooled": metrics.get("pooled"), "pooled_ci95": metrics.get("pooled_ci95"),
@@ -227,7 +228,8 @@ def _training_section(card: Mapping) -> list[str]:
               f"- tiling: {json.dumps(card.get('tiling', {}), sort_keys=True)}",
               f"- aggregation: {card.get('aggregation')}; deployed: {card.get('deploy')}",
               _columns_line(card.get("columns") or {}),
-              (f"- training: {train.get('cv')} CV, {train.get('n_folds')} folds by {train.get('folds_by')}, "
+              (f"- training: {train.get('cv')} CV, {train.get('n_folds')} folds by {train.get('folds_by')} "
+              f"({train.get('seeds') or 1} model(s) per fold, their mean the fold's prediction), "
               f"lr {train.get('lr')}, seed {train.get('seed')}, {_f(train.get('seconds'), 0)} s on "
               f"{hw.get('cores')} cores ({hw.get('cpu')}){', GPU ' + hw['gpu'] if hw.get('gpu') else ''}")]
     parent = card.get("parent")

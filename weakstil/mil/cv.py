@@ -128,7 +128,7 @@ def cross_validate(bags: Mapping[str, np.ndarray], table, cfg: TrainConfig, *,
                                           on_epoch=_epoch_stats(bar, task, k, cfg.n_folds), init_state=init)
                 member = TrainedModel([module], fingerprint={})
                 with _cpu_threads(cfg):
-                    scores = [member.predict(bags[slide_ids[i]]).score for i in test]
+                    scores = [member.predict(bags[slide_ids[row]]).score for row in test]
                 results[i] = (module, history, scores)
                 bar.update(task, advance=1)
     member_scores = np.full((len(plans), len(slide_ids)), np.nan)
