@@ -13,6 +13,8 @@ from cohort_data import TRAIN, invoke, world
 from weakstil.errors import LabelsError, ModelMismatchError, TooFewGroupsError
 from weakstil.fingerprint import file_sha256
 from weakstil.mil.cohort import center_folds, cohort_names, parent_state
+from weakstil.mil.fit import TrainConfig
+from weakstil.mil.model import load_model
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +33,23 @@ def test_warm_start_records_its_parent_and_starts_from_its_weights(w):
     card = json.loads((warm / "model_card.json").read_text())
     assert card["parent"]["sha256"] == parent["sha256"] and "member" in card["parent"]["member"]
     assert "warm start from base" in (warm / "MODEL_CARD.md").read_text()
-    # the chosen member is the fold with the best validation R² in the parent's metrics.json
-    folds = json.loads((w.base / "metrics.json").read_text())["folds"]
-    best = int(np.argmax([f["best_val_r2"] for f in folds]))
+    # the chosen member is the one with the best validation R² in the parent's metrics.json (one record
+    # per member of model.ckpt: three per fold by default)
+    metrics = json.loads((w.base / "metrics.json").read_text())
+    members = metrics["members"]
+    assert len(members) == len(load_model(w.base).members) == metrics["n_folds"] * TrainConfig().seeds
+    assert [m["fold"] for m in members] == sorted(m["fold"] for m in members)
+    best = int(np.argmax([m["best_val_r2"] for m in members]))
     state = parent_state(w.base, yaml.safe_load((w.base / "config.yaml").read_text())["fingerprint"])
-    assert state.info["member"].startswith(f"member {best} ")
+    assert state.info["member"].startswith(f"member {best} of {len(members)} ")
+    # a parent trained before the per-member records (one model per fold): its folds' records
+    older = {k: v for k, v in metrics.items() if k != "members"}
+    (w.base / "metrics.json").write_text(json.dumps(older))
+    try:
+        assert parent_state(w.base, yaml.safe_load((w.base / "config.yaml").read_text())["fingerprint"]
+                            ).info["member"] == "member 0 (no fold validation record)"  # 5 records, 15 members
+    finally:
+        (w.base / "metrics.json").write_text(json.dumps(metrics))
 
 
 @pytest.mark.slow

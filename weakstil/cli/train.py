@@ -65,7 +65,7 @@ def train(
                                "them all (3 rather than 1: out-of-fold R² up to +0.04 on small noisy cohorts, "
                                "about 1.7x the training time; docs/accuracy.md, twenty-third run).")] = 3,
     deploy: Annotated[Deploy, typer.Option(
-        help="Deployed model: the ensemble of the fold models, or one final fit on all slides.")] = Deploy.ensemble,
+        help="Deployed model: the ensemble of the fold models, or final fits on all slides (one per --seeds).")] = Deploy.ensemble,
     max_tiles: Annotated[int, typer.Option("--max-tiles", help="Random tiles per bag per training step.")] = 512,
     max_epochs: Annotated[int, typer.Option(
         "--max-epochs", help="Most passes over the training slides per fold (early stopping may end sooner).")] = 100,

@@ -135,8 +135,9 @@ def center_folds(df) -> np.ndarray:
 def parent_state(model_dir: Path, fingerprint: dict) -> Parent:
     """The warm-start weights of ``model_dir`` (its fingerprint must match the training features).
 
-    An ensemble parent contributes ONE member: the fold model with the best validation R² in its
-    metrics.json (member 0 without one). Its members were trained from different random
+    An ensemble parent contributes ONE member: the one with the best validation R² in its
+    metrics.json (``members``, one record per member; ``folds`` for models of one model per fold
+    trained before it; member 0 without either). Its members were trained from different random
     initialisations, so their weights lie in different basins and their average is not a working
     model (averaging predictions is fine, averaging weights is not).
     """
@@ -148,11 +149,12 @@ def parent_state(model_dir: Path, fingerprint: dict) -> Parent:
     check_fingerprint(parent, fingerprint)
     best, why = 0, "member 0 (no fold validation record)"
     try:
-        folds = json.loads((model_dir / "metrics.json").read_text())["folds"]
-        r2 = [f.get("best_val_r2") if f.get("best_val_r2") is not None else -np.inf for f in folds]
+        metrics = json.loads((model_dir / "metrics.json").read_text())
+        records = metrics.get("members") or metrics["folds"]
+        r2 = [f.get("best_val_r2") if f.get("best_val_r2") is not None else -np.inf for f in records]
         if len(r2) == len(parent.members) and np.isfinite(max(r2)):
             best = int(np.argmax(r2))
-            why = f"member {best} of {len(parent.members)} (best fold validation R² {max(r2):.3f})"
+            why = f"member {best} of {len(parent.members)} (best validation R² {max(r2):.3f})"
     except (OSError, ValueError, KeyError, TypeError):
         pass
     ckpt = model_dir / "model.ckpt"

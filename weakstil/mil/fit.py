@@ -62,7 +62,7 @@ class TrainConfig:
     seed: int = 0
     cutoffs: tuple[float, ...] = (10, 30, 50)  # sTIL% thresholds for the AUCs
     high_cutoff: float = 30  # sTIL-high vs -low threshold for the headline AUC (added to cutoffs)
-    deploy: str = "ensemble"  # "ensemble" of the fold models | "final" refit on all slides
+    deploy: str = "ensemble"  # "ensemble" of the fold models | "final" refits on all slides (one per seed)
     n_boot: int = 1000  # bootstrap resamples for the 95 % intervals
     num_workers: int = 0
     accelerator: str = "auto"

@@ -199,6 +199,8 @@ def _metrics_doc(cv: CVResult, cfg: TrainConfig, *, seconds: float) -> dict:
         "fold_mean_sd": cv.summary,
         "folds": folds,
     }
+    if cfg.deploy == "ensemble" and cv.member_info:  # model.ckpt's members, in its order (warm starts pick one)
+        doc["members"] = [dict(info) for info in cv.member_info]
     return plain_json(doc, finite=True)
 
 
