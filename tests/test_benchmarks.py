@@ -40,10 +40,13 @@ def test_parallel_folds_train_what_sequential_folds_do():
     from weakstil.mil.cv import cross_validate, fold_parallelism
 
     bags, table = make_cohort(n_slides=20, n_tiles=24)
-    cfg = replace(FAST, max_epochs=4, patience=4, n_boot=50)
+    cfg = replace(FAST, max_epochs=4, patience=4, n_boot=50, seeds=2)  # two models per fold: 6 in the pool
     one = cross_validate(bags, table, replace(cfg, fold_processes=1), progress=False)
     two = cross_validate(bags, table, replace(cfg, fold_processes=2), progress=False)
     assert np.allclose(one.predictions, two.predictions, atol=1e-4)
+    assert len(two.models) == 2 * cfg.n_folds and two.member_folds.tolist() == one.member_folds.tolist()
+    assert [i["seed"] for i in two.member_info] == [i["seed"] for i in one.member_info]
+    assert np.allclose(one.member_scores, two.member_scores, atol=1e-4, equal_nan=True)
     assert [h.best_epoch for h in one.histories] == [h.best_epoch for h in two.histories]
     x = next(iter(bags.values()))
     assert np.allclose(one.models[0].predict_bag(__import__("torch").from_numpy(x))[0],
