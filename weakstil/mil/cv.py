@@ -58,14 +58,12 @@ class CVResult:
     histories: list[FitHistory]
     n_tiles: int
     seconds: float
-    member_folds: np.ndarray | None = None  # the fold of each of ``models`` (None: models[k] is fold k's)
-    member_scores: np.ndarray | None = None  # (models, slides): each model's scores on its fold, NaN elsewhere
-    member_info: list | None = None  # each model's sizes, best epoch, epochs run, seconds
+    member_folds: np.ndarray  # the fold of each of ``models``
+    member_scores: np.ndarray  # (models, slides): each model's scores on its fold, NaN elsewhere
+    member_info: list[dict]  # each model's fold, seed, sizes, best epoch, epochs run, seconds
 
     def fold_models(self, k: int) -> list[MILRegressor]:
         """The models of fold ``k`` (those that scored its held-out slides)."""
-        if self.member_folds is None:
-            return [self.models[k]]
         return [m for m, f in zip(self.models, self.member_folds) if int(f) == k]
 
     def to_frame(self):

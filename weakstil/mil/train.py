@@ -40,7 +40,7 @@ import numpy as np
 from weakstil import __version__
 from weakstil.errors import ConfigError, ModelExistsError
 from weakstil.fs import plain_json, staging_dir
-from weakstil.mil.cv import CVResult
+from weakstil.mil.cv import SEED_STRIDE, CVResult
 from weakstil.mil.fit import (
     TrainConfig,
     fit_one,
@@ -55,8 +55,6 @@ from weakstil.mil.model import (
 def resolve_stroma_prior(cfg: TrainConfig, fingerprint: Mapping) -> TrainConfig:
     """``stroma_prior=None`` becomes on exactly when the cache's encoder gives a stroma estimate;
     asking for it without one is a ConfigError."""
-    from dataclasses import replace
-
     from weakstil.embed.encoders import MORPH_ARCH, has_stroma_estimate
 
     available = has_stroma_estimate((fingerprint or {}).get("encoder"))
@@ -179,8 +177,6 @@ def _final_fit(bags, table, cfg: TrainConfig, cv: CVResult, j: int = 0) -> MILRe
     epochs = [h.best_epoch + 1 for h in cv.histories if h.best_epoch is not None]
     n_epochs = int(np.median(epochs)) if epochs else cfg.max_epochs
     all_bags = [(bags[s], y) for s, y in zip(cv.slide_ids, cv.labels)]
-    from weakstil.mil.cv import SEED_STRIDE
-
     module, _ = fit_one(all_bags, None, replace(cfg, seed=cfg.seed + j * SEED_STRIDE), max_epochs=n_epochs)
     return module
 
@@ -199,7 +195,7 @@ def _metrics_doc(cv: CVResult, cfg: TrainConfig, *, seconds: float) -> dict:
         "fold_mean_sd": cv.summary,
         "folds": folds,
     }
-    if cfg.deploy == "ensemble" and cv.member_info:  # model.ckpt's members, in its order (warm starts pick one)
+    if cfg.deploy == "ensemble":  # model.ckpt's members, in its order (warm starts pick one)
         doc["members"] = [dict(info) for info in cv.member_info]
     return plain_json(doc, finite=True)
 
