@@ -16,7 +16,8 @@ def _card(**kw):
                        "stil": np.linspace(1, 80, 12), "cohort": ["nki"] * 6 + ["tcga"] * 6})
     metrics = {"n_folds": 5, "pooled": {"r2": 0.5, "auc@30": 0.8, "mae": 10.0},
                "pooled_ci95": {"r2": [0.2, 0.7], "auc@30": [0.6, 0.9], "mae": [8.0, 12.0]},
-               "linear_probe": {"pooled": {"r2": 0.31, "auc@30": 0.7}}}
+               "linear_probe": {"pooled": {"r2": 0.31, "auc@30": 0.7},
+                                "mil_minus_probe": {"r2": 0.19, "r2_lo": 0.05, "r2_hi": 0.33}}}
     fp = {"encoder": {"name": "resnet18-random", "weights": "random-init", "weights_sha256": "ab" * 32,
                       "embed_dim": 512}, "tiling": {"tile_px": 224, "mpp": 0.5}}
     qc = {"thresholds": {"min_tiles": 4}, "rules": {"low-tissue": "n_tiles < 4"}}
@@ -34,7 +35,8 @@ def test_card_holds_the_facts_and_the_markdown_shows_them(tmp_path):
     assert any("leave-center-out" in x for x in card["limits"])  # two cohorts folded by patient
     mc.write_card(tmp_path, card, stil=df["stil"])
     text = (tmp_path / mc.CARD_MD).read_text()
-    for needle in ("resnet18-random", "ab" * 32, "Linear-probe baseline: R² 0.31", "warm start from old",
+    for needle in ("resnet18-random", "ab" * 32, "Linear-probe baseline: R² 0.31", "lead over it: R² +0.19 (95 % paired bootstrap interval +0.05 to +0.33)",
+                   "warm start from old",
                    "min_tiles: 4", "| nki | 6 | 3 |", "0.20 – 0.70", "3 model(s) per fold"):
         assert needle in text, needle
     assert (tmp_path / mc.HISTOGRAM).is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -59,6 +60,9 @@ def test_warm_start_keeps_the_parents_tile_head(w):
     result = invoke("train", w.a / "labels.csv", "--features", w.features, "--models", w.models, "--name",
                     "linear-parent", "--head", "linear", *TRAIN)
     assert result.exit_code == 0, result.output
+    # after the table, one line on whether the model beats the linear probe on the same folds
+    assert re.search(r"^train: linear-parent: (beats the linear probe|the linear probe beats it|within noise of the "
+                     r"linear probe) on these slides \(R² [+-]\d\.\d\d \[95% CI ", result.output, re.M), result.output
     result = invoke("train", w.b / "labels.csv", "--features", w.features, "--models", w.models, "--name",
                     "warm-linear", "--init", w.models / "linear-parent", *TRAIN)
     assert result.exit_code == 0, result.output

@@ -15,6 +15,7 @@ from weakstil.mil.metrics import (
     bootstrap_intervals,
     fold_summary,
     metric_names,
+    paired_difference,
     regression_metrics,
 )
 
@@ -105,6 +106,26 @@ def test_bootstrap_contains_point_estimate_and_is_deterministic():
         assert lo < hi
     assert ci == bootstrap_intervals(t, p, cutoffs=(10, 30, 50), n_boot=500, seed=3)
     assert ci != bootstrap_intervals(t, p, cutoffs=(10, 30, 50), n_boot=500, seed=4)
+
+
+def test_paired_difference_sees_a_lead_the_separate_intervals_hide():
+    """A model 3 points better on every slide: its R² lead is clear in the paired bootstrap although
+    the two separate intervals overlap; the same predictions give no lead; swapped, the sign flips."""
+    t, p = noisy(40, sd=10.0)
+    better = p + 0.3 * (t - p)  # the same errors, 30 % smaller: hard slides stay hard for both
+    lead = paired_difference(t, better, p, n_boot=500, seed=1)
+    assert lead["r2"] == pytest.approx(r2_score(t, better) - r2_score(t, p))
+    assert lead["mae"] == pytest.approx(np.abs(p - t).mean() - np.abs(better - t).mean())
+    assert 0 < lead["r2_lo"] <= lead["r2"] <= lead["r2_hi"] and lead["mae_lo"] > 0
+    sep_a = bootstrap_intervals(t, better, cutoffs=(), n_boot=500, seed=1)["r2"]
+    sep_b = bootstrap_intervals(t, p, cutoffs=(), n_boot=500, seed=1)["r2"]
+    assert sep_a[0] < sep_b[1]  # separately, the intervals overlap
+    same = paired_difference(t, p, p, n_boot=100)
+    assert same["r2"] == same["r2_lo"] == same["r2_hi"] == 0.0
+    worse = paired_difference(t, p, better, n_boot=500, seed=1)
+    assert worse["r2"] == pytest.approx(-lead["r2"]) and worse["r2_hi"] < 0
+    with pytest.raises(ValueError):
+        paired_difference(t, p[:-1], p)
 
 
 def test_bootstrap_level_and_undefined_metrics():

@@ -106,6 +106,11 @@ def test_metrics_json_reports_the_probe_and_calibration(tmp_path):
     line = metrics["calibration"]["line"]
     assert 0.5 <= line["slope"] <= 2.0 and "r2" in metrics["calibration"]["pooled"]
     assert metrics["calibration"]["applied"] is True
+    # the deployed model's lead over the probe: what the model does (here: calibrated, cross-fitted)
+    lead = metrics["linear_probe"]["mil_minus_probe"]
+    assert lead["r2"] == pytest.approx(metrics["calibration"]["pooled"]["r2"] - metrics["linear_probe"]["pooled"]["r2"])
+    assert lead["mae"] == pytest.approx(metrics["linear_probe"]["pooled"]["mae"] - metrics["calibration"]["pooled"]["mae"])
+    assert lead["r2_lo"] <= lead["r2"] <= lead["r2_hi"] and lead["mae_lo"] <= lead["mae"] <= lead["mae_hi"]
     model = load_model(out)
     assert model.config["calibration"] == line
     pred = model.predict(next(iter(bags.values())))

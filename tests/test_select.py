@@ -227,6 +227,26 @@ def test_the_training_table_shows_the_column_choice():
     assert "columns: measured (fewest within one standard error (or 0.01) of the best; vs all 0.54; cross-fitted choice)" in text and "0.74" in text
 
 
+def test_the_probe_verdict_says_whether_the_mil_earns_its_keep():
+    """One line after the training table: a lead whose paired interval excludes zero, a loss with the
+    fix (--blend), or a tie; nothing for a model trained before the lead was recorded."""
+    from pathlib import Path
+
+    from weakstil.mil.cohort import TrainedRun, probe_verdict
+
+    def run(r2, lo, hi):
+        return TrainedRun("m", Path("m"), {"linear_probe": {"pooled": {"r2": 0.5},
+                                                             "mil_minus_probe": {"r2": r2, "r2_lo": lo, "r2_hi": hi}}})
+
+    assert probe_verdict(run(0.12, 0.04, 0.2)).startswith("m: beats the linear probe on these slides (R² +0.12 [95% CI +0.04, +0.20]")
+    loses = probe_verdict(run(-0.09, -0.15, -0.03))
+    assert "the linear probe beats it" in loses and "--blend" in loses
+    assert "within noise" in probe_verdict(run(0.01, -0.05, 0.07))
+    assert "within noise" in probe_verdict(run(0.015, 0.001, 0.03))  # a lead too small to matter
+    assert probe_verdict(TrainedRun("m", Path("m"), {"linear_probe": {"pooled": {"r2": 0.5}}})) is None
+    assert probe_verdict(run(None, None, None)) is None  # NaN written as null (constant labels)
+
+
 def test_the_probe_start_emphasises_the_measured_columns():
     """With the label in the four measured columns among many noisy network columns, the start that
     weights them 10× fits the training bags better than the equal start; a model that reads only

@@ -64,7 +64,7 @@ def run_demo(out: Path, *, n: int = 40, n_test: int = 10, seed: int = 0, device:
 
     from weakstil.embed.encoders import DEFAULT_ENCODER, create_encoder
     from weakstil.embed.extract import ExtractOptions, slide_sources
-    from weakstil.mil.cohort import metrics_table, train_from_cache
+    from weakstil.mil.cohort import metrics_table, probe_verdict, train_from_cache
     from weakstil.mil.model import load_model
     from weakstil.runs.batch import extract_slides, score_slides
     from weakstil.synth.lattice import synth_cohort
@@ -133,6 +133,10 @@ def run_demo(out: Path, *, n: int = 40, n_test: int = 10, seed: int = 0, device:
     seconds = time.perf_counter() - started
     stdout = Console(soft_wrap=True)  # never wrap: the last line is a command to copy
     emit(metrics_table(runs))
+    for run in runs:
+        verdict = probe_verdict(run)
+        if verdict:
+            stdout.print(verdict, markup=False, highlight=False)
     table = Table(title=f"held-out test cohort ({n_test} slides) and tiles vs synthetic ground truth",
                   title_justify="left")
     for col in ("model", "test R²", "test AUC@30", "test MAE", "tile r (test)", "tiles", "tile r (train)*"):

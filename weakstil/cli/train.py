@@ -141,10 +141,14 @@ def train(
             progress=not quiet, run_info=plain_json(values), init=init, cv=cv.value)
     except WeakstilError as exc:
         _fail(exc)
-    from weakstil.mil.cohort import metrics_table
+    from weakstil.mil.cohort import metrics_table, probe_verdict
     from weakstil.textout import emit
 
     emit(metrics_table(results))
+    for run in results:
+        verdict = probe_verdict(run)
+        if verdict:
+            typer.echo(f"train: {verdict}")
     for run in results:
         typer.echo(f"train: model {run.name} in {run.path} (model.ckpt, metrics.json, cv_predictions.csv, plots/)")
     best = max(results, key=lambda r: _r2_or_worst(r.metrics))

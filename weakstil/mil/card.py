@@ -244,7 +244,11 @@ def _training_section(card: Mapping) -> list[str]:
     probe = card.get("linear_probe")
     if probe:
         pooled = probe.get("pooled", probe) if isinstance(probe, Mapping) else {}
-        lines += ["", f"Linear-probe baseline: R² {_f(pooled.get('r2'))}, AUC@30 {_f(pooled.get('auc@30'))}."]
+        lead = probe.get("mil_minus_probe") if isinstance(probe, Mapping) else None
+        lead = (f" The deployed model's lead over it: R² {lead['r2']:+.2f} (95 % paired bootstrap interval "
+                f"{lead['r2_lo']:+.2f} to {lead['r2_hi']:+.2f})." if lead and all(
+                    isinstance(lead.get(k), (int, float)) for k in ("r2", "r2_lo", "r2_hi")) else "")
+        lines += ["", f"Linear-probe baseline: R² {_f(pooled.get('r2'))}, AUC@30 {_f(pooled.get('auc@30'))}.{lead}"]
     blend = card.get("blend")
     if blend:
         w, pooled = float(blend.get("weight", 1.0)), blend.get("pooled") or {}

@@ -263,6 +263,30 @@ def _fmt(value, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+PROBE_TIE = 0.02  # R²: a lead smaller than this either way is no lead
+
+
+def probe_verdict(run: TrainedRun) -> str | None:
+    """One line on whether the deployed model beats the linear probe on this cohort (issue #14: the
+    MIL should never lose to it), from ``metrics.json``'s ``linear_probe.mil_minus_probe``: the
+    out-of-fold R² difference with its 95 % paired bootstrap interval. None for models trained before
+    it was recorded."""
+    d = ((run.metrics.get("linear_probe") or {}).get("mil_minus_probe")) or {}
+    r2, lo, hi = d.get("r2"), d.get("r2_lo"), d.get("r2_hi")
+    if not all(isinstance(v, (int, float)) and v == v for v in (r2, lo, hi)):
+        return None
+    figure = f"R² {r2:+.2f} [95% CI {lo:+.2f}, {hi:+.2f}]"
+    if lo > 0 and r2 >= PROBE_TIE:
+        return f"{run.name}: beats the linear probe on these slides ({figure}, out of fold, same folds)."
+    if hi < 0 and r2 <= -PROBE_TIE:
+        return (f"{run.name}: the linear probe beats it on these slides ({figure}, out of fold, same folds): "
+                "the MIL's columns do not carry this cohort's sTIL% as well as the slide-mean features do. "
+                "Deploy the blend of both (--blend, its weight chosen out of fold) and look at the top tiles; "
+                "docs/accuracy.md lists the cohorts where this happens.")
+    return (f"{run.name}: within noise of the linear probe on these slides ({figure}, out of fold, same folds); "
+            "more slides would tell them apart.")
+
+
 def metrics_table(runs: list[TrainedRun], *, title: str = "cross-validation (out-of-fold)"):
     """A rich table: one row per model; pooled metrics with 95 % CIs, and per-fold mean ± SD of R²."""
     from rich.table import Table
