@@ -74,6 +74,29 @@ def regression_metrics(y_true, y_pred, *, cutoffs: Iterable[float] = DEFAULT_CUT
     return out
 
 
+def _resamples(n: int, n_boot: int, seed: int, level: float):
+    """Index arrays (B, n) of ``n_boot`` resamples of ``n`` slides with replacement, in chunks that
+    bound the memory; checks ``n_boot`` and ``level`` first."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be between 0 and 1, got {level}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _CHUNK_CELLS // n)
+    return (rng.integers(0, n, size=(min(chunk, n_boot - start), n)) for start in range(0, n_boot, chunk))
+
+
+def _interval(parts: list[np.ndarray], level: float) -> tuple[float, float]:
+    """Percentile interval of the finite values in ``parts``; ``(nan, nan)`` when there are none."""
+    values = np.concatenate(parts)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return math.nan, math.nan
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(values, [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
+
+
 def bootstrap_intervals(
     y_true,
     y_pred,
@@ -89,29 +112,10 @@ def bootstrap_intervals(
     out of that metric's interval; a metric undefined in every resample gets ``(nan, nan)``. The
     same ``seed`` gives the same intervals.
     """
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be between 0 and 1, got {level}")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
     t, p = check_pair(y_true, y_pred)
     cutoffs = tuple(cutoffs)
-    rng = np.random.default_rng(seed)
-    chunk = max(1, _CHUNK_CELLS // t.size)
-    parts: list[dict[str, np.ndarray]] = []
-    for start in range(0, n_boot, chunk):
-        idx = rng.integers(0, t.size, size=(min(chunk, n_boot - start), t.size))
-        parts.append(batch_metrics(t[idx], p[idx], cutoffs=cutoffs))
-    alpha = (1.0 - level) / 2.0
-    out: dict[str, tuple[float, float]] = {}
-    for name in metric_names(cutoffs):
-        values = np.concatenate([part[name] for part in parts])
-        values = values[np.isfinite(values)]
-        if values.size == 0:
-            out[name] = (math.nan, math.nan)
-        else:
-            lo, hi = np.quantile(values, [alpha, 1.0 - alpha])
-            out[name] = (float(lo), float(hi))
-    return out
+    parts = [batch_metrics(t[idx], p[idx], cutoffs=cutoffs) for idx in _resamples(t.size, n_boot, seed, level)]
+    return {name: _interval([part[name] for part in parts], level) for name in metric_names(cutoffs)}
 
 
 def paired_difference(
@@ -129,28 +133,19 @@ def paired_difference(
     resampled together (``r2_lo``, ``r2_hi``, ``mae_lo``, ``mae_hi``). A paired interval is much
     narrower than the two separate ones: the slides that are hard for one are mostly hard for the
     other. NaN where R² is undefined (constant labels)."""
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be between 0 and 1, got {level}")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
     t, a = check_pair(y_true, pred_a)
     _, b = check_pair(y_true, pred_b)
-    whole_a, whole_b = batch_metrics(t[None], a[None], cutoffs=()), batch_metrics(t[None], b[None], cutoffs=())
-    out = {"r2": float(whole_a["r2"][0] - whole_b["r2"][0]), "mae": float(whole_b["mae"][0] - whole_a["mae"][0])}
-    rng = np.random.default_rng(seed)
-    chunk = max(1, _CHUNK_CELLS // t.size)
-    diffs: dict[str, list[np.ndarray]] = {"r2": [], "mae": []}
-    for start in range(0, n_boot, chunk):
-        idx = rng.integers(0, t.size, size=(min(chunk, n_boot - start), t.size))
+
+    def lead(idx) -> dict[str, np.ndarray]:
         ma, mb = batch_metrics(t[idx], a[idx], cutoffs=()), batch_metrics(t[idx], b[idx], cutoffs=())
-        diffs["r2"].append(ma["r2"] - mb["r2"])
-        diffs["mae"].append(mb["mae"] - ma["mae"])
-    alpha = (1.0 - level) / 2.0
-    for name, parts in diffs.items():
-        values = np.concatenate(parts)
-        values = values[np.isfinite(values)]
-        lo, hi = np.quantile(values, [alpha, 1.0 - alpha]) if values.size else (math.nan, math.nan)
-        out[f"{name}_lo"], out[f"{name}_hi"] = float(lo), float(hi)
+        return {"r2": ma["r2"] - mb["r2"], "mae": mb["mae"] - ma["mae"]}
+
+    whole = lead(np.arange(t.size)[None])
+    parts = [lead(idx) for idx in _resamples(t.size, n_boot, seed, level)]
+    out: dict[str, float] = {}
+    for name in ("r2", "mae"):
+        out[name] = float(whole[name][0])
+        out[f"{name}_lo"], out[f"{name}_hi"] = _interval([part[name] for part in parts], level)
     return out
 
 
