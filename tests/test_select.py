@@ -218,6 +218,7 @@ def test_the_training_table_shows_the_column_choice():
     from weakstil.mil.cohort import TrainedRun, metrics_table
 
     metrics = {"n_slides": 24, "n_tiles": 900, "pooled": {"r2": 0.75, "pearson": 0.87, "mae": 8.0},
+               "seconds": 41.2, "cv_seconds": 9.9,  # the chosen columns' CV alone: not the run's time
                "linear_probe": {"pooled": {"r2": 0.62}},
                "columns": {"chosen": "measured", "candidates": {"all": {"r2": 0.54}, "measured": {"r2": 0.75}},
                            "crossfit": {"r2": 0.74, "fold_choices": ["measured"] * 5}}}
@@ -225,6 +226,7 @@ def test_the_training_table_shows_the_column_choice():
     console.print(metrics_table([TrainedRun("m", Path("m"), metrics)]))
     text = console.export_text()
     assert "columns: measured (fewest within one standard error (or 0.01) of the best; vs all 0.54; cross-fitted choice)" in text and "0.74" in text
+    assert "train s" in text and " 41" in text and " 10\n" not in text  # the whole run's time
 
 
 def test_the_probe_verdict_says_whether_the_mil_earns_its_keep():

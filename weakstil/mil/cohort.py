@@ -292,7 +292,7 @@ def metrics_table(runs: list[TrainedRun], *, title: str = "cross-validation (out
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
-    for col in ("model", "slides", "tiles", "R² pooled [95% CI]", "R² folds", "r", "MAE", "AUC @10/30/50", "CV s"):
+    for col in ("model", "slides", "tiles", "R² pooled [95% CI]", "R² folds", "r", "MAE", "AUC @10/30/50", "train s"):
         table.add_column(col, justify="left" if col == "model" else "right", no_wrap=col == "model")
     for run in runs:
         m = run.metrics
@@ -304,7 +304,8 @@ def metrics_table(runs: list[TrainedRun], *, title: str = "cross-validation (out
             run.name, str(m.get("n_slides", "")), f"{m.get('n_tiles', 0):,}",
             f"{_fmt(pooled.get('r2'))} [{_fmt(r2_ci[0])}, {_fmt(r2_ci[1])}]",
             f"{_fmt(r2_f.get('mean'))}±{_fmt(r2_f.get('sd'))}",
-            _fmt(pooled.get("pearson")), _fmt(pooled.get("mae"), 1), aucs, _fmt(m.get("cv_seconds"), 0))
+            _fmt(pooled.get("pearson")), _fmt(pooled.get("mae"), 1), aucs,
+            _fmt(m.get("seconds", m.get("cv_seconds")), 0))  # the whole run: every column candidate's CV too
         probe, blend = (m.get("linear_probe") or {}).get("pooled"), m.get("blend")
         if probe:  # the baseline on the same folds: does the MIL earn its keep on this cohort?
             table.add_row("  linear probe", "", "", _fmt(probe.get("r2")), "", _fmt(probe.get("pearson")),
