@@ -59,12 +59,11 @@ def crossfit(pred, labels, folds) -> np.ndarray:
     return out
 
 
-def calibration_report(pred, labels, folds, line: dict, *, applied: bool = True, cutoffs=(10, 30, 50)) -> dict:
+def calibration_report(calibrated, labels, line: dict, *, applied: bool = True, cutoffs=(10, 30, 50)) -> dict:
     """metrics.json's ``calibration`` section: the line, whether the model applies it, and the
-    cross-fitted estimate."""
+    cross-fitted estimate from ``calibrated`` (:func:`crossfit`'s predictions)."""
     from weakstil.mil.metrics import regression_metrics
 
-    honest = crossfit(pred, labels, folds)
     return {"line": line, "applied": bool(applied),
-            "pooled": regression_metrics(labels, honest, cutoffs=cutoffs),
+            "pooled": regression_metrics(labels, calibrated, cutoffs=cutoffs),
             "note": "each fold calibrated by a line fitted on the other folds' out-of-fold predictions"}

@@ -148,23 +148,21 @@ def _baselines(cv: CVResult, cfg: TrainConfig, probe: dict, blend: dict | None, 
     deployed model's lead over it (``mil_minus_probe``: R² and MAE differences, 95 % paired bootstrap
     intervals), the blend of both, and the calibration's line and cross-fitted estimate (of the blend), with
     ``applied`` saying whether the model uses it (``cfg.calibrate``)."""
-    from weakstil.mil.calibration import calibration_report
-
-    from weakstil.mil.calibration import crossfit
+    from weakstil.mil.calibration import calibration_report, crossfit
     from weakstil.mil.metrics import paired_difference
 
+    calibrated = crossfit(honest, cv.labels, cv.folds)  # each fold by the line fitted on the others
     out = {"linear_probe": {k: v for k, v in probe.items() if k != "predictions"}}
     # does the MIL earn its keep on this cohort? What is deployed (honestly estimated: blend and line
     # cross-fitted) minus the probe, with a paired bootstrap interval over the slides
     # (mil.cohort.probe_verdict says it in words)
-    deployed_oof = crossfit(honest, cv.labels, cv.folds) if cfg.calibrate else honest
     out["linear_probe"]["mil_minus_probe"] = paired_difference(
-        cv.labels, deployed_oof, np.asarray(probe["predictions"], np.float64), n_boot=cfg.n_boot, seed=cfg.seed)
+        cv.labels, calibrated if cfg.calibrate else honest, np.asarray(probe["predictions"], np.float64),
+        n_boot=cfg.n_boot, seed=cfg.seed)
     if blend is not None:
         out["blend"] = blend
     # the line is reported whether or not the model applies it (``--calibrate``): what it would do
-    out["calibration"] = calibration_report(honest, cv.labels, cv.folds, line, applied=cfg.calibrate,
-                                            cutoffs=cfg.cutoffs)
+    out["calibration"] = calibration_report(calibrated, cv.labels, line, applied=cfg.calibrate, cutoffs=cfg.cutoffs)
     deployed = out["calibration"] if cfg.calibrate else out.get("blend")
     if deployed is not None:  # the one figure for what model.ckpt does, estimated honestly
         parts = (["blend with the linear probe"] if blend is not None else []) + (
