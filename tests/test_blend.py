@@ -102,7 +102,7 @@ def test_trained_model_deploys_the_blend(tmp_path):
 
 def test_a_newer_checkpoint_is_refused_with_a_clear_message(tmp_path):
     from weakstil.errors import ModelNotFoundError
-    from weakstil.mil.model import load_model
+    from weakstil.mil.model import CHECKPOINT_VERSION, load_model
 
     bags, table = make_cohort(n_slides=12, n_tiles=8)
     from weakstil.mil.train import train_model
@@ -110,7 +110,7 @@ def test_a_newer_checkpoint_is_refused_with_a_clear_message(tmp_path):
     cfg = replace(FAST, max_epochs=1, patience=1, n_boot=10, n_folds=2)
     out = train_model(bags, table, cfg, out_dir=tmp_path / "m", fingerprint=FINGERPRINT, progress=False)
     state = torch.load(out / "model.ckpt", weights_only=True)
-    state["format_version"] = 3
+    state["format_version"] = CHECKPOINT_VERSION + 1
     torch.save(state, out / "model.ckpt")
     (out / "model.sha256").unlink()
     with pytest.raises(ModelNotFoundError, match="newer than this weakstil"):

@@ -92,7 +92,7 @@ def train(
         help="Feature columns the MIL reads: auto (cross-validate all of them, the stain morphometry's "
              "five measurements of sTIL% alone, and the four of them that read lymphocytes by darkness, "
              "each with tumour nests marked by pale nuclei and by the wide band (pale or moderately dense), "
-             f"on the same folds; deploy the fewest columns {COLUMN_RULE} R²: "
+             f"on the same folds; deploy every set {COLUMN_RULE} R², their models averaged: "
              "metrics.json → columns), all, measured, measured-dark, measured-wide or "
              "measured-dark-wide (these need a +stainmorph encoder; the -wide ones stainmorph.v7).")] = Columns.auto,
     measured_emphasis: Annotated[Optional[float], typer.Option(

@@ -2,7 +2,17 @@
 that trains it, labels, cross-validation, metrics and plots.
 """
 
-# The rule that chooses the MIL's input columns (mil.select.choose), here so the command line's help can say it
-# without importing torch: an R² difference smaller than PRACTICAL_R2 is no reason for more columns, however sure.
+# The rule that chooses the MIL's input columns (mil.select.plausible), here so the command line's help can say it
+# without importing torch: an R² difference smaller than PRACTICAL_R2 does not tell two column sets apart.
 PRACTICAL_R2 = 0.01
 COLUMN_RULE = f"within one standard error (or {PRACTICAL_R2:g}) of the best"
+
+
+def column_choice_phrase(columns: dict) -> str:
+    """How metrics.json's ``columns`` section was chosen, in words: every set within the rule,
+    averaged (``members``, since the twenty-fourth benchmark run), or the fewest columns (models
+    trained before it)."""
+    if "members" in columns:
+        n = len(columns["members"])
+        return f"{'the average of the ' + str(n) + ' sets' if n > 1 else 'the one set'} {COLUMN_RULE}"
+    return f"the fewest {COLUMN_RULE}"

@@ -22,7 +22,7 @@ import numpy as np
 
 from weakstil import __version__
 from weakstil.fs import file_lock, plain_json, write_json, write_text
-from weakstil.mil import COLUMN_RULE
+from weakstil.mil import column_choice_phrase
 
 CARD_JSON = "model_card.json"
 CARD_MD = "MODEL_CARD.md"
@@ -172,7 +172,7 @@ def _columns_line(columns: dict) -> str:
     if not columns.get("candidates"):
         return f"- input columns: {chosen}"
     r2s = ", ".join(f"{k} {_f(v.get('r2'))}" for k, v in columns["candidates"].items())
-    return (f"- input columns: {chosen}, the fewest {COLUMN_RULE} out-of-fold R² vs "
+    return (f"- input columns: {chosen}, {column_choice_phrase(columns)} out-of-fold R² vs "
             f"labels ({r2s}; the choice cross-fitted "
             f"{_f((columns.get('crossfit') or {}).get('r2'))})")
 

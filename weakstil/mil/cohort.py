@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from weakstil.mil import COLUMN_RULE
+from weakstil.mil import column_choice_phrase
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def parent_state(model_dir: Path, fingerprint: dict) -> Parent:
     ckpt = model_dir / "model.ckpt"
     info = {"path": str(model_dir.resolve()), "name": model_dir.name, "sha256": file_sha256(ckpt),
             "member": why, "n_members": len(parent.members)}
-    return Parent(parent.members[best].state_dict(), dict(parent.model_config), info)
+    return Parent(parent.members[best].state_dict(), dict(parent.members[best].config), info)  # its own columns
 
 
 def per_cohort_metrics(cv, df, cutoffs) -> dict:
@@ -312,9 +312,10 @@ def metrics_table(runs: list[TrainedRun], *, title: str = "cross-validation (out
                           _fmt(probe.get("mae"), 1), "/".join(_fmt(probe.get(f"auc@{c}")) for c in (10, 30, 50)), "")
         columns = m.get("columns")
         if columns:  # the MIL's input columns, chosen out of fold (mil.select)
+            chosen = columns.get("members") or [columns["chosen"]]
             other = ", ".join(f"{k} {_fmt(v.get('r2'))}" for k, v in columns["candidates"].items()
-                              if k != columns["chosen"])
-            table.add_row(f"  columns: {columns['chosen']} (fewest {COLUMN_RULE}; vs {other}; "
+                              if k not in chosen)
+            table.add_row(f"  columns: {columns['chosen']} ({column_choice_phrase(columns)}; vs {other or 'none'}; "
                           "cross-fitted choice)", "", "",
                           _fmt((columns.get("crossfit") or {}).get("r2")), "", "", "", "", "")
         if blend:  # what is deployed: the blend (and the calibration line), cross-fitted

@@ -134,7 +134,7 @@ def cross_validate(bags: Mapping[str, np.ndarray], table, cfg: TrainConfig, *,
     for i, (k, train, val, test, fold_cfg, _) in enumerate(plans):
         member_scores[i, test] = results[i][2]
         history = results[i][1]
-        infos.append({"fold": k, "seed": fold_cfg.seed, "n_train": len(train), "n_val": len(val), "n_test": len(test),
+        infos.append({"fold": k, "seed": fold_cfg.seed, "columns": cfg.columns, "n_train": len(train), "n_val": len(val), "n_test": len(test),
                       "best_epoch": history.best_epoch, "best_val_r2": history.best_val_r2,
                       "epochs_run": len(history.epochs), "seconds": round(history.seconds, 3)})
     return _assemble(slide_ids, [str(p) for p in df["patient_id"]], folds, labels, cfg,
@@ -163,7 +163,7 @@ def _assemble(slide_ids, patient_ids, folds, labels, cfg: TrainConfig, *, models
         predictions[test] = member_scores[mine][:, test].mean(0)
         fold_metrics.append(regression_metrics(labels[test], predictions[test], cutoffs=cfg.cutoffs))
         info = [member_info[i] for i in mine]
-        first = {key: value for key, value in info[0].items() if key != "seed"}
+        first = {key: value for key, value in info[0].items() if key not in ("seed", "columns")}
         if len(info) > 1:  # several models: the fold's typical one, and its total time
             epochs = [x["best_epoch"] for x in info if x["best_epoch"] is not None]
             r2s = [x["best_val_r2"] for x in info if x["best_val_r2"] is not None]

@@ -92,8 +92,9 @@ class TrainConfig:
     # measurements of sTIL%: lymphocyte share of the estimated stroma, size-aware, strict and loose,
     # of the nests, and the stroma estimate), "measured-dark" (the same without the size-aware share),
     # the two again with nests marked by the wide band of nuclei ("measured-wide", "measured-dark-wide")
-    # or "auto" (train_model cross-validates them and deploys the best by out-of-fold R² vs
-    # labels: mil.select; "all" where the features have no morphometry)
+    # or "auto" (train_model cross-validates them and deploys every set within one standard error of
+    # the best by out-of-fold R² vs labels, their models averaged: mil.select; "all" where the
+    # features have no morphometry). Resolved, several sets are joined by "+" ("measured-dark+all").
     columns: str = "auto"
     # how much the probe start weights the morphometry's measured columns when the MIL reads all
     # columns: their standardised values × this, so the start's ridge penalises them 1/w² as much
@@ -116,7 +117,8 @@ class TrainConfig:
             (self.background_penalty >= 0.0, "background_penalty must be >= 0"),
             (self.head in HEADS, f"head must be one of {HEADS}"),
             (self.fold_processes is None or self.fold_processes >= 1, "fold_processes must be >= 1"),
-            (self.columns in COLUMN_SETS, f"columns must be one of {COLUMN_SETS}"),
+            (self.columns in COLUMN_SETS or _is_column_set_list(self.columns),
+             f"columns must be one of {COLUMN_SETS} (or several but auto, joined by '+')"),
             (self.measured_emphasis is None or self.measured_emphasis > 0, "measured_emphasis must be > 0"),
         ]
         bad = [text for ok, text in checks if not ok]
@@ -127,6 +129,8 @@ class TrainConfig:
         object.__setattr__(self, "cutoffs", tuple(cutoffs))
 
     def model_kwargs(self) -> dict:
+        if "+" in self.columns:
+            raise ValueError(f"columns {self.columns!r} name several sets: one model per set (column_members)")
         return dict(aggregation=self.aggregation, hidden=self.hidden, dropout=self.dropout,
                     lr=self.lr, weight_decay=self.weight_decay, max_tiles=self.max_tiles,
                     background_penalty=self.background_penalty, head=self.head,
@@ -143,6 +147,17 @@ def _column_sets() -> dict:
 
     return {"measured": (MEASURED_DIM, 0), "measured-dark": (DARK_MEASURED_DIM, 0),
             "measured-wide": (MEASURED_DIM, MEASURED_DIM), "measured-dark-wide": (DARK_MEASURED_DIM, MEASURED_DIM)}
+
+
+def column_members(columns: str) -> tuple[str, ...]:
+    """The column sets of a resolved ``TrainConfig.columns``: one, or several joined by "+" (their
+    models averaged: mil.select)."""
+    return tuple(columns.split("+"))
+
+
+def _is_column_set_list(columns: str) -> bool:
+    parts = columns.split("+")
+    return len(parts) > 1 and len(set(parts)) == len(parts) and all(p in COLUMN_SETS[1:] for p in parts)
 
 
 def column_inputs(columns: str) -> dict:

@@ -216,7 +216,7 @@ class MILRegressor(nn.Module):
 
 # --- the deployed model: one or more fold members, saved in models/<name>/model.ckpt -------------
 CHECKPOINT_FORMAT = "weakstil.mil.model"
-CHECKPOINT_VERSION = 2  # 2: may hold the linear probe of the blend
+CHECKPOINT_VERSION = 3  # 2: may hold the linear probe of the blend; 3: members reading different columns
 
 
 @dataclass(frozen=True)
@@ -254,7 +254,17 @@ class TrainedModel:
 
     @property
     def model_config(self) -> dict:
+        """The first member's configuration (every member shares all but, after ``--columns auto``,
+        the feature columns it reads: :attr:`column_sets`)."""
         return dict(self.members[0].config)
+
+    @property
+    def column_sets(self) -> list[str]:
+        """The feature-column sets the members read (``TrainConfig.columns`` names), in member order,
+        each once."""
+        from weakstil.mil.fit import columns_of
+
+        return list(dict.fromkeys(columns_of(m.config.get("inputs"), m.config.get("skip")) for m in self.members))
 
     @property
     def embed_dim(self) -> int:
@@ -304,7 +314,7 @@ class TrainedModel:
         """Write ``model.ckpt`` (plain dict of tensors and plain types; loads with weights_only)."""
         state = {
             "format": CHECKPOINT_FORMAT,
-            "format_version": 1,  # 2 only with a probe (below)
+            "format_version": 1,  # 2 with a probe, 3 with members of different columns (below)
             "weakstil_version": __version__,
             "model_config": plain_json(self.model_config),
             "members": [
@@ -314,8 +324,12 @@ class TrainedModel:
             "fingerprint": plain_json(self.fingerprint),
             "config": plain_json(self.config),
         }
+        configs = [plain_json(m.config) for m in self.members]
+        if any(c != configs[0] for c in configs):  # an older weakstil would build every member alike
+            state["format_version"] = 3
+            state["member_configs"] = configs
         if self.probe is not None:  # a weakstil that cannot apply the blend refuses the file
-            state["format_version"] = 2
+            state["format_version"] = max(state["format_version"], 2)
             state["probe"] = {"coef": torch.as_tensor(np.asarray(self.probe["coef"], np.float32)),
                               "intercept": float(self.probe["intercept"]), "alpha": float(self.probe["alpha"])}
         import io
@@ -393,8 +407,9 @@ def load_model(model_dir: str | Path) -> TrainedModel:
             version = state["format_version"]
             raise ValueError(f"checkpoint format {version} is newer than this weakstil")
         members = []
-        for weights in state["members"]:
-            member = MILRegressor(**state["model_config"])
+        configs = state.get("member_configs") or [state["model_config"]] * len(state["members"])
+        for weights, config in zip(state["members"], configs, strict=True):
+            member = MILRegressor(**config)
             member.load_state_dict(weights)
             members.append(member)
     except Exception as exc:  # unpickling, truncated zip, missing keys, shape mismatches

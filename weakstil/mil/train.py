@@ -91,7 +91,7 @@ def train_model(bags: Mapping[str, np.ndarray], table, cfg: TrainConfig, *, out_
 
     cv, cfg, selection = cross_validate_columns(bags, table, cfg, fingerprint, progress=progress,
                                                 init_state=init_state, folds=folds)
-    members = cv.models if cfg.deploy == "ensemble" else [_final_fit(bags, table, cfg, cv, j) for j in range(cfg.seeds)]
+    members = cv.models if cfg.deploy == "ensemble" else _final_fits(bags, table, cfg, cv)
     probe = _probe_section(bags, cv, cfg)
     blend, probe_head, deployed, honest = _blend(bags, cv, cfg, probe)
     from weakstil.mil.calibration import fit_line
@@ -176,6 +176,16 @@ def deployed_pooled(metrics: Mapping) -> dict:
     """The pooled out-of-fold metrics of what a model folder deploys (``deployed``; the MIL's own
     ``pooled`` for models trained without blend and calibration)."""
     return dict((metrics.get("deployed") or {}).get("pooled") or metrics["pooled"])
+
+
+def _final_fits(bags, table, cfg: TrainConfig, cv: CVResult) -> list[MILRegressor]:
+    """``deploy="final"``: ``cfg.seeds`` models on all slides, shared among the column sets of
+    ``cfg.columns`` as the folds' models are (mil.select)."""
+    from weakstil.mil.fit import column_members
+
+    sets = column_members(cfg.columns)
+    per_set = -(-cfg.seeds // len(sets))
+    return [_final_fit(bags, table, replace(cfg, columns=name), cv, j) for name in sets for j in range(per_set)]
 
 
 def _final_fit(bags, table, cfg: TrainConfig, cv: CVResult, j: int = 0) -> MILRegressor:
