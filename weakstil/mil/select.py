@@ -223,7 +223,7 @@ def cross_validate_columns(bags: Mapping[str, np.ndarray], table, cfg: TrainConf
     per_set = -(-cfg.seeds // len(members))  # cfg.seeds models per fold in all, or one per set if more
     for name in members if per_set > 1 else ():
         runs.append(cross_validate(bags, table, replace(cfg, columns=name), progress=progress, folds=folds,
-                                   title=f"cross-validation ({name}, {per_set - 1} more seeds)",
+                                   title=f"cross-validation ({name}, {per_set - 1} more seed{'s' * (per_set > 2)})",
                                    seeds=range(1, per_set)))
     cv = combine(runs, cfg) if len(runs) > 1 else runs[0]
     return cv, replace(cfg, columns=chosen), ColumnChoice(results, chosen, honest, picks)
