@@ -347,3 +347,25 @@ def test_the_emphasis_is_on_exactly_when_the_features_have_the_measurements(monk
     assert "leave --measured-emphasis out" in err.value.fix
     with pytest.raises(ConfigError, match="measured_emphasis"):
         TrainConfig(measured_emphasis=0)
+
+
+def test_a_warm_start_from_averaged_sets_takes_its_best_members_own_columns(tmp_path):
+    """A parent whose members read different column sets (``--columns auto`` averaged them): the warm
+    start takes the member with the best validation R², and the columns that member reads."""
+    import json
+
+    from weakstil.mil.cohort import parent_state
+
+    members = [MILRegressor(DIM, **TrainConfig(columns=c, stroma_prior=True).model_kwargs())
+               for c in ("measured-dark", "all", "measured-dark")]
+    fingerprint = {"encoder": {"arch": "toy"}, "tiling": {"tile_px": 224}}
+    model = TrainedModel(members, fingerprint=fingerprint)
+    assert model.column_sets == ["measured-dark", "all"]
+    model.save(tmp_path / "model.ckpt")
+    (tmp_path / "metrics.json").write_text(json.dumps({"members": [{"best_val_r2": r} for r in (0.5, 0.9, 0.7)]}))
+    parent = parent_state(tmp_path, fingerprint)
+    assert parent.info["member"].startswith("member 1 of 3") and parent.model_config["inputs"] == 0
+    (tmp_path / "metrics.json").write_text(json.dumps({"members": [{"best_val_r2": r} for r in (0.5, 0.1, 0.7)]}))
+    parent = parent_state(tmp_path, fingerprint)
+    assert (parent.model_config["inputs"], parent.model_config["skip"]) == (DARK_MEASURED_DIM, 0)
+    assert set(parent.state) == set(members[2].state_dict())
