@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -151,8 +152,12 @@ def test_extract_and_train_write_short_plain_lines_into_a_log(tmp_path):
     # the default encoder has the morphometry: every column candidate is cross-validated (mil.select)
     from weakstil.mil.select import CANDIDATES, WIDE
 
-    assert [line.split(",")[0] for line in lines if line.startswith("cross-validation (") and "folds" in line] == [
+    cv_lines = [line for line in lines if re.match(r"cross-validation \(.*\): \d+/\d+ (folds|models)", line)]
+    assert [line.split(",")[0] for line in cv_lines if "more seed" not in line] == [
         f"cross-validation ({c}): {k}/2 folds" for c in CANDIDATES + WIDE for k in (1, 2)]
+    # then the deployed sets' other seeds (their share of three), one short line per fold or model
+    assert all(re.match(r"cross-validation \([a-z-]+, \d more seeds?\): \d+/\d+ (folds|models), ", line)
+               for line in cv_lines if "more seed" in line), cv_lines
 
 
 def test_fit_one_shows_epochs_in_the_display_not_lightnings_bar(capsys):
