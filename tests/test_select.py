@@ -369,3 +369,17 @@ def test_a_warm_start_from_averaged_sets_takes_its_best_members_own_columns(tmp_
     parent = parent_state(tmp_path, fingerprint)
     assert (parent.model_config["inputs"], parent.model_config["skip"]) == (DARK_MEASURED_DIM, 0)
     assert set(parent.state) == set(members[2].state_dict())
+
+
+def test_deploy_final_refits_each_averaged_set_its_share_of_the_seeds(monkeypatch):
+    """``--deploy final`` with two sets averaged: each set refitted on all slides, two seeds each (three
+    rounded up), every model reading its own set's columns (with the probe head a refit may keep its
+    start, so two seeds can give the same weights: not asserted here)."""
+    from weakstil.mil.cv import cross_validate
+    from weakstil.mil.train import _final_fits
+
+    bags, table = _cohort("both", n=12)
+    cfg = TrainConfig(n_boot=10, fold_processes=1, max_epochs=3, patience=3, stroma_prior=True, seeds=3, n_folds=2)
+    cv = cross_validate(bags, table, replace(cfg, columns="all"), progress=False, seeds=[0])
+    members = _final_fits(bags, table, replace(cfg, columns="measured-dark+all"), cv)
+    assert [columns_of(m.config["inputs"], m.config["skip"]) for m in members] == ["measured-dark"] * 2 + ["all"] * 2
