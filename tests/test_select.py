@@ -130,6 +130,8 @@ def test_the_sets_within_one_standard_error_of_the_best_are_averaged():
     assert plausible({"all": best, "measured": far}) == ("all",)
     assert plausible({"measured": far, "all": best, "measured-dark": close}) == ("measured-dark", "all")
     assert choose({"measured": far, "all": best, "measured-dark": close}) == "measured-dark+all"
+    flat = np.full(40, 30.0)  # labels that do not vary cannot tell sets apart (scikit-learn's R² is 0 for both)
+    assert plausible({"all": _CV(flat, flat + 1, folds), "measured": _CV(flat, flat - 2, folds)}) == ("measured", "all")
 
 
 def test_a_difference_too_small_to_matter_does_not_buy_more_columns():

@@ -149,7 +149,7 @@ def plausible(results: Mapping[str, CVResult], mask: np.ndarray | None = None) -
         se = diff.std(ddof=1) / np.sqrt(len(diff)) / denom if len(diff) > 1 and denom > 0 else 0.0
         if scores[name] >= scores[best] - max(se, PRACTICAL_R2):
             keep.append(name)
-    return tuple(keep)
+    return tuple(keep) or (best,)  # never empty, even should a score be NaN
 
 
 def choose(results: Mapping[str, CVResult], mask: np.ndarray | None = None) -> str:
