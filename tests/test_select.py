@@ -227,6 +227,13 @@ def test_sets_the_cohort_cannot_tell_apart_are_deployed_together(tmp_path, monke
         resolved.model_kwargs()
 
 
+def test_each_averaged_set_trains_its_share_of_the_seeds():
+    from weakstil.mil.fit import seeds_per_set
+
+    assert [seeds_per_set(3, n) for n in (1, 2, 3, 4, 5)] == [3, 2, 1, 1, 1]
+    assert seeds_per_set(1, 2) == 1
+
+
 def test_a_resolved_set_of_columns_is_a_valid_config():
     assert TrainConfig(columns="measured-dark+all").columns == "measured-dark+all"
     for bad in ("auto+all", "all+all", "measured+morph"):

@@ -155,6 +155,12 @@ def column_members(columns: str) -> tuple[str, ...]:
     return tuple(columns.split("+"))
 
 
+def seeds_per_set(seeds: int, n_sets: int) -> int:
+    """How many of ``seeds`` models per fold each of ``n_sets`` averaged column sets trains: its share,
+    rounded up (one set keeps them all; as many sets as seeds or more, one each)."""
+    return -(-int(seeds) // int(n_sets))
+
+
 def _is_column_set_list(columns: str) -> bool:
     parts = columns.split("+")
     return len(parts) > 1 and len(set(parts)) == len(parts) and all(p in COLUMN_SETS[1:] for p in parts)

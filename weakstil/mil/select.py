@@ -54,7 +54,7 @@ import numpy as np
 from weakstil.errors import ConfigError
 from weakstil.mil import COLUMN_RULE, PRACTICAL_R2
 from weakstil.mil.cv import CVResult, combine, cross_validate
-from weakstil.mil.fit import TrainConfig, column_members
+from weakstil.mil.fit import TrainConfig, column_members, seeds_per_set
 
 CANDIDATES = ("all", "measured", "measured-dark")
 WIDE = ("measured-wide", "measured-dark-wide")  # beside CANDIDATES when the features have the wide block (v7)
@@ -222,7 +222,7 @@ def cross_validate_columns(bags: Mapping[str, np.ndarray], table, cfg: TrainConf
     honest, picks = crossfit(results)
     members = column_members(chosen)
     runs = [results[name] for name in members]
-    per_set = -(-cfg.seeds // len(members))  # cfg.seeds models per fold in all, or one per set if more
+    per_set = seeds_per_set(cfg.seeds, len(members))  # cfg.seeds models per fold in all, or one per set if more
     for name in members if per_set > 1 else ():
         runs.append(cross_validate(bags, table, replace(cfg, columns=name), progress=progress, folds=folds,
                                    title=f"cross-validation ({name}, {per_set - 1} more seed{'s' * (per_set > 2)})",

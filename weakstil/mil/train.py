@@ -181,10 +181,10 @@ def deployed_pooled(metrics: Mapping) -> dict:
 def _final_fits(bags, table, cfg: TrainConfig, cv: CVResult) -> list[MILRegressor]:
     """``deploy="final"``: ``cfg.seeds`` models on all slides, shared among the column sets of
     ``cfg.columns`` as the folds' models are (mil.select)."""
-    from weakstil.mil.fit import column_members
+    from weakstil.mil.fit import column_members, seeds_per_set
 
     sets = column_members(cfg.columns)
-    per_set = -(-cfg.seeds // len(sets))
+    per_set = seeds_per_set(cfg.seeds, len(sets))
     return [_final_fit(bags, table, replace(cfg, columns=name), cv, j) for name in sets for j in range(per_set)]
 
 
