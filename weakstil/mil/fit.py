@@ -129,8 +129,6 @@ class TrainConfig:
         object.__setattr__(self, "cutoffs", tuple(cutoffs))
 
     def model_kwargs(self) -> dict:
-        if "+" in self.columns:
-            raise ValueError(f"columns {self.columns!r} name several sets: one model per set (column_members)")
         return dict(aggregation=self.aggregation, hidden=self.hidden, dropout=self.dropout,
                     lr=self.lr, weight_decay=self.weight_decay, max_tiles=self.max_tiles,
                     background_penalty=self.background_penalty, head=self.head,
@@ -168,7 +166,10 @@ def _is_column_set_list(columns: str) -> bool:
 
 def column_inputs(columns: str) -> dict:
     """The model's ``inputs`` and ``skip`` for a column set: it reads ``inputs`` columns that end
-    ``skip`` columns before the last (0 inputs: all)."""
+    ``skip`` columns before the last (0 inputs: all). Several sets joined by "+" are a ValueError: one
+    model per set (:func:`column_members`)."""
+    if "+" in columns:
+        raise ValueError(f"columns {columns!r} name several sets: one model per set (column_members)")
     inputs, skip = _column_sets().get(columns, (0, 0))
     return {"inputs": inputs, "skip": skip}
 
