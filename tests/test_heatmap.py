@@ -517,6 +517,21 @@ def test_tiles_with_little_stroma_are_not_ranked(tmp_path, slide, tiles):
         tiles_mod.top_tiles_png(slide, coords, TILE, pred, tmp_path / "bad.png", stroma=stroma[:-1])
 
 
+def test_weighted_top_row_ranks_stromal_lymphocytes():
+    """With weights that differ and a stroma estimate, the top row ranks by weight × sTIL% × estimated
+    stroma: a tile just over the 50 % bar with the largest weight × sTIL% yields to a tile that is all
+    stroma; the bottom row is unchanged."""
+    pred = np.array([60.0, 50.0, 10.0, 5.0, 20.0, 30.0])
+    weights = np.array([0.2, 0.2, 0.15, 0.15, 0.15, 0.15])
+    stroma = np.array([0.55, 1.0, 1.0, 0.9, 0.8, 0.9])
+    rows, weighted, on_stroma = tiles_mod.rank_tiles(pred, weights, stroma, k=2)
+    assert weighted and on_stroma
+    assert rows[0].tolist() == [1, 0]  # 50 × 0.2 × 1.0 = 10 > 60 × 0.2 × 0.55 = 6.6
+    without = tiles_mod.rank_tiles(pred, weights, None, k=2)[0]
+    assert without[0].tolist() == [0, 1]  # by weight × sTIL% alone, as before
+    assert rows[1].tolist() == without[1].tolist()
+
+
 def test_stroma_estimate_travels_in_tiles_csv(tmp_path, slide, tiles):
     coords, pred, attention, contribution = tiles
     stroma = np.linspace(0, 1, len(pred))
