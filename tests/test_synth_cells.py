@@ -134,7 +134,7 @@ def test_pathologist_label_rounds_and_grows_noisy():
 
 
 def test_registry_and_bad_names(tmp_path):
-    assert synth.FAMILIES == ("lattice", "cells", "regions")
+    assert synth.FAMILIES == ("lattice", "cells", "regions", "voronoi")
     for kwargs in ({"family": "nope"}, {"family": "cells", "setting": "extreme"}):
         with pytest.raises(ConfigError) as info:
             synth.write_cohort(tmp_path, n=1, progress=False, **kwargs)

@@ -27,10 +27,12 @@ def synth(
         help="Canvas width in µm (height is 4/5 of it; default 2000).")] = None,
     workers: Annotated[int, typer.Option(help="Processes used to render slides.")] = 2,
     prefix: Annotated[Optional[str], typer.Option(
-        help="Slide ids are PREFIX-000, PREFIX-001, … (default: SYN for lattice, CEL for cells, REG for regions).")] = None,
+        help="Slide ids are PREFIX-000, PREFIX-001, … (default: SYN for lattice, CEL for cells, REG for regions, "
+             "VOR for voronoi).")] = None,
     family: Annotated[str, typer.Option(
-        help="Generator: lattice (the original), cells (cell-level, independent) or regions (per-pixel "
-             "regions from smooth fields, cell bodies rasterised; held-out); see docs/synthetic.md.")
+        help="Generator: lattice (the original), cells (cell-level, independent), regions (per-pixel "
+             "regions from smooth fields, cell bodies rasterised; held-out) or voronoi (noise-field layout, "
+             "Voronoi tumour cells, lymphocytes on a jittered lattice; held-out); see docs/synthetic.md.")
     ] = "lattice",
     setting: Annotated[str, typer.Option(
         help="standard; hard (tumour 10-85 %, intratumoral lymphocytes, 2x stain variation); "

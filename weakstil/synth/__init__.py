@@ -1,6 +1,6 @@
 """Synthetic H&E cohorts with known per-tile truth (the demo, the tests, the accuracy benchmark).
 
-Three families, written independently of each other so that a recipe chosen on them is not tuned
+Four families, written independently of each other so that a recipe chosen on them is not tuned
 to one way of drawing tissue:
 
 * ``lattice`` (:mod:`weakstil.synth.lattice`): scenes of smooth compartment fields with nuclei
@@ -12,6 +12,10 @@ to one way of drawing tissue:
   region label (glass, stroma, tumour, fat, necrosis, vessel lumen) from smooth random fields, and cell
   bodies are rasterised per type; a lymphocyte's area is its whole cell body, vessel lumens are not
   stroma; labels carry a pathologist's noise.
+* ``voronoi`` (:mod:`weakstil.synth.voronoi`, :mod:`weakstil.synth.voronoi_render`, moved from a
+  held-out generator): tissue from thresholded noise fields, tumour cells and adipocytes as Voronoi
+  tessellations, inflammatory cells on a jittered hexagonal lattice thinned by a density field;
+  labels carry a pathologist's noise.
 
 All write ``slides/*.svs`` (Aperio-like, 0.25 and 0.5 µm/px mixed), ``truth/<id>.npz`` (the format
 of :mod:`weakstil.synth.truth`) and ``labels.csv`` (``slide_id, patient_id, stil``), in a
@@ -28,10 +32,11 @@ from pathlib import Path
 
 from weakstil.errors import ConfigError
 
-FAMILIES = ("lattice", "cells", "regions")
+FAMILIES = ("lattice", "cells", "regions", "voronoi")
 SETTINGS = ("standard", "hard", "dark-nuclei")
-FAMILY_SETTINGS = {"lattice": ("standard", "hard"), "cells": SETTINGS, "regions": ("standard", "hard")}
-DEFAULT_PREFIX = {"lattice": "SYN", "cells": "CEL", "regions": "REG"}
+FAMILY_SETTINGS = {"lattice": ("standard", "hard"), "cells": SETTINGS, "regions": ("standard", "hard"),
+                   "voronoi": ("standard", "hard")}
+DEFAULT_PREFIX = {"lattice": "SYN", "cells": "CEL", "regions": "REG", "voronoi": "VOR"}
 
 
 def check_setting(setting: str, family: str | None = None) -> None:
@@ -76,7 +81,8 @@ def write_cohort(out: str | Path, *, family: str = "lattice", n: int = 40, seed:
 
 
 def _family_module(family: str):
-    """The module of a family written slide by slide (``plan``, ``write_slide``): cells, regions."""
+    """The module of a family written slide by slide (``plan``, ``write_slide``): cells, regions,
+    voronoi."""
     from importlib import import_module
 
     return import_module(f"weakstil.synth.{family}")
@@ -95,7 +101,7 @@ def _write_one(family: str, spec, root: Path) -> tuple[str, float]:
 
 def _write_specs(root: Path, family: str, *, n, seed, setting, prefix, workers, progress, size_um,
                  mpps) -> Path:
-    """Plan a cohort of ``family`` (cells, regions) and write its slides in parallel, keeping the
+    """Plan a cohort of ``family`` (cells, regions, voronoi) and write its slides in parallel, keeping the
     finished ones; then labels.csv."""
     from concurrent.futures import ProcessPoolExecutor
 
