@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SLOW = pytest.mark.slow  # writes and extracts 18 slides (~1.5 min on 2 shared cores)
+SLOW = pytest.mark.slow  # writes and extracts 24 slides (~2 min on 2 shared cores)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_figures_and_probe_are_computed_for_every_family(cohorts):
     plan = acc.PLANS["smoke"]
     # the robustness cohort (cells-standard's slides with hyperchromatic tumour nuclei) is planned too
     assert ("cells", "dark-nuclei", False, plan.n) in acc.cohort_plan(plan)
-    assert set(cohorts) == {"lattice", "cells", "regions"}
+    assert set(cohorts) == {"lattice", "cells", "regions", "voronoi"}
     results = {}
     for family, cohort in cohorts.items():
         blend = family == "cells"  # the default (no blend) on one family, the blend on the other
@@ -57,7 +57,7 @@ def test_figures_and_probe_are_computed_for_every_family(cohorts):
             assert "blend_weight" not in res
         assert np.isfinite(res["_cv"].predictions).all()
     mixed = acc.merge("mix", list(cohorts.values()))
-    assert len(mixed.table) == 18 and len(mixed.bags) == 18
+    assert len(mixed.table) == 24 and len(mixed.bags) == 24
     moved = acc.transfer(results["lattice"], cohorts["lattice"], cohorts["cells"])
     assert set(moved) == {"mil", "probe"} and math.isfinite(moved["probe"]["pred_mean"])
     m = moved["mil"]  # the mean error, with its standard error over the scored slides
