@@ -183,3 +183,36 @@ def test_bad_options_are_config_errors(tmp_path, kwargs):
     with pytest.raises(ConfigError) as info:
         synth.synth_cohort(tmp_path, **{"n": 2, **kwargs}, progress=False)
     assert isinstance(info.value, (WeakstilError, ValueError)) and info.value.fix
+
+
+@pytest.mark.parametrize(("family", "prefix"), [("regions", "REG"), ("voronoi", "VOR")])
+def test_families_without_dark_nuclei_refuse_it_and_run_from_the_cli(tmp_path, family, prefix):
+    """The held-out families have standard and hard only: other settings are ConfigErrors with the fix
+    (nothing written); `weakstil synth --family F` writes PREFIX-000 …, and its help names F."""
+    from importlib import import_module
+
+    from typer.testing import CliRunner
+
+    from synth_checks import label_rows
+    from weakstil import synth as families
+    from weakstil.cli import app
+
+    with pytest.raises(ConfigError) as info:
+        families.write_cohort(tmp_path / "x", family=family, n=1, setting="dark-nuclei", progress=False)
+    assert family in str(info.value) and "dark-nuclei" in str(info.value)
+    assert "standard, hard" in info.value.fix and "cells" in info.value.fix
+    for setting in ("dark-nuclei", "extreme"):
+        with pytest.raises(ConfigError):
+            import_module(f"weakstil.synth.{family}").plan(1, 0, setting=setting)
+    assert not (tmp_path / "x").exists()
+    runner = CliRunner()
+    result = runner.invoke(app, ["synth", str(tmp_path / "c"), "--family", family, "--n", "2", "--size-um", "300",
+                                 "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert [r["slide_id"] for r in label_rows(tmp_path / "c")] == [f"{prefix}-000", f"{prefix}-001"]
+    assert (tmp_path / "c" / "slides" / f"{prefix}-001.svs").is_file()
+    bad = runner.invoke(app, ["synth", str(tmp_path / "d"), "--family", family, "--setting", "dark-nuclei",
+                              "--n", "1"])
+    assert bad.exit_code != 0 and family in bad.output
+    helptext = runner.invoke(app, ["synth", "--help"])
+    assert helptext.exit_code == 0 and family in helptext.output

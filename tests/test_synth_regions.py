@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from weakstil import synth
-from weakstil.errors import ConfigError
 from weakstil.synth import regions
 from weakstil.synth.truth import TRUTH_KEYS, load_truth, stil_from_truth
+from synth_checks import check_cohort_files, check_readers_agree
 
 SIZE_UM = 300.0  # canvas 300 x 240 µm
 MAPS = TRUTH_KEYS + ("necrosis",)
@@ -22,11 +21,6 @@ def cohort(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("regions") / "cohort"
     return synth.write_cohort(out, family="regions", n=3, seed=4, setting="standard", size_um=SIZE_UM,
                               workers=2, progress=False)
-
-
-def _labels(root: Path) -> list[dict]:
-    with open(root / "labels.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 def _level0(path: Path) -> np.ndarray:
@@ -45,18 +39,9 @@ def test_registry_settings_and_prefix():
 
 
 def test_labels_csv_matches_the_slides_and_truth(cohort):
-    rows = _labels(cohort)
-    ids = [f"REG-{i:03d}" for i in range(3)]
-    assert [r["slide_id"] for r in rows] == ids
-    assert sorted(p.stem for p in (cohort / "slides").glob("*.svs")) == ids
-    assert sorted(p.stem for p in (cohort / "truth").glob("*.npz")) == ids
-    for r in rows:
-        truth = load_truth(cohort / "truth" / f"{r['slide_id']}.npz")
-        assert r["patient_id"] == r["slide_id"]
-        assert float(r["stil"]) == float(truth["label"])
+    for r in check_cohort_files(cohort, "REG", 3):
         label = float(r["stil"])
-        assert 0 <= label <= 100 and (label % 5 == 0 or (label < 10 and label == int(label)))
-    assert not list(cohort.rglob("*.partial")) and not list(cohort.rglob("*.tmp"))
+        assert label % 5 == 0 or (label < 10 and label == int(label))
 
 
 def test_truth_maps_have_the_documented_keys_and_stil(cohort):
@@ -79,31 +64,12 @@ def test_truth_maps_have_the_documented_keys_and_stil(cohort):
 
 
 def test_slides_open_in_openslide_and_tiffslide_alike(cohort, tmp_path):
-    openslide = pytest.importorskip("openslide")
-    tiffslide = pytest.importorskip("tiffslide")
     paths = sorted((cohort / "slides").glob("*.svs"))
+    mpps = [float(load_truth(cohort / "truth" / f"{p.stem}.npz")["slide_mpp"]) for p in paths]
     # and one slide big enough for a reduced level (640 µm at 0.25 µm/px: 2560 x 2048, then 640 x 512)
     spec = next(s for s in regions.plan(2, 0, size_um=(640.0, 512.0)) if s.mpp == 0.25)
     regions.write_slide(spec, tmp_path / "big.svs", tmp_path / "big.npz")
-    paths.append(tmp_path / "big.svs")
-    counts = []  # (dimensions, level count) per slide
-    for path in paths:
-        mpp = float(load_truth(path.parent.parent / "truth" / f"{path.stem}.npz")["slide_mpp"]) \
-            if path.stem != "big" else spec.mpp
-        o, t = openslide.OpenSlide(str(path)), tiffslide.TiffSlide(str(path))
-        try:
-            assert o.level_count == t.level_count
-            assert o.level_dimensions == t.level_dimensions
-            assert float(o.properties["openslide.mpp-x"]) == pytest.approx(mpp)
-            assert float(t.properties["tiffslide.mpp-x"]) == pytest.approx(mpp)
-            w, h = o.level_dimensions[-1]
-            a = np.asarray(o.read_region((0, 0), o.level_count - 1, (w, h)).convert("RGB"))
-            b = np.asarray(t.read_region((0, 0), t.level_count - 1, (w, h), as_array=True))[..., :3]
-            assert np.abs(a.astype(int) - b).max() <= 2
-            counts.append((o.dimensions, o.level_count))
-        finally:
-            o.close()
-            t.close()
+    counts = check_readers_agree(paths + [tmp_path / "big.svs"], mpps + [spec.mpp])
     assert counts[-1] == ((2560, 2048), 2)
 
 
@@ -135,30 +101,3 @@ def test_rerun_keeps_finished_slides(cohort):
     assert after["REG-000.svs"] == before["REG-000.svs"] and after["REG-002.svs"] == before["REG-002.svs"]
     assert after["REG-001.svs"] != before["REG-001.svs"]  # the missing one was written again ...
     assert (cohort / "labels.csv").read_text() == labels  # ... to the same label
-
-
-def test_dark_nuclei_is_refused_for_regions(tmp_path):
-    with pytest.raises(ConfigError) as info:
-        synth.write_cohort(tmp_path / "x", family="regions", n=1, setting="dark-nuclei", progress=False)
-    assert "regions" in str(info.value) and "dark-nuclei" in str(info.value)
-    assert "standard, hard" in info.value.fix and "cells" in info.value.fix
-    with pytest.raises(ConfigError):
-        regions.plan(1, 0, setting="dark-nuclei")
-    assert not (tmp_path / "x").exists()
-
-
-def test_cli_synth_regions(tmp_path):
-    from typer.testing import CliRunner
-
-    from weakstil.cli import app
-
-    result = CliRunner().invoke(app, ["synth", str(tmp_path / "r"), "--family", "regions", "--n", "2",
-                                      "--size-um", "300", "--workers", "1"])
-    assert result.exit_code == 0, result.output
-    assert [r["slide_id"] for r in _labels(tmp_path / "r")] == ["REG-000", "REG-001"]
-    assert (tmp_path / "r" / "slides" / "REG-001.svs").is_file()
-    bad = CliRunner().invoke(app, ["synth", str(tmp_path / "d"), "--family", "regions",
-                                   "--setting", "dark-nuclei", "--n", "1"])
-    assert bad.exit_code != 0 and "regions" in bad.output
-    helptext = CliRunner().invoke(app, ["synth", "--help"])
-    assert helptext.exit_code == 0 and "regions" in helptext.output

@@ -3,16 +3,15 @@ intratumoral lymphocytes, settings and the CLI."""
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from weakstil import synth
-from weakstil.errors import ConfigError
 from weakstil.synth import voronoi, voronoi_render
 from weakstil.synth.truth import TRUTH_KEYS, load_truth
+from synth_checks import check_cohort_files, check_readers_agree
 
 SIZE_UM = 320.0  # canvas 320 x 256 µm
 MAPS = TRUTH_KEYS + ("necrosis",)
@@ -25,11 +24,6 @@ def cohort(tmp_path_factory) -> Path:
                               workers=2, progress=False)
 
 
-def _labels(root: Path) -> list[dict]:
-    with open(root / "labels.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
 def test_registry_settings_and_prefix():
     assert "voronoi" in synth.FAMILIES
     assert synth.FAMILY_SETTINGS["voronoi"] == ("standard", "hard")
@@ -37,18 +31,8 @@ def test_registry_settings_and_prefix():
 
 
 def test_labels_csv_matches_the_slides_and_truth(cohort):
-    rows = _labels(cohort)
-    ids = [f"VOR-{i:03d}" for i in range(3)]
-    assert [r["slide_id"] for r in rows] == ids
-    assert sorted(p.stem for p in (cohort / "slides").glob("*.svs")) == ids
-    assert sorted(p.stem for p in (cohort / "truth").glob("*.npz")) == ids
-    for r in rows:
-        truth = load_truth(cohort / "truth" / f"{r['slide_id']}.npz")
-        assert r["patient_id"] == r["slide_id"]
-        assert float(r["stil"]) == float(truth["label"])
-        label = float(r["stil"])
-        assert 0 <= label <= 100 and label == int(label)
-    assert not list(cohort.rglob("*.partial")) and not list(cohort.rglob("*.tmp"))
+    for r in check_cohort_files(cohort, "VOR", 3):
+        assert float(r["stil"]) == int(float(r["stil"]))
 
 
 def test_truth_maps_and_stil(cohort):
@@ -70,32 +54,12 @@ def test_truth_maps_and_stil(cohort):
 
 
 def test_slides_open_in_openslide_and_tiffslide_with_every_level(cohort, tmp_path):
-    openslide = pytest.importorskip("openslide")
-    tiffslide = pytest.importorskip("tiffslide")
     paths = sorted((cohort / "slides").glob("*.svs"))
     mpps = [float(load_truth(cohort / "truth" / f"{p.stem}.npz")["slide_mpp"]) for p in paths]
     # one slide big enough for a reduced level (640 µm at 0.25 µm/px: 2560 x 2048, then 640 x 512)
     spec = voronoi.plan(1, 0, size_um=(640.0, 512.0), mpps=(0.25,))[0]
     voronoi.write_slide(spec, tmp_path / "big.svs", tmp_path / "big.npz")
-    paths.append(tmp_path / "big.svs")
-    mpps.append(spec.mpp)
-    counts = []
-    for path, mpp in zip(paths, mpps):
-        o, t = openslide.OpenSlide(str(path)), tiffslide.TiffSlide(str(path))
-        try:
-            assert o.level_count == t.level_count
-            assert o.level_dimensions == t.level_dimensions
-            assert float(o.properties["openslide.mpp-x"]) == pytest.approx(mpp)
-            assert float(t.properties["tiffslide.mpp-x"]) == pytest.approx(mpp)
-            for level, (w, h) in enumerate(o.level_dimensions):
-                a = np.asarray(o.read_region((0, 0), level, (w, h)).convert("RGB"))
-                b = np.asarray(t.read_region((0, 0), level, (w, h), as_array=True))[..., :3]
-                assert a.shape == (h, w, 3) and np.abs(a.astype(int) - b).max() <= 2
-                assert a.std() > 5  # tissue, not blank
-            counts.append((o.dimensions, o.level_count))
-        finally:
-            o.close()
-            t.close()
+    counts = check_readers_agree(paths + [tmp_path / "big.svs"], mpps + [spec.mpp])
     assert counts[-1] == ((2560, 2048), 2)
     assert {c[0] for c in counts[:-1]} <= {(640, 512), (1280, 1024)}
 
@@ -158,29 +122,3 @@ def test_hard_puts_lymphocytes_in_tumour_that_do_not_count(monkeypatch):
     assert np.all(truth["lymph_in_stroma"][truth["stroma"] == 0] == 0)
     std_cover, _, _ = _intratumoral("standard", 0, monkeypatch)
     assert std_cover < cover / 2
-
-
-def test_unknown_settings_are_refused(tmp_path):
-    with pytest.raises(ConfigError) as info:
-        synth.write_cohort(tmp_path / "x", family="voronoi", n=1, setting="dark-nuclei", progress=False)
-    assert "voronoi" in str(info.value) and "dark-nuclei" in str(info.value)
-    assert "standard, hard" in info.value.fix
-    with pytest.raises(ConfigError):
-        voronoi.plan(1, 0, setting="dark-nuclei")
-    with pytest.raises(ConfigError):
-        voronoi.plan(1, 0, setting="extreme")
-    assert not (tmp_path / "x").exists()
-
-
-def test_cli_synth_voronoi(tmp_path):
-    from typer.testing import CliRunner
-
-    from weakstil.cli import app
-
-    result = CliRunner().invoke(app, ["synth", str(tmp_path / "v"), "--family", "voronoi", "--n", "2",
-                                      "--size-um", "300", "--workers", "1"])
-    assert result.exit_code == 0, result.output
-    assert [r["slide_id"] for r in _labels(tmp_path / "v")] == ["VOR-000", "VOR-001"]
-    assert (tmp_path / "v" / "slides" / "VOR-001.svs").is_file()
-    helptext = CliRunner().invoke(app, ["synth", "--help"])
-    assert helptext.exit_code == 0 and "voronoi" in helptext.output
