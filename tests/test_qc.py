@@ -173,7 +173,7 @@ def test_a_slide_with_little_stroma_is_flagged_whatever_the_training_range():
     features = np.tile(np.asarray(ref["mean"]), (50, 1))
     features[:, -2:] = [0.2, 0.5]  # 50 tiles half stroma: 25 tiles' worth, 0.31 mm²
     assert qc.check_slide(ref, _Model(), features, mpp=0.25) == ""
-    assert qc_reference.stroma_area_mm2(features, -1, _Model.fingerprint["tiling"]) == pytest.approx(25 * 0.112 ** 2)
+    assert qc_reference.stroma_area_mm2(features[:, -1], _Model.fingerprint["tiling"]) == pytest.approx(25 * 0.112 ** 2)
     features[:, -1] = 0.1  # 5 tiles' worth of stroma, inside the (widened) training range of the mean
     text = qc.check_slide(ref, _Model(), features, mpp=0.25)
     assert qc.flag_names(text) == ["little-stroma"] and "0.063 mm²" in text
@@ -183,3 +183,27 @@ def test_a_slide_with_little_stroma_is_flagged_whatever_the_training_range():
         fingerprint = {}
 
     assert qc.check_slide(ref, _NoTiling(), features, mpp=0.25) == ""
+
+
+def test_little_stroma_reads_the_estimate_tiles_csv_shows():
+    """With the encoder in the model's fingerprint, the floor is checked on the stroma estimate that
+    tiles.csv and top_tiles.png show (the wide nest rule's, where the features have it), not on the
+    reference's column: tumour sheets the pale rule reads as stroma do not hide a slide with little."""
+    from weakstil.embed.encoders import MEASURED_DIM, MORPH_ARCH, get_encoder_spec, stroma_estimate
+
+    arch = get_encoder_spec("resnet18-random+stainmorph").arch
+    assert arch.endswith(MORPH_ARCH)
+
+    class _Model:
+        members = (object(),)
+        fingerprint = {"encoder": {"arch": arch}, "tiling": {"tile_px": 224, "mpp": 0.5, "overlap": 0}}
+
+    ref = _reference()
+    features = np.tile(np.asarray(ref["mean"]), (50, 1))
+    features[:, -2:] = [0.2, 0.5]  # the pale rule: half of every tile is stroma (0.31 mm²)
+    features[:, -1 - MEASURED_DIM] = 0.1  # the wide rule: a tenth (0.063 mm²)
+    assert np.allclose(stroma_estimate(features, _Model.fingerprint["encoder"]), 0.1)
+    text = qc.check_slide(ref, _Model(), features, mpp=0.25)
+    assert qc.flag_names(text) == ["little-stroma"] and "0.063 mm²" in text
+    features[:, -1 - MEASURED_DIM] = 0.5
+    assert qc.check_slide(ref, _Model(), features, mpp=0.25) == ""

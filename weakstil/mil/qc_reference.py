@@ -196,7 +196,7 @@ def describe_rules() -> dict:
                                      f"slides' range widened by {MEASURE_TOLERANCE:g} x that range on each side"),
         "ensemble-disagreement": (f"SD of the members' scores > max({DISAGREE_MIN_SD:g}, {DISAGREE_FACTOR:g} x "
                                   "99th percentile of that SD on the training slides)"),
-        "little-stroma": (f"the slide's estimated stroma (its tiles' stroma_est x the tile area) < "
+        "little-stroma": (f"the slide's estimated stroma (its tiles' stroma estimate x the tile area) < "
                           f"{LITTLE_STROMA_MM2:g} mm² (a fixed floor, not from training)"),
     }
 
@@ -207,11 +207,12 @@ def fixed_rules() -> dict:
     return {k: v for k, v in describe_rules().items() if k == "little-stroma"}
 
 
-def stroma_area_mm2(features: np.ndarray, column: int, tiling: Mapping | None) -> float | None:
-    """The slide's estimated stroma in mm²: the sum over tiles of the stain morphometry's stroma
-    estimate (``column``, an offset from the last) × the area a tile adds to the grid (its stride
-    squared: :meth:`~weakstil.wsi.tiling.TileSpec.stride_l0` at 1 µm/px). None without the tiling's
-    ``tile_px`` and ``mpp``."""
+def stroma_area_mm2(stroma: np.ndarray, tiling: Mapping | None) -> float | None:
+    """The slide's estimated stroma in mm²: the sum over tiles of their estimated stroma fraction
+    (``stroma`` (N,), 0-1: :func:`~weakstil.embed.encoders.stroma_estimate`, as tiles.csv shows it)
+    × the area a tile adds to the grid (its stride squared:
+    :meth:`~weakstil.wsi.tiling.TileSpec.stride_l0` at 1 µm/px). None without the tiling's ``tile_px``
+    and ``mpp``."""
     from weakstil.wsi.tiling import TileSpec
 
     tiling = tiling or {}
@@ -219,7 +220,7 @@ def stroma_area_mm2(features: np.ndarray, column: int, tiling: Mapping | None) -
         return None
     stride_um = TileSpec(tile_px=int(tiling["tile_px"]), mpp=float(tiling["mpp"]),
                          overlap=int(tiling.get("overlap") or 0)).stride_l0(1.0)
-    stroma = np.nan_to_num(np.asarray(features, dtype=np.float64)[:, column], nan=0.0).clip(0, 1)
+    stroma = np.nan_to_num(np.asarray(stroma, dtype=np.float64), nan=0.0).clip(0, 1)
     return float(stroma.sum() * stride_um ** 2 / 1e6)
 
 

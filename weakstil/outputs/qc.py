@@ -35,14 +35,19 @@ slide against that reference. A slide gets zero or more flags, joined with ``;``
   true sTIL 1 %, scored 80: its dark-pixel share 0.46 against 0.01–0.34 in training) and one other;
   leaving each training slide out, 0 or 1 of 24–40 slides fired (docs/cohorts.md). Only for features
   with this morphometry's column layout (``stainmorph.v4``–``v6``; ``+stainmorph`` encoders: the default).
-* ``little-stroma``: the slide's estimated stroma (the morphometry's ``stroma_est`` of each tile ×
-  the tile's area) is below ``LITTLE_STROMA_MM2`` (0.125 mm², ten 112-µm tiles' worth) — a fixed
-  floor, not learned from training. sTIL% is a share of the stroma; with this little of it, the
+* ``little-stroma``: the slide's estimated stroma (each tile's stroma estimate × the tile's area; the
+  estimate tiles.csv and top_tiles.png show, :func:`~weakstil.embed.encoders.stroma_estimate`: the wide
+  nest rule's where the features have it) is below ``LITTLE_STROMA_MM2`` (0.125 mm², ten 112-µm tiles'
+  worth) — a fixed floor, not learned from training. sTIL% is a share of the stroma; with this little of it, the
   score (and the pathologist's estimate) rests on a few tiles, and the "highest sTIL%" tiles may be
   nests. On the accuracy benchmark's cells-hard cohort (40 slides, eighteenth run) the 10 slides
   below the floor had a mean out-of-fold error of 13.1 sTIL points against 6.7 and 4.5 for those with
   0.125–0.375 and more mm²; on lattice-hard, whose slides keep more stroma, one slide fell below
-  (error 0.5). Only for features with the morphometry's column layout (the default encoder).
+  (error 0.5). Read under the wide nest rule (session 21; it had read the pale rule's ``stroma_est``),
+  the flagged slides' mean absolute error against the rest, out of fold: voronoi-hard 8.6 vs 3.8 (6
+  slides), regions-hard 21.3 vs 10.7 (7), cells-hard 9.1 vs 5.7 (16), and on a fresh voronoi-hard
+  cohort scored by the voronoi-hard model 14.3 vs 5.0 (9 slides; the pale estimate flagged 2, with
+  6.0 vs 7.2). Only for features with the morphometry's column layout (the default encoder).
 * ``ensemble-disagreement``: the SD of the fold members' slide scores exceeds ``max_member_sd`` =
   max(``DISAGREE_MIN_SD``, ``DISAGREE_FACTOR`` × the 99th percentile of that SD over the training
   slides). Members agree on slides like their training data and drift apart elsewhere.
@@ -135,9 +140,15 @@ def check_slide(reference: Mapping | None, model, features: np.ndarray, *, mpp: 
     measured = stroma_mm2 = None
     if columns and features.shape[1] >= -min(columns.values()):  # features with the morphometry's layout
         measured = slide_measurements(features, list(columns.values()))
-        if "stroma_est" in columns:
-            tiling = (getattr(model, "fingerprint", None) or {}).get("tiling")
-            stroma_mm2 = stroma_area_mm2(features, columns["stroma_est"], tiling)
+        if "stroma_est" in columns:  # the estimate tiles.csv and top_tiles.png show (the wide nest rule's
+            # where the features have it); without the encoder's fingerprint, the reference's column
+            from weakstil.embed.encoders import stroma_estimate
+
+            fingerprint = getattr(model, "fingerprint", None) or {}
+            stroma = stroma_estimate(features, fingerprint.get("encoder")) if fingerprint.get("encoder") else None
+            if stroma is None:
+                stroma = np.asarray(features, dtype=np.float64)[:, columns["stroma_est"]]
+            stroma_mm2 = stroma_area_mm2(stroma, fingerprint.get("tiling"))
     return qc_text(slide_flags(reference, n_tiles=int(features.shape[0]), mpp=mpp,
                                embedding=slide_embedding(features), scores=scores, stain=stain_amounts(attrs),
                                measured=measured, stroma_mm2=stroma_mm2))
