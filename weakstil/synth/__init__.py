@@ -12,10 +12,10 @@ to one way of drawing tissue:
   region label (glass, stroma, tumour, fat, necrosis, vessel lumen) from smooth random fields, and cell
   bodies are rasterised per type; a lymphocyte's area is its whole cell body, vessel lumens are not
   stroma; labels carry a pathologist's noise.
-* ``voronoi`` (:mod:`weakstil.synth.voronoi`, :mod:`weakstil.synth.voronoi_render`, moved from a
-  held-out generator): tissue from thresholded noise fields, tumour cells and adipocytes as Voronoi
-  tessellations, inflammatory cells on a jittered hexagonal lattice thinned by a density field;
-  labels carry a pathologist's noise.
+* ``voronoi`` (:mod:`weakstil.synth.voronoi`, :mod:`weakstil.synth.voronoi_render`,
+  :mod:`weakstil.synth.voronoi_sprites`, moved from a held-out generator): tissue from thresholded
+  noise fields, tumour cells and adipocytes as Voronoi tessellations, inflammatory cells on a
+  jittered hexagonal lattice thinned by a density field; labels carry a pathologist's noise.
 
 All write ``slides/*.svs`` (Aperio-like, 0.25 and 0.5 µm/px mixed), ``truth/<id>.npz`` (the format
 of :mod:`weakstil.synth.truth`) and ``labels.csv`` (``slide_id, patient_id, stil``), in a
