@@ -42,9 +42,6 @@ import numpy as np
 
 from weakstil.synth.truth import TRUTH_UM
 
-SETTINGS = ("standard", "hard")
-
-
 @dataclass(frozen=True, repr=False)
 class VoronoiSpec:
     """One slide of a ``voronoi`` cohort: its ids, scan resolution, canvas, random stream and the
