@@ -236,3 +236,25 @@ def test_the_wide_rule_marks_nests_of_moderately_dense_nuclei():
     assert (f["stroma_est_wide"] <= f["stroma_est"] + 1e-6).all()  # its nests hold the pale rule's
     # the wide block sits right before the last (encoders.WIDE_ARCHS; mil.select's "-wide" column sets)
     assert NAMES[-10:-5] == tuple(f"{n}_wide" for n in NAMES[-5:])
+
+
+def test_a_nest_crowded_with_lymphocytes_stays_a_nest():
+    """Vesicular tumour nuclei with intratumoral lymphocytes packed between them (a fifth of the nest):
+    counted over all the tissue, the pale nuclei fall under the nest share and the nest read as stroma
+    full of lymphocytes (v7: half the tile "stroma", sTIL 22 %); counted over the tissue that is not
+    lymphocyte (v8) it stays a nest, its lymphocytes in ``lymph_per_nest``. Stroma crowded with
+    lymphocytes stays stroma (the test above)."""
+    from weakstil.embed.morph import PALE_NEST, lymphocyte_room
+
+    tumour = grid(32, 12)
+    lymph = disks([(y + dy, x + dx) for y, x in tumour for dy, dx in ((16, 16), (0, 16), (16, 0), (8, 8))], 4.0, 1.6)
+    nest = np.maximum(disks(tumour, 9.0, 0.6), lymph)
+    assert 0.15 < (lymph > 0).mean() < 0.25 and (disks(tumour, 9.0, 0.6) > 0).mean() < PALE_NEST
+    stroma = disks(grid(16), 4.0, 1.6)  # as many lymphocytes, in stroma
+    f = features(render(nest, np.full((PX, PX), 0.2)), render(stroma, np.full((PX, PX), 0.6)))
+    assert f["stroma_est"][0] < 0.1 and f["stroma_est_wide"][0] < 0.1
+    assert f["lymph_per_nest"][0] > 0.15 and f["lymph_per_stroma"][0] < 0.05
+    assert f["stroma_est"][1] > 0.8 and f["lymph_per_stroma"][1] > 0.12
+    h = torch.as_tensor(lymph[::2, ::2])[None, None].float()  # 1 µm/px, as the encoder looks
+    room = lymphocyte_room(h, torch.ones_like(h))
+    assert room.mean() > (h >= 1.0).float().mean()  # grown over their rims
