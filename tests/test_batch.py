@@ -326,3 +326,16 @@ def test_outcomes_csv_is_written_atomically(tmp_path):
     assert rows[3] == {"key": "S4", "status": "failed", "seconds": "0.200",
                        "reason": "MissingMppError", "error": "no mpp, here", "fix": "pass --mpp"}
     assert sorted(os.listdir(path.parent)) == ["outcomes.csv"]
+
+
+def test_a_done_items_stale_lock_is_cleared_and_a_live_one_kept(tmp_path, sleeper):
+    """A run killed between finishing an item and releasing its lock leaves the lock behind; the
+    next run finds the item done and skips it — and removes the dead run's lock, never a live one's."""
+    locks = tmp_path / "locks"
+    stale = write_lock(locks, "a", pid=dead_pid())
+    live = write_lock(locks, "b", pid=sleeper.pid)
+    ran = []
+    outcomes = run_batch(["a", "b"], ran.append, is_done=lambda item: True, lock_dir=locks, progress=False)
+    assert ran == [] and [(o.status, o.reason) for o in outcomes] == [("skipped", ALREADY_DONE)] * 2
+    assert not stale.exists()
+    assert live.exists() and json.loads(live.read_text())["pid"] == sleeper.pid

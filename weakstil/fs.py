@@ -532,6 +532,17 @@ def acquire_lock(lock_dir: str | Path, key: str) -> tuple[Lock | None, str]:
     return None, holder_text
 
 
+def clear_stale_lock(lock_dir: str | Path, key: str) -> None:
+    """Remove ``key``'s lock if its holder is gone; a live holder's stays. A run killed between
+    finishing an item and releasing its lock leaves one behind, which the next run, finding the item
+    done, would otherwise never touch. Costs one ``stat`` when there is no lock."""
+    if not _lock_path(Path(lock_dir), key).exists():
+        return
+    lock, _ = acquire_lock(lock_dir, key)  # takes a stale lock over
+    if lock is not None:
+        lock.release()
+
+
 @contextlib.contextmanager
 def file_lock(path: str | Path) -> Iterator[None]:
     """An advisory exclusive lock (``flock``) on ``path`` for a short critical section, e.g.

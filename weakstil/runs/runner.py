@@ -44,6 +44,7 @@ from weakstil.fs import (  # noqa: F401  (the lock API, re-exported for callers 
     Lock,
     _lock_path,
     acquire_lock,
+    clear_stale_lock,
     sweep_partials,
     write_csv,
 )
@@ -184,6 +185,8 @@ def run_one(item: Any, job: Callable[[Any], Any], *, key: str,
     lock: Lock | None = None
     try:
         if is_done is not None and is_done(item):
+            if lock_dir is not None:  # a run killed after finishing it may have left its lock
+                clear_stale_lock(lock_dir, key)
             return Outcome(key, SKIPPED, reason=ALREADY_DONE)
         if lock_dir is not None:
             lock, holder = _acquire(lock_dir, key, wait)
