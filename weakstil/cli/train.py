@@ -94,7 +94,7 @@ def train(
              "each with tumour nests marked by pale nuclei and by the wide band (pale or moderately dense), "
              f"on the same folds; deploy every set {COLUMN_RULE} R², their models averaged: "
              "metrics.json → columns), all, measured, measured-dark, measured-wide or "
-             "measured-dark-wide (these need a +stainmorph encoder; the -wide ones stainmorph.v7).")] = Columns.auto,
+             "measured-dark-wide (these need a +stainmorph encoder; the -wide ones stainmorph.v7 or later).")] = Columns.auto,
     measured_emphasis: Annotated[Optional[float], typer.Option(
         "--measured-emphasis", min=0.001,
         help="With --columns all (or auto), how much the MIL's start (the ridge probe) weights the "

@@ -8,7 +8,7 @@ rules), the share inside tumour nests, and the stroma estimate. On a small cohor
 and varying stains the MIL can drown those in the hundreds that describe texture; on another cohort
 the network's texture carries what the fixed measurements miss; and which lymphocyte reading holds
 depends on how the tumour nuclei and the lymphocyte aggregates look. So training cross-validates
-three candidates on the same folds (five with ``stainmorph.v7``),
+three candidates on the same folds (five with ``stainmorph.v7`` and later),
 
 * ``all``: every feature column;
 * ``measured``: only the five measurements (the last :data:`~weakstil.embed.encoders.MEASURED_DIM`
@@ -16,7 +16,7 @@ three candidates on the same folds (five with ``stainmorph.v7``),
 * ``measured-dark``: the four that read lymphocytes by darkness alone (the last
   :data:`~weakstil.embed.encoders.DARK_MEASURED_DIM`; where lymphocytes pile into sheets the
   size-aware share misses them and only adds noise),
-* ``measured-wide``, ``measured-dark-wide`` (:data:`WIDE`; v7 features): the same two with tumour
+* ``measured-wide``, ``measured-dark-wide`` (:data:`WIDE`; v7 and v8 features): the same two with tumour
   nests marked by the wide band of nuclei (pale or moderately dense chromatin, H 0.15–1.2): the five
   columns just before the last five (``skip``). Where tumour nuclei are darker than vesicular, the
   pale rule reads their nests as stroma; where lymphocyte crowds blur, the wide rule reads them as
@@ -57,7 +57,7 @@ from weakstil.mil.cv import CVResult, combine, cross_validate
 from weakstil.mil.fit import TrainConfig, column_members, seeds_per_set
 
 CANDIDATES = ("all", "measured", "measured-dark")
-WIDE = ("measured-wide", "measured-dark-wide")  # beside CANDIDATES when the features have the wide block (v7)
+WIDE = ("measured-wide", "measured-dark-wide")  # beside CANDIDATES when the features have the wide block (v7, v8)
 MEASURED_EMPHASIS = 10.0  # TrainConfig.measured_emphasis when the features end with the morphometry
 
 
