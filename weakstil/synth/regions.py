@@ -44,7 +44,6 @@ import numpy as np
 from weakstil.synth.regions_render import render
 from weakstil.synth.truth import TRUTH_UM, stil_from_truth
 
-SETTINGS = ("standard", "hard")
 # reference stain vectors in OD space (rows: R,G,B absorbance per unit stain)
 REF_H = np.array([0.5626, 0.7201, 0.4062])
 REF_E = np.array([0.2159, 0.8012, 0.5581])
