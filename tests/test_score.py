@@ -329,3 +329,25 @@ def test_a_model_is_refused_with_other_encoder_weights(tmp_path, tiny_slide):
     shutil.copy(weights_b, weights_a)  # the file the model names now holds other weights
     with pytest.raises(ModelMismatchError, match="is not the one this model was trained on"):
         make_scorer(model_dir, features, out)
+
+
+def test_a_model_of_an_older_morphometry_is_refused_with_what_to_do(tmp_path):
+    """A model trained on `stainmorph.v7` features names the same encoder as today's (v8), but its
+    columns meant other things: scoring refuses it, saying which versions and to retrain — not to
+    look for other weights."""
+    from weakstil.embed.encoders import MORPH_ARCH, create_encoder
+    from weakstil.mil.model import MILRegressor, TrainedModel
+    from weakstil.outputs.score import make_scorer
+    from weakstil.wsi.tiling import TileSpec
+    from weakstil.wsi.tissue import TissueParams
+
+    encoder_fp = create_encoder("resnet18-random+stainmorph").fingerprint()
+    old = dict(encoder_fp, arch=encoder_fp["arch"].replace(MORPH_ARCH, "stainmorph.v7"))
+    assert old["arch"] != encoder_fp["arch"]
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    fingerprint = {"encoder": old, "tiling": TileSpec().fingerprint(TissueParams())}
+    TrainedModel([MILRegressor(encoder_fp["embed_dim"])], fingerprint=fingerprint).save(model_dir / "model.ckpt")
+    with pytest.raises(ModelMismatchError, match="stainmorph.v7 features; this weakstil computes") as info:
+        make_scorer(model_dir, tmp_path / "features", tmp_path / "results")
+    assert "retrain" in info.value.fix
