@@ -442,10 +442,10 @@ def check_fingerprint(model: TrainedModel | dict, cache_fp) -> None:
     if diffs:
         raise ModelMismatchError(
             "the model was trained on other features than these:\n  " + "\n  ".join(diffs),
-            fix=_older_morphometry_fix(model_fp, cache_fp))
+            fix=older_morphometry_fix(model_fp, cache_fp))
 
 
-def _older_morphometry_fix(model_fp: dict, cache_fp: dict) -> str | None:
+def older_morphometry_fix(model_fp: dict, cache_fp: dict) -> str | None:
     """The advice when a model's features came from another version of the stain morphometry (a
     ``MORPH_ARCH`` bump between weakstil versions), which this version cannot compute: retrain."""
     from weakstil.embed.encoders import MORPH_ARCH

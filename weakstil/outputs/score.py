@@ -76,10 +76,12 @@ def encoder_from_fingerprint(encoder_fp: dict, weights: str | None = None, *, se
     encoder = create_encoder(name, source, seed=seed)
     now, then = encoder.fingerprint().get("arch"), encoder_fp.get("arch")
     if then and now != then:  # the same name computes other features in this version of weakstil
+        from weakstil.mil.model import older_morphometry_fix
+
         raise ModelMismatchError(
             f"the model was trained on {then} features; this weakstil computes {now} for encoder {name!r}",
-            fix="retrain the model on features extracted with this version (weakstil extract, then weakstil "
-                "train), or score with the weakstil version the model was trained with")
+            fix=older_morphometry_fix({"encoder": encoder_fp}, {"encoder": encoder.fingerprint()})
+            or "retrain the model on features this version extracts, or score with the version it was trained with")
     if not same_encoder(encoder.fingerprint(), encoder_fp):
         raise ModelMismatchError(
             f"encoder {name!r} with weights {source or 'random-init'} is not the one this model was "
