@@ -339,3 +339,18 @@ def test_a_done_items_stale_lock_is_cleared_and_a_live_one_kept(tmp_path, sleepe
     assert ran == [] and [(o.status, o.reason) for o in outcomes] == [("skipped", ALREADY_DONE)] * 2
     assert not stale.exists()
     assert live.exists() and json.loads(live.read_text())["pid"] == sleeper.pid
+
+
+def test_a_done_item_stays_skipped_when_its_stale_lock_cannot_be_cleared(tmp_path, monkeypatch):
+    """A lock folder that refuses writes (read-only mount) must not turn a finished item into a failure."""
+    import weakstil.fs
+
+    locks = tmp_path / "locks"
+    write_lock(locks, "a", pid=dead_pid())
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(weakstil.fs, "acquire_lock", refuse)
+    outcomes = run_batch(["a"], lambda item: None, is_done=lambda item: True, lock_dir=locks, progress=False)
+    assert [(o.status, o.reason) for o in outcomes] == [("skipped", ALREADY_DONE)]

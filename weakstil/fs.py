@@ -538,7 +538,11 @@ def clear_stale_lock(lock_dir: str | Path, key: str) -> None:
     done, would otherwise never touch. Costs one ``stat`` when there is no lock."""
     if not _lock_path(Path(lock_dir), key).exists():
         return
-    lock, _ = acquire_lock(lock_dir, key)  # takes a stale lock over
+    try:
+        lock, _ = acquire_lock(lock_dir, key)  # takes a stale lock over
+    except OSError as exc:  # a read-only lock folder: the item is done all the same
+        log.debug("could not clear the lock of %s: %s", key, exc)
+        return
     if lock is not None:
         lock.release()
 

@@ -258,9 +258,9 @@ def lymphocyte_room(h, tissue, *, dark: float = LYMPH_H):
     over their blurred rims: the room lymphocytes take. The nest rules count nest-marking nuclei over the
     neighbourhood's tissue *outside* it (v8): a tumour nest crowded with intratumoral lymphocytes has
     as many pale nuclei per unit of tumour as an empty one, but fewer per unit of tissue, and read as
-    stroma full of lymphocytes (``weakstil synth --family voronoi --setting hard``, a fresh cohort: slides
-    of 76–82 % tumour scored 40 for a truth of 7; docs/accuracy.md, twenty-sixth run). Stroma keeps few
-    pale nuclei whatever its lymphocytes, since their rims are inside the room and left out."""
+    stroma full of lymphocytes (hard settings: tumour tiles' stroma estimate 0.26 → 0.14 on
+    lattice-hard; regions-hard's R² 0.41 → 0.62; docs/accuracy.md, twenty-sixth run). Stroma keeps
+    few pale nuclei whatever its lymphocytes, since their rims are inside the room and left out."""
     return _max_filter((h >= dark).float() * tissue, ROOM_GROW)
 
 
