@@ -42,7 +42,8 @@ def _integral_at(table: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def tile_truth(truth: str | Path | dict, coords_l0, size_l0: float, slide_mpp: float) -> dict:
     """Per-tile ground truth for square tiles at level-0 ``coords_l0`` (N, 2) of side ``size_l0``.
 
-    Returns ``stroma_fraction`` (N,) in 0-1 and ``stil`` (N,) in 0-100 (NaN for a tile without stroma).
+    Returns ``stroma_fraction`` (N,) in 0-1, ``stil`` (N,) in 0-100 (NaN for a tile without stroma)
+    and, where the maps have ``tumour`` (every family's do), ``tumour_fraction`` (N,) in 0-1.
     """
     maps = truth if isinstance(truth, dict) else load_truth(truth)
     um_per_px = float(maps["um_per_px"])
@@ -50,14 +51,19 @@ def tile_truth(truth: str | Path | dict, coords_l0, size_l0: float, slide_mpp: f
     side = size_l0 * slide_mpp / um_per_px
     x0, y0, x1, y1 = xy[:, 0], xy[:, 1], xy[:, 0] + side, xy[:, 1] + side
     sums = {}
-    for key in ("stroma", "lymph_in_stroma"):
+    for key in ("stroma", "lymph_in_stroma", "tumour"):
+        if key not in maps:
+            continue
         table = np.pad(maps[key].astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
         sums[key] = (_integral_at(table, x1, y1) - _integral_at(table, x0, y1)
                      - _integral_at(table, x1, y0) + _integral_at(table, x0, y0))
     stroma = sums["stroma"]
     with np.errstate(invalid="ignore", divide="ignore"):
         stil = np.where(stroma > 1e-6 * side * side, 100 * sums["lymph_in_stroma"] / stroma, np.nan)
-    return {"stroma_fraction": stroma / (side * side), "stil": np.clip(stil, 0, 100)}
+    out = {"stroma_fraction": stroma / (side * side), "stil": np.clip(stil, 0, 100)}
+    if "tumour" in sums:
+        out["tumour_fraction"] = sums["tumour"] / (side * side)
+    return out
 
 
 @contextmanager
