@@ -17,7 +17,7 @@ SLOW = pytest.mark.slow  # writes and extracts 24 slides (~2 min on 2 shared cor
 
 
 @pytest.fixture(scope="module")
-def cohorts(tmp_path_factory):
+def cohort_dirs(tmp_path_factory):
     from benchmarks import bench_accuracy as acc
     from weakstil.synth import write_cohort
 
@@ -27,8 +27,15 @@ def cohorts(tmp_path_factory):
         path = write_cohort(root / family, family=family, n=6, seed=1, size_um=480.0, workers=1,
                             progress=False)
         acc.extract(path)
-        out[family] = acc.load_cohort(path)
+        out[family] = path
     return out
+
+
+@pytest.fixture(scope="module")
+def cohorts(cohort_dirs):
+    from benchmarks import bench_accuracy as acc
+
+    return {family: acc.load_cohort(path) for family, path in cohort_dirs.items()}
 
 
 @SLOW
@@ -134,3 +141,35 @@ def test_a_run_rewriting_its_report_after_each_cohort_moves_only_the_earlier_run
     assert path.read_text() == "lattice-hard"
     kept = sorted(p.name for p in tmp_path.iterdir() if p != path)
     assert len(kept) == 1 and (tmp_path / kept[0]).read_text() == "earlier run"
+
+
+def test_the_morphometry_readings_are_judged_against_the_truth():
+    """``benchmarks.bench_morph.figures``: the stroma estimate's tile r, its mean on tumour tiles and the
+    slide's pixel-read sTIL% against the truth, on arrays whose answers are known."""
+    from benchmarks.bench_morph import figures
+
+    true_stroma = np.array([1.0, 0.8, 0.1, 0.0, 0.9, 0.2])
+    true_tumour = 1 - true_stroma
+    slide_of = np.array([0, 0, 0, 1, 1, 1])
+    exact = figures(true_stroma, np.array([0.2, 0.2, 0.9, 0.9, 0.5, 0.5]), true_stroma, true_tumour,
+                    slide_of, np.array([20.0, 50.0]))
+    assert exact["stroma_r"] == pytest.approx(1.0) and exact["est_on_tumour"] == pytest.approx(0.1)
+    # tumour read as stroma: the estimate on tumour tiles rises and the slides' reading follows it
+    wrong = figures(np.full(6, 0.9), np.array([0.2, 0.2, 0.9, 0.9, 0.5, 0.5]), true_stroma, true_tumour,
+                    slide_of, np.array([20.0, 50.0]))
+    assert wrong["est_on_tumour"] == pytest.approx(0.9) and math.isnan(wrong["stroma_r"])
+
+
+@SLOW
+def test_the_morphometry_recomputed_on_the_cached_tiles_matches_the_cache(cohort_dirs):
+    """Re-rendering a cache's tiles (its coordinates and stain estimate) and running this working
+    tree's morphometry gives the cached numbers back, to float16 rounding: the case judges a changed
+    morphometry on exactly the tiles the extractor saw."""
+    from benchmarks.bench_morph import cohort_figures
+
+    got = cohort_figures(cohort_dirs["voronoi"])
+    assert set(got["now"]) == set(got["cache"]) == {"pale", "wide"}
+    for rule, now in got["now"].items():
+        for name, value in now.items():
+            cached = got["cache"][rule][name]
+            assert (math.isnan(value) and math.isnan(cached)) or value == pytest.approx(cached, abs=0.01), (rule, name)
