@@ -26,9 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
+from weakstil.embed.encoders import MEASURED_DIM
+from weakstil.embed.morph import MEASURED
+
 from .common import Row
 
-RULES = {"pale": slice(-5, None), "wide": slice(-10, -5)}  # the measured blocks' columns
+# the measured blocks' columns: the pale rule's last, the wide rule's just before it (encoders.WIDE_ARCHS)
+RULES = {"pale": slice(-MEASURED_DIM, None), "wide": slice(-2 * MEASURED_DIM, -MEASURED_DIM)}
+SHARE, STROMA = MEASURED.index("lymph_per_stroma"), MEASURED.index("stroma_est")  # within a block
 TUMOUR_TILE = 0.7  # tiles at least this much tumour: their stroma estimate should be near 0
 
 
@@ -50,9 +55,8 @@ def _tiles(path: Path, slide_id: str, cached) -> np.ndarray:
         tiles = np.empty((len(coords), px, px, 3), np.uint8)
         for block in blocks:
             tiles[order[block.index]] = read_block_tiles(slide, block, coords[order], size_l0=size, tile_px=px)
-    stain = cached.attrs.get("stain") or {}
-    if "he" in stain:
-        estimate = StainEstimate(np.asarray(stain["he"]), np.asarray(stain["max_c"]), int(stain["n_pixels"]))
+    estimate = StainEstimate.from_attrs(cached.attrs.get("stain"))
+    if estimate is not None:
         tiles = normalize_tiles(torch.as_tensor(tiles), estimate).numpy()
     return tiles
 
@@ -117,9 +121,11 @@ def cohort_figures(path: Path) -> dict:
         tumour.append(t["tumour_fraction"])
         slide_of.append(np.full(len(t["stroma_fraction"]), i))
         truth.append(float(maps["stil"]))
-        rate = (i + 1) / max(time.perf_counter() - start, 1e-9)
-        print(f"[morph] {path.name}: {i + 1}/{len(ids)} slides, {rate:.2f} slides/s", file=sys.stderr,
-              end="\r" if i + 1 < len(ids) else "\n", flush=True)
+        last = i + 1 == len(ids)
+        if last or sys.stderr.isatty():  # written to a file: one line per cohort, not a line of updates
+            rate = (i + 1) / max(time.perf_counter() - start, 1e-9)
+            print(f"[morph] {path.name}: {i + 1}/{len(ids)} slides, {rate:.2f} slides/s", file=sys.stderr,
+                  end="\n" if last else "\r", flush=True)
     stroma, tumour, slide_of = (np.concatenate(a) for a in (stroma, tumour, slide_of))
     out = {}
     for source, blocks in cols.items():
@@ -129,7 +135,7 @@ def cohort_figures(path: Path) -> dict:
             if rule == "wide" and source == "cache" and not wide_cached:
                 continue  # a cache older than the wide rule
             block = f[:, cut]
-            out[source][rule] = figures(block[:, -1], block[:, 1], stroma, tumour, slide_of, np.array(truth))
+            out[source][rule] = figures(block[:, STROMA], block[:, SHARE], stroma, tumour, slide_of, np.array(truth))
     return out
 
 

@@ -191,3 +191,16 @@ def test_the_stain_estimate_version_is_part_of_the_tiling_key():
 
     assert TileSpec(stain="macenko").fingerprint(TissueParams())["stain_version"] == STAIN_VERSION >= 3
     assert "stain_version" not in TileSpec(stain="none").fingerprint(TissueParams())
+
+
+def test_an_estimate_comes_back_from_the_attrs_it_wrote():
+    """The cache keeps each slide's estimate (``as_attrs``); ``from_attrs`` reads it back to render
+    the tiles as extraction did, and says None for a slide whose tiles were not normalised."""
+    from weakstil.embed.stain import REF_HE, StainEstimate
+
+    estimate = StainEstimate(REF_HE / np.linalg.norm(REF_HE, axis=0), np.array([1.5, 0.9]), 12345)
+    back = StainEstimate.from_attrs(estimate.as_attrs())
+    assert np.allclose(back.he, estimate.he, atol=1e-5) and np.allclose(back.max_c, estimate.max_c)
+    assert back.n_pixels == 12345
+    assert StainEstimate.from_attrs({"method": "macenko", "skipped": "too few stained pixels"}) is None
+    assert StainEstimate.from_attrs(None) is None

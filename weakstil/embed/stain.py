@@ -58,6 +58,15 @@ class StainEstimate:
         return {"method": "macenko", "he": np.round(self.he, 5).tolist(),
                 "max_c": np.round(self.max_c, 5).tolist(), "n_pixels": int(self.n_pixels)}
 
+    @classmethod
+    def from_attrs(cls, attrs: dict | None) -> StainEstimate | None:
+        """The estimate :meth:`as_attrs` wrote into a slide's cache attrs; None where the slide's tiles
+        were not normalised (no ``he``: stain ``none``, or too few stained pixels)."""
+        if not attrs or "he" not in attrs:
+            return None
+        return cls(np.asarray(attrs["he"], dtype=np.float64), np.asarray(attrs["max_c"], dtype=np.float64),
+                   int(attrs["n_pixels"]))
+
 
 def optical_density(rgb: np.ndarray) -> np.ndarray:
     return -np.log((rgb.astype(np.float64) + 1.0) / IO)

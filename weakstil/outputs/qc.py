@@ -145,7 +145,7 @@ def check_slide(reference: Mapping | None, model, features: np.ndarray, *, mpp: 
             from weakstil.embed.encoders import stroma_estimate
 
             fingerprint = getattr(model, "fingerprint", None) or {}
-            stroma = stroma_estimate(features, fingerprint.get("encoder")) if fingerprint.get("encoder") else None
+            stroma = stroma_estimate(features, fingerprint.get("encoder"))  # None without the encoder
             if stroma is None:
                 stroma = np.asarray(features, dtype=np.float64)[:, columns["stroma_est"]]
             stroma_mm2 = stroma_area_mm2(stroma, fingerprint.get("tiling"))

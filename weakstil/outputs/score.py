@@ -74,15 +74,16 @@ def encoder_from_fingerprint(encoder_fp: dict, weights: str | None = None, *, se
     if source in (None, "", "random-init"):
         source = None
     encoder = create_encoder(name, source, seed=seed)
-    now, then = encoder.fingerprint().get("arch"), encoder_fp.get("arch")
-    if then and now != then:  # the same name computes other features in this version of weakstil
-        from weakstil.mil.model import older_morphometry_fix
+    current = encoder.fingerprint()
+    if not same_encoder(current, encoder_fp):
+        now, then = current.get("arch"), encoder_fp.get("arch")
+        if then and now != then:  # the same name computes other features in this version of weakstil
+            from weakstil.mil.model import older_morphometry_fix
 
-        raise ModelMismatchError(
-            f"the model was trained on {then} features; this weakstil computes {now} for encoder {name!r}",
-            fix=older_morphometry_fix({"encoder": encoder_fp}, {"encoder": encoder.fingerprint()})
-            or "retrain the model on features this version extracts, or score with the version it was trained with")
-    if not same_encoder(encoder.fingerprint(), encoder_fp):
+            raise ModelMismatchError(
+                f"the model was trained on {then} features; this weakstil computes {now} for encoder {name!r}",
+                fix=older_morphometry_fix({"encoder": encoder_fp}, {"encoder": current})
+                or "retrain the model on features this version extracts, or score with the version it was trained with")
         raise ModelMismatchError(
             f"encoder {name!r} with weights {source or 'random-init'} is not the one this model was "
             f"trained on (weights sha256 {encoder.weights_sha256[:12]}… vs "
