@@ -258,3 +258,22 @@ def test_a_nest_crowded_with_lymphocytes_stays_a_nest():
     h = torch.as_tensor(lymph[::2, ::2])[None, None].float()  # 1 µm/px, as the encoder looks
     room = lymphocyte_room(h, torch.ones_like(h))
     assert room.mean() > (h >= 1.0).float().mean()  # grown over their rims
+
+
+def test_the_wide_rule_takes_big_dark_nuclei_for_a_nest():
+    """Hyperchromatic tumour nuclei (H 1.6, 15 µm across) are as dark as lymphocytes: both rules read
+    their nest as stroma full of lymphocytes up to v8. The wide rule (v9) takes nuclei too big for a
+    lymphocyte (:func:`~weakstil.embed.morph.big_nuclei`) for nest nuclei whatever their darkness, and
+    never for the lymphocytes' room; lymphocytes in stroma, scattered or packed side by side and
+    blurred, stay stroma under both rules."""
+    from scipy import ndimage
+
+    nest = disks(grid(36, 12), 15.0, 1.6)
+    lymph = disks(grid(20), 6.0, 1.6)
+    crowd = ndimage.gaussian_filter(disks([(y, x + 7 * (i % 2)) for i, y in enumerate(range(6, PX, 13))
+                                           for x in range(6, PX, 15)], 6.0, 1.8), 1.5)
+    f = features(render(nest, np.full((PX, PX), 0.2)), render(lymph, np.full((PX, PX), 0.6)),
+                 render(crowd, np.full((PX, PX), 0.5)))
+    assert f["stroma_est"][0] > 0.9 and f["lymph_per_stroma"][0] > 0.3  # the pale rule: "stroma"
+    assert f["stroma_est_wide"][0] < 0.1 and f["lymph_per_nest_wide"][0] > 0.3
+    assert (f["stroma_est_wide"][1:] > 0.9).all() and (f["lymph_per_stroma_wide"][1:] > 0.2).all()

@@ -332,7 +332,7 @@ def test_a_model_is_refused_with_other_encoder_weights(tmp_path, tiny_slide):
 
 
 def test_a_model_of_an_older_morphometry_is_refused_with_what_to_do(tmp_path):
-    """A model trained on `stainmorph.v7` features names the same encoder as today's (v8), but its
+    """A model trained on `stainmorph.v7` features names the same encoder as today's, but its
     columns meant other things: scoring refuses it, saying which versions and to retrain — not to
     look for other weights."""
     from weakstil.embed.encoders import MORPH_ARCH, create_encoder

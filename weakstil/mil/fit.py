@@ -31,7 +31,7 @@ from weakstil.mil.model import (
 from weakstil.progress import progress as progress_display
 
 Bag = tuple[np.ndarray, float]  # (features (N, D) float32, sTIL% 0-100)
-# TrainConfig.columns; "-wide": the measured block under the wide nest rule (stainmorph.v7, v8)
+# TrainConfig.columns; "-wide": the measured block under the wide nest rule (stainmorph.v7 and later)
 COLUMN_SETS = ("auto", "all", "measured", "measured-dark", "measured-wide", "measured-dark-wide")
 
 

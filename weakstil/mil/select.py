@@ -57,7 +57,7 @@ from weakstil.mil.cv import CVResult, combine, cross_validate
 from weakstil.mil.fit import TrainConfig, column_members, seeds_per_set
 
 CANDIDATES = ("all", "measured", "measured-dark")
-WIDE = ("measured-wide", "measured-dark-wide")  # beside CANDIDATES when the features have the wide block (v7, v8)
+WIDE = ("measured-wide", "measured-dark-wide")  # beside CANDIDATES when the features have the wide block (v7 and later)
 MEASURED_EMPHASIS = 10.0  # TrainConfig.measured_emphasis when the features end with the morphometry
 
 
