@@ -277,3 +277,25 @@ def test_the_wide_rule_takes_big_dark_nuclei_for_a_nest():
     assert f["stroma_est"][0] > 0.9 and f["lymph_per_stroma"][0] > 0.3  # the pale rule: "stroma"
     assert f["stroma_est_wide"][0] < 0.1 and f["lymph_per_nest_wide"][0] > 0.3
     assert (f["stroma_est_wide"][1:] > 0.9).all() and (f["lymph_per_stroma_wide"][1:] > 0.2).all()
+
+
+def test_a_lymphocyte_counts_with_its_whole_nucleus_not_its_dark_core():
+    """sTIL% counts a lymphocyte's area. Nuclei drawn with a dark core (H 1.5, 4 µm across) in a paler
+    body (H 0.8, 7 µm) read as their cores alone up to v9 (a third of their area: generators and
+    scanners that render lymphocytes so made the pixel-read sTIL% half the true one on three of the four
+    synthetic families, and each family's scale different — docs/accuracy.md, twenty-eighth run). v10
+    grows the cores to the nucleus's edge (:func:`~weakstil.embed.morph.lymphocyte_area`), by at most
+    LYMPH_GROW, never into pale stroma."""
+    from weakstil.embed.morph import LYMPH_EDGE, LYMPH_GROW, _max_filter, lymphocyte_area
+
+    centres = grid(24)
+    nucleus, core = (float((disks(centres, r, 1.0) > 0).mean()) for r in (7.0, 4.0))
+    rimmed = np.maximum(disks(centres, 7.0, 0.8), disks(centres, 4.0, 1.5))
+    f = features(render(rimmed, np.full((PX, PX), 0.6)))
+    assert f["lymph_per_stroma"][0] == pytest.approx(nucleus, abs=0.04) and f["lymph_per_stroma"][0] > 2.5 * core
+    assert f["lymph_per_stroma_wide"][0] == pytest.approx(nucleus, abs=0.04)
+    assert f["lymph_per_stroma_sized"][0] == pytest.approx(nucleus, abs=0.04)
+    h = torch.as_tensor(np.maximum(rimmed, 0.1)[::2, ::2])[None, None].float()  # 1 µm/px, as the encoder looks
+    area, cores = lymphocyte_area(h, torch.ones_like(h)), (h >= 1.0).float()
+    assert (area >= cores).all() and (area <= _max_filter(cores, LYMPH_GROW)).all()
+    assert area[h < LYMPH_EDGE].sum() == 0  # stroma between them stays stroma
