@@ -72,8 +72,9 @@ eosin amounts of each pixel (colour deconvolution with the reference stains of
   one misread the others. Slope of the true slide sTIL% on the read one (pale rule; 1 is the same scale),
   v9 → v10 (tiles re-read, 40 slides each):
   lattice-standard 1.05 → 0.99, cells-standard 1.87 → 1.29, regions-standard 2.50 → 1.48, voronoi-standard
-  2.55 → 1.44, cells-hard 1.30 → 1.02, voronoi-hard 2.15 → 1.21, regions-hard 1.17 → 0.81. Cross-family transfer (24 directions, R² ≥ 0.8): 7 → 13. A lymphocyte blurred by a
-  σ of 1 µm reads up to 1.6 times its drawn area. docs/accuracy.md, twenty-eighth run.
+  2.55 → 1.44, cells-hard 1.30 → 1.02, voronoi-hard 2.15 → 1.21, regions-hard 1.17 → 0.81.
+  Cross-family transfer (24 directions, R² ≥ 0.8): 7 → 13. A lymphocyte blurred by a σ of 1 µm
+  reads up to 1.6 times its drawn area. docs/accuracy.md, twenty-eighth run.
 
 It returns :data:`N_FEATURES` numbers per tile on scales of about one (fractions, concentrations,
 ``log1p`` densities), costs a few FFTs per tile at 1 µm/px (12 % of an fp32 ResNet-18 pass when
