@@ -237,7 +237,10 @@ class StainMorph(nn.Module):
         # counted over the neighbourhood's tissue that is not lymphocyte (v8)
         nest_ctx = {rule: ctx[:, i + 1:i + 2] / ctx[:, i:i + 1].clamp(min=MIN_ROOM)
                     for rule, i in (("pale", 5), ("wide", 7))}
-        measured = {rule: measured_block(h, tissue, solid, big, nest_ctx[rule], ctx[:, j:j + 1], area)
+        # lymphocyte pixels (v10: whole nuclei), found once for both rules; the size-aware share's
+        # leave the big nuclei out
+        lymph = (lymphocyte_area(h, tissue), lymphocyte_area(h, tissue * (1 - big)))
+        measured = {rule: measured_block(lymph, tissue, solid, nest_ctx[rule], ctx[:, j:j + 1], area)
                     for rule, j in (("pale", 3), ("wide", 4))}
         n_small, n_large = small.flatten(1).sum(1), large.flatten(1).sum(1)
         in_stroma = (small * stroma).flatten(1).sum(1)
@@ -256,24 +259,24 @@ class StainMorph(nn.Module):
         return torch.stack(feats, 1)
 
 
-def measured_block(h, tissue, solid, big, nest_ctx, big_ctx, area) -> list:
-    """The :data:`MEASURED` numbers under one nest rule: ``nest_ctx`` is the neighbourhood share of
-    the rule's nest-marking nuclei (of the tissue outside the :func:`lymphocyte_room`, v8),
-    ``big_ctx`` the pale ones' with the :func:`big_nuclei` added (of all the tissue, as in v7)."""
+def measured_block(lymph, tissue, solid, nest_ctx, big_ctx, area) -> list:
+    """The :data:`MEASURED` numbers under one nest rule: ``lymph`` the :func:`lymphocyte_area` of the
+    tile and of the tile without its :func:`big_nuclei`; ``nest_ctx`` the neighbourhood share of the
+    rule's nest-marking nuclei (of the tissue outside the :func:`lymphocyte_room`, v8), ``big_ctx`` the
+    pale ones' with the big nuclei added (of all the tissue, as in v7)."""
     est_stroma = [solid * (nest_ctx <= PALE_NEST).float(), solid * (nest_ctx <= PALE_NEST_LOOSE).float(),
                   tissue * (nest_ctx > PALE_NEST).float()]
-    strict, loose, nest_share = lymph_shares(h, tissue, est_stroma, area)
-    return [sized_lymph_share(h, tissue, solid, big, big_ctx, area), strict, loose, nest_share,
+    strict, loose, nest_share = lymph_shares(lymph[0], est_stroma, area)
+    return [sized_lymph_share(lymph[1], solid, big_ctx, area), strict, loose, nest_share,
             est_stroma[0].flatten(1).mean(1)]  # stroma_est: solid tissue outside the rule's nests
 
 
-def lymph_shares(h, tissue, regions, area) -> list:
+def lymph_shares(lymph, regions, area) -> list:
     """sTIL% of the tile as read from its pixels: the share of each region (the estimated stroma,
     strict and loose, and the nests: intratumoral lymphocytes, the confounder for the head to
-    subtract) that is lymphocyte (:func:`lymphocyte_area`). Each area is floored at 1/20 of the tile so
-    that a sliver of stroma cannot give a ratio near 1."""
-    dark = lymphocyte_area(h, tissue)
-    return [(dark * r).flatten(1).sum(1) / r.flatten(1).sum(1).clamp(min=area / 20) for r in regions]
+    subtract) that is lymphocyte (``lymph``: :func:`lymphocyte_area`). Each area is floored at 1/20 of
+    the tile so that a sliver of stroma cannot give a ratio near 1."""
+    return [(lymph * r).flatten(1).sum(1) / r.flatten(1).sum(1).clamp(min=area / 20) for r in regions]
 
 
 def lymphocyte_area(h, tissue):
@@ -322,17 +325,18 @@ def big_nuclei(h, tissue):
     return _max_filter(_max_filter(eroded, r), 1)
 
 
-def sized_lymph_share(h, tissue, solid, big, big_ctx, area):
+def sized_lymph_share(lymph, solid, big_ctx, area):
     """The lymphocyte share of the estimated stroma that does not take dark *large* nuclei for
     lymphocytes: the :func:`big_nuclei` are tumour nuclei whatever their darkness — left out of the
     lymphocytes and, with the pale nuclei (``big_ctx``: their share blurred over the neighbourhood),
     marking the nests. Where tumour nuclei are hyperchromatic (``weakstil synth --setting
     dark-nuclei``) the darkness-only shares count them as lymphocytes; where lymphocytes pile up into
     sheets (dense aggregates) this one misses them: training chooses out of fold (docs/accuracy.md,
-    tenth run). Its stroma, like the estimate's, is ``solid`` tissue (:data:`SOLID`)."""
+    tenth run). ``lymph`` is the :func:`lymphocyte_area` of the tissue outside the big nuclei (cores
+    outside them, grown, never into them); its stroma, like the estimate's, is ``solid`` tissue
+    (:data:`SOLID`)."""
     stroma = solid * (big_ctx <= PALE_NEST).float()
-    dark = lymphocyte_area(h, tissue * (1 - big))  # cores outside big nuclei, grown, never into them
-    return (dark * stroma).flatten(1).sum(1) / stroma.flatten(1).sum(1).clamp(min=area / 20)
+    return (lymph * stroma).flatten(1).sum(1) / stroma.flatten(1).sum(1).clamp(min=area / 20)
 
 
 class Concat(nn.Module):
