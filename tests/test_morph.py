@@ -299,3 +299,18 @@ def test_a_lymphocyte_counts_with_its_whole_nucleus_not_its_dark_core():
     area, cores = lymphocyte_area(h, torch.ones_like(h)), (h >= 1.0).float()
     assert (area >= cores).all() and (area <= _max_filter(cores, LYMPH_GROW)).all()
     assert area[h < LYMPH_EDGE].sum() == 0  # stroma between them stays stroma
+
+
+def test_specks_of_tumour_chromatin_make_no_room_for_lymphocytes():
+    """Clumped chromatin reaches lymphocyte darkness in specks 1.5 µm across inside a pale tumour
+    nucleus. Up to v10 every dark pixel, grown by ROOM_GROW, was the lymphocytes' room and left out of
+    the nest count: the specks took their nuclei with them and a crowded nest of such nuclei read a
+    third stroma under the wide rule. v11 reads the wide rule's room on the H blurred by ROOM_SIGMA:
+    the specks fade, lymphocytes' cores stay (the nest crowded with lymphocytes and the crowd in stroma
+    above still pass). The pale rule, whose nest nuclei are vesicular, keeps its room."""
+    rng = np.random.default_rng(0)
+    centres = grid(22, 11)
+    specks = [(cy + dy, cx + dx) for cy, cx in centres for dy, dx in rng.integers(-6, 7, (4, 2))]
+    nest = np.maximum(disks(centres, 9.0, 0.55), disks(specks, 1.5, 1.6))
+    f = features(render(nest, np.full((PX, PX), 0.3)))
+    assert f["stroma_est_wide"][0] < 0.05  # v10: 0.35
