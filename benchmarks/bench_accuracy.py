@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -187,26 +187,32 @@ class Cohort:
     truth: np.ndarray  # true slide sTIL% in table order
     tile_stroma: dict  # slide_id -> (N,) stroma fraction of each tile
     tile_truth: dict  # slide_id -> (N,) true tile sTIL% (NaN without stroma)
+    stroma_mm2: dict = field(default_factory=dict)  # slide_id -> estimated stroma (mm², the QC flag's)
 
 
 def load_cohort(path: Path) -> Cohort:
     from weakstil.embed.cache import FeatureCache
+    from weakstil.embed.encoders import stroma_estimate
     from weakstil.mil.labels import read_labels
+    from weakstil.mil.qc_reference import stroma_area_mm2
     from weakstil.synth.truth import load_truth, tile_truth
 
     cache = FeatureCache.find(features_dir(path))
     table = read_labels(path / "labels.csv").df
     table = table[table["slide_id"].isin(set(cache.complete_ids()))].reset_index(drop=True)
-    bags, truth, stroma, tiles = {}, [], {}, {}
+    bags, truth, stroma, tiles, area = {}, [], {}, {}, {}
     for sid in table["slide_id"]:
         cached = cache.read(sid)
         bags[sid] = np.asarray(cached.features)
         maps = load_truth(path / "truth" / f"{sid}.npz")
         truth.append(float(maps["stil"]))
-        t = tile_truth(maps, cached.coords_l0, float(cached.attrs["tile_size_l0"]),
-                       float(cached.attrs["slide_mpp"]))
+        size_l0, mpp = float(cached.attrs["tile_size_l0"]), float(cached.attrs["slide_mpp"])
+        t = tile_truth(maps, cached.coords_l0, size_l0, mpp)
         stroma[sid], tiles[sid] = t["stroma_fraction"], t["stil"]
-    return Cohort(path.name, table, bags, np.array(truth), stroma, tiles)
+        est = stroma_estimate(bags[sid], cache.encoder_fp)  # as the little-stroma QC flag reads it
+        px = int(cached.attrs["tile_px"])
+        area[sid] = None if est is None else stroma_area_mm2(est, {"tile_px": px, "mpp": size_l0 * mpp / px})
+    return Cohort(path.name, table, bags, np.array(truth), stroma, tiles, area)
 
 
 def merge(name: str, cohorts: list[Cohort]) -> Cohort:
@@ -216,7 +222,8 @@ def merge(name: str, cohorts: list[Cohort]) -> Cohort:
                   {k: v for c in cohorts for k, v in c.bags.items()},
                   np.concatenate([c.truth for c in cohorts]),
                   {k: v for c in cohorts for k, v in c.tile_stroma.items()},
-                  {k: v for c in cohorts for k, v in c.tile_truth.items()})
+                  {k: v for c in cohorts for k, v in c.tile_truth.items()},
+                  {k: v for c in cohorts for k, v in c.stroma_mm2.items()})
 
 
 # --- metrics ----------------------------------------------------------------------------------------
@@ -390,8 +397,25 @@ def transfer(train: dict, source: Cohort, target: Cohort) -> dict:
     labels = target.table["stil"].to_numpy(float)
     pred = np.array([model.predict(target.bags[s]).score for s in ids])
     probe = LinearProbe().fit(slide_means(source.bags, cv.slide_ids), cv.labels)
-    return {"mil": slide_figures(labels, target.truth, pred),
-            "probe": slide_figures(labels, target.truth, probe.predict(slide_means(target.bags, ids)))}
+    out = {"mil": slide_figures(labels, target.truth, pred),
+           "probe": slide_figures(labels, target.truth, probe.predict(slide_means(target.bags, ids)))}
+    area = [target.stroma_mm2.get(s) for s in ids]
+    return {**out, **unflagged(labels, target.truth, pred, area)}
+
+
+def unflagged(labels, truth, pred, area) -> dict:
+    """The slides `weakstil score` would flag ``little-stroma`` (estimated stroma ``area`` in mm² under
+    the QC limit: too little to score): their number and the figures without them, as `weakstil
+    evaluate` reports them beside the pooled ones; ``{}`` where an area is unknown."""
+    from weakstil.mil.qc_reference import LITTLE_STROMA_MM2
+
+    if any(a is None for a in area):
+        return {}
+    kept = np.asarray(area, dtype=float) >= LITTLE_STROMA_MM2
+    out = {"n_little_stroma": int((~kept).sum())}
+    if 3 <= kept.sum() < len(kept):
+        out["mil_unflagged"] = slide_figures(labels[kept], truth[kept], pred[kept])
+    return out
 
 
 # --- the case -----------------------------------------------------------------------------------------
@@ -489,7 +513,15 @@ def _transfer(rname: str, trained: dict, cohorts: dict, src: str, dst: str, doc:
         rows.append(Row("accuracy", f"{src} → {dst} r2_truth", m["r2_truth"], "", "probe", p["r2_truth"], None,
                         target, None if met is None else bool(met),
                         f"mean pred {m['pred_mean']:.1f} vs truth {m['truth_mean']:.1f}, "
-                        f"bias {m['bias']:+.1f} ± {m['bias_se']:.1f} SE"))
+                        f"bias {m['bias']:+.1f} ± {m['bias_se']:.1f} SE" + _unflagged_note(res)))
+
+
+def _unflagged_note(res: dict) -> str:
+    u = res.get("mil_unflagged")
+    if u is None:
+        return ""
+    return (f"; without its {res['n_little_stroma']} little-stroma slides R² {u['r2_truth']:.2f}, "
+            f"bias {u['bias']:+.1f}")
 
 
 def _cross_validate(name: str, cohort: Cohort, recipes: dict, trained_by: dict, doc: dict, rows: list,

@@ -66,11 +66,31 @@ def test_figures_and_probe_are_computed_for_every_family(cohorts):
     mixed = acc.merge("mix", list(cohorts.values()))
     assert len(mixed.table) == 24 and len(mixed.bags) == 24
     moved = acc.transfer(results["lattice"], cohorts["lattice"], cohorts["cells"])
-    assert set(moved) == {"mil", "probe"} and math.isfinite(moved["probe"]["pred_mean"])
+    assert {"mil", "probe", "n_little_stroma"} <= set(moved) and math.isfinite(moved["probe"]["pred_mean"])
+    assert 0 <= moved["n_little_stroma"] <= len(cohorts["cells"].table)  # tiny slides: most are flagged
+    assert all(v is not None and v >= 0 for v in cohorts["cells"].stroma_mm2.values())
     m = moved["mil"]  # the mean error, with its standard error over the scored slides
     assert math.isclose(m["bias"], m["pred_mean"] - m["truth_mean"], abs_tol=1e-9) and m["bias_se"] > 0
     rows = acc._rows("x", results["cells"]["mil"], results["cells"]["probe"], "standard", "")
     assert {r.name for r in rows} >= {"x r2_truth", "x tile_r"} and all(r.case == "accuracy" for r in rows)
+
+
+def test_transfer_reports_the_figures_without_the_little_stroma_slides():
+    """Slides with too little stroma to score (the QC flag) carry a new cohort's largest errors: the
+    transfer reports how many there are and the figures without them, beside the pooled ones."""
+    from benchmarks import bench_accuracy as acc
+    from weakstil.mil.qc_reference import LITTLE_STROMA_MM2
+
+    truth = np.array([10.0, 20.0, 30.0, 40.0, 8.0])
+    pred = truth + np.array([1.0, -1.0, 1.0, -1.0, 30.0])  # the last slide: almost no stroma, scored high
+    area = [1.0, 1.0, 1.0, 1.0, LITTLE_STROMA_MM2 / 4]
+    out = acc.unflagged(truth, truth, pred, area)
+    assert out["n_little_stroma"] == 1
+    assert out["mil_unflagged"]["bias"] == pytest.approx(0.0) and out["mil_unflagged"]["r2_truth"] > 0.95
+    assert acc.slide_figures(truth, truth, pred)["bias"] == pytest.approx(6.0)  # pooled
+    assert "without its 1 little-stroma slides" in acc._unflagged_note(out)
+    assert acc.unflagged(truth, truth, pred, [1.0] * 4 + [None]) == {}  # no estimate: nothing to say
+    assert "mil_unflagged" not in acc.unflagged(truth, truth, pred, [1.0] * 5)  # none flagged
 
 
 def test_transfer_table_shows_the_bias_and_its_standard_error():
