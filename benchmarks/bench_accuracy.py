@@ -206,12 +206,11 @@ def load_cohort(path: Path) -> Cohort:
         bags[sid] = np.asarray(cached.features)
         maps = load_truth(path / "truth" / f"{sid}.npz")
         truth.append(float(maps["stil"]))
-        size_l0, mpp = float(cached.attrs["tile_size_l0"]), float(cached.attrs["slide_mpp"])
-        t = tile_truth(maps, cached.coords_l0, size_l0, mpp)
+        t = tile_truth(maps, cached.coords_l0, float(cached.attrs["tile_size_l0"]),
+                       float(cached.attrs["slide_mpp"]))
         stroma[sid], tiles[sid] = t["stroma_fraction"], t["stil"]
         est = stroma_estimate(bags[sid], cache.encoder_fp)  # as the little-stroma QC flag reads it
-        px = int(cached.attrs["tile_px"])
-        area[sid] = None if est is None else stroma_area_mm2(est, {"tile_px": px, "mpp": size_l0 * mpp / px})
+        area[sid] = None if est is None else stroma_area_mm2(est, cache.tiling_fp)
     return Cohort(path.name, table, bags, np.array(truth), stroma, tiles, area)
 
 

@@ -305,8 +305,8 @@ def lymphocyte_room(h, tissue, *, dark: float = LYMPH_H, blur: bool = False):
     dark. Grown by :data:`ROOM_GROW`, the specks took the whole nucleus out of the count, so a crowded
     nest of such nuclei read as stroma (regions-standard: tumour tiles' wide stroma estimate 0.20 →
     0.14, per-tile r with the true stroma 0.83 → 0.85). Blurring the pale rule's room as well gained as
-    much in the benchmark's CVs but lost cross-family transfer (docs/accuracy.md, thirtieth and
-    thirty-first runs)."""
+    much in the benchmark's CVs but lost cross-family transfer (docs/accuracy.md, thirtieth to
+    thirty-second runs)."""
     if blur:  # the wide rule's (v11): specks of chromatin fade, lymphocytes' cores stay
         h = gaussian_blurs(h, [ROOM_SIGMA])[0]
     return _max_filter((h >= dark).float() * tissue, ROOM_GROW)
