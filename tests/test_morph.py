@@ -314,3 +314,39 @@ def test_specks_of_tumour_chromatin_make_no_room_for_lymphocytes():
     nest = np.maximum(disks(centres, 9.0, 0.55), disks(specks, 1.5, 1.6))
     f = features(render(nest, np.full((PX, PX), 0.3)))
     assert f["stroma_est_wide"][0] < 0.05  # v10: 0.35
+
+
+def _fft_blur(x, sigma, pad, mode, ratio=None):
+    """The 2-D FFT blur ``gaussian_blurs`` computed before its separable form: padded, one rfft2,
+    the Gaussian transfer function (minus the wider one for a DoG), irfft2, cropped."""
+    import math
+
+    import torch.nn.functional as F
+
+    h, w = x.shape[-2:]
+    xp = F.pad(x, (pad,) * 4, mode=mode)
+    fy = torch.fft.fftfreq(xp.shape[-2], dtype=torch.float64)[:, None]
+    fx = torch.fft.rfftfreq(xp.shape[-1], dtype=torch.float64)[None, :]
+    f2 = (fy.square() + fx.square()) * (2 * math.pi ** 2)
+    transfer = torch.exp(-f2 * sigma ** 2) - (torch.exp(-f2 * (sigma * ratio) ** 2) if ratio else 0)
+    y = torch.fft.irfft2(torch.fft.rfft2(xp.double()) * transfer, s=xp.shape[-2:])
+    return y[..., pad:pad + h, pad:pad + w].float()
+
+
+@pytest.mark.parametrize("shape, sigmas, ratio, mode", [
+    ((3, 2, 112, 112), (8.0,), None, "reflect"),  # the neighbourhood: 9 maps in the morphometry
+    ((2, 1, 112, 96), (0.75, 3.3), 1.6, "reflect"),  # a difference of Gaussians, a tile that is not square
+    ((2, 1, 20, 30), (8.0,), None, "replicate"),  # narrower than 3 σ: replicated borders
+])
+def test_the_separable_blur_is_the_fft_blur_it_replaced(shape, sigmas, ratio, mode):
+    from weakstil.embed.morph import gaussian_blurs
+
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    pad = int(np.ceil(3 * max(sigmas) * (ratio or 1.0)))
+    for s, y in zip(sigmas, gaussian_blurs(x, sigmas, ratio=ratio)):
+        reference = _fft_blur(x, s, pad, mode, ratio)
+        assert y.shape == x.shape
+        assert torch.allclose(y, reference, atol=2e-6), float((y - reference).abs().max())
+    # periodic, not zero-padded: a constant image stays constant up to the border (a DoG is zero)
+    flat = gaussian_blurs(torch.ones(shape), sigmas, ratio=ratio)[0]
+    assert torch.allclose(flat, torch.zeros(shape) if ratio else torch.ones(shape), atol=1e-5)
