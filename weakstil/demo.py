@@ -16,6 +16,10 @@ from pathlib import Path
 import numpy as np
 
 MIN_STROMA = 0.25  # tiles at least this much stroma count for the tile-level correlation
+# the slides' canvas width in µm (height 0.8 ×; `weakstil synth` draws 2000): about 100 tiles a slide,
+# the whole demo in about 3 minutes on 2 CPU cores, with room under 5 on a slower or busier machine
+# (on 2000-µm slides it took 4.5–5.1 minutes: docs/performance.md)
+DEMO_SIZE_UM = 1600.0
 
 
 def tile_level_agreement(model, cache, truth_dir: Path, slide_ids, *, min_stroma: float = MIN_STROMA) -> dict:
@@ -53,8 +57,9 @@ def run_demo(out: Path, *, n: int = 40, n_test: int = 10, seed: int = 0, device:
              progress: bool = True, size_um: float | None = None, **train_kwargs) -> dict:
     """The whole pipeline on a synthetic cohort; prints the tables, returns (and writes) the summary.
 
-    ``size_um`` is the slides' canvas width in µm (default: the synthetic default, 2000 µm); a
-    smaller one makes a quick smoke run (tests), at the cost of fewer tiles per slide.
+    ``size_um`` is the slides' canvas width in µm (default :data:`DEMO_SIZE_UM`, 1600; `weakstil
+    synth` draws 2000); a smaller one makes a quick smoke run (tests), at the cost of fewer tiles per
+    slide.
     ``train_kwargs`` (e.g. ``n_folds=3, max_epochs=20``) go to the training config.
     """
     from rich.console import Console
@@ -87,7 +92,7 @@ def run_demo(out: Path, *, n: int = 40, n_test: int = 10, seed: int = 0, device:
     else:  # a rule shorter than its title cuts the title (and its warning) with "…"
         console.print(title, markup=False, soft_wrap=True)
     t0 = time.perf_counter()
-    size_kw = {"size_um": size_um} if size_um else {}
+    size_kw = {"size_um": size_um or DEMO_SIZE_UM}
     train_root = synth_cohort(out / "cohort", n=n, seed=seed, progress=progress, **size_kw)
     test_root = synth_cohort(out / "test", n=n_test, seed=seed + 1, prefix="TEST", progress=progress, **size_kw)
     step("synth", t0)

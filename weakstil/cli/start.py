@@ -75,7 +75,7 @@ def demo(
     n_test: Annotated[int, typer.Option("--n-test", help="Held-out test slides, scored at the end.")] = 10,
     seed: Annotated[int, typer.Option(help="Random seed of the synthetic cohort.")] = 0,
     size_um: Annotated[Optional[float], typer.Option(
-        help="Slide canvas width in µm (default 2000); smaller is quicker, with fewer tiles.")] = None,
+        help="Slide canvas width in µm (default 1600; height 0.8 ×); smaller is quicker, with fewer tiles.")] = None,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
