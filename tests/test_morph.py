@@ -350,3 +350,26 @@ def test_the_separable_blur_is_the_fft_blur_it_replaced(shape, sigmas, ratio, mo
     # periodic, not zero-padded: a constant image stays constant up to the border (a DoG is zero)
     flat = gaussian_blurs(torch.ones(shape), sigmas, ratio=ratio)[0]
     assert torch.allclose(flat, torch.zeros(shape) if ratio else torch.ones(shape), atol=1e-5)
+
+
+def test_a_lymphocyte_sheet_with_some_faint_lymphocytes_is_stroma_under_the_wide_rule(monkeypatch):
+    """A dense sheet of lymphocytes (7.5 µm apart, blurred), one in ten fainter than the wide rule's
+    darkness bound (H 1.0 against 1.8): the dark ones and their rims are the lymphocytes' room, and the
+    faint ones are all that is left. Counted over that sliver of tissue (v11: a floor of 5 % of the
+    neighbourhood) they made the sheet a nest; counted over at least half the neighbourhood (v12) they
+    are a minority, and the sheet is stroma full of lymphocytes (regions-hard: every slide above 38 %
+    sTIL had read its lymphocyte sheets as nests; docs/accuracy.md)."""
+    from scipy import ndimage
+
+    from weakstil.embed import morph
+
+    step = 15  # px at 0.5 µm/px: 7.5 µm
+    centres = [(y, x + (step // 2) * (i % 2)) for i, y in enumerate(range(6, PX, 13)) for x in range(6, PX, step)]
+    faint = np.random.default_rng(0).random(len(centres)) < 0.1
+    sheet = np.maximum(disks([c for c, f in zip(centres, faint) if not f], 6.0, 1.8),
+                       disks([c for c, f in zip(centres, faint) if f], 6.0, 1.0))
+    tile = render(ndimage.gaussian_filter(sheet, 1.5), np.full((PX, PX), 0.5))
+    f = features(tile)
+    assert f["stroma_est_wide"][0] > 0.7 and f["lymph_per_stroma_wide"][0] > 0.8
+    monkeypatch.setattr(morph, "WIDE_MIN_ROOM", morph.MIN_ROOM)  # v11
+    assert features(tile)["stroma_est_wide"][0] < 0.2

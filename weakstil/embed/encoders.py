@@ -61,16 +61,18 @@ RANDOM_INIT = "random-init"
 TIMM_PREFIX = "timm:"
 MORPH = "stainmorph"  # the fixed stain-morphometry encoder (weakstil.embed.morph)
 MORPH_SUFFIX = "+" + MORPH  # any encoder + stainmorph: both feature sets side by side
-MORPH_ARCH = "stainmorph.v11"  # bump when its features change (the arch is in the cache fingerprint)
+MORPH_ARCH = "stainmorph.v12"  # bump when its features change (the arch is in the cache fingerprint)
 # versions whose last MEASURED_DIM columns are the measured block (v5: pale nuclei opened; v6: stroma
 # is solid tissue, fat's septa left out; v7: the block under the wide nest rule too, just before it;
 # v8: nests read on the tissue that is not lymphocyte, so crowded nests stay nests; v9: big nuclei
 # mark the wide rule's nests whatever their darkness; v10: a lymphocyte counts with its whole nucleus;
-# v11: the wide rule's room is read on blurred H, so specks of tumour chromatin make none)
+# v11: the wide rule's room is read on blurred H, so specks of tumour chromatin make none; v12: the wide
+# rule counts its nest nuclei over at least half the neighbourhood, so lymphocyte sheets are no nests)
 MEASURED_ARCHS = ("stainmorph.v4", "stainmorph.v5", "stainmorph.v6", "stainmorph.v7", "stainmorph.v8",
-                  "stainmorph.v9", "stainmorph.v10", MORPH_ARCH)
+                  "stainmorph.v9", "stainmorph.v10", "stainmorph.v11", MORPH_ARCH)
 # versions with the wide nest rule's block right before the last one
-WIDE_ARCHS = ("stainmorph.v7", "stainmorph.v8", "stainmorph.v9", "stainmorph.v10", MORPH_ARCH)
+WIDE_ARCHS = ("stainmorph.v7", "stainmorph.v8", "stainmorph.v9", "stainmorph.v10", "stainmorph.v11",
+              MORPH_ARCH)
 MORPH_DIM = 34  # weakstil.embed.morph.N_FEATURES (that module imports torch)
 # its last five (mil.select): lymph_per_stroma_sized, lymph_per_stroma (strict, loose), lymph_per_nest,
 # stroma_est; the last four read lymphocytes by darkness alone (the column set "measured-dark"); the

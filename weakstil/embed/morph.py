@@ -119,6 +119,10 @@ ROOM_SIGMA = 1.0  # px at 1 µm/px: the wide rule's room is grown from the H blu
 LYMPH_EDGE = 0.25  # H at a lymphocyte's blurred edge: its dark core grown to here is the lymphocyte's area
 LYMPH_GROW = 2  # px at 1 µm/px: how far a dark core is grown toward that edge
 MIN_ROOM = 0.05  # the floor of that tissue's neighbourhood share (a neighbourhood of lymphocytes only is not a nest)
+# the wide rule's floor (v12): nest nuclei count over at least half the neighbourhood, so where lymphocytes
+# take more than half of it, the faint ones and the rims its darkness band (H < 1.2) lets through are a share
+# of half the neighbourhood, not of a sliver: a lymphocyte sheet is stroma full of lymphocytes, not a nest
+WIDE_MIN_ROOM = 0.5
 NUCLEUS_H = 0.5  # H concentration inside any nucleus, pale or dark (for the size-aware share)
 BIG = 9  # px at 1 µm/px: a nucleus holding a 9 × 9 µm square (about 13 µm across and wider) is a tumour's, never a lymphocyte's
 POOL = 2  # nuclei and context are found on the amounts averaged 2 × 2 (1 µm/px): 4× less to filter
@@ -254,8 +258,8 @@ class StainMorph(nn.Module):
         nests = (ctx[:, 1:2] >= 1).float() * tissue
         # the measured block twice: nests marked by pale nuclei (H below 0.8), and by the wide band, each
         # counted over the neighbourhood's tissue that is not lymphocyte (v8)
-        nest_ctx = {rule: ctx[:, i + 1:i + 2] / ctx[:, i:i + 1].clamp(min=MIN_ROOM)
-                    for rule, i in (("pale", 5), ("wide", 7))}
+        nest_ctx = {rule: ctx[:, i + 1:i + 2] / ctx[:, i:i + 1].clamp(min=floor)
+                    for rule, i, floor in (("pale", 5, MIN_ROOM), ("wide", 7, WIDE_MIN_ROOM))}
         # lymphocyte pixels (v10: whole nuclei), found once for both rules; the size-aware share's
         # leave the big nuclei out
         lymph = (lymphocyte_area(h, tissue), lymphocyte_area(h, tissue * (1 - big)))
