@@ -86,9 +86,11 @@ eosin amounts of each pixel (colour deconvolution with the reference stains of
   docs/accuracy.md, thirty-fourth run.
 
 It returns :data:`N_FEATURES` numbers per tile on scales of about one (fractions, concentrations,
-``log1p`` densities), costs a few FFTs per tile at 1 µm/px (12 % of an fp32 ResNet-18 pass when
-first written; with the context and nest rules added since, and the ResNet in bf16, about half of
-it: 0.30 s against 0.61 s per 32 tiles on a 2-core Xeon, 2026-12-06), and has no weights: the same numbers on every machine. Use it alone (``--encoder stainmorph``) or
+``log1p`` densities), costs a few Gaussian blurs per tile at 1 µm/px (12 % of an fp32 ResNet-18 pass
+when first written; with the context and nest rules added since, and the ResNet in bf16, about half
+of it: 0.30 s against 0.61 s per 32 tiles on a 2-core Xeon, 2026-12-06; since the blurs run as matrix
+products, 4.7 against 12.1 ms a tile on a 2-core EPYC, 2026-12-07), and has no weights: the same
+numbers on every machine. Use it alone (``--encoder stainmorph``) or
 beside a network (``resnet18-random+stainmorph``: both feature sets side by side).
 
 Thresholds are in the reference stain's concentration units (its 99th percentiles are
@@ -213,8 +215,8 @@ class StainMorph(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # always in float32, whatever autocast the encoder runs under (fp16 on a GPU, bf16 on an AMX
-        # CPU): thresholds must mean the same on every machine, and the FFTs take neither bf16 nor
-        # (on CUDA) fp16 at sizes that are not powers of two
+        # CPU): thresholds must mean the same on every machine, and reduced-precision blurs would move
+        # them (the FFTs these blurs replaced took neither bf16 nor, on CUDA, fp16 at most sizes)
         with torch.autocast(x.device.type, enabled=False):
             return self._features(x.float())
 
