@@ -92,9 +92,9 @@ def run_demo(out: Path, *, n: int = 40, n_test: int = 10, seed: int = 0, device:
     else:  # a rule shorter than its title cuts the title (and its warning) with "…"
         console.print(title, markup=False, soft_wrap=True)
     t0 = time.perf_counter()
-    size_kw = {"size_um": size_um or DEMO_SIZE_UM}
-    train_root = synth_cohort(out / "cohort", n=n, seed=seed, progress=progress, **size_kw)
-    test_root = synth_cohort(out / "test", n=n_test, seed=seed + 1, prefix="TEST", progress=progress, **size_kw)
+    size_um = size_um or DEMO_SIZE_UM
+    train_root = synth_cohort(out / "cohort", n=n, seed=seed, progress=progress, size_um=size_um)
+    test_root = synth_cohort(out / "test", n=n_test, seed=seed + 1, prefix="TEST", progress=progress, size_um=size_um)
     step("synth", t0)
 
     t0 = time.perf_counter()

@@ -178,6 +178,15 @@ def blur_operator(n: int, sigma: float, pad: int, mode: str) -> np.ndarray:
     return np.fft.irfft(np.fft.rfft(eye, axis=0) * transfer, n=n + 2 * pad, axis=0)[pad:pad + n]
 
 
+@functools.lru_cache(maxsize=256)
+def _operator_tensor(n: int, sigma: float, pad: int, mode: str, dtype: torch.dtype,
+                     device: torch.device) -> torch.Tensor:
+    """:func:`blur_operator` as a tensor on ``device``, made once (not copied to the device on every
+    batch); an ordinary tensor even when first asked for under ``torch.inference_mode``."""
+    with torch.inference_mode(False):
+        return torch.as_tensor(blur_operator(n, sigma, pad, mode), dtype=dtype, device=device)
+
+
 def gaussian_blurs(x: torch.Tensor, sigmas, *, ratio: float | None = None) -> list[torch.Tensor]:
     """``x`` (B, C, H, W) blurred with a Gaussian of each of ``sigmas`` (px) — or, with ``ratio``,
     the difference of Gaussians ``G(σ) − G(ratio · σ)``. The image is padded by reflection (3 σ of
@@ -192,8 +201,7 @@ def gaussian_blurs(x: torch.Tensor, sigmas, *, ratio: float | None = None) -> li
     mode = "reflect" if pad < min(h, w) else "replicate"
 
     def blur(s: float) -> torch.Tensor:
-        rows, cols = (torch.as_tensor(blur_operator(n, float(s), pad, mode), dtype=x.dtype, device=x.device)
-                      for n in (h, w))
+        rows, cols = (_operator_tensor(n, float(s), pad, mode, x.dtype, x.device) for n in (h, w))
         return rows @ x @ cols.T
 
     out = []
