@@ -427,6 +427,7 @@ RECIPES = {
     "linear-head-blend": {"head": "linear", "blend": True},  # the default of the third run (2026-12-05)
     "blend": {"blend": True},  # the default, blended with the probe out of fold
     "no-stroma-prior": {"stroma_prior": False},  # the fifth run's default: equal tile weights at the start
+    "stroma-floor-0.1": {"stroma_floor": 0.1},  # the stroma prior's floor from the sixth to the thirty-fourth run
     "no-emphasis": {"measured_emphasis": 1.0},
     "emphasis-3": {"measured_emphasis": 3.0},
     "emphasis-30": {"measured_emphasis": 30.0},  # the eighth run's default: every column alike in the probe start

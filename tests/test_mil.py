@@ -260,6 +260,41 @@ def test_stroma_prior_weights_tiles_by_their_estimated_stroma(aggregation):
     assert torch.allclose(plain.predict_bag(x)[2], torch.full((6,), 1 / 6))
 
 
+def test_the_stroma_floor_is_the_models_own_and_older_models_keep_theirs(tmp_path):
+    """The floor is in the model's config; a checkpoint saved before the key scores with the 0.1 it
+    was trained with, not with today's default."""
+    from weakstil.mil import STROMA_FLOOR
+    from weakstil.mil.fit import TrainConfig
+    from weakstil.mil.model import LEGACY_STROMA_FLOOR, write_checksum
+
+    assert STROMA_FLOOR != LEGACY_STROMA_FLOOR
+    x = torch.randn(5, DIM)
+    x[:, -1] = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.5])
+    for floor in (STROMA_FLOOR, 0.3):
+        module = MILRegressor(DIM, **TrainConfig(aggregation="mean", stroma_floor=floor, stroma_prior=True).model_kwargs())
+        w = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.5]) + floor
+        assert module.config["stroma_floor"] == floor
+        assert torch.allclose(module.predict_bag(x)[2], w / w.sum(), atol=1e-6)
+    with pytest.raises(ConfigError, match="stroma_floor"):
+        TrainConfig(stroma_floor=0.0)
+
+    torch.manual_seed(0)
+    old = MILRegressor(DIM, aggregation="weighted", head="probe", stroma_prior=True, stroma_floor=LEGACY_STROMA_FLOOR)
+    model = TrainedModel([old], fingerprint=FINGERPRINT)
+    model.save(tmp_path / "model.ckpt")
+    state = torch.load(tmp_path / "model.ckpt", weights_only=True)  # as a weakstil before the key wrote it
+    del state["model_config"]["stroma_floor"]
+    torch.save(state, tmp_path / "model.ckpt")
+    write_checksum(tmp_path / "model.ckpt")
+    loaded = load_model(tmp_path)
+    assert loaded.model_config["stroma_floor"] == LEGACY_STROMA_FLOOR
+    bag = x.numpy()
+    assert loaded.predict(bag).score == pytest.approx(model.predict(bag).score, abs=1e-9)
+    today = MILRegressor(DIM, aggregation="weighted", head="probe", stroma_prior=True)
+    today.load_state_dict(old.state_dict())
+    assert abs(TrainedModel([today], fingerprint=FINGERPRINT).predict(bag).score - model.predict(bag).score) > 1e-3
+
+
 def test_stroma_prior_start_fits_a_stroma_defined_label_better():
     from sklearn.metrics import r2_score
 

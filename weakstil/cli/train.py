@@ -23,7 +23,7 @@ from weakstil.cli.app import (
 )
 from weakstil.cli import checks
 from weakstil.errors import WeakstilError
-from weakstil.mil import COLUMN_RULE
+from weakstil.mil import COLUMN_RULE, STROMA_FLOOR
 
 
 class CV(str, Enum):
@@ -88,6 +88,10 @@ def train(
         help="Weight each tile by its estimated stroma fraction when pooling (sTIL% is defined on "
              "stroma). Default: on when the features have the estimate (a +stainmorph encoder).",
         show_default=False)] = None,
+    stroma_floor: Annotated[float, typer.Option(
+        "--stroma-floor", min=0.001,
+        help="With the stroma prior, the pooling weight of a tile estimated to hold no stroma, beside "
+             "1 + this for a tile of all stroma (larger: trust the estimate less).")] = STROMA_FLOOR,
     columns: Annotated[Columns, typer.Option(
         help="Feature columns the MIL reads: auto (cross-validate all of them, the stain morphometry's "
              "five measurements of sTIL% alone, and the four of them that read lymphocytes by darkness, "
@@ -135,7 +139,8 @@ def train(
             labels, features, encoder=encoder, models_dir=models, name=name, aggregations=aggregations,
             n_folds=folds, seeds=seeds, folds_by=folds_by.value, deploy=deploy.value, max_tiles=max_tiles,
             max_epochs=max_epochs, patience=patience, lr=lr, weight_decay=weight_decay, head=head,
-            calibrate=calibrate, blend=blend, stroma_prior=stroma_prior, columns=columns.value,
+            calibrate=calibrate, blend=blend, stroma_prior=stroma_prior, stroma_floor=stroma_floor,
+            columns=columns.value,
             measured_emphasis=measured_emphasis,
             high_cutoff=high_cutoff, seed=seed, accelerator=accelerator, overwrite=overwrite,
             progress=not quiet, run_info=plain_json(values), init=init, cv=cv.value)

@@ -6,6 +6,10 @@ that trains it, labels, cross-validation, metrics and plots.
 # without importing torch: an R² difference smaller than PRACTICAL_R2 does not tell two column sets apart.
 PRACTICAL_R2 = 0.01
 COLUMN_RULE = f"within one standard error (or {PRACTICAL_R2:g}) of the best"
+# The stroma prior's floor (mil.model.stroma_log_weight), here for the same reason: the pooling weight of a tile
+# estimated to hold no stroma, beside 1 + the floor for a tile of all stroma. 0.02 since the thirty-fifth accuracy
+# run (docs/accuracy.md; 0.1 before, which models saved without "stroma_floor" in their config keep).
+STROMA_FLOOR = 0.02
 
 
 def column_choice_phrase(columns: dict) -> str:

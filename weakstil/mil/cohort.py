@@ -232,6 +232,7 @@ def train_from_cache(labels, features, *, encoder: str | None = None, models_dir
         # the parent's tile head too (models saved before the head option have the MLP head)
         arch["head"] = parent.model_config.get("head") or "mlp"
         arch["stroma_prior"] = bool(parent.model_config.get("stroma_prior", False))  # its weights assume it
+        arch["stroma_floor"] = float(parent.model_config["stroma_floor"])  # and its floor (0.1 for older models)
         from weakstil.mil.fit import columns_of
 
         arch["columns"] = columns_of(parent.model_config.get("inputs"), parent.model_config.get("skip"))  # and its columns

@@ -25,6 +25,7 @@ from weakstil.errors import ConfigError, EmptyBagError
 from weakstil.mil.model import (
     AGGREGATIONS,
     HEADS,
+    STROMA_FLOOR,
     MILRegressor,
     stroma_log_weight,
 )
@@ -88,6 +89,9 @@ class TrainConfig:
     # from a +stainmorph encoder): sTIL% is lymphocytes over stroma. None: on when the features have
     # the estimate (train_model decides from the cache's encoder); the benchmark sets it itself.
     stroma_prior: bool | None = None
+    # the prior's floor: a tile estimated to hold no stroma weighs this, one of all stroma 1 + this
+    # (0.1 before the thirty-fifth accuracy run; docs/accuracy.md)
+    stroma_floor: float = STROMA_FLOOR
     # which feature columns the MIL reads: "all", "measured" (only the stain morphometry's five
     # measurements of sTIL%: lymphocyte share of the estimated stroma, size-aware, strict and loose,
     # of the nests, and the stroma estimate), "measured-dark" (the same without the size-aware share),
@@ -115,6 +119,7 @@ class TrainConfig:
             (self.max_tiles >= 1 and self.bags_per_step >= 1, "max_tiles, bags_per_step >= 1"),
             (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
             (self.background_penalty >= 0.0, "background_penalty must be >= 0"),
+            (self.stroma_floor > 0.0, "stroma_floor must be > 0"),
             (self.head in HEADS, f"head must be one of {HEADS}"),
             (self.fold_processes is None or self.fold_processes >= 1, "fold_processes must be >= 1"),
             (self.columns in COLUMN_SETS or _is_column_set_list(self.columns),
@@ -132,7 +137,8 @@ class TrainConfig:
         return dict(aggregation=self.aggregation, hidden=self.hidden, dropout=self.dropout,
                     lr=self.lr, weight_decay=self.weight_decay, max_tiles=self.max_tiles,
                     background_penalty=self.background_penalty, head=self.head,
-                    stroma_prior=bool(self.stroma_prior), **column_inputs(self.columns))
+                    stroma_prior=bool(self.stroma_prior), stroma_floor=self.stroma_floor,
+                    **column_inputs(self.columns))
 
     def inputs(self) -> int:
         """The model's ``inputs`` (feature columns it reads; 0: all) for :attr:`columns`
@@ -432,7 +438,8 @@ def _initialise(model: MILRegressor, train_bags: Sequence[Bag], init_state: dict
         from weakstil.mil.probe import LinearProbe
 
         train_bags = [(model.read_inputs(f), y) for f, y in train_bags]  # the columns the model reads
-        means = np.stack([_pooled_mean(np.asarray(f), model.config.get("stroma_prior")) for f, _ in train_bags])
+        floor = model.config["stroma_floor"] if model.config.get("stroma_prior") else None
+        means = np.stack([_pooled_mean(np.asarray(f), floor) for f, _ in train_bags])
         weights = _column_weights(means.shape[1], model, emphasis)
         probe = LinearProbe(column_weights=weights).fit(means, np.array([y for _, y in train_bags], np.float64))
         scaler, ridge = probe.model[0], probe.model[-1]
@@ -455,13 +462,14 @@ def _column_weights(dim: int, model: MILRegressor, emphasis: float) -> np.ndarra
     return weights
 
 
-def _pooled_mean(features: np.ndarray, stroma_prior: bool) -> np.ndarray:
-    """The bag's mean feature vector, weighted as the pooling weights tiles at the start."""
-    if not stroma_prior:
+def _pooled_mean(features: np.ndarray, stroma_floor: float | None) -> np.ndarray:
+    """The bag's mean feature vector, weighted as the pooling weights tiles at the start (by their
+    estimated stroma plus ``stroma_floor`` under the stroma prior; None: equally)."""
+    if stroma_floor is None:
         return features.mean(axis=0, dtype=np.float64)
     import torch
 
-    w = torch.exp(stroma_log_weight(torch.as_tensor(features, dtype=torch.float64))).numpy()
+    w = torch.exp(stroma_log_weight(torch.as_tensor(features, dtype=torch.float64), stroma_floor)).numpy()
     return (w[:, None] * features).sum(axis=0) / w.sum()
 
 
@@ -483,7 +491,8 @@ def _fit_probe_head(model: MILRegressor, bags: Sequence[Bag], alpha: float, *, m
     head, mean, scale = model.tile_head, model.feat_mean, model.feat_scale
     zs = [(t - mean) / scale for t in z]
     # tile weights at the start: equal, or (stroma prior) the estimated stroma fraction
-    ws = [torch.exp(stroma_log_weight(t)) if model.config.get("stroma_prior") else torch.ones(len(t))
+    ws = [torch.exp(stroma_log_weight(t, model.config["stroma_floor"])) if model.config.get("stroma_prior")
+          else torch.ones(len(t))
           for t in z]
     ws = [v / v.sum() for v in ws]
     p = float(torch.sigmoid(head.bias).item())

@@ -38,19 +38,21 @@ from weakstil.errors import (
     ModelNotFoundError,
 )
 from weakstil.fs import plain_json, write_bytes, write_text
+from weakstil.mil import STROMA_FLOOR
 
 AGGREGATIONS = ("mean", "attention", "weighted")
 WEIGHTED = ("attention", "weighted")  # aggregations with a learned weight per tile
-STROMA_FLOOR = 0.1  # stroma prior: the weight of a tile estimated to hold no stroma, beside 1 for all stroma
+LEGACY_STROMA_FLOOR = 0.1  # the stroma prior's floor of models saved without "stroma_floor" in their config
 HEADS = ("mlp", "linear", "probe")  # the tile head: on the hidden layer, linear on the normalised
 # features, or linear on standardised features starting from the linear probe (see init_from_probe)
 
 
-def stroma_log_weight(features: Tensor) -> Tensor:
-    """log(s + :data:`STROMA_FLOOR`) per tile, ``s`` the estimated stroma fraction in the features'
-    last column (the stain morphometry's ``stroma_est``): added to the pooling logits, each tile
-    counts in proportion to its stroma, as sTIL% is defined (lymphocyte area over stroma area)."""
-    return torch.log(features[..., STROMA_COLUMN].clamp(0.0, 1.0) + STROMA_FLOOR)
+def stroma_log_weight(features: Tensor, floor: float = STROMA_FLOOR) -> Tensor:
+    """log(s + ``floor``) per tile, ``s`` the estimated stroma fraction in the features' last column
+    (the stain morphometry's ``stroma_est``): added to the pooling logits, each tile counts in
+    proportion to its stroma, as sTIL% is defined (lymphocyte area over stroma area); the floor keeps
+    a tile the estimate calls nest in the score a little (the estimate errs)."""
+    return torch.log(features[..., STROMA_COLUMN].clamp(0.0, 1.0) + floor)
 
 
 class MILRegressor(nn.Module):
@@ -72,6 +74,7 @@ class MILRegressor(nn.Module):
         aggregation: str = "attention",
         head: str = "mlp",
         stroma_prior: bool = False,
+        stroma_floor: float = STROMA_FLOOR,
         inputs: int = 0,
         skip: int = 0,
         **recorded,
@@ -90,9 +93,11 @@ class MILRegressor(nn.Module):
         inputs, skip = int(inputs), int(skip)
         if inputs < 0 or skip < 0 or inputs + skip > int(embed_dim) or (skip and not inputs):
             raise ValueError(f"inputs + skip must be in 0..{embed_dim} (skip only with inputs), not {inputs} + {skip}")
+        if not float(stroma_floor) > 0:
+            raise ValueError(f"stroma_floor must be > 0, not {stroma_floor!r}")
         self.config = {"embed_dim": int(embed_dim), "hidden": int(hidden), "dropout": float(dropout),
                        "aggregation": aggregation, "head": head, "stroma_prior": bool(stroma_prior),
-                       "inputs": inputs, "skip": skip, **recorded}
+                       "stroma_floor": float(stroma_floor), "inputs": inputs, "skip": skip, **recorded}
         embed_dim = inputs or int(embed_dim)  # the width of what the layers read
         # LayerNorm first: embeddings from random or foreign encoders have arbitrary scales.
         self.embed = nn.Sequential(
@@ -155,7 +160,7 @@ class MILRegressor(nn.Module):
         else:
             head_in = self.embed[0](features) if head == "linear" else h
         tile_pred = torch.sigmoid(self.tile_head(head_in)).squeeze(-1)
-        prior = stroma_log_weight(features) if self.config.get("stroma_prior") else None
+        prior = stroma_log_weight(features, self.config["stroma_floor"]) if self.config.get("stroma_prior") else None
         if self.config["aggregation"] not in WEIGHTED:
             return tile_pred, prior
         gate = torch.tanh(self.att_v(h)) * torch.sigmoid(self.att_u(h))
@@ -409,7 +414,7 @@ def load_model(model_dir: str | Path) -> TrainedModel:
         members = []
         configs = state.get("member_configs") or [state["model_config"]] * len(state["members"])
         for weights, config in zip(state["members"], configs, strict=True):
-            member = MILRegressor(**config)
+            member = MILRegressor(**{"stroma_floor": LEGACY_STROMA_FLOOR, **config})  # saved before the key
             member.load_state_dict(weights)
             members.append(member)
     except Exception as exc:  # unpickling, truncated zip, missing keys, shape mismatches
