@@ -56,9 +56,10 @@ def test_warm_start_records_its_parent_and_starts_from_its_weights(w):
 @pytest.mark.slow
 def test_warm_start_keeps_the_parents_tile_head(w):
     """A parent with another tile head (here the linear one; models from before the probe head have
-    the MLP or linear head) warm-starts with its own head: the weights fit only that network."""
+    the MLP or linear head) warm-starts with its own head: the weights fit only that network; and
+    with its own stroma floor, which its pooling weights were trained with."""
     result = invoke("train", w.a / "labels.csv", "--features", w.features, "--models", w.models, "--name",
-                    "linear-parent", "--head", "linear", *TRAIN)
+                    "linear-parent", "--head", "linear", "--stroma-floor", "0.3", *TRAIN)
     assert result.exit_code == 0, result.output
     # after the table, one line on whether the model beats the linear probe on the same folds
     assert re.search(r"^train: linear-parent: (beats the linear probe|the linear probe beats it|within noise of the "
@@ -68,6 +69,8 @@ def test_warm_start_keeps_the_parents_tile_head(w):
     assert result.exit_code == 0, result.output
     config = yaml.safe_load((w.models / "warm-linear" / "config.yaml").read_text())
     assert config["train"]["head"] == "linear"
+    assert config["train"]["stroma_floor"] == 0.3
+    assert {m.config["stroma_floor"] for m in load_model(w.models / "warm-linear").members} == {0.3}
 
 
 @pytest.mark.slow

@@ -233,6 +233,8 @@ def train_from_cache(labels, features, *, encoder: str | None = None, models_dir
         arch["head"] = parent.model_config.get("head") or "mlp"
         arch["stroma_prior"] = bool(parent.model_config.get("stroma_prior", False))  # its weights assume it
         arch["stroma_floor"] = float(parent.model_config["stroma_floor"])  # and its floor (0.1 for older models)
+        if train_kwargs.get("stroma_floor") not in (None, arch["stroma_floor"]):
+            log.warning("warm start keeps the parent's stroma floor (%g)", arch["stroma_floor"])
         from weakstil.mil.fit import columns_of
 
         arch["columns"] = columns_of(parent.model_config.get("inputs"), parent.model_config.get("skip"))  # and its columns
