@@ -89,8 +89,7 @@ class TrainConfig:
     # from a +stainmorph encoder): sTIL% is lymphocytes over stroma. None: on when the features have
     # the estimate (train_model decides from the cache's encoder); the benchmark sets it itself.
     stroma_prior: bool | None = None
-    # the prior's floor: a tile estimated to hold no stroma weighs this, one of all stroma 1 + this
-    # (0.1 before the thirty-fifth accuracy run; docs/accuracy.md)
+    # the prior's floor: a tile of no estimated stroma weighs this, one of all stroma 1 + this (0.1 until run 35)
     stroma_floor: float = STROMA_FLOOR
     # which feature columns the MIL reads: "all", "measured" (only the stain morphometry's five
     # measurements of sTIL%: lymphocyte share of the estimated stroma, size-aware, strict and loose,
@@ -491,9 +490,8 @@ def _fit_probe_head(model: MILRegressor, bags: Sequence[Bag], alpha: float, *, m
     head, mean, scale = model.tile_head, model.feat_mean, model.feat_scale
     zs = [(t - mean) / scale for t in z]
     # tile weights at the start: equal, or (stroma prior) the estimated stroma fraction
-    ws = [torch.exp(stroma_log_weight(t, model.config["stroma_floor"])) if model.config.get("stroma_prior")
-          else torch.ones(len(t))
-          for t in z]
+    prior, floor = model.config.get("stroma_prior"), model.config["stroma_floor"]
+    ws = [torch.exp(stroma_log_weight(t, floor)) if prior else torch.ones(len(t)) for t in z]
     ws = [v / v.sum() for v in ws]
     p = float(torch.sigmoid(head.bias).item())
     w = head.weight.detach().clone().requires_grad_(True)
