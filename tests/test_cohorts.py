@@ -151,12 +151,13 @@ def test_every_fold_starts_from_the_parent_weights(monkeypatch):
     import torch
 
     from weakstil.mil import cv as cv_module
-    from weakstil.mil.fit import FitHistory, TrainConfig, _initialise
+    from weakstil.mil.fit import FitHistory, TrainConfig
+    from weakstil.mil.start import initialise
     from weakstil.mil.model import MILRegressor
 
     parent = MILRegressor(8, hidden=16).state_dict()
     child = MILRegressor(8, hidden=16)
-    _initialise(child, [(np.zeros((2, 8)), 50.0)], parent)
+    initialise(child, [(np.zeros((2, 8)), 50.0)], parent)
     assert all(torch.equal(child.state_dict()[k], v) for k, v in parent.items())
 
     seen = []

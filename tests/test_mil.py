@@ -184,12 +184,13 @@ def _probe_cohort(n: int = 24, seed: int = 0, tile_sd: float = 0.3, slide_sd: fl
 
 
 def test_probe_head_starts_as_the_linear_probe():
-    from weakstil.mil.fit import TrainConfig, _initialise
+    from weakstil.mil.fit import TrainConfig
+    from weakstil.mil.start import initialise
     from weakstil.mil.probe import LinearProbe
 
     bags = _probe_cohort(tile_sd=0.3, slide_sd=0.3)  # tiles differ: the mean of sigmoids is not the sigmoid of the mean
     module = MILRegressor(DIM, **TrainConfig(head="probe").model_kwargs())
-    _initialise(module, bags[:16], None)
+    initialise(module, bags[:16], None)
     probe = LinearProbe().fit(np.stack([x.mean(0) for x, _ in bags[:16]]), np.array([y for _, y in bags[:16]]))
     ours, theirs = [], []
     for x, _ in bags:
@@ -298,14 +299,15 @@ def test_the_stroma_floor_is_the_models_own_and_older_models_keep_theirs(tmp_pat
 def test_stroma_prior_start_fits_a_stroma_defined_label_better():
     from sklearn.metrics import r2_score
 
-    from weakstil.mil.fit import TrainConfig, _initialise
+    from weakstil.mil.fit import TrainConfig
+    from weakstil.mil.start import initialise
 
     bags = _stroma_cohort()
     labels = np.array([y for _, y in bags])
     fits = {}
     for prior in (False, True):
         module = MILRegressor(DIM, **TrainConfig(head="probe", aggregation="mean", stroma_prior=prior).model_kwargs())
-        _initialise(module, bags, None)
+        initialise(module, bags, None)
         pred = [100 * float(module.predict_bag(torch.as_tensor(x))[0]) for x, _ in bags]
         fits[prior] = r2_score(labels, pred)
     assert fits[True] > 0.9 and fits[True] > fits[False] + 0.1, fits

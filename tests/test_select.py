@@ -317,7 +317,7 @@ def test_the_probe_start_emphasises_the_measured_columns():
     the measurements, or features without them, is started as before."""
     from sklearn.metrics import r2_score
 
-    from weakstil.mil.fit import _column_weights, _initialise
+    from weakstil.mil.start import column_weights, initialise
 
     bags, table = _cohort("measured", n=32, seed=3)
     pairs = [(bags[s], y) for s, y in zip(table["slide_id"], table["stil"])]
@@ -325,7 +325,7 @@ def test_the_probe_start_emphasises_the_measured_columns():
     fits, scales = {}, {}
     for emphasis in (1.0, 10.0):
         module = MILRegressor(DIM, **TrainConfig(columns="all", stroma_prior=True).model_kwargs())
-        _initialise(module, train, None, emphasis=emphasis)
+        initialise(module, train, None, emphasis=emphasis)
         fits[emphasis] = r2_score([y for _, y in held_out],
                                   [100 * float(module.predict_bag(torch.as_tensor(x))[0]) for x, _ in held_out])
         scales[emphasis] = module.feat_scale.numpy()
@@ -334,8 +334,8 @@ def test_the_probe_start_emphasises_the_measured_columns():
     ratio = scales[1.0] / scales[10.0]
     assert np.allclose(ratio[-MEASURED_DIM:], 10.0) and np.allclose(ratio[:-MEASURED_DIM], 1.0)
     measured = MILRegressor(DIM, **TrainConfig(columns="measured").model_kwargs())
-    assert _column_weights(DIM, measured, 10.0) is None and _column_weights(MEASURED_DIM, MILRegressor(MEASURED_DIM), 10.0) is None
-    assert _column_weights(DIM, MILRegressor(DIM), 1.0) is None
+    assert column_weights(DIM, measured, 10.0) is None and column_weights(MEASURED_DIM, MILRegressor(MEASURED_DIM), 10.0) is None
+    assert column_weights(DIM, MILRegressor(DIM), 1.0) is None
 
 
 def test_the_emphasis_is_on_exactly_when_the_features_have_the_measurements(monkeypatch):
