@@ -425,6 +425,8 @@ def _epoch_progress(bar, task: int, on_epoch=None):
             on_epoch(row)
 
     return update
+
+
 def _val_r2(model: MILRegressor, val_bags: Sequence[Bag]) -> float:
     """R² of ``model`` on the validation bags (the same figure as ``val_r2`` of an epoch)."""
     import torch
