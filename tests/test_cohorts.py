@@ -152,8 +152,8 @@ def test_every_fold_starts_from_the_parent_weights(monkeypatch):
 
     from weakstil.mil import cv as cv_module
     from weakstil.mil.fit import FitHistory, TrainConfig
-    from weakstil.mil.start import initialise
     from weakstil.mil.model import MILRegressor
+    from weakstil.mil.start import initialise
 
     parent = MILRegressor(8, hidden=16).state_dict()
     child = MILRegressor(8, hidden=16)

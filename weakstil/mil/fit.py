@@ -22,16 +22,11 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from weakstil.errors import ConfigError, EmptyBagError
-from weakstil.mil.model import (
-    AGGREGATIONS,
-    HEADS,
-    STROMA_FLOOR,
-    MILRegressor,
-)
-from weakstil.mil.start import initialise
+from weakstil.mil import STROMA_FLOOR
+from weakstil.mil.model import AGGREGATIONS, HEADS, MILRegressor
+from weakstil.mil.start import Bag, initialise
 from weakstil.progress import progress as progress_display
 
-Bag = tuple[np.ndarray, float]  # (features (N, D) float32, sTIL% 0-100)
 # TrainConfig.columns; "-wide": the measured block under the wide nest rule (stainmorph.v7 and later)
 COLUMN_SETS = ("auto", "all", "measured", "measured-dark", "measured-wide", "measured-dark-wide")
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from weakstil.mil.model import MILRegressor, stroma_log_weight
 
-Bag = tuple[np.ndarray, float]  # (features (N, D) float32, sTIL% 0-100), as in mil.fit
+Bag = tuple[np.ndarray, float]  # (features (N, D) float32, sTIL% 0-100)
 
 
 def initialise(model: MILRegressor, train_bags: Sequence[Bag], init_state: dict | None, *,
