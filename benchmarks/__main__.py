@@ -20,7 +20,7 @@ from .common import MODES, gpu_name, machine, markdown_table
 CASES = ("read", "extract", "whole", "precision", "cache", "train", "score", "memory")
 # Long (minutes of synthesis, extraction, many CVs, pretraining) and, for accuracy, not timed: only when
 # named with --only.
-OPT_IN = ("accuracy", "morph", "warmstart", "pretrain")
+OPT_IN = ("accuracy", "heldout", "morph", "warmstart", "pretrain")
 
 
 def _runner(case: str):
@@ -42,6 +42,8 @@ def _runner(case: str):
         from .bench_memory import run
     elif case == "accuracy":
         from .bench_accuracy import run
+    elif case == "heldout":
+        from .bench_heldout import run
     elif case == "morph":
         from .bench_morph import run
     elif case == "warmstart":

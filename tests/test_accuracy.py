@@ -193,3 +193,21 @@ def test_the_morphometry_recomputed_on_the_cached_tiles_matches_the_cache(cohort
         for name, value in now.items():
             cached = got["cache"][rule][name]
             assert (math.isnan(value) and math.isnan(cached)) or value == pytest.approx(cached, abs=0.01), (rule, name)
+
+
+@SLOW
+def test_the_held_out_case_cross_validates_and_scores_a_new_seed(tmp_path, monkeypatch):
+    """``--only heldout`` on the smoke plan: both held-out cohorts cross-validated beside the probe,
+    the new-seed transfer computed; cross-family transfer skipped without the accuracy cohorts."""
+    from benchmarks import bench_heldout
+    from benchmarks.common import MODES
+
+    monkeypatch.setenv("WEAKSTIL_BENCH_DIR", str(tmp_path))
+    rows = bench_heldout.run(MODES["smoke"], "cpu")
+    names = {r.name for r in rows}
+    assert {"ho-standard CV r2_truth", "ho-hard CV r2_truth", "ho-hard → ho-hard-new r2_truth"} <= names
+    assert all(r.case == "heldout" for r in rows)
+    r2 = next(r for r in rows if r.name == "ho-standard CV r2_truth")
+    assert r2.reference == "probe" and r2.ref_value is not None and math.isfinite(r2.value)
+    assert not any("lattice" in r.name for r in rows)  # no accuracy cohorts in this bench folder
+    assert sorted(p.name for p in tmp_path.glob("heldout-smoke/*")) == ["ho-hard", "ho-hard-new", "ho-standard"]
