@@ -513,7 +513,8 @@ def _transfer(rname: str, trained: dict, cohorts: dict, src: str, dst: str, doc:
         rows.append(Row("accuracy", f"{src} → {dst} r2_truth", m["r2_truth"], "", "probe", p["r2_truth"], None,
                         target, None if met is None else bool(met),
                         f"mean pred {m['pred_mean']:.1f} vs truth {m['truth_mean']:.1f}, "
-                        f"bias {m['bias']:+.1f} ± {m['bias_se']:.1f} SE" + _unflagged_note(res)))
+                        f"bias {m['bias']:+.1f} ± {m['bias_se']:.1f} SE, MAE {m['mae_truth']:.1f}, "
+                        f"truth SD {m['truth_sd']:.1f}" + _unflagged_note(res)))
 
 
 def _unflagged_note(res: dict) -> str:
@@ -573,11 +574,13 @@ def results_markdown(doc: dict, recipe: str = "default") -> str:
             f"| {f(m['cal_slope'])} / {f(m['cal_intercept'], 1)} [{f(p['cal_slope'])} / {f(p['cal_intercept'], 1)}] "
             f"| {f(m['pred_sd'], 1)} / {f(m['label_sd'], 1)} [{f(p['pred_sd'], 1)}] | {f(raw['tile_r'])} "
             f"| {f(raw['top_stroma_min_shown'])} / {f(raw['top_stroma_mean_shown'])} | {f(raw.get('stroma_est_r'))} |")
-    lines += ["", "| transfer (train → score) | R² vs truth: MIL [probe] | AUC@30 [probe] | mean prediction vs truth "
-              "[probe] | bias ± SE | pred SD / truth SD |", "|---|---|---|---|---|---|"]
+    # the MAE beside R²: between cohorts of different spread (a new seed), R² moves with the spread
+    lines += ["", "| transfer (train → score) | R² vs truth: MIL [probe] | MAE [probe] | AUC@30 [probe] | mean "
+              "prediction vs truth [probe] | bias ± SE | pred SD / truth SD |", "|---|---|---|---|---|---|---|"]
     for name, r in doc["transfer"].get(recipe, {}).items():
         m, p = r["mil"], r["probe"]
-        lines.append(f"| {name} | **{f(m['r2_truth'])}** [{f(p['r2_truth'])}] | {f(m['auc@30'])} [{f(p['auc@30'])}] "
+        lines.append(f"| {name} | **{f(m['r2_truth'])}** [{f(p['r2_truth'])}] "
+                     f"| {f(m.get('mae_truth'), 1)} [{f(p.get('mae_truth'), 1)}] | {f(m['auc@30'])} [{f(p['auc@30'])}] "
                      f"| {f(m['pred_mean'], 1)} vs {f(m['truth_mean'], 1)} [{f(p['pred_mean'], 1)}] "
                      f"| {_signed(m.get('bias'))} ± {f(m.get('bias_se'), 1)} "
                      f"| {f(m['pred_sd'], 1)} / {f(m['truth_sd'], 1)} |")

@@ -93,7 +93,7 @@ def test_transfer_reports_the_figures_without_the_little_stroma_slides():
     assert "mil_unflagged" not in acc.unflagged(truth, truth, pred, [1.0] * 5)  # none flagged
 
 
-def test_transfer_table_shows_the_bias_and_its_standard_error():
+def test_transfer_table_shows_the_bias_its_standard_error_and_the_mae():
     from benchmarks import bench_accuracy as acc
 
     truth = np.array([10.0, 20.0, 30.0, 60.0])
@@ -103,9 +103,13 @@ def test_transfer_table_shows_the_bias_and_its_standard_error():
     doc = {"cv": {}, "transfer": {"default": {"a → b": {"mil": figures, "probe": figures},
                                               "c → d": {"mil": old, "probe": old}}}}
     lines = acc.results_markdown(doc).splitlines()
-    assert "bias ± SE" in lines[3]
-    assert "| -4.0 ± 0.8 |" in next(x for x in lines if x.startswith("| a → b"))
+    assert "bias ± SE" in lines[3] and "| MAE [probe] |" in lines[3]
+    row = next(x for x in lines if x.startswith("| a → b"))
+    assert "| -4.0 ± 0.8 |" in row and "| 4.0 [4.0] |" in row  # MAE of errors 2, 4, 6, 4
     assert "| – ± – |" in next(x for x in lines if x.startswith("| c → d"))
+    no_mae = {k: v for k, v in old.items() if k != "mae_truth"}  # a report written before the MAE column
+    doc["transfer"]["default"]["e → f"] = {"mil": no_mae, "probe": no_mae}
+    assert "| – [–] |" in next(x for x in acc.results_markdown(doc).splitlines() if x.startswith("| e → f"))
 
 
 def test_a_second_run_of_the_day_moves_the_first_aside_instead_of_overwriting_it(tmp_path):
