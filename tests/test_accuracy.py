@@ -201,13 +201,20 @@ def test_the_morphometry_recomputed_on_the_cached_tiles_matches_the_cache(cohort
 
 @SLOW
 def test_the_held_out_case_cross_validates_and_scores_a_new_seed(tmp_path, monkeypatch):
-    """``--only heldout`` on the smoke plan: both held-out cohorts cross-validated beside the probe,
-    the new-seed transfer computed; cross-family transfer skipped without the accuracy cohorts."""
+    """``--only heldout`` on the smoke plan: both held-out cohorts cross-validated beside the probe (a
+    second recipe beside the default, in the report only), the new-seed transfer computed;
+    cross-family transfer skipped without the accuracy cohorts."""
     from benchmarks import bench_heldout
     from benchmarks.common import MODES
 
     monkeypatch.setenv("WEAKSTIL_BENCH_DIR", str(tmp_path))
+    monkeypatch.setenv("WEAKSTIL_ACCURACY_RECIPES", "stroma-floor-0.1")  # a second recipe beside the default
+    doc = {}
+    monkeypatch.setenv("WEAKSTIL_HELDOUT_REPORT", "1")  # the smoke plan writes its report only when asked
+    monkeypatch.setattr(bench_heldout, "write_report", lambda d, rows: doc.update(d))
     rows = bench_heldout.run(MODES["smoke"], "cpu")
+    assert set(doc["cv"]) == {"default", "stroma-floor-0.1"} and set(doc["cv"]["stroma-floor-0.1"]) == {"ho-standard", "ho-hard"}
+    assert "ho-hard → ho-hard-new" in doc["transfer"]["stroma-floor-0.1"]
     names = {r.name for r in rows}
     assert {"ho-standard CV r2_truth", "ho-hard CV r2_truth", "ho-hard → ho-hard-new r2_truth"} <= names
     assert all(r.case == "heldout" for r in rows)
