@@ -48,13 +48,17 @@ def run(mode, device: str, *, families: bool | None = None) -> list[Row]:
     """CV of both held-out cohorts, the new seed, and cross-family transfer where the accuracy case's
     cohorts are there (``families`` forces it on or off)."""
     plan = acc.PLANS[mode.name]
-    paths = prepare(bench_dir() / f"heldout-{mode.name}", plan)
-    cohorts = {name: acc.load_cohort(path) for name, path in paths.items()}
     # the default, and the recipes named in $WEAKSTIL_ACCURACY_RECIPES beside it (the accuracy case's
     # names): whether the choices made on the four families hold here; rows for the default only
     names = ["default"] + [r for r in os.environ.get("WEAKSTIL_ACCURACY_RECIPES", "").split(",")
                            if r and r != "default"]
+    unknown = [r for r in names if r not in acc.RECIPES]
+    if unknown:
+        raise ValueError(f"unknown recipe(s) in WEAKSTIL_ACCURACY_RECIPES: {', '.join(unknown)} "
+                         f"(known: {', '.join(acc.RECIPES)})")
     recipes = {r: acc.RECIPES[r] for r in names}
+    paths = prepare(bench_dir() / f"heldout-{mode.name}", plan)
+    cohorts = {name: acc.load_cohort(path) for name, path in paths.items()}
     doc = {"plan": plan.__dict__, "recipes": recipes, "cv": {}, "transfer": {}}
     rows, trained = [], {r: {} for r in recipes}
     for name in ("ho-standard", "ho-hard"):

@@ -222,3 +222,16 @@ def test_the_held_out_case_cross_validates_and_scores_a_new_seed(tmp_path, monke
     assert r2.reference == "probe" and r2.ref_value is not None and math.isfinite(r2.value)
     assert not any("lattice" in r.name for r in rows)  # no accuracy cohorts in this bench folder
     assert sorted(p.name for p in tmp_path.glob("heldout-smoke/*")) == ["ho-hard", "ho-hard-new", "ho-standard"]
+
+
+def test_the_held_out_case_names_an_unknown_recipe_before_writing_anything(tmp_path, monkeypatch):
+    from benchmarks import bench_heldout
+    from benchmarks.common import MODES
+
+    monkeypatch.setenv("WEAKSTIL_BENCH_DIR", str(tmp_path))
+    monkeypatch.setenv("WEAKSTIL_ACCURACY_RECIPES", "default,no-such-recipe")
+    written = []
+    monkeypatch.setattr(bench_heldout, "prepare", lambda *a, **k: written.append(a) or {})
+    with pytest.raises(ValueError, match="no-such-recipe.*known: default"):
+        bench_heldout.run(MODES["smoke"], "cpu")
+    assert written == []  # refused before a slide is written
