@@ -54,8 +54,11 @@ def run(mode, device: str, *, families: bool | None = None) -> list[Row]:
                            if r and r != "default"]
     unknown = [r for r in names if r not in acc.RECIPES]
     if unknown:
-        raise ValueError(f"unknown recipe(s) in WEAKSTIL_ACCURACY_RECIPES: {', '.join(unknown)} "
-                         f"(known: {', '.join(acc.RECIPES)})")
+        from weakstil.errors import ConfigError
+
+        raise ConfigError(f"unknown recipe(s) in WEAKSTIL_ACCURACY_RECIPES: {', '.join(unknown)} "
+                          f"(known: {', '.join(acc.RECIPES)})",
+                          fix="name recipes of benchmarks/bench_accuracy.RECIPES, comma-separated, or unset it")
     recipes = {r: acc.RECIPES[r] for r in names}
     paths = prepare(bench_dir() / f"heldout-{mode.name}", plan)
     cohorts = {name: acc.load_cohort(path) for name, path in paths.items()}

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from weakstil.synth.truth import write_truth
+from weakstil.synth.truth import atomic_open, load_truth, write_truth
 from weakstil.wsi.writer import write_aperio_tiff
 
 from .params import VERSION
@@ -17,15 +17,13 @@ from .render import render
 def _finished(out_dir, sid: str, seed: int, idx: int, setting: str, size_um: float):
     """The row of a slide already written with the same (version, seed, index, setting, size), else
     None: its truth is written last (atomically), so a truth file means a complete slide."""
-    import numpy as np
-
     truth_path = Path(out_dir) / "truth" / f"{sid}.npz"
     if not (truth_path.exists() and (Path(out_dir) / "slides" / f"{sid}.svs").exists()):
         return None
     try:
-        with np.load(truth_path) as t:
-            plan = json.loads(str(t["plan"]))
-            stil, label, mpp = float(t["stil"]), float(t["label"]), float(t["slide_mpp"])
+        t = load_truth(truth_path)
+        plan = json.loads(str(t["plan"]))
+        stil, label, mpp = float(t["stil"]), float(t["label"]), float(t["slide_mpp"])
     except (OSError, ValueError, KeyError):
         return None
     same = (plan.get("version"), plan.get("seed"), plan.get("index"), plan.get("setting"), plan.get("size_um"))
@@ -57,12 +55,12 @@ def _report(r):
 
 
 def _write_tables(out, rows):
-    with open(out / "labels.csv", "w", newline="") as fh:
+    with atomic_open(out / "labels.csv", "w") as fh:  # written whole or not at all
         w = csv.writer(fh)
         w.writerow(["slide_id", "patient_id", "stil"])
         for r in rows:
             w.writerow([r[0], r[0], f"{r[2]:g}"])
-    with open(out / "render_log.csv", "w", newline="") as fh:
+    with atomic_open(out / "render_log.csv", "w") as fh:
         w = csv.writer(fh)
         w.writerow(["slide_id", "true_stil", "target_stil", "label", "mpp", "render_s", "write_s"])
         for r in rows:
