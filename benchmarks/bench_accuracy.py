@@ -587,8 +587,9 @@ def results_markdown(doc: dict, recipe: str = "default") -> str:
     return "\n".join(lines)
 
 
-def write_report(doc: dict, rows: list[Row]) -> Path:
-    """docs/benchmarks/<date>-accuracy.json (every figure of every recipe)."""
+def write_report(doc: dict, rows: list[Row], case: str = "accuracy") -> Path:
+    """docs/benchmarks/<date>-<case>.json (every figure of every recipe; ``case`` ``heldout`` for
+    bench_heldout's)."""
     import datetime as dt
 
     from .__main__ import _json_safe
@@ -601,7 +602,7 @@ def write_report(doc: dict, rows: list[Row]) -> Path:
 
     if encoder_name() != DEFAULT_ENCODER:
         tag += "-" + get_encoder_spec(encoder_name()).slug
-    path = out / f"{dt.date.today().isoformat()}-accuracy{tag}.json"
+    path = out / f"{dt.date.today().isoformat()}-{case}{tag}.json"
     doc = dict(doc, stain=stain(), encoder=encoder_name(), machine=machine(), table=markdown_table(rows))
     doc["markdown"] = results_markdown(doc)
     tmp = path.with_name(path.name + ".partial")

@@ -19,7 +19,6 @@ four families hold here. JSON in ``docs/benchmarks/<date>-heldout.json``.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -98,18 +97,5 @@ def run(mode, device: str, *, families: bool | None = None) -> list[Row]:
 
 
 def write_report(doc: dict, rows: list[Row]) -> Path:
-    """docs/benchmarks/<date>-heldout.json: every figure, and the tables as markdown."""
-    import datetime as dt
-
-    from .__main__ import _json_safe
-    from .common import machine, markdown_table
-
-    out = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{dt.date.today().isoformat()}-heldout.json"
-    doc = dict(doc, stain=acc.stain(), encoder=acc.encoder_name(), machine=machine(),
-               table=markdown_table(rows), markdown=acc.results_markdown(doc))
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(_json_safe(doc), indent=1, allow_nan=False) + "\n")
-    acc.install_report(tmp, path)
-    return path
+    """docs/benchmarks/<date>-heldout.json, written as the accuracy case writes its report."""
+    return acc.write_report(doc, rows, case="heldout")
